@@ -1,0 +1,144 @@
+"""Tiny Stable-Diffusion-architecture models built in-process (no hub access).
+
+Tests, notebooks and benchmarks use them to exercise exactly the code path users take with
+Stable Diffusion: the components are saved as a diffusers pipeline folder and loaded back with
+`from_pretrained`. Weights are random: these models prove plumbing, never image quality.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+# Words of the tiny tokenizer's vocabulary: enough for every prompt the tests write.
+TINY_WORDS = (
+    "a photo of an the in on with at dog cat star ball mug sks zwx vqp red blue green "
+    "grass snow beach night water brick wall pencil sketch painting style"
+).split()
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP/GPT-2's reversible byte -> printable unicode map (vocab entries are written in it)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def write_clip_tokenizer(words: list[str], folder: str | Path, model_max_length: int = 77) -> CLIPTokenizer:
+    """Write a CLIPTokenizer-compatible vocab.json + merges.txt in which each word is one token.
+
+    Every byte (and its end-of-word form) is in the vocabulary, so any text still tokenizes;
+    the merges build each listed word left to right.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    byte_chars = list(bytes_to_unicode().values())
+    vocab: list[str] = byte_chars + [c + "</w>" for c in byte_chars]
+    merges: list[str] = []
+    for word in dict.fromkeys(words):  # ordered, unique
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            merge = f"{left} {right}"
+            if merge not in merges:
+                merges.append(merge)
+                vocab.append(left + right)
+            left = left + right
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    vocab_ids = {tok: i for i, tok in enumerate(dict.fromkeys(vocab))}
+    (folder / "vocab.json").write_text(json.dumps(vocab_ids))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_tiny_components(
+    seed: int = 0,
+    sample_size: int = 16,
+    tokenizer_dir: str | Path | None = None,
+    prediction_type: str = "epsilon",
+) -> dict:
+    """Random tiny UNet/VAE/CLIP text encoder with SD's architecture (8x downsampling off: 2x)."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=sample_size * 2,
+    )
+    if tokenizer_dir is None:
+        raise ValueError("build_tiny_components needs tokenizer_dir (write_clip_tokenizer writes one)")
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_hidden_layers=2,
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        steps_offset=1,
+    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def save_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str = "epsilon", sample_size: int = 16) -> Path:
+    """Build a tiny random SD pipeline and save it as a diffusers folder; returns the folder.
+
+    Load it with `StableDiffusionPipeline.from_pretrained(folder)`, like any SD checkpoint.
+    Images are 2 * sample_size pixels wide.
+    """
+    folder = Path(folder)
+    tok_dir = folder / "tokenizer"
+    write_clip_tokenizer(TINY_WORDS, tok_dir, model_max_length=16)
+    parts = build_tiny_components(seed=seed, sample_size=sample_size, tokenizer_dir=tok_dir, prediction_type=prediction_type)
+    pipe = StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
