@@ -17,7 +17,17 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    ViTConfig,
+    ViTImageProcessor,
+    ViTModel,
+)
 
 # Words of the tiny tokenizer's vocabulary: enough for every prompt the tests write.
 TINY_WORDS = (
@@ -142,3 +152,26 @@ def save_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str =
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
 
+
+def save_tiny_dino(folder: str | Path) -> str | Path:
+    """Random ViT-architecture 'DINO' + its image processor, as a save_pretrained folder."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ViTModel(cfg, add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_clip(folder: str | Path) -> str | Path:
+    """Random CLIP (text + vision towers), image processor and tokenizer in one folder."""
+    tok = write_clip_tokenizer(TINY_WORDS, folder)
+    torch.manual_seed(0)
+    text = dict(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1,
+        max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

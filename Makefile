@@ -1,0 +1,50 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   - virtualenv + install + the toy-world DreamBooth demo end to end (CPU, minutes)
+#   make test   - virtualenv + install + the test suite (and the notebooks, headless, smoke size)
+# torch is installed first and only when the venv has none: torch==2.13.0 is a CPU wheel on our
+# machines; elsewhere pass e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
+# Colab never runs this file: the notebooks' install cell uses requirements.txt, which has no torch.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+export OMP_NUM_THREADS ?= 2
+export HF_HUB_OFFLINE ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test unit notebooks ablations pretrain bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+demo: install
+	$(PY) -m dreambooth_lib.toyworld demo
+
+test: unit notebooks
+
+unit: install
+	$(PY) -m pytest -q tests
+
+notebooks: install
+	$(PY) .ci/run_notebooks.py --smoke
+
+ablations: install
+	$(PY) -m dreambooth_lib.toyworld ablate
+
+pretrain: install
+	$(PY) -m dreambooth_lib.toyworld pretrain
+
+bench: install
+	$(PY) benchmarks/bench_train.py --smoke
+	$(PY) benchmarks/bench_generate.py --smoke
+
+clean:
+	rm -rf $(VENV) runs outputs

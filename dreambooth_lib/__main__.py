@@ -1,0 +1,162 @@
+"""Command line: python -m dreambooth_lib {train, class-images, sample, evaluate} --help
+
+Every TrainConfig field is a flag (generated from the dataclass, help = the field's comment);
+`--config run.json` supplies a base, and flags given on the command line override it.
+Each command writes a JSON summary next to its outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import sys
+import time
+import typing
+from pathlib import Path
+
+from .config import TrainConfig
+
+
+def _field_comments() -> dict[str, str]:
+    """`name: type = default  # comment` lines of TrainConfig -> {name: comment}."""
+    pattern = re.compile(r"^\s+(\w+):[^#]*#\s*(.*)$")
+    return {m[1]: m[2] for line in inspect.getsource(TrainConfig).splitlines() if (m := pattern.match(line))}
+
+
+def _optional(parse):
+    """'none' -> None, else parse(text): lets a flag reset an Optional field to its None meaning."""
+    def convert(text: str):
+        return None if text.lower() == "none" else parse(text)
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; defaults stay SUPPRESSed so only given flags override --config."""
+    parser.add_argument("--config", type=Path, help="JSON file of TrainConfig fields (flags override it)")
+    hints, comments = typing.get_type_hints(TrainConfig), _field_comments()
+    for f in dataclasses.fields(TrainConfig):
+        hint, default = hints[f.name], (f.default_factory() if callable(f.default_factory) else f.default)
+        kw = dict(default=argparse.SUPPRESS, help=f"{comments.get(f.name, '')} (default: {default!r})")
+        args = typing.get_args(hint)
+        if hint is bool:
+            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(hint) is list:
+            parser.add_argument(f"--{f.name}", nargs="*", type=args[0], metavar=args[0].__name__.upper(), **kw)
+        elif type(None) in args:  # Optional[X]
+            inner = next(a for a in args if a is not type(None))
+            parser.add_argument(f"--{f.name}", type=_optional(inner), metavar=f"{inner.__name__.upper()}|none", **kw)
+        else:
+            parser.add_argument(f"--{f.name}", type=hint, metavar=hint.__name__.upper(), **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = json.loads(args.config.read_text()) if args.config else {}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return TrainConfig.from_dict(values)
+
+
+def peak_memory() -> dict:
+    from .train import peak_memory as measure  # imported late: keeps `--help` fast
+    return measure()
+
+
+def cmd_train(args) -> int:
+    from .train import train
+    summary = train(config_from_args(args))
+    print(f"summary: {Path(summary['config']['output_dir']) / 'summary.json'}")
+    return 0
+
+
+def cmd_class_images(args) -> int:
+    from . import data
+    from .train import class_image_paths, load_tokenizer
+    cfg = config_from_args(args)
+    data.validate_config(cfg)
+    started = time.time()
+    identifier = data.resolve_identifier(load_tokenizer(cfg), cfg.identifier)
+    _, class_prompt = data.build_prompts(cfg, identifier)
+    paths = class_image_paths(cfg, class_prompt)
+    folder = paths[0].parent
+    summary = dict(config=cfg.to_dict(), class_prompt=class_prompt, class_dir=str(folder), num_images=len(paths),
+                   wall_time_s=time.time() - started, device=_device(), **peak_memory())
+    (folder / "class_images_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"{len(paths)} class images in {folder}")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from .sample import generate, load_pipeline, save_grid, set_lora_scales
+    started = time.time()
+    pipe = load_pipeline(args.model, lora_dir=args.lora_dir)
+    if args.lora_dir is not None or pipe.get_list_adapters():
+        set_lora_scales(pipe, args.unet_scale, args.text_encoder_scale)
+    prompts = [p for p in args.prompt for _ in args.seeds]
+    images = generate(pipe, prompts, list(args.seeds) * len(args.prompt), guidance_scale=args.guidance_scale,
+                      num_inference_steps=args.num_inference_steps)
+    save_grid(images, rows=len(args.prompt), cols=len(args.seeds), path=args.out)
+    summary = dict(vars(args) | {"out": str(args.out), "model": str(args.model),
+                                 "lora_dir": str(args.lora_dir) if args.lora_dir else None},
+                   num_images=len(images), wall_time_s=time.time() - started, device=str(pipe.device), **peak_memory())
+    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    print(f"grid: {args.out}")
+    return 0
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    try:
+        from . import evaluate
+    except ModuleNotFoundError as err:
+        if err.name != f"{__package__}.evaluate":
+            raise
+        print("evaluate: dreambooth_lib/evaluate.py is not part of this checkout yet", file=sys.stderr)
+        return 2
+    return evaluate.main(argv) or 0
+
+
+def _device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dreambooth_lib", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="fine-tune; writes weights, checkpoints and summary.json to --output_dir")
+    add_config_flags(train)
+    classes = commands.add_parser("class-images", help="only generate/reuse the prior-preservation class images")
+    add_config_flags(classes)
+    sample = commands.add_parser("sample", help="images from a trained model as a grid PNG (+ .json)")
+    sample.add_argument("--model", required=True, help="pipeline folder, hub id, or a checkpoint-N folder")
+    sample.add_argument("--lora_dir", type=Path, help="folder with pytorch_lora_weights.safetensors")
+    sample.add_argument("--prompt", nargs="+", required=True, help="one grid row per prompt")
+    sample.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="one grid column per seed")
+    sample.add_argument("--guidance_scale", type=float, default=7.5)
+    sample.add_argument("--num_inference_steps", type=int, default=25)
+    sample.add_argument("--unet_scale", type=float, default=1.0, help="LoRA scale of the UNet")
+    sample.add_argument("--text_encoder_scale", type=float, default=1.0, help="LoRA scale of the text encoder")
+    sample.add_argument("--out", type=Path, default=Path("samples/grid.png"), help="grid PNG path")
+    commands.add_parser("evaluate", help="metrics of a trained model (see: evaluate --help)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["evaluate"]:  # the evaluate module owns its own flags
+        return cmd_evaluate(argv[1:])
+    args = build_parser().parse_args(argv)
+    from .data import InputError
+    from .train import TrainingDiverged
+    try:
+        return {"train": cmd_train, "class-images": cmd_class_images, "sample": cmd_sample}[args.command](args)
+    except (InputError, TrainingDiverged) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if isinstance(err, InputError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Sampling from a trained DreamBooth model: load, set LoRA scales, generate with per-image seeds, grids.
+
+    pipe = load_pipeline("runs/dog")                                  # full fine-tune (a pipeline folder)
+    pipe = load_pipeline(base_model, lora_dir="runs/dog-lora")        # LoRA on top of the base model
+    pipe = load_pipeline("runs/dog/checkpoint-200")                   # any training checkpoint
+    set_lora_scales(pipe, unet=1.0, text_encoder=0.5)
+    save_grid(generate(pipe, "a photo of sks dog", seeds=[0, 1, 2, 3]), 1, 4, "grid.png")
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import make_image_grid
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel
+
+
+def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=None, dtype=None,
+                  adapter_name: str = "subject") -> StableDiffusionPipeline:
+    """A pipeline folder / hub id, optionally + LoRA weights, or a train.py checkpoint-N folder.
+
+    Default device: CUDA when present; default dtype: fp16 on CUDA, fp32 on CPU.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    parts = {}
+    state = Path(model) / "training_state.json"
+    if state.is_file():  # checkpoint-N: trained parts here, the rest from the base model it was trained from
+        folder, model = Path(model), json.loads(state.read_text())["config"]["pretrained_model"]
+        if (folder / "unet").is_dir():
+            parts["unet"] = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+        if (folder / "text_encoder").is_dir():
+            parts["text_encoder"] = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype)
+        if (folder / "pytorch_lora_weights.safetensors").is_file():
+            lora_dir = lora_dir or folder
+    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **parts)
+    if lora_dir is not None:
+        pipe.load_lora_weights(lora_dir, weight_name="pytorch_lora_weights.safetensors", adapter_name=adapter_name)
+    pipe.set_progress_bar_config(disable=True)  # generate() shows one bar over all images instead
+    return pipe.to(device)
+
+
+def set_lora_scales(pipe, unet: float, text_encoder: float, adapter_name: str = "subject") -> None:
+    """Absolute per-component LoRA scales (0 = base model, 1 = as trained).
+
+    Uses set_adapters only: cross_attention_kwargs={"scale": s} would multiply both components on top.
+    A text-encoder scale is ignored when the adapter has no text-encoder weights.
+    """
+    weights = {"unet": unet}
+    if adapter_name in pipe.get_list_adapters().get("text_encoder", []):
+        weights["text_encoder"] = text_encoder
+    pipe.set_adapters(adapter_name, adapter_weights=weights)
+
+
+@torch.no_grad()
+def generate(pipe, prompts: str | list[str], seeds: list[int], guidance_scale: float = 7.5,
+             num_inference_steps: int = 25, batch_size: int = 4, negative_prompt: str | None = None,
+             progress: bool = True) -> list[Image.Image]:
+    """One image per seed (a str prompt is used for every seed; a list pairs prompts[i] with seeds[i]).
+
+    Each image has its own CPU torch.Generator, so it depends only on its seed and prompt, not on the
+    batch it was drawn in or the device.
+    """
+    prompts = [prompts] * len(seeds) if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != len(seeds):
+        raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+    images = []
+    for i in tqdm(range(0, len(seeds), batch_size), desc="sample", disable=not progress):
+        chunk = slice(i, i + batch_size)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[chunk]]
+        negative = None if negative_prompt is None else [negative_prompt] * len(generators)
+        images += pipe(prompts[chunk], negative_prompt=negative, generator=generators, guidance_scale=guidance_scale,
+                       num_inference_steps=num_inference_steps).images
+    return images
+
+
+def save_grid(images: list[Image.Image], rows: int, cols: int, path: str | Path, labels: list[str] | None = None) -> Image.Image:
+    """Row-major grid PNG; optional labels are drawn in each cell's top-left corner."""
+    if labels is not None:
+        if len(labels) != len(images):
+            raise ValueError(f"save_grid: {len(labels)} labels for {len(images)} images")
+        images = [_label(im, text) for im, text in zip(images, labels)]
+    grid = make_image_grid(images, rows=rows, cols=cols)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return grid
+
+
+def _label(image: Image.Image, text: str) -> Image.Image:
+    image = image.copy()
+    draw = ImageDraw.Draw(image)
+    box = draw.textbbox((2, 2), text)
+    draw.rectangle(box, fill="black")
+    draw.text((2, 2), text, fill="white")
+    return image
+
+
+def lora_scale_grid(pipe, prompt: str, unet_scales: list[float], te_scales: list[float], seed: int,
+                    guidance_scale: float = 7.5, num_inference_steps: int = 25, adapter_name: str = "subject",
+                    path: str | Path | None = None) -> tuple[Image.Image, dict]:
+    """Rows: text-encoder scale, columns: UNet scale, same seed everywhere. Scales return to 1/1 after."""
+    images, cells = [], []
+    for r, te in enumerate(te_scales):
+        for c, un in enumerate(unet_scales):
+            set_lora_scales(pipe, un, te, adapter_name)
+            images += generate(pipe, prompt, [seed], guidance_scale, num_inference_steps, progress=False)
+            cells.append(dict(row=r, col=c, unet_scale=un, te_scale=te))
+    set_lora_scales(pipe, 1.0, 1.0, adapter_name)
+    labels = [f"u{c['unet_scale']:g} t{c['te_scale']:g}" for c in cells]
+    grid = _grid(images, len(te_scales), len(unet_scales), labels, path)
+    return grid, dict(prompt=prompt, seed=seed, unet_scales=list(unet_scales), te_scales=list(te_scales),
+                      guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, cells=cells)
+
+
+def scale_guidance_grid(pipe, prompt: str, scales: list[float], guidance_scales: list[float], seed: int,
+                        num_inference_steps: int = 25, adapter_name: str = "subject",
+                        path: str | Path | None = None) -> tuple[Image.Image, dict]:
+    """Rows: guidance scale, columns: LoRA scale (UNet and text encoder together), same seed everywhere."""
+    images, cells = [], []
+    for r, g in enumerate(guidance_scales):
+        for c, s in enumerate(scales):
+            set_lora_scales(pipe, s, s, adapter_name)
+            images += generate(pipe, prompt, [seed], g, num_inference_steps, progress=False)
+            cells.append(dict(row=r, col=c, lora_scale=s, guidance_scale=g))
+    set_lora_scales(pipe, 1.0, 1.0, adapter_name)
+    labels = [f"s{c['lora_scale']:g} g{c['guidance_scale']:g}" for c in cells]
+    grid = _grid(images, len(guidance_scales), len(scales), labels, path)
+    return grid, dict(prompt=prompt, seed=seed, scales=list(scales), guidance_scales=list(guidance_scales),
+                      num_inference_steps=num_inference_steps, cells=cells)
+
+
+def _grid(images, rows, cols, labels, path):
+    if path is not None:
+        return save_grid(images, rows, cols, path, labels)
+    return make_image_grid([_label(im, t) for im, t in zip(images, labels)], rows=rows, cols=cols)

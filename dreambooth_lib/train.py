@@ -1,0 +1,580 @@
+"""DreamBooth fine-tuning (Ruiz et al., CVPR 2023): full UNet or LoRA, one process or `accelerate launch`.
+
+    python -m dreambooth_lib train --instance_dir photos/ --class_noun dog --output_dir runs/dog
+    accelerate launch -m dreambooth_lib train --config run.json        # several GPUs
+
+`train(cfg)` reads top to bottom: check the config -> prompts and class images -> models (+LoRA)
+-> optimizer -> cached latents / text embeddings -> loop (loss, clip, step, checkpoint, validation grid)
+-> final weights + summary.json. Every piece is a function that notebooks can call on its own.
+
+Exact resume: each random draw of a micro-step (data order, VAE sample, noise, timesteps) comes from a
+generator seeded by (seed, micro-step, rank), so a run resumed from checkpoint-N makes the same draws as
+an uninterrupted run; the checkpoint stores the rest (weights, optimizer, lr schedule, global RNG states
+used by LoRA dropout, loss history).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft, make_image_grid
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from . import data, loss
+from .config import TrainConfig
+from .sample import generate
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections (diffusers DreamBooth-LoRA)
+TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP self-attention
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name pipe.load_lora_weights(folder) looks for
+STATE_JSON, STATE_TENSORS = "training_state.json", "training_state.safetensors"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; nothing of the diverged step was saved."""
+
+
+@dataclass
+class Models:
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    noise_scheduler: DDPMScheduler  # the training (forward-process) scheduler, paper's alpha_t / sigma_t
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+def load_tokenizer(cfg: TrainConfig) -> CLIPTokenizer:
+    return CLIPTokenizer.from_pretrained(cfg.pretrained_model, subfolder="tokenizer", revision=cfg.revision)
+
+
+def load_models(cfg: TrainConfig) -> Models:
+    """Frozen-by-default SD components in fp32; only what cfg trains keeps requires_grad."""
+    kw = dict(revision=cfg.revision)
+    text_encoder = CLIPTextModel.from_pretrained(cfg.pretrained_model, subfolder="text_encoder", **kw)
+    vae = AutoencoderKL.from_pretrained(cfg.pretrained_model, subfolder="vae", **kw)
+    # diffusers' default attention processor is torch SDPA (memory-efficient attention, no xformers).
+    unet = UNet2DConditionModel.from_pretrained(cfg.pretrained_model, subfolder="unet", **kw)
+    # Training noise comes from DDPM with the model's own schedule and prediction_type (eps or v).
+    noise_scheduler = DDPMScheduler.from_pretrained(cfg.pretrained_model, subfolder="scheduler", **kw)
+    vae.requires_grad_(False)
+    unet.requires_grad_(not cfg.use_lora)
+    text_encoder.requires_grad_(cfg.train_text_encoder and not cfg.use_lora)
+    return Models(text_encoder, vae, unet, noise_scheduler)
+
+
+def place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    module.to(device)
+    if dtype != torch.float32:  # loaded in fp32; only cast what mixed precision freezes in half precision
+        module.to(dtype)
+
+
+def add_lora(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, cfg: TrainConfig) -> None:
+    """Attach trainable LoRA adapters ("default") to the attention projections; base weights stay frozen."""
+    def lora_config(targets):
+        return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=cfg.lora_dropout,
+                          init_lora_weights="gaussian", target_modules=targets)
+    unet.add_adapter(lora_config(UNET_LORA_TARGETS))
+    if cfg.train_text_encoder:
+        text_encoder.add_adapter(lora_config(TEXT_LORA_TARGETS))
+
+
+def trained_modules(models: Models, cfg: TrainConfig) -> list[torch.nn.Module]:
+    return [models.unet, models.text_encoder] if cfg.train_text_encoder else [models.unet]
+
+
+def parameter_groups(models: Models, cfg: TrainConfig) -> list[dict]:
+    groups = [{"params": [p for p in models.unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+    if cfg.train_text_encoder:
+        groups.append({"params": [p for p in models.text_encoder.parameters() if p.requires_grad],
+                       "lr": cfg.text_encoder_lr or cfg.learning_rate})
+    return groups
+
+
+def make_optimizer(param_groups: list[dict], cfg: TrainConfig, log=print) -> torch.optim.Optimizer:
+    """AdamW8bit (bitsandbytes: ~4x less optimizer memory) or torch AdamW."""
+    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+              eps=cfg.adam_epsilon)
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+            return bnb.optim.AdamW8bit(param_groups, **kw)
+        except (ImportError, RuntimeError, OSError) as err:  # missing wheel or a failed CUDA setup
+            log(f"note: bitsandbytes AdamW8bit unavailable ({err}); using torch.optim.AdamW (more optimizer memory)")
+    return torch.optim.AdamW(param_groups, **kw)
+
+
+def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> torch.Tensor:
+    """CLIP last hidden states [B, L, D]; row i conditions on prompts[i]."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Path]:
+    """Generate (or reuse) the prior images x_pr = x_hat(z, c_pr) with the frozen base model (paper Sec. 3.3)."""
+    class_dir = Path(cfg.class_dir) if cfg.class_dir else Path(cfg.output_dir) / "class_images"
+    manifest = data.ClassImageManifest(
+        model=cfg.pretrained_model, class_prompt=class_prompt, resolution=cfg.resolution,
+        scheduler=scheduler_name(cfg), num_inference_steps=cfg.class_inference_steps,
+        guidance_scale=cfg.class_guidance_scale, seed=cfg.seed)
+
+    def make_pipeline():
+        return StableDiffusionPipeline.from_pretrained(cfg.pretrained_model, revision=cfg.revision, safety_checker=None)
+
+    return data.ensure_class_images(class_dir, manifest, cfg.num_class_images, make_pipeline,
+                                    batch_size=cfg.class_batch_size, user_supplied=cfg.class_dir is not None, log=log)
+
+
+def scheduler_name(cfg: TrainConfig) -> str:
+    """Class name of the base model's sampler (recorded in the class-image manifest)."""
+    return StableDiffusionPipeline.load_config(cfg.pretrained_model, revision=cfg.revision)["scheduler"][1]
+
+
+def pixel_values(images: list[Image.Image], cfg: TrainConfig, generator: torch.Generator) -> list[torch.Tensor]:
+    values = [data.preprocess_image(im, cfg.resolution, center_crop=cfg.center_crop, generator=generator) for im in images]
+    # Flip augmentation as both orientations in the data set (not a per-step coin): works with cached latents.
+    return values + [v.flip(-1) for v in values] if cfg.random_flip else values
+
+
+@torch.no_grad()
+def vae_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """z = E(x) * scaling_factor, one draw from the VAE posterior."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return (dist.sample(generator) * vae.config.scaling_factor).float()
+
+
+def cache_latents(vae: AutoencoderKL, values: list[torch.Tensor], seed: int, batch_size: int = 8) -> list[torch.Tensor]:
+    """Encode every image once. We cache ONE posterior sample (not mean/std resampled each step): SD's
+    VAE posterior std is ~1e-3 of the latent scale, so resampling changes almost nothing and the cache
+    stays a plain tensor (the uncached path samples each step)."""
+    generator = torch.Generator(vae.device).manual_seed(seed)
+    out = []
+    for i in range(0, len(values), batch_size):
+        out.extend(vae_latents(vae, torch.stack(values[i:i + batch_size]), generator).cpu())
+    return out
+
+
+@torch.no_grad()
+def cache_text_embeddings(tokenizer, text_encoder, prompts: list[str]) -> dict[str, torch.Tensor]:
+    """Frozen text encoder: encode each distinct prompt once."""
+    unique = list(dict.fromkeys(prompts))
+    return dict(zip(unique, encode_prompts(tokenizer, text_encoder, unique)))
+
+
+def batch_indices(n_items: int, batch_size: int, seed: int, micro_step: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Data-set items of one micro-batch: a stream of per-epoch permutations seeded by (seed, epoch),
+    cut into batches and dealt to processes. A pure function, so a resumed run sees the same data."""
+    start = (micro_step * world + rank) * batch_size
+    positions = [divmod(p, n_items) for p in range(start, start + batch_size)]
+    perms = {e: torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + e)) for e, _ in positions}
+    return [int(perms[e][i]) for e, i in positions]
+
+
+def step_generator(seed: int, micro_step: int, rank: int, device) -> torch.Generator:
+    """Generator for the noise/timesteps/VAE draws of one micro-step (counter-based: no state to save)."""
+    return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, micro_step, rank]).generate_state(1)[0]))
+
+
+def latents_and_conditioning(batch: dict, models: Models, tokenizer, text_cache: dict | None, latents_cached: bool,
+                             generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, c) for a collated batch, row i of both describing batch["prompts"][i] (instances, then classes)."""
+    values = batch["values"].to(device)
+    latents = values if latents_cached else vae_latents(models.vae, values, generator)
+    if text_cache is not None:
+        hidden = torch.stack([text_cache[p] for p in batch["prompts"]]).to(device)
+    else:
+        hidden = encode_prompts(tokenizer, models.text_encoder, batch["prompts"])
+    return latents, hidden
+
+
+def diffusion_loss(unet, noise_scheduler, latents, hidden, cfg: TrainConfig, with_prior: bool,
+                   generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """One Monte-Carlo sample of the paper's Eq. 2: x_t = alpha_t x + sigma_t eps, t ~ U{0..T-1}."""
+    noise = loss.sample_noise(latents, cfg.offset_noise, generator=generator)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
+                      device=latents.device)
+    noisy = noise_scheduler.add_noise(latents, noise, t)
+    pred = unet(noisy, t, hidden).sample
+    target = loss.diffusion_target(noise_scheduler, latents, noise, t)
+    return loss.dreambooth_loss(pred, target, t, noise_scheduler=noise_scheduler, with_prior=with_prior,
+                                prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma)
+
+
+def divergence_message(value: float, step: int, cfg: TrainConfig, last_checkpoint: Path | None) -> str:
+    hints = [f"lower learning_rate (now {cfg.learning_rate:g}, e.g. {cfg.learning_rate / 5:g})"]
+    if cfg.mixed_precision == "fp16":
+        hints.append("mixed_precision='bf16' (or 'no') instead of 'fp16', whose range overflows")
+    hints += [f"keep max_grad_norm small (now {cfg.max_grad_norm:g})", "check the base model's weights are finite"]
+    where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+    return f"loss became {value} at step {step}; training stopped and nothing of this step was saved ({where}). Try: " + "; ".join(hints) + "."
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+def lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
+
+
+def save_weights(folder: Path, unet, text_encoder, cfg: TrainConfig) -> None:
+    """Inference-ready weights: LoRA file for pipe.load_lora_weights, or unet/ (+text_encoder/) folders."""
+    if cfg.use_lora:
+        StableDiffusionLoraLoaderMixin.save_lora_weights(
+            folder, unet_lora_layers=lora_layers(unet),
+            text_encoder_lora_layers=lora_layers(text_encoder) if cfg.train_text_encoder else None)
+    else:
+        unet.save_pretrained(folder / "unet")
+        if cfg.train_text_encoder:
+            text_encoder.save_pretrained(folder / "text_encoder")
+
+
+def load_weights(folder: Path, unet, text_encoder, cfg: TrainConfig) -> None:
+    """Inverse of save_weights, into the live (unwrapped) models; LoRA keys must all match."""
+    if not cfg.use_lora:
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet").state_dict())
+        if cfg.train_text_encoder:
+            text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict())
+        return
+    state = StableDiffusionLoraLoaderMixin.lora_state_dict(folder, weight_name=LORA_WEIGHTS)[0]
+    parts = [("unet.", unet, convert_unet_state_dict_to_peft)]
+    if cfg.train_text_encoder:
+        parts.append(("text_encoder.", text_encoder, lambda sd: convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))))
+    for prefix, model, to_peft in parts:
+        sd = to_peft({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        try:
+            result = set_peft_model_state_dict(model, sd, adapter_name="default")
+            problem = [k for k in result.missing_keys if "lora_" in k] + result.unexpected_keys
+        except RuntimeError as err:  # shape mismatch
+            problem = [str(err).splitlines()[1].strip()]
+        if problem or not sd:
+            raise data.InputError(f"{folder / LORA_WEIGHTS} does not match the {prefix[:-1]} LoRA of this config "
+                                  f"({problem[:3] or 'no weights'}); resume with the lora_rank / train_text_encoder "
+                                  "it was trained with")
+
+
+def _encode(obj, key: str, tensors: dict):
+    """JSON-able copy of a state dict; tensors go to `tensors` (safetensors) and leave a reference."""
+    if isinstance(obj, torch.Tensor):
+        tensors[key] = obj.detach().cpu().clone()  # clone: bnb shares its quantization maps between params
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, _encode(v, f"{key}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v, f"{key}.{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {key} in a training state")
+
+
+def _decode(obj, tensors: dict):
+    if isinstance(obj, dict) and "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict):
+        return {k: _decode(v, tensors) for k, v in obj["__dict__"]}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+def save_training_state(folder: Path, step: int, optimizer, lr_scheduler, history: list[dict], cfg: TrainConfig) -> None:
+    """Optimizer + lr schedule + RNG states as safetensors + JSON (no pickles, so nothing runs on load)."""
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    np_state = np.random.get_state()
+    state = dict(
+        global_step=step,
+        optimizer=_encode(optimizer.state_dict(), "optimizer", tensors),
+        lr_scheduler=_encode(lr_scheduler.state_dict(), "lr_scheduler", tensors),
+        rng_python=list(random.getstate()),
+        rng_numpy=[np_state[0], np_state[1].tolist(), *np_state[2:]],
+        history=history,
+        config=cfg.to_dict(),  # sample.load_pipeline finds the base model here
+    )
+    save_file(tensors, folder / STATE_TENSORS)
+    (folder / STATE_JSON).write_text(json.dumps(state))
+
+
+def load_training_state(folder: Path, optimizer, lr_scheduler) -> tuple[int, list[dict]]:
+    tensors = load_file(folder / STATE_TENSORS)
+    state = json.loads((folder / STATE_JSON).read_text())
+    optimizer.load_state_dict(_decode(state["optimizer"], tensors))
+    lr_scheduler.load_state_dict(_decode(state["lr_scheduler"], tensors))
+    version, internal, gauss = state["rng_python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["rng_numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return state["global_step"], state["history"]
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[1])
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """Newest complete checkpoint-N (half-written .tmp-checkpoint-N folders never count)."""
+    done = [p for p in Path(output_dir).glob("checkpoint-*") if (p / STATE_JSON).is_file()]
+    return max(done, key=checkpoint_step, default=None)
+
+
+def resolve_resume(cfg: TrainConfig, log=print) -> Path | None:
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "latest":
+        found = latest_checkpoint(cfg.output_dir)
+        if found is None:
+            log(f"resume='latest': no checkpoint in {cfg.output_dir}; starting a new run")
+        return found
+    path = Path(cfg.resume)
+    if not (path / STATE_JSON).is_file():
+        raise data.InputError(f"resume={cfg.resume!r}: no {STATE_JSON} there; pass a checkpoint-N folder or 'latest'")
+    return path
+
+
+def save_checkpoint(output_dir: str | Path, step: int, unet, text_encoder, optimizer, lr_scheduler,
+                    history: list[dict], cfg: TrainConfig) -> Path:
+    """Write checkpoint-N atomically (temp folder + rename), then prune to checkpoints_total_limit."""
+    output_dir = Path(output_dir)
+    tmp, final = output_dir / f".tmp-checkpoint-{step}", output_dir / f"checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_weights(tmp, unet, text_encoder, cfg)
+    save_training_state(tmp, step, optimizer, lr_scheduler, history, cfg)
+    if final.exists():  # re-saving a step after resuming from an earlier checkpoint
+        old = output_dir / f".old-checkpoint-{step}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    if cfg.checkpoints_total_limit is not None:
+        done = sorted(output_dir.glob("checkpoint-*"), key=checkpoint_step)
+        for stale in done[:-cfg.checkpoints_total_limit]:
+            shutil.rmtree(stale)
+    return final
+
+
+def save_final(output_dir: str | Path, unet, text_encoder, cfg: TrainConfig) -> Path:
+    """LoRA: output_dir/pytorch_lora_weights.safetensors. Full: a complete diffusers pipeline folder."""
+    output_dir = Path(output_dir)
+    if cfg.use_lora:
+        save_weights(output_dir, unet, text_encoder, cfg)
+        return output_dir / LORA_WEIGHTS
+    trained = dict(unet=unet, text_encoder=text_encoder) if cfg.train_text_encoder else dict(unet=unet)
+    # Untrained parts are re-read in their original precision rather than copied from the (maybe fp16) live ones.
+    pipe = StableDiffusionPipeline.from_pretrained(cfg.pretrained_model, revision=cfg.revision, **trained)
+    pipe.save_pretrained(output_dir, safe_serialization=True)
+    return output_dir
+
+
+# --- validation -----------------------------------------------------------------------------------
+
+def fill_prompt(template: str, identifier: str, class_noun: str) -> str:
+    return template.replace("{identifier}", identifier).replace("{class_noun}", class_noun)
+
+
+@torch.no_grad()
+def render_validation(models: Models, unet, text_encoder, tokenizer, prompts: list[str], cfg: TrainConfig,
+                      path: Path, autocast) -> Path:
+    """Grid (one row per prompt, seeds 0..n-1) from the in-memory models: no reload, no weight copy."""
+    pipe = StableDiffusionPipeline(
+        vae=models.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    n = cfg.num_validation_images
+    was_training = [m.training for m in (unet, text_encoder)]
+    unet.eval(), text_encoder.eval()
+    # fork_rng: rendering must not move the global RNG that LoRA dropout draws from (exact resume).
+    with autocast, torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        images = generate(pipe, [p for p in prompts for _ in range(n)], list(range(n)) * len(prompts),
+                          guidance_scale=cfg.validation_guidance_scale,
+                          num_inference_steps=cfg.validation_inference_steps, progress=False)
+    for m, flag in zip((unet, text_encoder), was_training):
+        m.train(flag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_image_grid(images, rows=len(prompts), cols=n).save(path)
+    return path
+
+
+def optimizer_name(optimizer) -> str:
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    return f"{type(inner).__module__}.{type(inner).__name__}"
+
+
+def peak_memory() -> dict:
+    if torch.cuda.is_available():
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20, "memory": "cuda max_memory_allocated"}
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "memory": "process peak RSS"}
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, log=print, progress: bool = True) -> dict:
+    """Run DreamBooth for cfg.max_train_steps optimizer steps; returns the summary written to summary.json."""
+    data.validate_config(cfg)  # every model-free check, before anything slow
+    started = time.time()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    main, device = accelerator.is_main_process, accelerator.device
+    info = log if main else (lambda *a, **k: None)
+    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    set_seed(cfg.seed)  # LoRA init and dropout; per-step draws use step_generator
+    output_dir = Path(cfg.output_dir)
+    resume_from = resolve_resume(cfg, info)
+
+    # 1. prompts and data: "a [V] dog" for the subject, "a dog" for the prior.
+    tokenizer = load_tokenizer(cfg)
+    identifier = data.resolve_identifier(tokenizer, cfg.identifier, log=info)
+    instance_prompt, class_prompt = data.build_prompts(cfg, identifier)
+    instances = data.load_instance_images(cfg.instance_dir, cfg.resolution, cfg.use_captions)
+    instance_prompts = data.instance_prompts_for(instances, cfg, identifier)
+    with_prior = cfg.with_prior_preservation
+    class_paths = class_image_paths(cfg, class_prompt, log=info) if with_prior else []
+
+    # 2. models: frozen parts in the mixed-precision dtype, trainable weights in fp32.
+    models = load_models(cfg)
+    place(models.vae, device, weight_dtype)
+    place(models.text_encoder, device, torch.float32 if cfg.train_text_encoder and not cfg.use_lora else weight_dtype)
+    place(models.unet, device, torch.float32 if not cfg.use_lora else weight_dtype)
+    if cfg.use_lora:
+        add_lora(models.unet, models.text_encoder, cfg)
+        cast_training_params(trained_modules(models, cfg), dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            models.text_encoder.gradient_checkpointing_enable()
+    if resume_from is not None:
+        load_weights(resume_from, models.unet, models.text_encoder, cfg)
+    groups = parameter_groups(models, cfg)
+    optimizer = make_optimizer(groups, cfg, info)
+    # Stepped once per optimizer step by us (not by accelerate), so warm-up counts optimizer steps.
+    lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                 num_training_steps=cfg.max_train_steps)
+    modules = accelerator.prepare(*trained_modules(models, cfg), optimizer)
+    trained, optimizer = list(modules[:-1]), modules[-1]
+    for module in trained:
+        module.train()  # from_pretrained gives eval mode, while new LoRA dropout layers start in train mode
+    unet = trained[0]
+    text_encoder = trained[1] if cfg.train_text_encoder else models.text_encoder
+    step, history = 0, []
+    if resume_from is not None:
+        step, history = load_training_state(resume_from, optimizer, lr_scheduler)
+        info(f"resumed from {resume_from} at step {step}")
+
+    # 3. data set: pixels, or latents encoded once; text embeddings once when the text encoder is frozen.
+    image_gen = torch.Generator().manual_seed(cfg.seed)  # random crops
+    inst_values = pixel_values([im.image for im in instances], cfg, image_gen)
+    inst_prompts = instance_prompts * (2 if cfg.random_flip else 1)
+    cls_values = pixel_values([Image.open(p).convert("RGB") for p in class_paths], cfg, image_gen) if with_prior else None
+    if cfg.cache_latents:
+        inst_values = cache_latents(models.vae, inst_values, cfg.seed)
+        cls_values = cache_latents(models.vae, cls_values, cfg.seed + 1) if with_prior else None
+    dataset = data.DreamBoothDataset(inst_values, inst_prompts, cls_values, class_prompt if with_prior else None)
+    text_cache = None if cfg.train_text_encoder else cache_text_embeddings(
+        tokenizer, models.text_encoder, inst_prompts + ([class_prompt] if with_prior else []))
+    val_prompts = [fill_prompt(p, identifier, cfg.class_noun) for p in cfg.validation_prompts] or [instance_prompt]
+
+    # 4. the loop: accumulate -> clip -> step, then checkpoint / validation at their multiples.
+    accum, rank, world = cfg.gradient_accumulation_steps, accelerator.process_index, accelerator.num_processes
+    params = [p for g in groups for p in g["params"]]
+    last_ckpt = resume_from
+    info(f"training {'LoRA' if cfg.use_lora else 'full UNet'}{' + text encoder' if cfg.train_text_encoder else ''}: "
+         f"{sum(p.numel() for p in params):,} parameters, {len(dataset)} items, steps {step}->{cfg.max_train_steps}")
+    bar = tqdm(total=cfg.max_train_steps, initial=step, desc="train", disable=not (progress and main))
+    loop_start, first_step = time.time(), step
+    while step < cfg.max_train_steps:
+        totals = {"loss": 0.0, "instance_loss": 0.0, "prior_loss": 0.0}
+        for micro in range(accum):
+            micro_step = step * accum + micro
+            gen = step_generator(cfg.seed, micro_step, rank, device)
+            idx = batch_indices(len(dataset), cfg.train_batch_size, cfg.seed, micro_step, rank, world)
+            batch = data.collate_examples([dataset[i] for i in idx], with_prior)
+            with accelerator.accumulate(*trained):
+                latents, hidden = latents_and_conditioning(batch, models, tokenizer, text_cache, cfg.cache_latents,
+                                                           gen, device)
+                step_loss, parts = diffusion_loss(unet, models.noise_scheduler, latents, hidden, cfg, with_prior, gen)
+                mean_loss = accelerator.reduce(step_loss.detach(), "mean").item()  # same verdict on every rank
+                if not math.isfinite(mean_loss):
+                    bar.close()
+                    raise TrainingDiverged(divergence_message(mean_loss, step + 1, cfg, last_ckpt))
+                accelerator.backward(step_loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            totals["loss"] += mean_loss / accum
+            for k in ("instance_loss", "prior_loss"):
+                totals[k] += parts.get(k, 0.0) / accum
+        lr_scheduler.step()
+        step += 1
+        history.append({"step": step, **totals, "lr": lr_scheduler.get_last_lr()[0]})
+        bar.set_postfix(loss=f"{totals['loss']:.4f}")
+        bar.update()
+        if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+            if main:
+                last_ckpt = save_checkpoint(output_dir, step, accelerator.unwrap_model(unet),
+                                            accelerator.unwrap_model(text_encoder), optimizer, lr_scheduler, history, cfg)
+            accelerator.wait_for_everyone()
+        if cfg.validation_steps and step % cfg.validation_steps == 0:
+            if main:
+                render_validation(models, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder),
+                                  tokenizer, val_prompts, cfg, output_dir / "validation" / f"step-{step}.png",
+                                  accelerator.autocast() if cfg.mixed_precision != "no" else nullcontext())
+            accelerator.wait_for_everyone()
+    bar.close()
+    steps_run = step - first_step
+    seconds_per_step = (time.time() - loop_start) / steps_run if steps_run else None
+
+    # 5. final weights + summary (main process only).
+    accelerator.wait_for_everyone()
+    summary = dict(
+        config=cfg.to_dict(), identifier=identifier, instance_prompt=instance_prompt, class_prompt=class_prompt,
+        instance_prompts=instance_prompts, num_class_images=len(class_paths), steps=step,
+        resumed_from=str(resume_from) if resume_from else None, wall_time_s=time.time() - started,
+        seconds_per_step=seconds_per_step, final_loss=history[-1]["loss"] if history else None, loss_history=history,
+        optimizer=optimizer_name(optimizer),
+        trainable_parameters=sum(p.numel() for p in params), device=str(device), num_processes=world, **peak_memory())
+    if main:
+        summary["weights"] = str(save_final(output_dir, accelerator.unwrap_model(unet),
+                                            accelerator.unwrap_model(text_encoder), cfg))
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        info(f"done: {step} steps, final loss {summary['final_loss']}, weights in {summary['weights']}")
+    accelerator.wait_for_everyone()
+    return summary

@@ -1,0 +1,40 @@
+"""Shared fixtures: a tiny SD pipeline folder (built once per session) and a folder of subject photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreambooth_lib.tiny import save_tiny_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A random tiny Stable Diffusion pipeline saved as a diffusers folder (32 px images)."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny"))
+
+
+def write_photos(folder: Path, n: int = 4, size: tuple[int, int] = (48, 40)) -> list[Path]:
+    """n distinct small RGB photos (alternately PNG and JPG), named photo0.png, photo1.jpg, ..."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        base = rng.integers(0, 256, size=3)
+        noise = rng.integers(-30, 31, size=(size[1], size[0], 3))
+        pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
+        path = folder / f"photo{i}.{'png' if i % 2 == 0 else 'jpg'}"
+        Image.fromarray(pixels, "RGB").save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def instance_dir(tmp_path) -> Path:
+    """Folder with 4 small subject photos (48x40: larger than the tiny model's 32 px)."""
+    folder = tmp_path / "instance"
+    write_photos(folder)
+    return folder

@@ -1,0 +1,73 @@
+"""sample.py on the tiny model: LoRA save/load round trip, scales 0/0 = base, per-seed images, grids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+import dreambooth_lib.train as T
+from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.sample import generate, load_pipeline, lora_scale_grid, save_grid, scale_guidance_grid, set_lora_scales
+
+PROMPT = "a photo of sks dog"
+
+
+def arrays(images) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.int16) for im in images])
+
+
+@pytest.fixture
+def lora_dir(tiny_model_dir, tmp_path):
+    """A pipeline with trained-looking (non-zero B) UNet + text-encoder LoRA, saved like train.py does."""
+    cfg = TrainConfig(pretrained_model=str(tiny_model_dir), use_lora=True, train_text_encoder=True)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    T.add_lora(pipe.unet, pipe.text_encoder, cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]:
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # gaussian init leaves B = 0 (a no-op adapter)
+    pipe.set_progress_bar_config(disable=True)
+    in_memory = generate(pipe, PROMPT, [0, 1], num_inference_steps=2, progress=False)
+    T.save_weights(tmp_path / "lora", pipe.unet, pipe.text_encoder, cfg)
+    return tmp_path / "lora", in_memory
+
+
+def test_lora_round_trip_and_zero_scales(tiny_model_dir, lora_dir):
+    folder, in_memory = lora_dir
+    base = generate(load_pipeline(tiny_model_dir, device="cpu"), PROMPT, [0, 1], num_inference_steps=2, progress=False)
+    pipe = load_pipeline(tiny_model_dir, lora_dir=folder, device="cpu")
+    loaded = generate(pipe, PROMPT, [0, 1], num_inference_steps=2, progress=False)
+    assert np.array_equal(arrays(loaded), arrays(in_memory))  # stock load_lora_weights gives the same model
+    assert not np.array_equal(arrays(loaded), arrays(base))  # ... which is not the base model
+    set_lora_scales(pipe, unet=0.0, text_encoder=0.0)
+    assert np.array_equal(arrays(generate(pipe, PROMPT, [0, 1], num_inference_steps=2, progress=False)), arrays(base))
+    set_lora_scales(pipe, unet=0.0, text_encoder=1.0)  # the components are separate knobs
+    te_only = generate(pipe, PROMPT, [0, 1], num_inference_steps=2, progress=False)
+    assert not np.array_equal(arrays(te_only), arrays(base)) and not np.array_equal(arrays(te_only), arrays(loaded))
+
+
+def test_an_image_depends_only_on_its_seed(tiny_model_dir):
+    pipe = load_pipeline(tiny_model_dir, device="cpu")
+    batch = generate(pipe, PROMPT, [5, 7, 9], num_inference_steps=2, batch_size=2, progress=False)
+    alone = generate(pipe, PROMPT, [7], num_inference_steps=2, progress=False)
+    assert np.abs(arrays(batch[1:2]) - arrays(alone)).max() <= 1  # batching may round differently
+    assert not np.array_equal(arrays(batch[:1]), arrays(batch[1:2]))
+    with pytest.raises(ValueError, match="one seed per prompt"):
+        generate(pipe, [PROMPT, PROMPT], [0], num_inference_steps=2)
+
+
+def test_grids_are_written_with_their_parameters(tiny_model_dir, lora_dir, tmp_path):
+    pipe = load_pipeline(tiny_model_dir, lora_dir=lora_dir[0], device="cpu")
+    grid, params = lora_scale_grid(pipe, PROMPT, [0.0, 1.0], [0.0, 0.5, 1.0], seed=3, num_inference_steps=2,
+                                   path=tmp_path / "scales.png")
+    assert grid.size == (2 * 32, 3 * 32) and (tmp_path / "scales.png").is_file()
+    assert params["cells"][1] == dict(row=0, col=1, unet_scale=1.0, te_scale=0.0)
+    grid, params = scale_guidance_grid(pipe, PROMPT, [0.0, 1.0], [1.0, 7.5], seed=3, num_inference_steps=2)
+    assert grid.size == (2 * 32, 2 * 32) and len(params["cells"]) == 4
+    images = generate(pipe, PROMPT, [0, 1], num_inference_steps=2, progress=False)
+    plain = save_grid(images, 1, 2, tmp_path / "g" / "plain.png")
+    labelled = save_grid(images, 1, 2, tmp_path / "labelled.png", labels=["a", "b"])
+    assert plain.size == labelled.size == (64, 32) and plain.tobytes() != labelled.tobytes()

@@ -1,0 +1,192 @@
+"""train.py on the tiny model: exact resume, atomic checkpoints, 8-bit optimizer, batch pairing, NaN stop."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+import dreambooth_lib.train as T
+from dreambooth_lib import data
+from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.sample import load_pipeline
+
+
+def make_cfg(model, instance_dir, out, **kw) -> TrainConfig:
+    base = dict(pretrained_model=str(model), instance_dir=str(instance_dir), output_dir=str(out), class_noun="dog",
+                identifier="sks", resolution=32, with_prior_preservation=False, max_train_steps=2,
+                learning_rate=1e-3, checkpointing_steps=0, validation_steps=0, num_validation_images=2,
+                validation_inference_steps=2)
+    return TrainConfig(**{**base, **kw})
+
+
+def unet_weights(folder) -> dict:
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_resume_equals_uninterrupted_run(mode, tiny_model_dir, instance_dir, tmp_path, monkeypatch):
+    # full: UNet only, grad accumulation 2; LoRA: UNet + text encoder with dropout (restored global RNG).
+    extra = dict(gradient_accumulation_steps=2) if mode == "full" else dict(
+        use_lora=True, train_text_encoder=True, lora_dropout=0.1, train_batch_size=2)
+    common = dict(max_train_steps=6, checkpointing_steps=3, lr_scheduler="linear", with_prior_preservation=True,
+                  num_class_images=2, class_inference_steps=1, class_dir=str(tmp_path / "class"), **extra)
+    whole = T.train(make_cfg(tiny_model_dir, instance_dir, tmp_path / "whole", validation_steps=3, **common),
+                    progress=False)
+
+    real_save = T.save_checkpoint
+
+    def save_then_die(output_dir, step, *args, **kw):  # the process is killed right after checkpoint-3
+        path = real_save(output_dir, step, *args, **kw)
+        if step == 3:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        T.train(make_cfg(tiny_model_dir, instance_dir, cut, **common), progress=False)
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    resumed = T.train(make_cfg(tiny_model_dir, instance_dir, cut, resume="latest", **common), progress=False)
+
+    assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["steps"] == whole["steps"] == 6
+    assert [h["loss"] for h in resumed["loss_history"]] == pytest.approx([h["loss"] for h in whole["loss_history"]], abs=1e-6)
+    if mode == "full":
+        a, b = unet_weights(tmp_path / "whole"), unet_weights(cut)
+        start = unet_weights(tiny_model_dir)
+        assert any(not torch.equal(start[k], a[k]) for k in a)  # training changed the weights
+    else:
+        a = load_file(tmp_path / "whole" / T.LORA_WEIGHTS)
+        b = load_file(cut / T.LORA_WEIGHTS)
+        assert any(k.startswith("text_encoder.") for k in a) and any(k.startswith("unet.") for k in a)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert "AdamW8bit" in whole["optimizer"]
+    assert Image.open(tmp_path / "whole" / "validation" / "step-6.png").size == (2 * 32, 32)  # 1 prompt x 2 seeds
+    # Every checkpoint is usable for inference on its own.
+    pipe = load_pipeline(tmp_path / "whole" / "checkpoint-3", device="cpu")
+    assert pipe(["a photo of sks dog"], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+
+
+def test_lora_resume_really_reloads_weights(tiny_model_dir, instance_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / "run", use_lora=True, train_text_encoder=True,
+                   max_train_steps=2, checkpointing_steps=2)
+    T.train(cfg, progress=False)
+    saved = load_file(tmp_path / "run" / "checkpoint-2" / T.LORA_WEIGHTS)
+    models = T.load_models(cfg)
+    T.add_lora(models.unet, models.text_encoder, cfg)
+    fresh = {"unet." + k: v.clone() for k, v in T.lora_layers(models.unet).items()}
+    T.load_weights(tmp_path / "run" / "checkpoint-2", models.unet, models.text_encoder, cfg)
+    now = {"unet." + k: v for k, v in T.lora_layers(models.unet).items()}
+    now |= {"text_encoder." + k: v for k, v in T.lora_layers(models.text_encoder).items()}
+    assert now.keys() == saved.keys()
+    assert all(torch.equal(now[k], saved[k]) for k in saved)
+    assert any(not torch.equal(fresh[k], saved[k]) for k in fresh)  # so the load did change something
+    # A checkpoint from another LoRA shape is refused, not silently half-loaded.
+    other = make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, lora_rank=2)
+    m2 = T.load_models(other)
+    T.add_lora(m2.unet, m2.text_encoder, other)
+    with pytest.raises(data.InputError, match="lora_rank"):
+        T.load_weights(tmp_path / "run" / "checkpoint-2", m2.unet, m2.text_encoder, other)
+
+
+def test_checkpoints_are_atomic_and_pruned(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny_model_dir, instance_dir, out, checkpoints_total_limit=2)
+    models = T.load_models(cfg)
+    opt = torch.optim.AdamW(models.unet.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    for step in (1, 2, 3):
+        T.save_checkpoint(out, step, models.unet, models.text_encoder, opt, sched, [], cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-3"]  # no .tmp-* left
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(T, "save_training_state", crash)
+    with pytest.raises(OSError):
+        T.save_checkpoint(out, 4, models.unet, models.text_encoder, opt, sched, [], cfg)
+    assert not (out / "checkpoint-4").exists()
+    assert (out / "checkpoint-2").exists()  # pruning happens only after a successful save
+    assert T.latest_checkpoint(out) == out / "checkpoint-3"  # a half-written .tmp-checkpoint-4 never counts
+
+
+def test_optimizer_is_8bit_or_falls_back_with_a_note(monkeypatch):
+    import bitsandbytes as bnb
+    params = [{"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 1e-3}]
+    assert isinstance(T.make_optimizer(params, TrainConfig(optimizer="adamw8bit")), bnb.optim.AdamW8bit)
+    notes = []
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now fails
+    opt = T.make_optimizer(params, TrainConfig(optimizer="adamw8bit"), log=notes.append)
+    assert type(opt) is torch.optim.AdamW and "torch.optim.AdamW" in notes[0]
+
+
+def test_batch_indices_deal_seeded_epoch_permutations():
+    steps = [T.batch_indices(6, 2, seed=0, micro_step=s) for s in range(3)]
+    assert sorted(sum(steps, [])) == list(range(6))  # one epoch = a permutation
+    assert T.batch_indices(6, 2, 0, 4) == T.batch_indices(6, 2, 0, 4)  # pure: resume sees the same data
+    ranks = [T.batch_indices(6, 1, 0, 0, rank=r, world=2) + T.batch_indices(6, 1, 0, 1, rank=r, world=2) for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == sorted(steps[0] + steps[1])  # 2 processes share the same stream
+
+
+def test_prompts_stay_paired_with_latents(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
+    for i, photo in enumerate(sorted(instance_dir.glob("photo*"))):
+        photo.with_suffix(".txt").write_text(["a photo of sks dog", "sks dog on grass", "sks dog in snow",
+                                              "sks dog at the beach"][i])
+    cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / "run", use_captions=True, with_prior_preservation=True,
+                   num_class_images=2, class_inference_steps=1, train_batch_size=2, train_text_encoder=True,
+                   max_train_steps=2)
+    seen = []
+    real_encode = T.encode_prompts
+    monkeypatch.setattr(T, "encode_prompts", lambda tok, te, prompts: seen.append(list(prompts)) or real_encode(tok, te, prompts))
+    T.train(cfg, progress=False)
+    captions = data.instance_prompts_for(data.load_instance_images(instance_dir, 32, True), cfg, "sks")
+    expected = [[captions[i] for i in T.batch_indices(4, 2, cfg.seed, s)] + ["a photo of a dog"] * 2 for s in range(2)]
+    assert seen == expected
+
+    # The cached path: row i of (latents, text embeddings) both belong to prompts[i].
+    models = T.load_models(cfg)
+    tok = T.load_tokenizer(cfg)
+    pixels = T.pixel_values([im.image for im in data.load_instance_images(instance_dir, 32, True)], cfg, None)
+    latents = T.cache_latents(models.vae, pixels, seed=0)
+    dataset = data.DreamBoothDataset(latents, captions, latents[:1], "a photo of a dog")
+    cache = T.cache_text_embeddings(tok, models.text_encoder, captions + ["a photo of a dog"])
+    batch = data.collate_examples([dataset[i] for i in (2, 0)], with_prior=True)
+    z, c = T.latents_and_conditioning(batch, models, tok, cache, True, torch.Generator(), "cpu")
+    assert batch["prompts"] == [captions[2], captions[0], "a photo of a dog", "a photo of a dog"]
+    for row, prompt in enumerate(batch["prompts"]):
+        image = captions.index(prompt) if prompt in captions else 0
+        assert torch.equal(z[row], latents[image])
+        assert torch.equal(c[row], cache[prompt])
+
+
+def test_nan_loss_stops_with_advice_and_saves_nothing(tiny_model_dir, instance_dir, tmp_path):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        pipe.unet.conv_out.bias.fill_(float("nan"))
+    pipe.save_pretrained(tmp_path / "nan_model")
+    cfg = make_cfg(tmp_path / "nan_model", instance_dir, tmp_path / "run", checkpointing_steps=1)
+    with pytest.raises(T.TrainingDiverged, match="lower learning_rate") as err:
+        T.train(cfg, progress=False)
+    assert "step 1" in str(err.value)
+    assert not list((tmp_path / "run").glob("*checkpoint*"))
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_full_run_writes_a_loadable_pipeline_and_summary(tiny_model_dir, instance_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / "run", train_text_encoder=True, optimizer="adamw",
+                   random_flip=True, cache_latents=False, max_train_steps=2)
+    summary = T.train(cfg, progress=False)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run")
+    assert pipe(["a photo of sks dog"], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+    assert summary["optimizer"] == "torch.optim.adamw.AdamW"
+    assert len(summary["loss_history"]) == 2 and summary["final_loss"] == summary["loss_history"][-1]["loss"]
+    assert summary["instance_prompts"] == ["a photo of sks dog"] * 4 and summary["peak_memory_mb"] > 0
+    base_te = load_file(tiny_model_dir / "text_encoder" / "model.safetensors")
+    new_te = load_file(tmp_path / "run" / "text_encoder" / "model.safetensors")
+    assert any(not torch.equal(base_te[k], new_te[k]) for k in base_te)  # the text encoder was trained
