@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import inspect
 import json
 import re
@@ -109,7 +110,7 @@ def cmd_sample(args) -> int:
 
 def cmd_evaluate(argv: list[str]) -> int:
     try:
-        from . import evaluate
+        evaluate = importlib.import_module(f"{__package__}.evaluate")  # lazy: written separately, heavy imports
     except ModuleNotFoundError as err:
         if err.name != f"{__package__}.evaluate":
             raise

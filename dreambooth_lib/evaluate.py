@@ -347,7 +347,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in notes:
         print(f"[evaluate] {note}", file=sys.stderr)
     pipe = load_pipeline(args.model, lora_dir=args.lora, device=device)
-    pipe.safety_checker = None  # its false positives return black images, which would corrupt the scores
     result = evaluate_run(
         pipe, real, args.class_noun, args.identifier, args.live, encoders,
         n_per_prompt=args.n_per_prompt, seeds=seeds,

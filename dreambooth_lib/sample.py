@@ -24,7 +24,9 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
                   adapter_name: str = "subject") -> StableDiffusionPipeline:
     """A pipeline folder / hub id, optionally + LoRA weights, or a train.py checkpoint-N folder.
 
-    Default device: CUDA when present; default dtype: fp16 on CUDA, fp32 on CPU.
+    Default device: CUDA when present; default dtype: fp16 on CUDA, fp32 on CPU. The NSFW safety
+    checker is not loaded (as in diffusers' DreamBooth scripts): it blacks out false positives,
+    which would corrupt the metrics.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
@@ -33,12 +35,12 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
     if state.is_file():  # checkpoint-N: trained parts here, the rest from the base model it was trained from
         folder, model = Path(model), json.loads(state.read_text())["config"]["pretrained_model"]
         if (folder / "unet").is_dir():
-            parts["unet"] = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=dtype)
+            parts["unet"] = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype)
         if (folder / "text_encoder").is_dir():
             parts["text_encoder"] = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype)
         if (folder / "pytorch_lora_weights.safetensors").is_file():
             lora_dir = lora_dir or folder
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, **parts)
+    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, **parts)
     if lora_dir is not None:
         pipe.load_lora_weights(lora_dir, weight_name="pytorch_lora_weights.safetensors", adapter_name=adapter_name)
     pipe.set_progress_bar_config(disable=True)  # generate() shows one bar over all images instead

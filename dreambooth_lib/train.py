@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from diffusers import (
     AutoencoderKL,
@@ -443,13 +444,21 @@ def peak_memory() -> dict:
     return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "memory": "process peak RSS"}
 
 
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    if (AcceleratorState._shared_state and AcceleratorState().mixed_precision != cfg.mixed_precision
+            and AcceleratorState().num_processes == 1):
+        # accelerate keeps one process-wide state; a notebook's second run may want another precision.
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+
+
 # --- the run --------------------------------------------------------------------------------------
 
 def train(cfg: TrainConfig, log=print, progress: bool = True) -> dict:
     """Run DreamBooth for cfg.max_train_steps optimizer steps; returns the summary written to summary.json."""
     data.validate_config(cfg)  # every model-free check, before anything slow
     started = time.time()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
+    accelerator = make_accelerator(cfg)
     main, device = accelerator.is_main_process, accelerator.device
     info = log if main else (lambda *a, **k: None)
     weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
@@ -479,7 +488,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True) -> dict:
     if cfg.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
-            models.text_encoder.gradient_checkpointing_enable()
+            models.text_encoder.activation_checkpointing_enable()
     if resume_from is not None:
         load_weights(resume_from, models.unet, models.text_encoder, cfg)
     groups = parameter_groups(models, cfg)
