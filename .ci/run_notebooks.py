@@ -46,7 +46,7 @@ def pair_problems(ipynb: Path, script: Path) -> list[str]:
     # The text form must be exactly what jupytext writes from the notebook (same config as the CLI).
     expected = jupytext.writes(jupytext.read(ipynb), fmt=TEXT_FORMAT, config=load_jupytext_config(str(ipynb)))
     if script.read_text(encoding="utf-8") != expected:
-        problems.append(f"{script.name} and {ipynb.name} differ: run `jupytext --sync {script.relative_to(ROOT)}`")
+        problems.append(f"{script.name} and {ipynb.name} differ: run `jupytext --sync notebooks/{script.name}`")
     dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
     if dirty:
         problems.append(f"{ipynb.name} has outputs or execution counts in cells {dirty}: commit it cleared")

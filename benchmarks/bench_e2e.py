@@ -1,0 +1,109 @@
+"""End-to-end DreamBooth time through the library's real entry point: class images + `train(cfg)`.
+
+    python benchmarks/bench_e2e.py                            # 200 class images + 800 steps, SD1.5 architecture, 512 px
+    python benchmarks/bench_e2e.py --config lora4-fp16-cached
+    python benchmarks/bench_e2e.py --smoke                    # tiny model on the CPU, a few images and steps (CI)
+
+A random-weight pipeline folder is saved once (SD1.5: ~4.3 GB fp32 in --model-dir, reused by later runs;
+its build time is not part of the end-to-end time), 5 random 512 px "photos" stand in for the subject,
+then the clock runs over `train.class_image_paths` (the class images, as train() makes them) and
+`train.train(cfg)` (which finds those images, loads the models, caches, trains and saves the weights).
+The config names are bench_train.py's (torch.compile is not part of train()).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import numpy as np
+import torch
+from bench_train import parse_name
+from PIL import Image
+
+from dreambooth_lib import data, train
+from dreambooth_lib.tiny import save_tiny_pipeline
+
+DEFAULT_SD15_DIR = Path(tempfile.gettempdir()) / "dreambooth_bench_sd15"
+
+
+def ensure_model(folder: Path, smoke: bool) -> float:
+    """Save a random pipeline folder unless one is there; returns seconds spent."""
+    started = time.perf_counter()
+    if smoke:
+        save_tiny_pipeline(folder)
+    elif not (folder / "model_index.json").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        parts = common.build_components(False, folder, "cuda")
+        common.pipeline(parts).save_pretrained(folder, safe_serialization=True)  # writes tokenizer/ over the draft
+        del parts
+        torch.cuda.empty_cache()
+    return time.perf_counter() - started
+
+
+def write_photos(folder: Path, n: int, side: int, seed: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"photo{i}.jpg")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: exercises the code path (CI)")
+    p.add_argument("--config", default="full-fp16-cached", help="a bench_train.py config name without -compile")
+    p.add_argument("--class-images", type=int, help="default 200 (smoke 2)")
+    p.add_argument("--train-steps", type=int, help="default 800 (smoke 3)")
+    p.add_argument("--class-batch-size", type=int, help="class-image batch size (default 8; smoke 2)")
+    p.add_argument("--model-dir", type=Path, default=DEFAULT_SD15_DIR, help="where the random SD1.5 folder is kept")
+    p.add_argument("--results", type=Path, help="JSON list to append to (default benchmarks/results/e2e[_smoke].json)")
+    args = p.parse_args(argv)
+    cfg, _, compiled, _, note = parse_name(args.config, args.smoke)
+    if compiled:
+        p.error(f"--config {args.config}: train() has no torch.compile option; drop '-compile'")
+    if not args.smoke and not torch.cuda.is_available():
+        p.error("no CUDA device: the SD1.5-size benchmark needs a GPU; use --smoke for the CPU code-path check")
+    n_class = args.class_images or (2 if args.smoke else 200)
+    steps = args.train_steps or (3 if args.smoke else 800)
+    results = args.results or common.default_results("e2e", args.smoke)
+
+    with tempfile.TemporaryDirectory() as workdir:
+        work = Path(workdir)
+        model_dir = work / "tiny" if args.smoke else args.model_dir
+        build_s = ensure_model(model_dir, args.smoke)
+        write_photos(work / "photos", 5, cfg.resolution)
+        cfg.pretrained_model, cfg.instance_dir, cfg.output_dir = str(model_dir), str(work / "photos"), str(work / "run")
+        cfg.identifier, cfg.num_class_images, cfg.max_train_steps = "sks", n_class, steps
+        cfg.class_batch_size = args.class_batch_size or (2 if args.smoke else 8)
+        cfg.class_inference_steps = 2 if args.smoke else 50
+        data.validate_config(cfg)
+        _, class_prompt = data.build_prompts(cfg, cfg.identifier)
+
+        started = time.perf_counter()
+        train.class_image_paths(cfg, class_prompt)
+        class_s = time.perf_counter() - started
+        summary = train.train(cfg)
+        total_s = time.perf_counter() - started
+
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    record = dict(
+        kind="e2e", status="ok", config=args.config, smoke=args.smoke, note=note, mixed_precision=cfg.mixed_precision,
+        resolution=cfg.resolution, class_images=n_class, class_batch_size=cfg.class_batch_size,
+        class_inference_steps=cfg.class_inference_steps, class_images_s=class_s, train_steps=summary["steps"],
+        train_s=total_s - class_s, seconds_per_step=summary["seconds_per_step"], total_s=total_s,
+        train_peak_memory_gb=summary["peak_memory_mb"] * 2**20 / 1e9, train_peak_memory_kind=summary["memory"],
+        final_loss=summary["final_loss"], optimizer=summary["optimizer"], model_build_s=build_s,
+        **common.environment(device),
+    )
+    common.append_results(results, [record])
+    print({k: record[k] for k in ("config", "class_images_s", "train_s", "total_s")})
+    print(f"results appended to {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""DreamBooth training speed and memory: steps/s, images/s, peak GPU memory and MFU per configuration.
+
+    python benchmarks/bench_train.py                          # every config on the GPU (SD1.5 architecture, 512 px)
+    python benchmarks/bench_train.py --configs full-fp16-cached lora4-fp16-cached --steps 30
+    python benchmarks/bench_train.py --smoke                  # tiny model on the CPU: same code path, for CI
+    python benchmarks/bench_train.py --list                   # config names
+
+Design: models are built in-process with random weights (SD1.5's architecture, or `dreambooth_lib.tiny`
+with --smoke) and wrapped in the library's `train.Models`; one optimizer step is made of the library's
+own pieces in the order `train.train` uses them (add_lora, cast_training_params, parameter_groups,
+make_optimizer, cache_latents, cache_text_embeddings, latents_and_conditioning, diffusion_loss,
+accelerator backward/clip/step). The same `train_step` runs in smoke and GPU mode; `train(cfg)` itself
+is timed end to end by bench_e2e.py. Batch: 1 instance + 1 class image (prior preservation), like train().
+
+Each config runs in its own process: accelerate fixes the mixed precision once per process, and a fresh
+process gives clean peak-memory counters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import common
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import cast_training_params
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+from dreambooth_lib import data, train
+from dreambooth_lib.config import TrainConfig
+
+# Method: what is trained and how (lr only matters for the optimizer's arithmetic, not its speed).
+METHODS = {
+    "full": dict(use_lora=False, learning_rate=5e-6),
+    "full-te": dict(use_lora=False, train_text_encoder=True, learning_rate=2e-6),
+    "lora4": dict(use_lora=True, lora_rank=4, learning_rate=1e-4),
+    "lora16": dict(use_lora=True, lora_rank=16, learning_rate=1e-4),
+    "lora4-te": dict(use_lora=True, lora_rank=4, train_text_encoder=True, learning_rate=1e-4),
+    "lora16-te": dict(use_lora=True, lora_rank=16, train_text_encoder=True, learning_rate=1e-4),
+}
+# Every config: 8-bit AdamW, gradient checkpointing, prior preservation, batch 1 instance + 1 class.
+COMMON = dict(optimizer="adamw8bit", gradient_checkpointing=True, with_prior_preservation=True, class_noun="dog",
+              train_batch_size=1, prior_loss_weight=1.0, seed=0)
+PRECISIONS = {"full": ("fp16", "bf16")}  # the rest: fp16 only
+RECORDED_FAILURE = 3  # exit code of a child that wrote its failure into the results
+
+
+def config_names(compile_modes: tuple[bool, ...] = (False, True)) -> list[str]:
+    names = []
+    for method in METHODS:
+        for precision in PRECISIONS.get(method, ("fp16",)):
+            for cached in ("cached", "uncached"):
+                for compiled in compile_modes:
+                    names.append(f"{method}-{precision}-{cached}{'-compile' if compiled else ''}")
+    return names
+
+
+def parse_name(name: str, smoke: bool) -> tuple[TrainConfig, str, bool, bool, str]:
+    """'lora4-te-fp16-cached-compile' -> (TrainConfig, method, compile?, cache?, note)."""
+    parts = name.split("-")
+    compiled = parts[-1] == "compile"
+    parts = parts[:-1] if compiled else parts
+    if len(parts) < 3 or parts[-1] not in ("cached", "uncached") or "-".join(parts[:-2]) not in METHODS \
+            or parts[-2] not in ("fp16", "bf16"):
+        raise SystemExit(f"unknown config {name!r}: use one of `python benchmarks/bench_train.py --list`")
+    method, precision, cached = "-".join(parts[:-2]), parts[-2], parts[-1] == "cached"
+    note = ""
+    if smoke and precision == "fp16":  # accelerate runs fp16 on the CPU without autocast: use bf16 there
+        precision, note = "bf16", "smoke on CPU: fp16 config run in bf16"
+    cfg = TrainConfig(**COMMON, **METHODS[method], mixed_precision=precision, cache_latents=cached,
+                      resolution=common.image_side(smoke), checkpointing_steps=0, validation_steps=0)
+    return cfg, method, compiled, cached, note
+
+
+def build_state(cfg: TrainConfig, cached: bool, compiled: bool, smoke: bool, workdir: Path, n_images: int = 4):
+    """Models, optimizer and data exactly as train.train() sets them up (minus files and checkpoints)."""
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    device = accelerator.device
+    weight_dtype = train.WEIGHT_DTYPES[cfg.mixed_precision]
+    parts = common.build_components(smoke, workdir, device, cfg.seed)
+    tokenizer = parts["tokenizer"]
+    models = common.training_models(parts)
+    models.unet.requires_grad_(not cfg.use_lora)
+    models.text_encoder.requires_grad_(cfg.train_text_encoder and not cfg.use_lora)
+    train.place(models.vae, device, weight_dtype)
+    train.place(models.text_encoder, device, torch.float32 if cfg.train_text_encoder and not cfg.use_lora else weight_dtype)
+    train.place(models.unet, device, torch.float32 if not cfg.use_lora else weight_dtype)
+    if cfg.use_lora:
+        train.add_lora(models.unet, models.text_encoder, cfg)
+        cast_training_params(train.trained_modules(models, cfg), dtype=torch.float32)
+    if cfg.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            models.text_encoder.gradient_checkpointing_enable()
+    groups = train.parameter_groups(models, cfg)
+    optimizer = train.make_optimizer(groups, cfg)
+    *trained, optimizer = accelerator.prepare(*train.trained_modules(models, cfg), optimizer)
+
+    # Random pixels stand in for photos and class images: the values do not change the work.
+    gen = torch.Generator().manual_seed(cfg.seed)
+    side = cfg.resolution
+    inst = [torch.rand(3, side, side, generator=gen) * 2 - 1 for _ in range(n_images)]
+    cls = [torch.rand(3, side, side, generator=gen) * 2 - 1 for _ in range(n_images)]
+    inst_prompts, class_prompt = ["a photo of sks dog"] * n_images, "a photo of a dog"
+    if cached:
+        inst, cls = train.cache_latents(models.vae, inst, cfg.seed), train.cache_latents(models.vae, cls, cfg.seed + 1)
+    dataset = data.DreamBoothDataset(inst, inst_prompts, cls, class_prompt)
+    # "cached" also pre-computes text embeddings when the text encoder is frozen (train() always does).
+    text_cache = train.cache_text_embeddings(tokenizer, models.text_encoder, inst_prompts + [class_prompt]) \
+        if cached and not cfg.train_text_encoder else None
+    unet = torch.compile(trained[0]) if compiled else trained[0]
+    params = [p for g in groups for p in g["params"]]
+    return dict(accelerator=accelerator, device=device, models=models, tokenizer=tokenizer, trained=trained,
+                unet=unet, optimizer=optimizer, dataset=dataset, text_cache=text_cache, params=params)
+
+
+def train_step(state: dict, cfg: TrainConfig, step: int) -> float:
+    """One optimizer step, the body of train.train()'s loop (gradient_accumulation_steps = 1)."""
+    acc, device = state["accelerator"], state["device"]
+    gen = train.step_generator(cfg.seed, step, 0, device)
+    idx = train.batch_indices(len(state["dataset"]), cfg.train_batch_size, cfg.seed, step)
+    batch = data.collate_examples([state["dataset"][i] for i in idx], with_prior=True)
+    with acc.accumulate(*state["trained"]):
+        latents, hidden = train.latents_and_conditioning(batch, state["models"], state["tokenizer"], state["text_cache"],
+                                                         cfg.cache_latents, gen, device)
+        loss, _ = train.diffusion_loss(state["unet"], state["models"].noise_scheduler, latents, hidden, cfg, True, gen)
+        value = acc.reduce(loss.detach(), "mean").item()  # train() syncs here too (its NaN check)
+        acc.backward(loss)
+        if acc.sync_gradients:
+            acc.clip_grad_norm_(state["params"], cfg.max_grad_norm)
+        state["optimizer"].step()
+        state["optimizer"].zero_grad(set_to_none=True)
+    return value
+
+
+def count_flops(state: dict, cfg: TrainConfig) -> float:
+    """FLOPs of one step as the model defines them: checkpointing is switched off while counting, so
+    recomputed forwards are not counted (MFU, not hardware utilisation)."""
+    unet, text_encoder = state["models"].unet, state["models"].text_encoder
+    if cfg.gradient_checkpointing:
+        unet.disable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            text_encoder.gradient_checkpointing_disable()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step(dict(state, unet=state["trained"][0]), cfg, step=0)  # eager, even when timing a compiled unet
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            text_encoder.gradient_checkpointing_enable()
+    return float(counter.get_total_flops())
+
+
+def run_config(name: str, smoke: bool, warmup: int, steps: int, count: bool = True) -> dict:
+    cfg, method, compiled, cached, note = parse_name(name, smoke)
+    with tempfile.TemporaryDirectory() as workdir:
+        state = build_state(cfg, cached, compiled, smoke, Path(workdir))
+    device = state["device"]
+    flops = count_flops(state, cfg) if count else None
+    started = time.perf_counter()
+    for s in tqdm(range(1, warmup + 1), desc=f"{name} warm-up", leave=False):
+        train_step(state, cfg, s)
+    common.synchronize(device)
+    warmup_s = time.perf_counter() - started
+    common.reset_memory(device)  # steady state only: the counting step above ran without checkpointing
+    losses = []
+    started = time.perf_counter()
+    for s in tqdm(range(warmup + 1, warmup + steps + 1), desc=f"{name} timed", leave=False):
+        losses.append(train_step(state, cfg, s))
+    common.synchronize(device)
+    elapsed = time.perf_counter() - started
+    steps_per_s = steps / elapsed
+    env = common.environment(device)
+    value, mfu_note = common.mfu(flops, steps_per_s, env["device"], cfg.mixed_precision) if flops else (None, "not counted")
+    trainable = sum(p.numel() for p in state["params"])
+    return dict(
+        kind="train", status="ok", config=name, smoke=smoke, note=note,
+        method=method, mixed_precision=cfg.mixed_precision, cached=cached, compiled=compiled, resolution=cfg.resolution,
+        images_per_step=2 * cfg.train_batch_size, gradient_checkpointing=cfg.gradient_checkpointing,
+        optimizer=train.optimizer_name(state["optimizer"]), trainable_parameters=trainable,
+        warmup_steps=warmup, warmup_s=warmup_s, timed_steps=steps, timed_s=elapsed, steps_per_s=steps_per_s,
+        images_per_s=steps_per_s * 2 * cfg.train_batch_size, losses_finite=all(map(math.isfinite, losses)),
+        model_tflops_per_step=flops / 1e12 if flops else None, mfu=value, mfu_note=mfu_note,
+        **common.peak_memory_gb(device), **env,
+    )
+
+
+def run_one_and_record(name: str, args) -> bool:
+    """Child process: one config; a failure (OOM, compile error) becomes a record, not a lost run."""
+    try:
+        record = run_config(name, args.smoke, args.warmup, args.steps, count=not args.no_flops)
+    except Exception as err:  # noqa: BLE001 - every failure is a result to report
+        traceback.print_exc()
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        record = dict(kind="train", status=f"failed: {type(err).__name__}: {str(err)[:300]}", config=name,
+                      smoke=args.smoke, **common.peak_memory_gb(device), **common.environment(device))
+    common.append_results(args.results, [record])
+    shown = {k: record.get(k) for k in ("config", "status", "steps_per_s", "peak_allocated_gb", "mfu")}
+    print(shown, flush=True)
+    return record["status"] == "ok"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny model, CPU-sized: exercises the code path (CI)")
+    p.add_argument("--configs", nargs="+", help="config names (default: all; --smoke default: two small ones)")
+    p.add_argument("--compile", choices=("off", "on", "both"), default="both",
+                   help="with the default config list: which torch.compile variants to include")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 5; smoke 1)")
+    p.add_argument("--steps", type=int, help="timed steps (default 20; smoke 2)")
+    p.add_argument("--results", type=Path, help="JSON list to append to (default benchmarks/results/train[_smoke].json)")
+    p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting step (no MFU)")
+    p.add_argument("--list", action="store_true", help="print the config names and exit")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config in this process
+    args = p.parse_args(argv)
+    modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
+    if args.list:
+        print("\n".join(config_names(modes)))
+        return 0
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
+    args.steps = args.steps if args.steps is not None else (2 if args.smoke else 20)
+    args.results = args.results or common.default_results("train", args.smoke)
+    if args.warmup < 0 or args.steps < 1:
+        p.error(f"--warmup {args.warmup} must be >= 0 and --steps {args.steps} >= 1")
+    if args.one:
+        return 0 if run_one_and_record(args.one, args) else RECORDED_FAILURE
+    if not args.smoke and not torch.cuda.is_available():
+        p.error("no CUDA device: the SD1.5-size benchmark needs a GPU; use --smoke for the CPU code-path check")
+    names = args.configs or (["full-fp16-cached", "lora4-te-fp16-uncached"] if args.smoke else config_names(modes))
+    for name in names:
+        parse_name(name, args.smoke)  # every name checked before the first (slow) run
+    base = [sys.executable, str(Path(__file__).resolve()), "--warmup", str(args.warmup), "--steps", str(args.steps),
+            "--results", str(args.results)] + (["--smoke"] if args.smoke else []) + (["--no-flops"] if args.no_flops else [])
+    failed = 0
+    for name in names:
+        done = subprocess.run(base + ["--one", name])
+        failed += done.returncode != 0
+        if done.returncode not in (0, RECORDED_FAILURE):  # killed (e.g. host OOM): still leave a trace
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            common.append_results(args.results, [dict(kind="train", status=f"failed: exit code {done.returncode}",
+                                                      config=name, smoke=args.smoke, **common.environment(device))])
+        gc.collect()
+    print(f"results appended to {args.results}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+# ---
+# jupyter:
+#   accelerator: GPU
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     notebook_metadata_filter: kernelspec,jupytext,accelerator,colab
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/OWNER/REPO/blob/main/notebooks/03_sweeps.ipynb)
+#
+# # 03 · Sweeps: LoRA scales, guidance, prompt suites
+#
+# A LoRA run adds $\Delta W = \tfrac{\alpha}{r} BA$ to the attention weights of the UNet and the text encoder.
+# At sampling time each component's update can be scaled separately, $W + s\,\Delta W$, with `s = 0` the base
+# model and `s = 1` the model as trained (`dreambooth_lib.sample.set_lora_scales`, i.e. diffusers
+# `set_adapters`; the LoRA is never fused, so every scale stays adjustable). This notebook sweeps
+# UNet scale x text-encoder scale, then guidance x scale, renders the paper's prompt categories, and ends
+# with sliders. It uses notebook 02's LoRA run (`runs/<subject>-lora-prior`) and trains a small one if it is missing.
+
+# %%
+#@title Setup (in Colab: clone the repo and install requirements.txt, which leaves Colab's torch alone)
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_URL = "https://github.com/OWNER/REPO"  # placeholder: the repository these notebooks live in
+if "google.colab" in sys.modules:
+    checkout = Path("/content") / REPO_URL.rsplit("/", 1)[-1]
+    if not checkout.is_dir():
+        subprocess.run(["git", "clone", "--depth=1", REPO_URL, str(checkout)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-r", str(checkout / "requirements.txt")], check=True)
+    os.chdir(checkout / "notebooks")
+ROOT = Path.cwd().resolve().parent  # the notebooks run from notebooks/
+sys.path.insert(0, str(ROOT))
+
+# %% tags=["parameters"]
+#@title Sweep parameters
+SMOKE = os.environ.get("DREAMBOOTH_SMOKE", "0") == "1"  # CI smoke run: 2x2 grids, 2 sampler steps
+PROMPT = "a photo of {identifier} {class_noun} in the snow"  #@param {type:"string"}
+SEED = 0  #@param {type:"integer"}
+GUIDANCE = 7.5  #@param {type:"number"}
+INFERENCE_STEPS = 25  #@param {type:"integer"}
+SCALES = [0.0, 0.25, 0.5, 0.75, 1.0]  #@param {type:"raw"}
+GUIDANCE_SCALES = [1, 3, 5, 7, 9, 11, 13]  #@param {type:"raw"}
+SUITE_SCALE_UNET = 1.0  #@param {type:"slider", min:0, max:1, step:0.05}
+SUITE_SCALE_TEXT_ENCODER = 1.0  #@param {type:"slider", min:0, max:1, step:0.05}
+SUITE_SEEDS = [0, 1, 2, 3]  #@param {type:"raw"}
+FALLBACK_STEPS = 300  #@param {type:"integer"}
+# only used when notebook 02's run is missing: the LoRA steps trained here
+
+# %%
+import dataclasses
+import json
+
+import ipywidgets as widgets
+import matplotlib.pyplot as plt
+from IPython.display import display
+from PIL import Image
+
+from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.sample import generate, load_pipeline, lora_scale_grid, save_grid, scale_guidance_grid, set_lora_scales
+from dreambooth_lib.train import train
+
+if SMOKE:
+    INFERENCE_STEPS, SCALES, GUIDANCE_SCALES, SUITE_SEEDS, FALLBACK_STEPS = 2, [0.0, 1.0], [1, 13], [0], 2
+RUNS = ROOT / ("runs/smoke" if SMOKE else "runs")  # shared with notebooks 01-05
+IMAGES = RUNS / "images" if SMOKE else ROOT / "images"  # smoke figures never overwrite the committed ones
+DATA_PREP = RUNS / "data_prep.json"  # written by notebook 01
+base = (TrainConfig.from_dict(json.loads(DATA_PREP.read_text())) if DATA_PREP.is_file()
+        else TrainConfig(instance_dir=str(ROOT / "data/subjects/marked_star"), class_noun="star", resolution=32,
+                         num_class_images=100, class_inference_steps=25))  # as notebooks 01/02 default
+if SMOKE:
+    base = dataclasses.replace(base, num_class_images=2, class_inference_steps=2)
+RUN_DIR = RUNS / f"{Path(base.instance_dir).name}-lora-prior"  # notebook 02's default run
+if not (RUN_DIR / "summary.json").is_file():  # run alone: train a small LoRA run (UNet + text encoder) first
+    train(dataclasses.replace(base, use_lora=True, train_text_encoder=True, learning_rate=1e-4,
+                              max_train_steps=FALLBACK_STEPS, validation_steps=0, output_dir=str(RUN_DIR)))
+summary = json.loads((RUN_DIR / "summary.json").read_text())
+identifier, class_noun = summary["identifier"], summary["config"]["class_noun"]
+prompt = PROMPT.format(identifier=identifier, class_noun=class_noun)
+pipe = load_pipeline(summary["config"]["pretrained_model"], lora_dir=RUN_DIR)  # adapter "subject", not fused
+IMAGES.mkdir(parents=True, exist_ok=True)
+print(f"run: {RUN_DIR}\nprompt: {prompt!r}")
+
+
+def show(image, title):
+    """Small images (the toy model draws 32 px) are enlarged without smoothing."""
+    plt.figure(figsize=(min(14, 1.6 * image.width / 32 + 2), min(14, 1.6 * image.height / 32 + 1)))
+    plt.imshow(image, interpolation="nearest")
+    plt.title(title, fontsize=9)
+    plt.axis("off")
+    plt.show()
+
+
+# %% [markdown]
+# ## UNet scale x text-encoder scale (fixed guidance and seed)
+# Rows: text-encoder scale; columns: UNet scale. The text-encoder LoRA changes what the prompt *means*
+# (does the identifier point at the subject), the UNet LoRA how it is *drawn*. A LoRA trained without
+# the text encoder has no text-encoder weights, and its rows are identical.
+
+# %%
+grid, info = lora_scale_grid(pipe, prompt, SCALES, SCALES, SEED, guidance_scale=GUIDANCE,
+                             num_inference_steps=INFERENCE_STEPS, path=IMAGES / "sweep_lora_scales.png")
+show(grid, f"rows: text-encoder scale {SCALES}, columns: UNet scale {SCALES}; guidance {GUIDANCE}, seed {SEED}")
+
+# %% [markdown]
+# ## Guidance x LoRA scale (fixed seed)
+# Rows: classifier-free guidance scale; columns: one LoRA scale for both components. Low guidance ignores
+# the prompt; very high guidance oversaturates. Strong LoRA scales often want less guidance.
+
+# %%
+grid, info = scale_guidance_grid(pipe, prompt, SCALES, GUIDANCE_SCALES, SEED, num_inference_steps=INFERENCE_STEPS,
+                                 path=IMAGES / "sweep_guidance.png")
+show(grid, f"rows: guidance {GUIDANCE_SCALES}, columns: LoRA scale {SCALES}; seed {SEED}")
+
+# %% [markdown]
+# ## Prompt suites (paper Sec. 4.3 applications)
+# One row per prompt, same seeds in every row. The toy world knows colours, contexts (grass, snow, beach,
+# night, water, brick wall) and the pencil-sketch style; it has no words for expressions or viewpoints, so those
+# rows show what a model does with unknown words. With Stable Diffusion all five categories are meaningful.
+
+# %%
+PROMPT_SUITES = {
+    "recontextualization": ["a photo of {identifier} {class_noun} on the beach", "a photo of {identifier} {class_noun} at night",
+                            "a photo of {identifier} {class_noun} in the water"],
+    "property modification": ["a photo of a red {identifier} {class_noun}", "a photo of a blue {identifier} {class_noun}"],
+    "expression": ["a photo of a happy {identifier} {class_noun}", "a photo of a sleepy {identifier} {class_noun}"],
+    "novel view": ["a photo of {identifier} {class_noun} seen from above", "a photo of {identifier} {class_noun} seen from behind"],
+    "art renditions": ["a pencil sketch of {identifier} {class_noun}",
+                       "a painting of {identifier} {class_noun} in the style of Vincent van Gogh"],
+}
+if SMOKE:
+    PROMPT_SUITES = {category: prompts[:1] for category, prompts in PROMPT_SUITES.items()}
+suite = [(c, p.format(identifier=identifier, class_noun=class_noun)) for c, ps in PROMPT_SUITES.items() for p in ps]
+set_lora_scales(pipe, SUITE_SCALE_UNET, SUITE_SCALE_TEXT_ENCODER)
+images = generate(pipe, [p for _, p in suite for _ in SUITE_SEEDS], SUITE_SEEDS * len(suite), guidance_scale=GUIDANCE,
+                  num_inference_steps=INFERENCE_STEPS)
+grid = save_grid(images, len(suite), len(SUITE_SEEDS), IMAGES / "prompt_suites.png")
+show(grid, f"LoRA scales unet {SUITE_SCALE_UNET} / text encoder {SUITE_SCALE_TEXT_ENCODER}, seeds {SUITE_SEEDS}")
+for row, (category, p) in enumerate(suite):
+    print(f"row {row}: [{category}] {p}")
+
+# %% [markdown]
+# ## Interactive: sliders re-render one image
+# Each move re-renders with the **loaded** pipeline (no reload; the adapter's scales are simply set again) and
+# a fixed seed. The callback is also called once below, so headless CI exercises it.
+
+# %%
+unet_slider = widgets.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.05, description="LORA_SCALE_UNET",
+                                  continuous_update=False, style={"description_width": "initial"})
+text_slider = widgets.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.05, description="LORA_SCALE_TEXT_ENCODER",
+                                  continuous_update=False, style={"description_width": "initial"})
+guidance_slider = widgets.FloatSlider(value=GUIDANCE, min=1.0, max=13.0, step=0.5, description="GUIDANCE",
+                                      continuous_update=False)
+prompt_box = widgets.Text(value=prompt, description="prompt", continuous_update=False, layout={"width": "90%"})
+canvas = widgets.Output()
+
+
+def render(_change=None):
+    """Set the scales on the live pipeline and draw the prompt with SEED; returns the image."""
+    set_lora_scales(pipe, unet_slider.value, text_slider.value)
+    image = generate(pipe, prompt_box.value, [SEED], guidance_scale=guidance_slider.value,
+                     num_inference_steps=INFERENCE_STEPS, progress=False)[0]
+    with canvas:
+        canvas.clear_output(wait=True)
+        display(image.resize((256, 256), Image.Resampling.NEAREST))
+    return image
+
+
+for control in (unet_slider, text_slider, guidance_slider, prompt_box):
+    control.observe(render, names="value")
+display(widgets.VBox([unet_slider, text_slider, guidance_slider, prompt_box, canvas]))
+first = render()
+print(f"rendered {first.size[0]}x{first.size[1]} at unet {unet_slider.value}, text encoder {text_slider.value}, "
+      f"guidance {guidance_slider.value}")

@@ -1,0 +1,119 @@
+"""Benchmarks: the SD1.5 build, MFU arithmetic, result files, and each script's --smoke run on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """The benchmark modules, imported the way the scripts import each other (benchmarks/ on sys.path)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_train
+    import common
+    return common, bench_train
+
+
+def run_script(name: str, *args: str) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, str(BENCH / name), "--smoke", *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_sd15_build_has_the_published_parameter_counts(bench, tmp_path):
+    common, _ = bench
+    parts = common.build_components(smoke=False, workdir=tmp_path, device="meta")  # shapes only, no memory
+    counts = {k: sum(p.numel() for p in parts[k].parameters()) for k in ("unet", "vae", "text_encoder")}
+    assert counts == {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+    assert parts["vae"].config.scaling_factor == 0.18215
+    assert parts["tokenizer"].model_max_length == 77
+
+
+def test_mfu_uses_the_matching_dense_peak(bench):
+    common, _ = bench
+    value, note = common.mfu(2e12, 3.0, "NVIDIA H100 80GB HBM3", "bf16")
+    assert value == pytest.approx(6e12 / 989.4e12) and "989.4" in note
+    assert common.mfu(1e12, 1.0, "NVIDIA H100 PCIe", "fp16")[0] == pytest.approx(1 / 756)  # not the SXM peak
+    assert common.mfu(1e12, 1.0, "NVIDIA A100-SXM4-80GB", "fp16")[0] == pytest.approx(1 / 312)
+    t4, t4_note = common.mfu(1e12, 1.0, "Tesla T4", "bf16")
+    assert t4 is None and "Tesla T4" in t4_note  # no bf16 tensor cores
+    unknown, unknown_note = common.mfu(1e12, 1.0, "Tesla V100-SXM2-16GB", "fp16")
+    assert unknown is None and "V100" in unknown_note and "H200" in unknown_note
+
+
+def test_append_results_keeps_order_and_rejects_other_json(bench, tmp_path):
+    common, _ = bench
+    path = tmp_path / "r" / "train.json"
+    common.append_results(path, [{"a": 1}])
+    common.append_results(path, [{"a": 2}, {"a": 3}])
+    assert json.loads(path.read_text()) == [{"a": 1}, {"a": 2}, {"a": 3}]
+    path.write_text('{"not": "a list"}')
+    with pytest.raises(ValueError, match="not a JSON list"):
+        common.append_results(path, [{"a": 4}])
+
+
+def test_markdown_table(bench):
+    common, _ = bench
+    table = common.markdown_table([{"config": "x", "mfu": 0.123456, "gb": None}], ["config", "mfu", "gb"])
+    assert table == "| config | mfu | gb |\n|---|---|---|\n| x | 0.123 |  |"
+
+
+def test_config_matrix_and_names(bench):
+    _, bench_train = bench
+    names = bench_train.config_names()
+    assert len(names) == len(set(names)) == (6 + 1) * 2 * 2  # methods (+ full in bf16) x cache x compile
+    cfg, method, compiled, cached, note = bench_train.parse_name("lora16-te-fp16-uncached-compile", smoke=False)
+    assert (method, compiled, cached, note) == ("lora16-te", True, False, "")
+    assert (cfg.use_lora, cfg.lora_rank, cfg.train_text_encoder, cfg.cache_latents) == (True, 16, True, False)
+    assert (cfg.mixed_precision, cfg.resolution, cfg.optimizer, cfg.gradient_checkpointing) == ("fp16", 512, "adamw8bit", True)
+    smoke_cfg, *_, smoke_note = bench_train.parse_name("full-fp16-cached", smoke=True)
+    assert (smoke_cfg.mixed_precision, smoke_cfg.resolution) == ("bf16", 32) and "bf16" in smoke_note
+    for bad in ("full-fp8-cached", "lora8-fp16-cached", "full-fp16", "full-fp16-cached-fast"):
+        with pytest.raises(SystemExit, match="unknown config"):
+            bench_train.parse_name(bad, smoke=False)
+
+
+def test_bench_train_smoke(tmp_path):
+    out = tmp_path / "train.json"
+    run_script("bench_train.py", "--results", str(out), "--configs", "full-fp16-cached", "lora4-te-fp16-uncached")
+    full, lora = json.loads(out.read_text())
+    assert [full["config"], lora["config"]] == ["full-fp16-cached", "lora4-te-fp16-uncached"]
+    for r in (full, lora):
+        assert r["status"] == "ok" and r["losses_finite"] and r["timed_steps"] == 2 and r["warmup_steps"] == 1
+        assert r["images_per_s"] == 2 * r["steps_per_s"] > 0  # 1 instance + 1 class image per step
+        assert r["model_tflops_per_step"] > 0 and r["mfu"] is None  # the CPU has no entry in the peak table
+        assert r["optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit" and r["mixed_precision"] == "bf16"
+        assert f"--one {r['config']}" in r["command"]
+    assert (full["cached"], lora["cached"]) == (True, False)
+    assert full["trainable_parameters"] == 52_004  # the whole tiny UNet (train.py reports the same count)
+    assert 0 < lora["trainable_parameters"] < full["trainable_parameters"]
+    # The uncached step also runs the VAE encoder and the text encoder.
+    assert lora["model_tflops_per_step"] > full["model_tflops_per_step"]
+
+
+def test_bench_generate_smoke(tmp_path):
+    out = tmp_path / "generate.json"
+    run_script("bench_generate.py", "--results", str(out))
+    records = json.loads(out.read_text())
+    assert [(r["precision"], r["batch_size"], r["images"]) for r in records] == [("fp32", 1, 2), ("fp32", 2, 2)]
+    for r in records:
+        assert r["status"] == "ok" and r["resolution"] == 32 and r["num_inference_steps"] == 2
+        assert r["images_per_s"] == pytest.approx(r["images"] / r["seconds"])
+
+
+def test_bench_e2e_smoke(tmp_path):
+    out = tmp_path / "e2e.json"
+    run_script("bench_e2e.py", "--results", str(out))
+    (r,) = json.loads(out.read_text())
+    assert r["status"] == "ok" and (r["class_images"], r["train_steps"]) == (2, 3)
+    assert r["total_s"] == pytest.approx(r["class_images_s"] + r["train_s"])
+    assert r["optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit" and torch.isfinite(torch.tensor(r["final_loss"]))
