@@ -8,7 +8,7 @@ A random-weight pipeline folder is saved once (SD1.5: ~4.3 GB fp32 in --model-di
 its build time is not part of the end-to-end time), 5 random 512 px "photos" stand in for the subject,
 then the clock runs over `train.class_image_paths` (the class images, as train() makes them) and
 `train.train(cfg)` (which finds those images, loads the models, caches, trains and saves the weights).
-The config names are bench_train.py's (torch.compile is not part of train()).
+The config names are bench_train.py's ("-compile" sets TrainConfig.compile_unet).
 """
 
 from __future__ import annotations
@@ -55,16 +55,14 @@ def write_photos(folder: Path, n: int, side: int, seed: int = 0) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: exercises the code path (CI)")
-    p.add_argument("--config", default="full-fp16-cached", help="a bench_train.py config name without -compile")
+    p.add_argument("--config", default="full-fp16-cached", help="a bench_train.py config name")
     p.add_argument("--class-images", type=int, help="default 200 (smoke 2)")
     p.add_argument("--train-steps", type=int, help="default 800 (smoke 3)")
     p.add_argument("--class-batch-size", type=int, help="class-image batch size (default 8; smoke 2)")
     p.add_argument("--model-dir", type=Path, default=DEFAULT_SD15_DIR, help="where the random SD1.5 folder is kept")
     p.add_argument("--results", type=Path, help="JSON list to append to (default benchmarks/results/e2e[_smoke].json)")
     args = p.parse_args(argv)
-    cfg, _, compiled, _, note = parse_name(args.config, args.smoke)
-    if compiled:
-        p.error(f"--config {args.config}: train() has no torch.compile option; drop '-compile'")
+    cfg, *_, note = parse_name(args.config, args.smoke)
     if not args.smoke and not torch.cuda.is_available():
         p.error("no CUDA device: the SD1.5-size benchmark needs a GPU; use --smoke for the CPU code-path check")
     n_class = args.class_images or (2 if args.smoke else 200)
@@ -96,6 +94,7 @@ def main(argv=None) -> int:
         class_inference_steps=cfg.class_inference_steps, class_images_s=class_s, train_steps=summary["steps"],
         train_s=total_s - class_s, seconds_per_step=summary["seconds_per_step"], total_s=total_s,
         train_peak_memory_gb=summary["peak_memory_mb"] * 2**20 / 1e9, train_peak_memory_kind=summary["memory"],
+        train_peak_reserved_gb=summary["peak_memory_reserved_mb"] and summary["peak_memory_reserved_mb"] * 2**20 / 1e9,
         final_loss=summary["final_loss"], optimizer=summary["optimizer"], model_build_s=build_s,
         **common.environment(device),
     )

@@ -6,11 +6,11 @@
     python benchmarks/bench_train.py --list                   # config names
 
 Design: models are built in-process with random weights (SD1.5's architecture, or `dreambooth_lib.tiny`
-with --smoke) and wrapped in the library's `train.Models`; one optimizer step is made of the library's
-own pieces in the order `train.train` uses them (add_lora, cast_training_params, parameter_groups,
-make_optimizer, cache_latents, cache_text_embeddings, latents_and_conditioning, diffusion_loss,
-accelerator backward/clip/step). The same `train_step` runs in smoke and GPU mode; `train(cfg)` itself
-is timed end to end by bench_e2e.py. Batch: 1 instance + 1 class image (prior preservation), like train().
+with --smoke), wrapped in the library's `train.Models` and set up by `train.prepare_training`; each timed
+step is `train.train_step`, the body of `train.train`'s loop (so the numbers are the library's, with its
+one host sync per step for the NaN check). "cached" = cache_latents; text embeddings are cached whenever
+the text encoder is frozen, as in train(). `train(cfg)` itself is timed end to end by bench_e2e.py.
+Batch: 1 instance + 1 class image (prior preservation), like train().
 
 Each config runs in its own process: accelerate fixes the mixed precision once per process, and a fresh
 process gives clean peak-memory counters.
@@ -19,6 +19,7 @@ process gives clean peak-memory counters.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import math
 import subprocess
@@ -30,12 +31,10 @@ from pathlib import Path
 
 import common
 import torch
-from accelerate import Accelerator
-from diffusers.training_utils import cast_training_params
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from dreambooth_lib import data, train
+from dreambooth_lib import train
 from dreambooth_lib.config import TrainConfig
 
 # Method: what is trained and how (lr only matters for the optimizer's arithmetic, not its speed).
@@ -77,116 +76,69 @@ def parse_name(name: str, smoke: bool) -> tuple[TrainConfig, str, bool, bool, st
     if smoke and precision == "fp16":  # accelerate runs fp16 on the CPU without autocast: use bf16 there
         precision, note = "bf16", "smoke on CPU: fp16 config run in bf16"
     cfg = TrainConfig(**COMMON, **METHODS[method], mixed_precision=precision, cache_latents=cached,
-                      resolution=common.image_side(smoke), checkpointing_steps=0, validation_steps=0)
+                      compile_unet=compiled, resolution=common.image_side(smoke), checkpointing_steps=0,
+                      validation_steps=0)
     return cfg, method, compiled, cached, note
 
 
-def build_state(cfg: TrainConfig, cached: bool, compiled: bool, smoke: bool, workdir: Path, n_images: int = 4):
-    """Models, optimizer and data exactly as train.train() sets them up (minus files and checkpoints)."""
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
-    device = accelerator.device
-    weight_dtype = train.WEIGHT_DTYPES[cfg.mixed_precision]
-    parts = common.build_components(smoke, workdir, device, cfg.seed)
-    tokenizer = parts["tokenizer"]
-    models = common.training_models(parts)
-    models.unet.requires_grad_(not cfg.use_lora)
-    models.text_encoder.requires_grad_(cfg.train_text_encoder and not cfg.use_lora)
-    train.place(models.vae, device, weight_dtype)
-    train.place(models.text_encoder, device, torch.float32 if cfg.train_text_encoder and not cfg.use_lora else weight_dtype)
-    train.place(models.unet, device, torch.float32 if not cfg.use_lora else weight_dtype)
-    if cfg.use_lora:
-        train.add_lora(models.unet, models.text_encoder, cfg)
-        cast_training_params(train.trained_modules(models, cfg), dtype=torch.float32)
-    if cfg.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            models.text_encoder.gradient_checkpointing_enable()
-    groups = train.parameter_groups(models, cfg)
-    optimizer = train.make_optimizer(groups, cfg)
-    *trained, optimizer = accelerator.prepare(*train.trained_modules(models, cfg), optimizer)
-
+def build_state(cfg: TrainConfig, smoke: bool, workdir: Path, n_images: int = 4) -> train.TrainingState:
+    """Random-weight models and pixels through the library's own train.prepare_training (as train() does)."""
+    accelerator = train.make_accelerator(cfg)
+    parts = common.build_components(smoke, workdir, accelerator.device, cfg.seed)
     # Random pixels stand in for photos and class images: the values do not change the work.
     gen = torch.Generator().manual_seed(cfg.seed)
     side = cfg.resolution
     inst = [torch.rand(3, side, side, generator=gen) * 2 - 1 for _ in range(n_images)]
     cls = [torch.rand(3, side, side, generator=gen) * 2 - 1 for _ in range(n_images)]
-    inst_prompts, class_prompt = ["a photo of sks dog"] * n_images, "a photo of a dog"
-    if cached:
-        inst, cls = train.cache_latents(models.vae, inst, cfg.seed), train.cache_latents(models.vae, cls, cfg.seed + 1)
-    dataset = data.DreamBoothDataset(inst, inst_prompts, cls, class_prompt)
-    # "cached" also pre-computes text embeddings when the text encoder is frozen (train() always does).
-    text_cache = train.cache_text_embeddings(tokenizer, models.text_encoder, inst_prompts + [class_prompt]) \
-        if cached and not cfg.train_text_encoder else None
-    unet = torch.compile(trained[0]) if compiled else trained[0]
-    params = [p for g in groups for p in g["params"]]
-    return dict(accelerator=accelerator, device=device, models=models, tokenizer=tokenizer, trained=trained,
-                unet=unet, optimizer=optimizer, dataset=dataset, text_cache=text_cache, params=params)
+    return train.prepare_training(cfg, common.training_models(parts), accelerator, parts["tokenizer"], inst,
+                                  ["a photo of sks dog"] * n_images, cls, "a photo of a dog")
 
 
-def train_step(state: dict, cfg: TrainConfig, step: int) -> float:
-    """One optimizer step, the body of train.train()'s loop (gradient_accumulation_steps = 1)."""
-    acc, device = state["accelerator"], state["device"]
-    gen = train.step_generator(cfg.seed, step, 0, device)
-    idx = train.batch_indices(len(state["dataset"]), cfg.train_batch_size, cfg.seed, step)
-    batch = data.collate_examples([state["dataset"][i] for i in idx], with_prior=True)
-    with acc.accumulate(*state["trained"]):
-        latents, hidden = train.latents_and_conditioning(batch, state["models"], state["tokenizer"], state["text_cache"],
-                                                         cfg.cache_latents, gen, device)
-        loss, _ = train.diffusion_loss(state["unet"], state["models"].noise_scheduler, latents, hidden, cfg, True, gen)
-        value = acc.reduce(loss.detach(), "mean").item()  # train() syncs here too (its NaN check)
-        acc.backward(loss)
-        if acc.sync_gradients:
-            acc.clip_grad_norm_(state["params"], cfg.max_grad_norm)
-        state["optimizer"].step()
-        state["optimizer"].zero_grad(set_to_none=True)
-    return value
-
-
-def count_flops(state: dict, cfg: TrainConfig) -> float:
+def count_flops(state: train.TrainingState) -> float:
     """FLOPs of one step as the model defines them: checkpointing is switched off while counting, so
     recomputed forwards are not counted (MFU, not hardware utilisation)."""
-    unet, text_encoder = state["models"].unet, state["models"].text_encoder
+    cfg, unet, text_encoder = state.cfg, state.models.unet, state.models.text_encoder
     if cfg.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
         if cfg.train_text_encoder:
-            text_encoder.gradient_checkpointing_disable()
+            text_encoder.activation_checkpointing_disable()
     counter = FlopCounterMode(display=False)
     with counter:
-        train_step(dict(state, unet=state["trained"][0]), cfg, step=0)  # eager, even when timing a compiled unet
+        train.train_step(dataclasses.replace(state, unet=state.trained[0]), step=0)  # eager, even when timing a compiled unet
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
+            text_encoder.activation_checkpointing_enable()
     return float(counter.get_total_flops())
 
 
 def run_config(name: str, smoke: bool, warmup: int, steps: int, count: bool = True) -> dict:
     cfg, method, compiled, cached, note = parse_name(name, smoke)
     with tempfile.TemporaryDirectory() as workdir:
-        state = build_state(cfg, cached, compiled, smoke, Path(workdir))
-    device = state["device"]
-    flops = count_flops(state, cfg) if count else None
+        state = build_state(cfg, smoke, Path(workdir))
+    device = state.accelerator.device
+    flops = count_flops(state) if count else None
     started = time.perf_counter()
     for s in tqdm(range(1, warmup + 1), desc=f"{name} warm-up", leave=False):
-        train_step(state, cfg, s)
+        train.train_step(state, s)
     common.synchronize(device)
     warmup_s = time.perf_counter() - started
     common.reset_memory(device)  # steady state only: the counting step above ran without checkpointing
     losses = []
     started = time.perf_counter()
     for s in tqdm(range(warmup + 1, warmup + steps + 1), desc=f"{name} timed", leave=False):
-        losses.append(train_step(state, cfg, s))
+        losses.append(train.train_step(state, s)["loss"])
     common.synchronize(device)
     elapsed = time.perf_counter() - started
     steps_per_s = steps / elapsed
     env = common.environment(device)
     value, mfu_note = common.mfu(flops, steps_per_s, env["device"], cfg.mixed_precision) if flops else (None, "not counted")
-    trainable = sum(p.numel() for p in state["params"])
+    trainable = sum(p.numel() for p in state.params)
     return dict(
         kind="train", status="ok", config=name, smoke=smoke, note=note,
         method=method, mixed_precision=cfg.mixed_precision, cached=cached, compiled=compiled, resolution=cfg.resolution,
         images_per_step=2 * cfg.train_batch_size, gradient_checkpointing=cfg.gradient_checkpointing,
-        optimizer=train.optimizer_name(state["optimizer"]), trainable_parameters=trainable,
+        optimizer=train.optimizer_name(state.optimizer), trainable_parameters=trainable,
         warmup_steps=warmup, warmup_s=warmup_s, timed_steps=steps, timed_s=elapsed, steps_per_s=steps_per_s,
         images_per_s=steps_per_s * 2 * cfg.train_batch_size, losses_finite=all(map(math.isfinite, losses)),
         model_tflops_per_step=flops / 1e12 if flops else None, mfu=value, mfu_note=mfu_note,

@@ -39,6 +39,7 @@ class TrainConfig:
     class_batch_size: int = 4  # batch size when generating class images
     class_inference_steps: int = 50  # sampler steps per class image
     class_guidance_scale: float = 7.5  # classifier-free guidance for class images
+    prior_generation_precision: str = "auto"  # class-image sampling dtype: "auto" = fp16 on CUDA, fp32 on CPU; or "fp32"/"fp16"/"bf16"
     # --- optimisation ------------------------------------------------------------------------
     max_train_steps: int = 800  # optimizer steps (paper/diffusers: 800 with prior for SD)
     learning_rate: float = 5e-6  # full fine-tune: 5e-6 (SD); LoRA: 1e-4
@@ -65,6 +66,7 @@ class TrainConfig:
     mixed_precision: str = "no"  # "no", "fp16" or "bf16"; trainable weights stay fp32
     gradient_checkpointing: bool = False  # trade compute for activation memory
     cache_latents: bool = True  # encode instance/class images with the VAE once
+    compile_unet: bool = False  # torch.compile the UNet (after accelerate.prepare): faster steps after a slow first one
     # --- reproducibility and outputs ---------------------------------------------------------
     seed: int = 0  # seeds data order, noise, timesteps and class images
     output_dir: str = "runs/dreambooth"  # checkpoints, final weights, summaries, grids

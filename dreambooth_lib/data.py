@@ -287,6 +287,7 @@ def instance_prompts_for(images: list[InstanceImage], cfg, identifier: str) -> l
 # ---------------------------------------------------------------------------------------------
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
+PRIOR_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # plus "auto"
 OPTIMIZERS = ("adamw8bit", "adamw")
 
 
@@ -328,6 +329,8 @@ def validate_config(cfg) -> None:
                "with_prior_preservation needs class_noun (e.g. 'dog'): set it, or turn prior preservation off")
 
     _check(cfg.mixed_precision in MIXED_PRECISIONS, f"mixed_precision = {cfg.mixed_precision!r}: use one of {MIXED_PRECISIONS}")
+    _check(cfg.prior_generation_precision == "auto" or cfg.prior_generation_precision in PRIOR_PRECISIONS,
+           f"prior_generation_precision = {cfg.prior_generation_precision!r}: use 'auto' or one of {tuple(PRIOR_PRECISIONS)}")
     _check(cfg.optimizer in OPTIMIZERS, f"optimizer = {cfg.optimizer!r}: use one of {OPTIMIZERS}")
     schedulers = tuple(s.value for s in SchedulerType)
     _check(cfg.lr_scheduler in schedulers, f"lr_scheduler = {cfg.lr_scheduler!r}: use one of {schedulers}")
@@ -406,6 +409,13 @@ def _move_aside(class_dir: Path) -> Path:
     return aside
 
 
+def class_image_dtype(precision: str, device) -> torch.dtype:
+    """Sampling dtype of the class images: "auto" is fp16 on CUDA and fp32 elsewhere (CPU fp16 is slow or missing)."""
+    if precision == "auto":
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    return PRIOR_PRECISIONS[precision]
+
+
 def ensure_class_images(
     class_dir: str | Path,
     manifest: ClassImageManifest,
@@ -415,11 +425,13 @@ def ensure_class_images(
     device=None,
     user_supplied: bool = False,
     log: Callable[[str], None] = print,
+    precision: str = "auto",
 ) -> list[Path]:
     """Make sure `class_dir` holds `num_images` class images made as `manifest` says; return their paths.
 
     Image i is sampled with its own generator seeded from (seed, i), so an image does not depend on
     the batch size (up to float rounding), the number of processes, or which images already existed.
+    The pipeline runs in `class_image_dtype(precision, device)`; load it in that dtype to skip a cast.
     """
     from accelerate import PartialState
 
@@ -456,18 +468,17 @@ def ensure_class_images(
     missing = [i for i, p in enumerate(paths) if not p.exists()]
     if missing:
         log(f"generating {len(missing)} class images '{manifest.class_prompt}' in {class_dir}")
+        device = torch.device(device or state.device)
         _generate(missing[state.process_index :: state.num_processes], paths, manifest, make_pipeline,
-                  batch_size, device or state.device, show=state.is_local_main_process)
+                  batch_size, device, class_image_dtype(precision, device), show=state.is_local_main_process)
     state.wait_for_everyone()
     return paths
 
 
 @torch.no_grad()
-def _generate(indices, paths, manifest, make_pipeline, batch_size, device, show) -> None:
+def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype, show) -> None:
     pipe = make_pipeline()
-    device = torch.device(device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32  # fp16 kernels are slow or missing on CPU
-    if pipe.dtype != dtype:
+    if pipe.dtype != dtype:  # casting warns in diffusers (modules kept in fp32), so only when needed
         pipe.to(dtype=dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -64,12 +64,13 @@ def dreambooth_loss(
     """Eq. 2 from one UNet pass over the batch [instance rows; class rows] (see collate_examples).
 
     Each half is weighted with its OWN timesteps: diffusers' scripts weight the instance half with
-    all 2B timesteps' Min-SNR weights, mixing in the class rows' noise levels.
+    all 2B timesteps' Min-SNR weights, mixing in the class rows' noise levels. The logged parts are
+    detached tensors, not floats: reading a GPU value stalls the host, so the caller does it once per step.
     """
     pred, target = model_pred.float(), target.float()  # fp32 loss even under fp16/bf16 autocast
     if not with_prior:
         loss = _weighted_mse(pred, target, timesteps, noise_scheduler, snr_gamma)
-        return loss, {"instance_loss": loss.item(), "prior_loss": 0.0}
+        return loss, {"instance_loss": loss.detach(), "prior_loss": torch.zeros_like(loss.detach())}
     if pred.shape[0] % 2:
         raise ValueError(f"with_prior needs an even batch [instance; class], got {pred.shape[0]} rows")
     pred_inst, pred_prior = pred.chunk(2)
@@ -78,7 +79,7 @@ def dreambooth_loss(
     instance_loss = _weighted_mse(pred_inst, target_inst, t_inst, noise_scheduler, snr_gamma)
     prior_loss = _weighted_mse(pred_prior, target_prior, t_prior, noise_scheduler, snr_gamma)
     loss = instance_loss + prior_loss_weight * prior_loss
-    return loss, {"instance_loss": instance_loss.item(), "prior_loss": prior_loss.item()}
+    return loss, {"instance_loss": instance_loss.detach(), "prior_loss": prior_loss.detach()}
 
 
 def sample_noise(latents: torch.Tensor, offset_noise: float, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -3,9 +3,10 @@
     python -m dreambooth_lib train --instance_dir photos/ --class_noun dog --output_dir runs/dog
     accelerate launch -m dreambooth_lib train --config run.json        # several GPUs
 
-`train(cfg)` reads top to bottom: check the config -> prompts and class images -> models (+LoRA)
--> optimizer -> cached latents / text embeddings -> loop (loss, clip, step, checkpoint, validation grid)
--> final weights + summary.json. Every piece is a function that notebooks can call on its own.
+`train(cfg)` reads top to bottom: check the config -> prompts, class images, pixels ->
+`prepare_training` (models +LoRA, optimizer, accelerate, cached latents / text embeddings) -> loop of
+`train_step` (accumulate, NaN check, clip, step) + checkpoint / validation grid -> final weights +
+summary.json. Every piece is a function that notebooks and benchmarks call on their own.
 
 Exact resume: each random draw of a micro-step (data order, VAE sample, noise, timesteps) comes from a
 generator seeded by (seed, micro-step, rank), so a run resumed from checkpoint-N makes the same draws as
@@ -23,13 +24,13 @@ import resource
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
 from diffusers import (
     AutoencoderKL,
@@ -87,10 +88,16 @@ def load_models(cfg: TrainConfig) -> Models:
     unet = UNet2DConditionModel.from_pretrained(cfg.pretrained_model, subfolder="unet", **kw)
     # Training noise comes from DDPM with the model's own schedule and prediction_type (eps or v).
     noise_scheduler = DDPMScheduler.from_pretrained(cfg.pretrained_model, subfolder="scheduler", **kw)
-    vae.requires_grad_(False)
-    unet.requires_grad_(not cfg.use_lora)
-    text_encoder.requires_grad_(cfg.train_text_encoder and not cfg.use_lora)
-    return Models(text_encoder, vae, unet, noise_scheduler)
+    models = Models(text_encoder, vae, unet, noise_scheduler)
+    set_trainable(models, cfg)
+    return models
+
+
+def set_trainable(models: Models, cfg: TrainConfig) -> None:
+    """requires_grad only on what a full fine-tune trains (LoRA adds its own trainable layers later)."""
+    models.vae.requires_grad_(False)
+    models.unet.requires_grad_(not cfg.use_lora)
+    models.text_encoder.requires_grad_(cfg.train_text_encoder and not cfg.use_lora)
 
 
 def place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
@@ -151,11 +158,17 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Pa
         scheduler=scheduler_name(cfg), num_inference_steps=cfg.class_inference_steps,
         guidance_scale=cfg.class_guidance_scale, seed=cfg.seed)
 
-    def make_pipeline():
-        return StableDiffusionPipeline.from_pretrained(cfg.pretrained_model, revision=cfg.revision, safety_checker=None)
+    device = PartialState().device
+    dtype = data.class_image_dtype(cfg.prior_generation_precision, device)
+
+    def make_pipeline():  # loaded in the sampling dtype: no cast afterwards
+        return StableDiffusionPipeline.from_pretrained(cfg.pretrained_model, revision=cfg.revision, safety_checker=None,
+                                                       dtype=dtype)
 
     return data.ensure_class_images(class_dir, manifest, cfg.num_class_images, make_pipeline,
-                                    batch_size=cfg.class_batch_size, user_supplied=cfg.class_dir is not None, log=log)
+                                    batch_size=cfg.class_batch_size, device=device,
+                                    user_supplied=cfg.class_dir is not None, log=log,
+                                    precision=cfg.prior_generation_precision)
 
 
 def scheduler_name(cfg: TrainConfig) -> str:
@@ -439,9 +452,12 @@ def optimizer_name(optimizer) -> str:
 
 
 def peak_memory() -> dict:
+    """Peak tensor memory, and (CUDA) what the caching allocator reserved: the part nvidia-smi shows."""
     if torch.cuda.is_available():
-        return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20, "memory": "cuda max_memory_allocated"}
-    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "memory": "process peak RSS"}
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20, "memory": "cuda max_memory_allocated",
+                "peak_memory_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "memory": "process peak RSS",
+            "peak_memory_reserved_mb": None}
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -452,33 +468,46 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
 
 
-# --- the run --------------------------------------------------------------------------------------
+# --- one optimizer step ---------------------------------------------------------------------------
 
-def train(cfg: TrainConfig, log=print, progress: bool = True) -> dict:
-    """Run DreamBooth for cfg.max_train_steps optimizer steps; returns the summary written to summary.json."""
-    data.validate_config(cfg)  # every model-free check, before anything slow
-    started = time.time()
-    accelerator = make_accelerator(cfg)
-    main, device = accelerator.is_main_process, accelerator.device
-    info = log if main else (lambda *a, **k: None)
-    weight_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    set_seed(cfg.seed)  # LoRA init and dropout; per-step draws use step_generator
-    output_dir = Path(cfg.output_dir)
-    resume_from = resolve_resume(cfg, info)
+@dataclass
+class TrainingState:
+    """Everything one optimizer step touches, set up by prepare_training."""
+    cfg: TrainConfig
+    accelerator: Accelerator
+    models: Models  # the live modules (frozen parts cast to the mixed-precision dtype, LoRA attached)
+    tokenizer: CLIPTokenizer
+    trained: list[torch.nn.Module]  # accelerate-prepared trained modules: unet (, text encoder)
+    unet: torch.nn.Module  # trained[0], or its torch.compile wrapper; what the forward pass calls
+    text_encoder: torch.nn.Module  # trained[1] when trained, else the frozen one
+    params: list[torch.nn.Parameter]  # trainable parameters (clipped together)
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    dataset: data.DreamBoothDataset
+    text_cache: dict[str, torch.Tensor] | None  # prompt -> embeddings when the text encoder is frozen
+    start_step: int = 0  # optimizer steps already done (a resumed run's checkpoint step)
+    history: list[dict] = field(default_factory=list)  # one train_step record per optimizer step
+    last_checkpoint: Path | None = None  # named by the divergence error
 
-    # 1. prompts and data: "a [V] dog" for the subject, "a dog" for the prior.
-    tokenizer = load_tokenizer(cfg)
-    identifier = data.resolve_identifier(tokenizer, cfg.identifier, log=info)
-    instance_prompt, class_prompt = data.build_prompts(cfg, identifier)
-    instances = data.load_instance_images(cfg.instance_dir, cfg.resolution, cfg.use_captions)
-    instance_prompts = data.instance_prompts_for(instances, cfg, identifier)
+
+def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator, tokenizer: CLIPTokenizer,
+                     instance_values: list[torch.Tensor], instance_prompts: list[str],
+                     class_values: list[torch.Tensor] | None = None, class_prompt: str | None = None,
+                     resume_from: Path | None = None, log=print) -> TrainingState:
+    """Models (in memory, fp32 as loaded) + preprocessed pixels -> a state ready for train_step.
+
+    Frozen parts go to the mixed-precision dtype and trainable weights stay fp32; then LoRA, gradient
+    checkpointing, optimizer, lr schedule, accelerate.prepare, optional torch.compile, latent and
+    text-embedding caches, and the checkpoint's weights and training state when resuming.
+    """
+    if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
+        raise ValueError(f"accelerator accumulates {accelerator.gradient_accumulation_steps} micro-steps but "
+                         f"gradient_accumulation_steps = {cfg.gradient_accumulation_steps}: use make_accelerator(cfg)")
     with_prior = cfg.with_prior_preservation
-    class_paths = class_image_paths(cfg, class_prompt, log=info) if with_prior else []
-
-    # 2. models: frozen parts in the mixed-precision dtype, trainable weights in fp32.
-    models = load_models(cfg)
+    if with_prior and (not class_values or class_prompt is None):
+        raise ValueError("with_prior_preservation needs class_values and class_prompt (see class_image_paths)")
+    device, weight_dtype = accelerator.device, WEIGHT_DTYPES[cfg.mixed_precision]
+    set_trainable(models, cfg)
     place(models.vae, device, weight_dtype)
     place(models.text_encoder, device, torch.float32 if cfg.train_text_encoder and not cfg.use_lora else weight_dtype)
     place(models.unet, device, torch.float32 if not cfg.use_lora else weight_dtype)
@@ -492,94 +521,149 @@ def train(cfg: TrainConfig, log=print, progress: bool = True) -> dict:
     if resume_from is not None:
         load_weights(resume_from, models.unet, models.text_encoder, cfg)
     groups = parameter_groups(models, cfg)
-    optimizer = make_optimizer(groups, cfg, info)
-    # Stepped once per optimizer step by us (not by accelerate), so warm-up counts optimizer steps.
+    optimizer = make_optimizer(groups, cfg, log)
+    # Stepped once per optimizer step by train_step (not by accelerate), so warm-up counts optimizer steps.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_train_steps)
-    modules = accelerator.prepare(*trained_modules(models, cfg), optimizer)
-    trained, optimizer = list(modules[:-1]), modules[-1]
+    *trained, optimizer = accelerator.prepare(*trained_modules(models, cfg), optimizer)
     for module in trained:
         module.train()  # from_pretrained gives eval mode, while new LoRA dropout layers start in train mode
-    unet = trained[0]
-    text_encoder = trained[1] if cfg.train_text_encoder else models.text_encoder
-    step, history = 0, []
-    if resume_from is not None:
-        step, history = load_training_state(resume_from, optimizer, lr_scheduler)
-        info(f"resumed from {resume_from} at step {step}")
+    # Compiled after prepare (it wraps whatever prepare returned); checkpoints unwrap trained[0], not this.
+    unet = torch.compile(trained[0]) if cfg.compile_unet else trained[0]
 
-    # 3. data set: pixels, or latents encoded once; text embeddings once when the text encoder is frozen.
+    # Data: latents encoded once (cache_latents); text embeddings once when the text encoder is frozen.
+    if cfg.cache_latents:
+        instance_values = cache_latents(models.vae, instance_values, cfg.seed)
+        class_values = cache_latents(models.vae, class_values, cfg.seed + 1) if with_prior else None
+    dataset = data.DreamBoothDataset(instance_values, instance_prompts, class_values if with_prior else None,
+                                     class_prompt if with_prior else None)
+    text_cache = None if cfg.train_text_encoder else cache_text_embeddings(
+        tokenizer, models.text_encoder, instance_prompts + ([class_prompt] if with_prior else []))
+    state = TrainingState(cfg, accelerator, models, tokenizer, trained, unet,
+                          trained[1] if cfg.train_text_encoder else models.text_encoder,
+                          [p for g in groups for p in g["params"]], optimizer, lr_scheduler, dataset, text_cache,
+                          last_checkpoint=resume_from)
+    if resume_from is not None:  # last: restores the global RNG exactly as it was after the checkpoint's step
+        state.start_step, state.history = load_training_state(resume_from, optimizer, lr_scheduler)
+    return state
+
+
+def train_step(state: TrainingState, step: int) -> dict:
+    """Optimizer step number `step` (0-based): accumulate -> NaN check -> clip -> optimizer and lr step.
+
+    Returns {"step": step + 1, "loss", "instance_loss", "prior_loss", "lr"} as floats, the losses averaged
+    over micro-steps and processes. Reading them is the step's only host-device sync, made once, before
+    the optimizer changes any weight, so a NaN/inf stops training with nothing of this step applied.
+    """
+    cfg, acc = state.cfg, state.accelerator
+    accum, rank, world, device = cfg.gradient_accumulation_steps, acc.process_index, acc.num_processes, acc.device
+    with_prior = cfg.with_prior_preservation
+    total = torch.zeros(3, device=device)  # loss, instance_loss, prior_loss (detached)
+    for micro in range(accum):
+        micro_step = step * accum + micro
+        gen = step_generator(cfg.seed, micro_step, rank, device)
+        idx = batch_indices(len(state.dataset), cfg.train_batch_size, cfg.seed, micro_step, rank, world)
+        batch = data.collate_examples([state.dataset[i] for i in idx], with_prior)
+        with acc.accumulate(*state.trained):
+            latents, hidden = latents_and_conditioning(batch, state.models, state.tokenizer, state.text_cache,
+                                                       cfg.cache_latents, gen, device)
+            step_loss, parts = diffusion_loss(state.unet, state.models.noise_scheduler, latents, hidden, cfg,
+                                              with_prior, gen)
+            acc.backward(step_loss)
+            total += torch.stack([step_loss.detach(), parts["instance_loss"], parts["prior_loss"]]) / accum
+            if acc.sync_gradients:  # the last micro-step: gradients are complete, weights not yet changed
+                loss_value, instance_value, prior_value = acc.reduce(total, "mean").tolist()  # same verdict on every rank
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(divergence_message(loss_value, step + 1, cfg, state.last_checkpoint))
+                acc.clip_grad_norm_(state.params, cfg.max_grad_norm)
+            state.optimizer.step()  # accelerate makes this a no-op until the last micro-step
+            state.optimizer.zero_grad(set_to_none=True)
+    state.lr_scheduler.step()
+    return {"step": step + 1, "loss": loss_value, "instance_loss": instance_value, "prior_loss": prior_value,
+            "lr": state.lr_scheduler.get_last_lr()[0]}
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | None = None) -> dict:
+    """Run DreamBooth for cfg.max_train_steps optimizer steps; returns the summary written to summary.json.
+
+    models: already-loaded fp32 components (e.g. a notebook's) instead of load_models(cfg); they are
+    modified in place. cfg.pretrained_model still supplies the tokenizer, the class-image sampler and,
+    for a full fine-tune, the untrained parts of the saved pipeline.
+    """
+    data.validate_config(cfg)  # every model-free check, before anything slow
+    started = time.time()
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    info = log if main else (lambda *a, **k: None)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    set_seed(cfg.seed)  # LoRA init and dropout; per-step draws use step_generator
+    output_dir = Path(cfg.output_dir)
+    resume_from = resolve_resume(cfg, info)
+
+    # 1. prompts and data: "a [V] dog" for the subject, "a dog" for the prior; pixels in [-1, 1].
+    tokenizer = load_tokenizer(cfg)
+    identifier = data.resolve_identifier(tokenizer, cfg.identifier, log=info)
+    instance_prompt, class_prompt = data.build_prompts(cfg, identifier)
+    instances = data.load_instance_images(cfg.instance_dir, cfg.resolution, cfg.use_captions)
+    instance_prompts = data.instance_prompts_for(instances, cfg, identifier)
+    with_prior = cfg.with_prior_preservation
+    class_paths = class_image_paths(cfg, class_prompt, log=info) if with_prior else []
     image_gen = torch.Generator().manual_seed(cfg.seed)  # random crops
     inst_values = pixel_values([im.image for im in instances], cfg, image_gen)
     inst_prompts = instance_prompts * (2 if cfg.random_flip else 1)
     cls_values = pixel_values([Image.open(p).convert("RGB") for p in class_paths], cfg, image_gen) if with_prior else None
-    if cfg.cache_latents:
-        inst_values = cache_latents(models.vae, inst_values, cfg.seed)
-        cls_values = cache_latents(models.vae, cls_values, cfg.seed + 1) if with_prior else None
-    dataset = data.DreamBoothDataset(inst_values, inst_prompts, cls_values, class_prompt if with_prior else None)
-    text_cache = None if cfg.train_text_encoder else cache_text_embeddings(
-        tokenizer, models.text_encoder, inst_prompts + ([class_prompt] if with_prior else []))
+
+    # 2. models, optimizer, caches (and the checkpoint when resuming).
+    state = prepare_training(cfg, models if models is not None else load_models(cfg), accelerator, tokenizer, inst_values, inst_prompts,
+                             cls_values, class_prompt if with_prior else None, resume_from, info)
+    unet, text_encoder = state.trained[0], state.text_encoder  # uncompiled: what checkpoints unwrap and save
     val_prompts = [fill_prompt(p, identifier, cfg.class_noun) for p in cfg.validation_prompts] or [instance_prompt]
-
-    # 4. the loop: accumulate -> clip -> step, then checkpoint / validation at their multiples.
-    accum, rank, world = cfg.gradient_accumulation_steps, accelerator.process_index, accelerator.num_processes
-    params = [p for g in groups for p in g["params"]]
-    last_ckpt = resume_from
+    step, n_params = state.start_step, sum(p.numel() for p in state.params)
+    if resume_from is not None:
+        info(f"resumed from {resume_from} at step {step}")
     info(f"training {'LoRA' if cfg.use_lora else 'full UNet'}{' + text encoder' if cfg.train_text_encoder else ''}: "
-         f"{sum(p.numel() for p in params):,} parameters, {len(dataset)} items, steps {step}->{cfg.max_train_steps}")
-    bar = tqdm(total=cfg.max_train_steps, initial=step, desc="train", disable=not (progress and main))
-    loop_start, first_step = time.time(), step
-    while step < cfg.max_train_steps:
-        totals = {"loss": 0.0, "instance_loss": 0.0, "prior_loss": 0.0}
-        for micro in range(accum):
-            micro_step = step * accum + micro
-            gen = step_generator(cfg.seed, micro_step, rank, device)
-            idx = batch_indices(len(dataset), cfg.train_batch_size, cfg.seed, micro_step, rank, world)
-            batch = data.collate_examples([dataset[i] for i in idx], with_prior)
-            with accelerator.accumulate(*trained):
-                latents, hidden = latents_and_conditioning(batch, models, tokenizer, text_cache, cfg.cache_latents,
-                                                           gen, device)
-                step_loss, parts = diffusion_loss(unet, models.noise_scheduler, latents, hidden, cfg, with_prior, gen)
-                mean_loss = accelerator.reduce(step_loss.detach(), "mean").item()  # same verdict on every rank
-                if not math.isfinite(mean_loss):
-                    bar.close()
-                    raise TrainingDiverged(divergence_message(mean_loss, step + 1, cfg, last_ckpt))
-                accelerator.backward(step_loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            totals["loss"] += mean_loss / accum
-            for k in ("instance_loss", "prior_loss"):
-                totals[k] += parts.get(k, 0.0) / accum
-        lr_scheduler.step()
-        step += 1
-        history.append({"step": step, **totals, "lr": lr_scheduler.get_last_lr()[0]})
-        bar.set_postfix(loss=f"{totals['loss']:.4f}")
-        bar.update()
-        if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
-            if main:
-                last_ckpt = save_checkpoint(output_dir, step, accelerator.unwrap_model(unet),
-                                            accelerator.unwrap_model(text_encoder), optimizer, lr_scheduler, history, cfg)
-            accelerator.wait_for_everyone()
-        if cfg.validation_steps and step % cfg.validation_steps == 0:
-            if main:
-                render_validation(models, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder),
-                                  tokenizer, val_prompts, cfg, output_dir / "validation" / f"step-{step}.png",
-                                  accelerator.autocast() if cfg.mixed_precision != "no" else nullcontext())
-            accelerator.wait_for_everyone()
-    bar.close()
-    steps_run = step - first_step
-    seconds_per_step = (time.time() - loop_start) / steps_run if steps_run else None
+         f"{n_params:,} parameters, {len(state.dataset)} items, steps {step}->{cfg.max_train_steps}")
 
-    # 5. final weights + summary (main process only).
+    # 3. the loop: one optimizer step, then checkpoint / validation at their multiples.
+    step_seconds = []
+    with tqdm(total=cfg.max_train_steps, initial=step, desc="train", disable=not (progress and main)) as bar:
+        while step < cfg.max_train_steps:
+            t0 = time.perf_counter()
+            record = train_step(state, step)
+            step_seconds.append(time.perf_counter() - t0)
+            step += 1
+            state.history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            bar.update()
+            if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+                if main:
+                    state.last_checkpoint = save_checkpoint(
+                        output_dir, step, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder),
+                        state.optimizer, state.lr_scheduler, state.history, cfg)
+                accelerator.wait_for_everyone()
+            if cfg.validation_steps and step % cfg.validation_steps == 0:
+                if main:
+                    render_validation(state.models, accelerator.unwrap_model(unet),
+                                      accelerator.unwrap_model(text_encoder), tokenizer, val_prompts, cfg,
+                                      output_dir / "validation" / f"step-{step}.png",
+                                      accelerator.autocast() if cfg.mixed_precision != "no" else nullcontext())
+                accelerator.wait_for_everyone()
+
+    # 4. final weights + summary (main process only).
     accelerator.wait_for_everyone()
+    history = state.history
     summary = dict(
         config=cfg.to_dict(), identifier=identifier, instance_prompt=instance_prompt, class_prompt=class_prompt,
         instance_prompts=instance_prompts, num_class_images=len(class_paths), steps=step,
         resumed_from=str(resume_from) if resume_from else None, wall_time_s=time.time() - started,
-        seconds_per_step=seconds_per_step, final_loss=history[-1]["loss"] if history else None, loss_history=history,
-        optimizer=optimizer_name(optimizer),
-        trainable_parameters=sum(p.numel() for p in params), device=str(device), num_processes=world, **peak_memory())
+        # train_step time only: not the first (warm-up / compile) step, checkpoints or validation grids.
+        seconds_per_step=sum(step_seconds[1:]) / (len(step_seconds) - 1) if len(step_seconds) > 1 else None,
+        final_loss=history[-1]["loss"] if history else None, loss_history=history,
+        optimizer=optimizer_name(state.optimizer), trainable_parameters=n_params, device=str(accelerator.device),
+        num_processes=accelerator.num_processes, **peak_memory())
     if main:
         summary["weights"] = str(save_final(output_dir, accelerator.unwrap_model(unet),
                                             accelerator.unwrap_model(text_encoder), cfg))

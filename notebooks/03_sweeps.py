@@ -110,8 +110,8 @@ def show(image, title):
 # the text encoder has no text-encoder weights, and its rows are identical.
 
 # %%
-grid, info = lora_scale_grid(pipe, prompt, SCALES, SCALES, SEED, guidance_scale=GUIDANCE,
-                             num_inference_steps=INFERENCE_STEPS, path=IMAGES / "sweep_lora_scales.png")
+grid, _ = lora_scale_grid(pipe, prompt, SCALES, SCALES, SEED, guidance_scale=GUIDANCE,
+                          num_inference_steps=INFERENCE_STEPS, path=IMAGES / "sweep_lora_scales.png")
 show(grid, f"rows: text-encoder scale {SCALES}, columns: UNet scale {SCALES}; guidance {GUIDANCE}, seed {SEED}")
 
 # %% [markdown]
@@ -120,8 +120,8 @@ show(grid, f"rows: text-encoder scale {SCALES}, columns: UNet scale {SCALES}; gu
 # the prompt; very high guidance oversaturates. Strong LoRA scales often want less guidance.
 
 # %%
-grid, info = scale_guidance_grid(pipe, prompt, SCALES, GUIDANCE_SCALES, SEED, num_inference_steps=INFERENCE_STEPS,
-                                 path=IMAGES / "sweep_guidance.png")
+grid, _ = scale_guidance_grid(pipe, prompt, SCALES, GUIDANCE_SCALES, SEED, num_inference_steps=INFERENCE_STEPS,
+                              path=IMAGES / "sweep_guidance.png")
 show(grid, f"rows: guidance {GUIDANCE_SCALES}, columns: LoRA scale {SCALES}; seed {SEED}")
 
 # %% [markdown]

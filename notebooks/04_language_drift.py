@@ -62,7 +62,7 @@ import json
 import matplotlib.pyplot as plt
 
 from dreambooth_lib.config import TrainConfig
-from dreambooth_lib.sample import generate, load_pipeline, save_grid, set_lora_scales
+from dreambooth_lib.sample import generate, load_pipeline, set_lora_scales
 from dreambooth_lib.train import train
 
 if SMOKE:
@@ -101,8 +101,6 @@ set_lora_scales(pipe, 1.0, 1.0)
 rows["with prior preservation"] = generate(pipe, class_prompt, SEEDS, GUIDANCE, INFERENCE_STEPS)
 rows["without prior preservation"] = generate(load_pipeline(model, lora_dir=NO_PRIOR_RUN), class_prompt, SEEDS,
                                               GUIDANCE, INFERENCE_STEPS)
-IMAGES.mkdir(parents=True, exist_ok=True)
-grid = save_grid([im for ims in rows.values() for im in ims], len(rows), len(SEEDS), IMAGES / "drift_comparison.png")
 fig, axes = plt.subplots(len(rows), len(SEEDS), figsize=(1.4 * len(SEEDS), 1.6 * len(rows)), squeeze=False)
 for r, (name, images) in enumerate(rows.items()):
     for c, image in enumerate(images):
@@ -110,6 +108,8 @@ for r, (name, images) in enumerate(rows.items()):
         axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
     axes[r, 0].set_ylabel(name, fontsize=8)
 fig.suptitle(f"{class_prompt!r}, seeds {SEEDS}", fontsize=9)
+IMAGES.mkdir(parents=True, exist_ok=True)
+fig.savefig(IMAGES / "drift_comparison.png", bbox_inches="tight")
 plt.show()
 
 # %% [markdown]

@@ -15,6 +15,7 @@ from PIL import Image, ImageFile
 
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.data import (
+    class_image_dtype,
     ClassImageManifest,
     DreamBoothDataset,
     InputError,
@@ -316,6 +317,7 @@ BAD_SETTINGS = [
     (dict(checkpoints_total_limit=0), "checkpoints_total_limit"),
     (dict(mixed_precision="fp8"), "mixed_precision"),
     (dict(optimizer="sgd"), "optimizer"),
+    (dict(prior_generation_precision="fp8"), "prior_generation_precision"),
     (dict(lr_scheduler="warmup_cosine"), "lr_scheduler"),
     (dict(resume="/no/such/checkpoint"), "resume"),
     (dict(class_noun=""), "needs class_noun"),
@@ -464,3 +466,26 @@ def test_dataset_cycles_and_collate_pairs_prompts_with_values():
     assert len(no_class) == 3 and "class_values" not in no_class[0]
     with pytest.raises(ValueError, match="no class values"):
         collate_examples([no_class[0]], with_prior=True)
+
+
+@pytest.mark.parametrize("precision, dtype", [("auto", torch.float32), ("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_class_images_sample_in_the_chosen_precision(tiny_model_dir, tmp_path, precision, dtype):
+    import logging
+
+    from diffusers import StableDiffusionPipeline
+
+    assert class_image_dtype("auto", "cuda") == torch.float16 and class_image_dtype("auto", "cpu") == torch.float32
+    pipes, records = [], []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        manifest = ClassImageManifest(model=str(tiny_model_dir), class_prompt="a photo of a dog", resolution=32,
+                                      scheduler="PNDMScheduler", num_inference_steps=1, guidance_scale=1.0, seed=0)
+        make = lambda: pipes.append(StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)) or pipes[-1]  # noqa: E731
+        (path,) = ensure_class_images(tmp_path, manifest, 1, make, device="cpu", log=lambda _: None, precision=precision)
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert pipes[0].dtype == dtype and Image.open(path).size == (32, 32)
+    kept = [r for r in records if "kept in float32" in r.getMessage()]
+    assert bool(kept) == (dtype != torch.float32)  # fp32 on the CPU: no cast, so no diffusers cast warning

@@ -53,17 +53,24 @@ def test_min_snr_weights_hand_computed():
 PRED, TARGET = rows([1, 2], [3, 1]), rows([0, 0], [1, 1])
 
 
+def floats(logs: dict) -> dict:
+    """The logged parts are detached 0-d tensors (no host sync inside the loss); read them here."""
+    assert all(isinstance(v, torch.Tensor) and v.ndim == 0 and not v.requires_grad for v in logs.values())
+    return {k: v.item() for k, v in logs.items()}
+
+
 def test_loss_without_prior_is_the_plain_mse():
     loss, logs = dreambooth_loss(PRED, TARGET, torch.tensor([0, 1]), noise_scheduler=scheduler(),
                                  with_prior=False, prior_loss_weight=1.0)
     assert loss.item() == pytest.approx(2.25)
-    assert logs == {"instance_loss": pytest.approx(2.25), "prior_loss": 0.0}
+    assert floats(logs) == {"instance_loss": pytest.approx(2.25), "prior_loss": 0.0}
 
 
 @pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
 def test_loss_with_prior_is_instance_plus_lambda_prior(weight):
-    loss, logs = dreambooth_loss(PRED, TARGET, torch.tensor([0, 1]), noise_scheduler=scheduler(),
-                                 with_prior=True, prior_loss_weight=weight)
+    loss, logs = dreambooth_loss(PRED.clone().requires_grad_(), TARGET, torch.tensor([0, 1]),
+                                 noise_scheduler=scheduler(), with_prior=True, prior_loss_weight=weight)
+    logs = floats(logs)  # detached even though pred requires grad
     assert logs["instance_loss"] == pytest.approx(2.5)
     assert logs["prior_loss"] == pytest.approx(2.0)
     assert loss.item() == pytest.approx(2.5 + weight * 2.0)
@@ -75,6 +82,7 @@ def test_prior_halves_are_first_and_second_half_of_the_batch():
     pred = rows([1, 1], [0, 0], [2, 2], [0, 2])
     loss, logs = dreambooth_loss(pred, torch.zeros_like(pred), torch.tensor([0, 1, 0, 1]),
                                  noise_scheduler=scheduler(), with_prior=True, prior_loss_weight=1.0)
+    logs = floats(logs)
     assert (logs["instance_loss"], logs["prior_loss"]) == (pytest.approx(0.5), pytest.approx(3.0))
     assert loss.item() == pytest.approx(3.5)
 
@@ -84,6 +92,7 @@ def test_min_snr_weights_each_half_with_its_own_timesteps(prediction_type, w0, w
     # instance row at t=0, class row at t=1; gamma 0.5 -> weights w0 (t=0) and w1 (t=1).
     loss, logs = dreambooth_loss(PRED, TARGET, torch.tensor([0, 1]), noise_scheduler=scheduler(prediction_type),
                                  with_prior=True, prior_loss_weight=0.5, snr_gamma=0.5)
+    logs = floats(logs)
     assert logs["instance_loss"] == pytest.approx(2.5 * w0)
     assert logs["prior_loss"] == pytest.approx(2.0 * w1)
     assert loss.item() == pytest.approx(2.5 * w0 + 0.5 * 2.0 * w1)

@@ -190,3 +190,78 @@ def test_full_run_writes_a_loadable_pipeline_and_summary(tiny_model_dir, instanc
     base_te = load_file(tiny_model_dir / "text_encoder" / "model.safetensors")
     new_te = load_file(tmp_path / "run" / "text_encoder" / "model.safetensors")
     assert any(not torch.equal(base_te[k], new_te[k]) for k in base_te)  # the text encoder was trained
+
+
+def prepared(cfg, models=None):
+    """prepare_training on the tiny model with the instance photos, as train() calls it."""
+    tok = T.load_tokenizer(cfg)
+    images = data.load_instance_images(cfg.instance_dir, cfg.resolution)
+    values = T.pixel_values([im.image for im in images], cfg, torch.Generator().manual_seed(0))
+    return T.prepare_training(cfg, models or T.load_models(cfg), T.make_accelerator(cfg), tok, values,
+                              ["a photo of sks dog"] * len(values), log=lambda _: None)
+
+
+def test_train_step_syncs_once_per_optimizer_step_and_stops_before_a_nan_update(tiny_model_dir, instance_dir, tmp_path,
+                                                                                  monkeypatch):
+    cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, gradient_accumulation_steps=3, optimizer="adamw")
+    state = prepared(cfg)
+    reads = []  # host reads of tensor values made by the library's own code (torch's CPU AdamW makes some)
+
+    def spy(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(t):
+            if "dreambooth_lib" in sys._getframe(1).f_code.co_filename:
+                reads.append((name, tuple(t.shape)))
+            return real(t)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    spy("tolist"), spy("item"), spy("__float__")
+    record = T.train_step(state, 0)
+    assert reads == [("tolist", (3,))]  # one read of (loss, instance, prior) for 3 micro-steps
+    assert record["step"] == 1 and record["prior_loss"] == 0.0 and record["loss"] == pytest.approx(record["instance_loss"])
+    monkeypatch.undo()
+
+    # NaN in the second of 3 micro-steps: found before the optimizer step, weights untouched.
+    before = [p.detach().clone() for p in state.params]
+    real_loss = T.diffusion_loss
+    calls = []
+
+    def nan_second(*a, **k):
+        calls.append(1)
+        loss, parts = real_loss(*a, **k)
+        return (loss * float("nan"), parts) if len(calls) == 2 else (loss, parts)
+
+    monkeypatch.setattr(T, "diffusion_loss", nan_second)
+    with pytest.raises(T.TrainingDiverged, match="step 2"):
+        T.train_step(state, 1)
+    assert len(calls) == 3 and all(torch.equal(a, b) for a, b in zip(before, state.params))
+
+
+def test_prepare_training_takes_in_memory_models_and_compiles_the_unet(tiny_model_dir, instance_dir, tmp_path):
+    cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, compile_unet=True)
+    models = T.load_models(cfg)
+    models.unet.requires_grad_(True)  # whatever state they come in, LoRA trains only its adapters
+    state = prepared(cfg, models)
+    assert isinstance(state.unet, torch._dynamo.eval_frame.OptimizedModule) and state.unet._orig_mod is state.trained[0]
+    assert state.trained[0] is models.unet and all("lora" in n for n, p in models.unet.named_parameters() if p.requires_grad)
+    assert {p.dtype for p in state.params} == {torch.float32} and len(state.dataset) == 4 and state.text_cache
+    # train() trains given models (in place) instead of loading its own.
+    run_cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / "run", use_lora=True, max_train_steps=1)
+    given = T.load_models(run_cfg)
+    summary = T.train(run_cfg, progress=False, models=given)
+    assert summary["steps"] == 1 and summary["seconds_per_step"] is None  # the only step was the warm-up one
+    saved = load_file(tmp_path / "run" / T.LORA_WEIGHTS)
+    assert all(torch.equal(v, saved["unet." + k]) for k, v in T.lora_layers(given.unet).items())
+
+
+def test_seconds_per_step_excludes_the_first_step_and_checkpoints(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
+    import time
+
+    real_step, real_save = T.train_step, T.save_checkpoint
+    monkeypatch.setattr(T, "train_step", lambda state, step: (step == 0 and time.sleep(0.5)) or real_step(state, step))
+    monkeypatch.setattr(T, "save_checkpoint", lambda *a, **k: time.sleep(0.5) or real_save(*a, **k))
+    cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, max_train_steps=3, checkpointing_steps=1)
+    summary = T.train(cfg, progress=False)
+    assert summary["wall_time_s"] > 2.0 and summary["seconds_per_step"] < 0.25
+    assert summary["peak_memory_reserved_mb"] is None  # CPU: only the process peak RSS
