@@ -1,0 +1,233 @@
+"""The main job: DreamBooth on a toy-world subject, measured by the oracle, plus the paper's ablations.
+
+    python -m dreambooth_lib.toyworld demo      # train (prior on), grids, oracle metrics table, JSON
+    python -m dreambooth_lib.toyworld ablate    # prior on/off; correct / no / wrong class noun
+
+The same library calls run on Stable Diffusion; only the model, the subject photos and the metric
+(oracle here, DINO/CLIP there: `python -m dreambooth_lib evaluate`) change.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from dreambooth_lib.config import TOY_MODEL_DIR, TrainConfig
+from dreambooth_lib.sample import generate, load_pipeline
+from dreambooth_lib.toyworld import oracle as oracle_lib
+from dreambooth_lib.toyworld import render
+from dreambooth_lib.train import train
+
+REPO = Path(__file__).resolve().parents[2]
+SUBJECTS_DIR = REPO / "data" / "subjects"
+IMAGES_DIR = REPO / "images"
+SEEDS = list(range(8))  # images per prompt; image k of every prompt uses seed k
+
+
+def demo_config(subject: str = "marked_star", output_dir: str = "runs/toy_demo", **overrides) -> TrainConfig:
+    """The toy world's default DreamBooth settings (full fine-tune, prior preservation on).
+
+    Differences from the SD defaults in TrainConfig, and why: 32 px pictures; a tiny model trained
+    from scratch tolerates (and needs) a larger learning rate than SD's 5e-6 in few steps; fewer
+    class images and sampler steps, since each costs the same share of a 3-minute budget.
+    """
+    values = dict(
+        pretrained_model=TOY_MODEL_DIR, instance_dir=str(SUBJECTS_DIR / subject),
+        class_noun=render.SUBJECTS[subject]["cls"], resolution=render.SIZE, with_prior_preservation=True,
+        num_class_images=100, class_batch_size=50, class_inference_steps=25, class_guidance_scale=7.0,
+        max_train_steps=400, learning_rate=1e-4, train_batch_size=1, optimizer="adamw8bit",
+        checkpointing_steps=0, validation_steps=0, output_dir=output_dir, seed=0,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def sample_suites(pipe, subject: str, identifier: str, class_noun: str, seeds=SEEDS, guidance_scale: float = 7.0,
+                  steps: int = 25) -> dict[str, list[dict]]:
+    """Render every prompt of the subject's suites: {category: [{prompt, expected, images}]}."""
+    out: dict[str, list[dict]] = {}
+    for category, items in oracle_lib.prompt_suite(subject).items():
+        out[category] = []
+        for template, expected in items:
+            prompt = template.format(identifier=identifier, class_noun=class_noun)
+            images = generate(pipe, prompt, list(seeds), guidance_scale, steps, batch_size=len(seeds), progress=False)
+            out[category].append(dict(prompt=prompt, expected=expected, images=images))
+    return out
+
+
+def class_prompt_images(pipe, class_noun: str, seeds=SEEDS, guidance_scale: float = 7.0, steps: int = 25):
+    prompt = f"a photo of a {class_noun}"
+    return prompt, generate(pipe, prompt, list(seeds), guidance_scale, steps, batch_size=len(seeds), progress=False)
+
+
+def score(oracle, suites: dict, class_images: list[Image.Image], subject: str) -> dict:
+    """Oracle metrics named after the paper's, per category and overall."""
+    table = {}
+    for category, rows in suites.items():
+        images = [im for r in rows for im in r["images"]]
+        table[category] = dict(
+            subject_fidelity=oracle_lib.subject_fidelity(oracle, images, subject),
+            prompt_fidelity=sum(oracle_lib.prompt_fidelity(oracle, r["images"], r["expected"]) for r in rows) / len(rows),
+            div=sum(oracle_lib.div(oracle, r["images"]) for r in rows) / len(rows),
+        )
+    n = len(table)
+    table["overall"] = {k: sum(t[k] for t in table.values()) / n for k in ("subject_fidelity", "prompt_fidelity", "div")}
+    table["overall"]["pres"] = oracle_lib.pres(oracle, class_images, subject)
+    table["overall"]["class_div"] = oracle_lib.div(oracle, class_images)
+    return table
+
+
+def save_figure(rows: list[tuple[str, list[Image.Image]]], path: Path, title: str = "") -> Path:
+    """One labelled row per prompt (pictures are 32 px: drawn large, nearest-neighbour)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = max(len(ims) for _, ims in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.1 * cols + 2.6, 1.15 * len(rows) + 0.4), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for c in range(cols):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(images):
+                ax.imshow(images[c], interpolation="nearest")
+        axes[r][0].text(-0.1, 0.5, label, transform=axes[r][0].transAxes, ha="right", va="center", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(left=2.4 / (1.1 * cols + 2.6), right=0.99, wspace=0.05, hspace=0.08)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def format_table(rows: dict[str, dict], columns: list[str]) -> str:
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, row in rows.items():
+        cells = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "-")) for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def load_tuned(cfg: TrainConfig):
+    """The fine-tuned pipeline: a full pipeline folder, or the base model + LoRA weights."""
+    if cfg.use_lora:
+        return load_pipeline(cfg.pretrained_model, lora_dir=cfg.output_dir)
+    return load_pipeline(cfg.output_dir)
+
+
+def run_demo(subject: str = "marked_star", output_dir: str = "runs/toy_demo", images_dir: Path = IMAGES_DIR,
+             log=print, **overrides) -> dict:
+    """Train, render the suites and the class prompt before/after, score with the oracle, save PNGs + JSON."""
+    started = time.time()
+    cfg = demo_config(subject, output_dir, **overrides)
+    summary = train(cfg, log=log)
+    identifier, class_noun = summary["identifier"], cfg.class_noun
+    oracle = oracle_lib.load_oracle()
+    base, tuned = load_pipeline(cfg.pretrained_model), load_tuned(cfg)
+
+    suites = sample_suites(tuned, subject, identifier, class_noun)
+    class_prompt, before = class_prompt_images(base, class_noun)
+    _, after = class_prompt_images(tuned, class_noun)
+    table = score(oracle, suites, after, subject)
+    table["overall"]["pres_base_model"] = oracle_lib.pres(oracle, before, subject)
+    base_suites = sample_suites(base, subject, identifier, class_noun, seeds=SEEDS[:4])
+    base_subject = oracle_lib.subject_fidelity(oracle, [im for rows in base_suites.values() for r in rows for im in r["images"]], subject)
+    table["overall"]["subject_fidelity_base_model"] = base_subject
+
+    tag = f"toy_demo_{subject}"
+    real = [Image.open(p).convert("RGB") for p in sorted(Path(cfg.instance_dir).glob("*.png"))]
+    figures = [save_figure([("training photos", real)], images_dir / f"{tag}_training.png", f"{subject}: the {len(real)} training pictures")]
+    for category, rows in suites.items():
+        figures.append(save_figure([(r["prompt"], r["images"]) for r in rows], images_dir / f"{tag}_{category}.png",
+                                   f"DreamBooth ({'LoRA' if cfg.use_lora else 'full'}, prior on): {category}"))
+    figures.append(save_figure([(f"base: {class_prompt}", before), (f"fine-tuned: {class_prompt}", after)],
+                               images_dir / f"{tag}_class_before_after.png", "the plain class prompt before vs after"))
+
+    columns = ["subject_fidelity", "prompt_fidelity", "div"]
+    result = dict(
+        subject=subject, identifier=identifier, class_noun=class_noun, instance_prompt=summary["instance_prompt"],
+        class_prompt=class_prompt, metrics=table, seeds=SEEDS, guidance_scale=7.0, sampler_steps=25,
+        train=dict(steps=summary["steps"], final_loss=summary["final_loss"], wall_time_s=summary["wall_time_s"],
+                   seconds_per_step=summary["seconds_per_step"], optimizer=summary["optimizer"],
+                   peak_memory_mb=summary["peak_memory_mb"], device=summary["device"]),
+        config=cfg.to_dict(), figures=[str(f) for f in figures], wall_time_s=time.time() - started,
+        note="oracle metrics (toy world); DINO / CLIP-I / CLIP-T need real encoders: python -m dreambooth_lib evaluate",
+    )
+    out = Path(output_dir) / "demo_metrics.json"
+    out.write_text(json.dumps(result, indent=2))
+    (images_dir / f"{tag}_metrics.json").write_text(json.dumps({k: v for k, v in result.items() if k != "config"}, indent=2))
+    log(format_table({k: v for k, v in table.items() if k != "overall"}, columns))
+    o = table["overall"]
+    log(f"overall: subject fidelity {o['subject_fidelity']:.3f}, prompt fidelity {o['prompt_fidelity']:.3f}, "
+        f"PRES {o['pres']:.3f} (base model {o['pres_base_model']:.3f}), DIV {o['div']:.3f}; "
+        f"base model produced the subject {base_subject:.3f} of the time")
+    log(f"demo done in {result['wall_time_s']:.0f}s: metrics in {out}, figures in {images_dir}/{tag}_*.png")
+    return result
+
+
+ABLATIONS = {
+    # name: (overrides of demo_config, what it tests)
+    "prior": ({}, "full fine-tune with prior preservation (the paper's method)"),
+    "no_prior": ({"with_prior_preservation": False}, "the same without the prior loss"),
+    "no_class_noun": ({"with_prior_preservation": False, "instance_prompt_template": "a photo of {identifier}"},
+                      "instance prompt without a class noun (paper Table 4)"),
+    "wrong_class_noun": ({"with_prior_preservation": False, "class_noun": "ball"}, "a wrong class noun (paper Table 4)"),
+    "lora": ({"use_lora": True, "lora_rank": 8, "learning_rate": 1e-3}, "LoRA (rank 8, UNet attention) with prior"),
+}
+
+
+def run_ablations(subject: str = "marked_star", output_root: str = "runs/toy_ablations", images_dir: Path = IMAGES_DIR,
+                  names=tuple(ABLATIONS), log=print, **overrides) -> dict:
+    """Each ablation trains from the same base with the same seed, then is scored on the same prompts."""
+    oracle = oracle_lib.load_oracle()
+    true_noun = render.SUBJECTS[subject]["cls"]
+    results = {}
+    for name in names:
+        changes, what = ABLATIONS[name]
+        cfg = demo_config(subject, f"{output_root}/{name}", **{**overrides, **changes})
+        summary = train(cfg, log=log, progress=False)
+        tuned = load_tuned(cfg)
+        # Prompts always name the subject the way it was trained, and the class prompt is the TRUE class.
+        noun = "" if "{class_noun}" not in cfg.instance_prompt_template else cfg.class_noun
+        suites = sample_suites(tuned, subject, summary["identifier"], noun)
+        _, class_images = class_prompt_images(tuned, true_noun)
+        metrics = score(oracle, suites, class_images, subject)
+        results[name] = dict(what=what, instance_prompt=summary["instance_prompt"], metrics=metrics["overall"],
+                             per_category={k: v for k, v in metrics.items() if k != "overall"})
+        log(f"{name}: {json.dumps(metrics['overall'])}")
+    rows = {k: v["metrics"] for k, v in results.items()}
+    table = format_table(rows, ["subject_fidelity", "prompt_fidelity", "pres", "div", "class_div"])
+    (images_dir / "toy_ablations.json").write_text(json.dumps(results, indent=2))
+    (images_dir / "toy_ablations.md").write_text(table + "\n")
+    plot_ablations(rows, images_dir / "toy_ablations.png")
+    log(table)
+    log(f"ablations written to {images_dir}/toy_ablations.{{json,md,png}}")
+    return results
+
+
+def plot_ablations(rows: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    metrics = ["subject_fidelity", "prompt_fidelity", "pres", "class_div"]
+    x = np.arange(len(metrics))
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for i, (name, row) in enumerate(rows.items()):
+        ax.bar(x + i * width, [row[m] for m in metrics], width, label=name)
+    ax.set_xticks(x + width * (len(rows) - 1) / 2, metrics)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("toy world ablations (oracle metrics; PRES lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+

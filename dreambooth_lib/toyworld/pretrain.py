@@ -1,0 +1,228 @@
+"""Pretrain the toy world's base model: a Stable-Diffusion-architecture latent diffusion model.
+
+Three stages, each reproducible from `seed`:
+  1. AutoencoderKL on rendered 32 px pictures (32 px -> 8x8x4 latents), MSE + a tiny KL term.
+  2. A fixed pretraining set is rendered once and encoded to latents once (the latent mean).
+  3. UNet2DConditionModel + CLIPTextModel trained jointly from scratch with the DDPM epsilon
+     objective (Ho et al. 2020, Alg. 1), captions dropped 10% of the time so classifier-free
+     guidance works, with an EMA of the weights (the EMA is what is saved).
+The result is a diffusers StableDiffusionPipeline folder (default `data/toy_model`), loaded with
+`StableDiffusionPipeline.from_pretrained`, exactly as users load Stable Diffusion.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from dreambooth_lib.config import TOY_MODEL_DIR
+from dreambooth_lib.toyworld import render
+from dreambooth_lib.toyworld.tokenizer import build_tokenizer
+
+# SD's noise schedule (scaled_linear, 1000 steps), so every scheduler setting users know applies.
+BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
+        block_out_channels=(32, 64, 64), sample_size=render.SIZE,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+    )
+
+
+def build_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=render.SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(64, 128, 128), norm_num_groups=32, cross_attention_dim=128, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+
+
+def build_text_encoder(tokenizer) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_attention_heads=4,
+        num_hidden_layers=4, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the range SD's VAE works in."""
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def train_vae(steps: int, batch_size: int, seed: int, log=print) -> tuple[AutoencoderKL, list[float]]:
+    """Stage 1: the autoencoder, on freshly rendered pictures (any class/context/style, subjects too:
+    the VAE is a generic image codec; subject markings must survive its round trip)."""
+    torch.manual_seed(seed)
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    pixels, _ = render.render_dataset(20000, seed=seed + 1)
+    subjects = [render.render(s, seed=seed + 10 * i + k) for k, name in enumerate(render.SUBJECTS)
+                for i, s in enumerate(render.subject_specs(name, seed=seed + 7) * 40)]
+    pixels = np.concatenate([pixels, np.stack([np.asarray(im) for im in subjects])])
+    data = to_tensor(pixels)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in tqdm(range(steps), desc="vae", mininterval=10):
+        x = data[torch.randint(0, len(data), (batch_size,), generator=gen)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if step % 500 == 0:
+            log(f"vae step {step} loss {loss.item():.4f}")
+    return vae.eval(), losses
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, pixels: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """Latent means of the pretraining set (the posterior is narrow; the mean keeps data fixed)."""
+    out = [vae.encode(to_tensor(pixels[i:i + batch_size])).latent_dist.mode() for i in range(0, len(pixels), batch_size)]
+    return torch.cat(out)
+
+
+def save_pipeline(folder: Path, vae, unet, text_encoder, tokenizer) -> None:
+    """Write the diffusers pipeline folder atomically (temp folder, then rename)."""
+    scheduler = DPMSolverMultistepScheduler(**BETAS, prediction_type="epsilon", steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def plot_losses(history: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, key, title in ((axes[0], "vae", "AutoencoderKL (MSE + KL)"), (axes[1], "unet", "UNet + text encoder (eps MSE)")):
+        y = np.asarray(history[key])
+        k = max(1, len(y) // 200)
+        smooth = np.convolve(y, np.ones(k) / k, mode="valid")
+        ax.plot(np.arange(len(smooth)) + k // 2, smooth)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def pretrain(out: str | Path = TOY_MODEL_DIR, seed: int = 0, num_images: int = 40000, vae_steps: int = 1500,
+             steps: int = 7000, batch_size: int = 64, lr: float = 3e-4, minutes: float | None = None,
+             save_every_minutes: float = 10.0, caption_dropout: float = 0.1, images_dir: str | Path = "images",
+             log=print) -> dict:
+    """Run all three stages; writes the pipeline to `out` (checkpointed every few minutes)."""
+    started = time.time()
+    out, images_dir = Path(out), Path(images_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(out.with_name(out.name + ".tokenizer"), seed=seed)
+
+    vae, vae_losses = train_vae(vae_steps, batch_size // 2, seed, log)  # half batch: the VAE step is the costlier one
+    log(f"vae done in {time.time() - started:.0f}s, final loss {np.mean(vae_losses[-50:]):.4f}")
+
+    pixels, specs = render.render_dataset(num_images, seed=seed + 2)
+    captions = [render.caption(s) for s in specs]
+    latents = encode_latents(vae, pixels)
+    scaling = 1.0 / latents.std().item()  # SD's scaling_factor: unit-variance latents for the UNet
+    vae.register_to_config(scaling_factor=scaling)
+    latents = latents * scaling
+    ids = tokenizer(captions + [""], padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    caption_ids, empty_ids = ids[:-1], ids[-1:]
+    log(f"{num_images} pictures encoded, latent scaling factor {scaling:.4f}")
+
+    unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema = EMAModel(params, decay=0.999)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    warmup = 300
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    noise_scheduler = DDPMScheduler(**BETAS, prediction_type="epsilon")
+    gen = torch.Generator().manual_seed(seed + 3)
+    history = {"vae": vae_losses, "unet": []}
+    last_save, step = time.time(), 0
+
+    def checkpoint():
+        ema.store(params)
+        ema.copy_to(params)  # save the EMA weights, then put the training weights back
+        save_pipeline(out, vae, unet, text_encoder, tokenizer)
+        ema.restore(params)
+        (out / "pretrain_log.json").write_text(json.dumps(dict(
+            seed=seed, steps_done=step, steps_planned=steps, batch_size=batch_size, lr=lr, num_images=num_images,
+            vae_steps=vae_steps, caption_dropout=caption_dropout, wall_time_s=time.time() - started,
+            final_vae_loss=float(np.mean(vae_losses[-50:])),
+            final_unet_loss=float(np.mean(history["unet"][-200:])) if history["unet"] else None,
+            unet_loss=[float(np.mean(history["unet"][i:i + 50])) for i in range(0, len(history["unet"]), 50)],
+        ), indent=1))
+        plot_losses(history, images_dir / "toy_pretrain_loss.png")
+
+    bar = tqdm(range(steps), desc="unet", mininterval=10)
+    for step in bar:
+        idx = torch.randint(0, num_images, (batch_size,), generator=gen)
+        x0 = latents[idx]
+        drop = torch.rand(batch_size, generator=gen) < caption_dropout
+        input_ids = torch.where(drop[:, None], empty_ids, caption_ids[idx])
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
+        x_t = noise_scheduler.add_noise(x0, noise, t)
+        pred = unet(x_t, t, text_encoder(input_ids)[0]).sample
+        loss = F.mse_loss(pred, noise)  # || eps - eps_theta(x_t, t, c) ||^2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.step(params)
+        history["unet"].append(loss.item())
+        if step % 200 == 0:
+            bar.set_postfix(loss=f"{np.mean(history['unet'][-200:]):.4f}")
+            log(f"unet step {step} loss {np.mean(history['unet'][-200:]):.4f} ({time.time() - started:.0f}s)")
+        if time.time() - last_save > save_every_minutes * 60:
+            checkpoint()
+            last_save = time.time()
+        if minutes is not None and time.time() - started > minutes * 60:
+            log(f"time budget of {minutes} min reached at step {step}")
+            break
+    step += 1
+    checkpoint()
+    shutil.rmtree(out.with_name(out.name + ".tokenizer"), ignore_errors=True)
+    log(f"pretraining done: {step} steps in {time.time() - started:.0f}s; model in {out}")
+    return json.loads((out / "pretrain_log.json").read_text())
