@@ -83,6 +83,7 @@ import torch
 from PIL import Image
 
 from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.toyworld.demo import demo_config
 from dreambooth_lib.train import train
 
 RUNS = ROOT / ("runs/smoke" if SMOKE else "runs")  # shared with notebooks 01 and 03-05
@@ -90,9 +91,8 @@ IMAGES = RUNS / "images" if SMOKE else ROOT / "images"  # smoke figures never ov
 DATA_PREP = RUNS / "data_prep.json"  # written by notebook 01
 if DATA_PREP.is_file():
     base = TrainConfig.from_dict(json.loads(DATA_PREP.read_text()))
-else:  # run alone: the toy subject, identifier picked at training time
-    base = TrainConfig(instance_dir=str(ROOT / "data/subjects/marked_star"), class_noun="star", resolution=32,
-                       num_class_images=100, class_inference_steps=25)
+else:  # run alone: the toy world's settings for its subject marked_star (identifier picked at training time)
+    base = demo_config()
 cuda = torch.cuda.is_available()
 cfg = dataclasses.replace(
     base,

@@ -70,6 +70,7 @@ from PIL import Image
 
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.sample import generate, load_pipeline, lora_scale_grid, save_grid, scale_guidance_grid, set_lora_scales
+from dreambooth_lib.toyworld.demo import demo_config
 from dreambooth_lib.train import train
 
 if SMOKE:
@@ -77,9 +78,8 @@ if SMOKE:
 RUNS = ROOT / ("runs/smoke" if SMOKE else "runs")  # shared with notebooks 01-05
 IMAGES = RUNS / "images" if SMOKE else ROOT / "images"  # smoke figures never overwrite the committed ones
 DATA_PREP = RUNS / "data_prep.json"  # written by notebook 01
-base = (TrainConfig.from_dict(json.loads(DATA_PREP.read_text())) if DATA_PREP.is_file()
-        else TrainConfig(instance_dir=str(ROOT / "data/subjects/marked_star"), class_noun="star", resolution=32,
-                         num_class_images=100, class_inference_steps=25))  # as notebooks 01/02 default
+# Run alone, without notebook 01: the toy world's settings for its subject marked_star.
+base = TrainConfig.from_dict(json.loads(DATA_PREP.read_text())) if DATA_PREP.is_file() else demo_config()
 if SMOKE:
     base = dataclasses.replace(base, num_class_images=2, class_inference_steps=2)
 RUN_DIR = RUNS / f"{Path(base.instance_dir).name}-lora-prior"  # notebook 02's default run

@@ -63,6 +63,9 @@ import matplotlib.pyplot as plt
 
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.sample import generate, load_pipeline, set_lora_scales
+from dreambooth_lib.toyworld import oracle as oracle_lib
+from dreambooth_lib.toyworld import render
+from dreambooth_lib.toyworld.demo import demo_config
 from dreambooth_lib.train import train
 
 if SMOKE:
@@ -70,9 +73,8 @@ if SMOKE:
 RUNS = ROOT / ("runs/smoke" if SMOKE else "runs")  # shared with notebooks 01-05
 IMAGES = RUNS / "images" if SMOKE else ROOT / "images"  # smoke figures never overwrite the committed ones
 DATA_PREP = RUNS / "data_prep.json"  # written by notebook 01
-base = (TrainConfig.from_dict(json.loads(DATA_PREP.read_text())) if DATA_PREP.is_file()
-        else TrainConfig(instance_dir=str(ROOT / "data/subjects/marked_star"), class_noun="star", resolution=32,
-                         num_class_images=100, class_inference_steps=25))  # as notebooks 01/02 default
+# Run alone, without notebook 01: the toy world's settings for its subject marked_star.
+base = TrainConfig.from_dict(json.loads(DATA_PREP.read_text())) if DATA_PREP.is_file() else demo_config()
 if SMOKE:
     base = dataclasses.replace(base, num_class_images=2, class_inference_steps=2)
 subject = Path(base.instance_dir).name
@@ -98,8 +100,8 @@ pipe = load_pipeline(model, lora_dir=PRIOR_RUN)
 set_lora_scales(pipe, 0.0, 0.0)
 rows = {"base model": generate(pipe, class_prompt, SEEDS, GUIDANCE, INFERENCE_STEPS)}
 set_lora_scales(pipe, 1.0, 1.0)
-rows["with prior preservation"] = generate(pipe, class_prompt, SEEDS, GUIDANCE, INFERENCE_STEPS)
-rows["without prior preservation"] = generate(load_pipeline(model, lora_dir=NO_PRIOR_RUN), class_prompt, SEEDS,
+rows["with prior"] = generate(pipe, class_prompt, SEEDS, GUIDANCE, INFERENCE_STEPS)
+rows["without prior"] = generate(load_pipeline(model, lora_dir=NO_PRIOR_RUN), class_prompt, SEEDS,
                                               GUIDANCE, INFERENCE_STEPS)
 fig, axes = plt.subplots(len(rows), len(SEEDS), figsize=(1.4 * len(SEEDS), 1.6 * len(rows)), squeeze=False)
 for r, (name, images) in enumerate(rows.items()):
@@ -124,3 +126,15 @@ plt.show()
 # of DINO ViT-S/16 CLS embeddings over every (class-prompt image, real subject photo) pair. With a large
 # sample per model (the paper uses many prompts and seeds), the difference between "with" and "without"
 # prior preservation is the effect of the loss's second term.
+
+# %%
+subject = Path(prior["config"]["instance_dir"]).name
+if subject in render.SUBJECTS:  # a toy-world subject: the oracle knows it
+    oracle = oracle_lib.load_oracle()
+    drift = {name: oracle_lib.pres(oracle, images, subject) for name, images in rows.items()}
+    print(f"PRES (oracle): share of the {class_prompt!r} images that show {subject}; higher = more drift")
+    for name, value in drift.items():
+        print(f"  {name:27s} {value:.3f}")
+else:
+    print(f"{subject} is not a toy-world subject, so there is no oracle: compute PRES with "
+          "dreambooth_lib.metrics.pres_score and a DINO encoder (dreambooth_lib.metrics.load_dino)")

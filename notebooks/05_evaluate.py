@@ -47,10 +47,10 @@ sys.path.insert(0, str(ROOT))
 #@title Evaluation parameters
 SMOKE = os.environ.get("DREAMBOOTH_SMOKE", "0") == "1"  # CI smoke run: 1 prompt per category, 2 images, 2 steps
 LIVE_SUBJECT = False  #@param {type:"boolean"}
-# pets and people: adds the paper's accessorization prompts
+# real models: a pet or person gets the paper's accessorization prompts too
 N_PER_PROMPT = 4  #@param {type:"integer"}
 PROMPT_LIMIT = 0  #@param {type:"integer"}
-# 0 = every prompt of the protocol; N = the first N of each category
+# real models: 0 = every prompt of the protocol; N = the first N of each category
 GUIDANCE = 7.5  #@param {type:"number"}
 INFERENCE_STEPS = 25  #@param {type:"integer"}
 REAL_ENCODERS = False  #@param {type:"boolean"}
@@ -70,6 +70,8 @@ from dreambooth_lib.data import load_instance_images
 from dreambooth_lib.evaluate import evaluate_run, format_table, load_encoders_for_cli
 from dreambooth_lib.metrics import Encoders, default_device
 from dreambooth_lib.sample import load_pipeline
+from dreambooth_lib.toyworld import demo, render
+from dreambooth_lib.toyworld import oracle as oracle_lib
 from dreambooth_lib.train import train
 
 if SMOKE:
@@ -77,9 +79,8 @@ if SMOKE:
 RUNS = ROOT / ("runs/smoke" if SMOKE else "runs")  # shared with notebooks 01-05
 IMAGES = RUNS / "images" if SMOKE else ROOT / "images"  # smoke figures never overwrite the committed ones
 DATA_PREP = RUNS / "data_prep.json"  # written by notebook 01
-base = (TrainConfig.from_dict(json.loads(DATA_PREP.read_text())) if DATA_PREP.is_file()
-        else TrainConfig(instance_dir=str(ROOT / "data/subjects/marked_star"), class_noun="star", resolution=32,
-                         num_class_images=100, class_inference_steps=25))  # as notebooks 01/02 default
+# Run alone, without notebook 01: the toy world's settings for its subject marked_star.
+base = TrainConfig.from_dict(json.loads(DATA_PREP.read_text())) if DATA_PREP.is_file() else demo.demo_config()
 if SMOKE:
     base = dataclasses.replace(base, num_class_images=2, class_inference_steps=2)
 RUN_DIR = RUNS / f"{Path(base.instance_dir).name}-lora-prior"  # notebook 02's default run
@@ -91,61 +92,73 @@ run_cfg = summary["config"]
 print(f"run: {RUN_DIR} ({summary['steps']} steps), identifier {summary['identifier']!r}")
 
 # %% [markdown]
-# ## Encoders
-# DINO and CLIP scores need real pretrained image encoders. The toy world's 32 px pictures are far outside
-# what those encoders were trained on, so here they stay unloaded and the toy world's **oracle** scores
-# the images instead: a classifier trained on the renderer's ground truth, which knows what every picture shows.
-
-# %%
-encoders = Encoders()
-if REAL_ENCODERS:
-    encoders, notes = load_encoders_for_cli(None, None, default_device())
-    print("\n".join(notes))
-
-# %% [markdown]
 # ## Run the protocol
+# **Toy world** (a subject of `data/subjects/`): the toy world's **oracle**, a classifier trained on the renderer's
+# ground truth, scores the images, on prompts written in the words the toy model was pretrained on:
+# subject fidelity (share of images showing the subject), prompt fidelity (share showing everything the prompt
+# asked for), DIV and PRES. **DINO, CLIP-I and CLIP-T are not computed here: they need real pretrained
+# encoders** (DINO ViT-S/16, CLIP ViT-B/32), which measure nothing useful on 32 px toy pictures.
+#
+# **Real models**: `dreambooth_lib.evaluate.evaluate_run` with the paper's prompts and DINO / CLIP encoders
+# (`REAL_ENCODERS`); the table also lists the paper's Table 1 rows for comparison.
 
 # %%
 # LoRA: base model + the run's adapter; full fine-tune: the run folder is a complete pipeline.
 pipe = load_pipeline(run_cfg["pretrained_model"], lora_dir=RUN_DIR) if run_cfg["use_lora"] else load_pipeline(RUN_DIR)
-subject_images = [im.image for im in load_instance_images(run_cfg["instance_dir"], resolution=0)]
-result = evaluate_run(
-    pipe, subject_images, run_cfg["class_noun"], summary["identifier"], LIVE_SUBJECT, encoders,
-    n_per_prompt=N_PER_PROMPT, guidance_scale=GUIDANCE, num_inference_steps=INFERENCE_STEPS,
-    prompt_limit=PROMPT_LIMIT or None, out_dir=RUN_DIR / "evaluation",
-)
-print(format_table(result))
+subject, identifier, class_noun = Path(run_cfg["instance_dir"]).name, summary["identifier"], run_cfg["class_noun"]
+seeds = list(range(N_PER_PROMPT))
+if subject in render.SUBJECTS:
+    suites = demo.sample_suites(pipe, subject, identifier, class_noun, seeds, GUIDANCE, INFERENCE_STEPS)
+    class_prompt, class_images = demo.class_prompt_images(pipe, class_noun, seeds, GUIDANCE, INFERENCE_STEPS)
+    table = demo.score(oracle_lib.load_oracle(), suites, class_images, subject)
+    print(demo.format_table(table, ["subject_fidelity", "prompt_fidelity", "div", "pres"]))
+    print("DINO, CLIP-I and CLIP-T: not computed; they need real pretrained encoders (toy world: oracle metrics above)")
+    examples = {category: [(r["prompt"], r["images"]) for r in rows] for category, rows in suites.items()}
+else:
+    encoders = load_encoders_for_cli(None, None, default_device())[0] if REAL_ENCODERS else Encoders()
+    subject_images = [im.image for im in load_instance_images(run_cfg["instance_dir"], resolution=0)]
+    result = evaluate_run(pipe, subject_images, class_noun, identifier, LIVE_SUBJECT, encoders, n_per_prompt=N_PER_PROMPT,
+                          seeds=seeds, guidance_scale=GUIDANCE, num_inference_steps=INFERENCE_STEPS,
+                          prompt_limit=PROMPT_LIMIT or None, out_dir=RUN_DIR / "evaluation")
+    print(format_table(result))
+    table = {row: {c: values.get(c) for c in result["columns"]} for row, values in result["rows"].items()}
+    examples = {category: [("", [Image.open(path)])] for category, path in result["files"]["grids"].items()}
 
 # %% [markdown]
 # ## Metrics by prompt category
 
 # %%
-columns = [c for c in result["columns"] if any(isinstance(row.get(c), float) for row in result["rows"].values())]
-categories = list(result["rows"])
-if columns:
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(columns) * len(categories)), 3.5))
-    width = 0.8 / len(categories)
-    for k, category in enumerate(categories):
-        values = [result["rows"][category].get(c) for c in columns]
-        ax.bar([i + k * width for i in range(len(columns))], [v if isinstance(v, float) else 0.0 for v in values],
-               width, label=category)
-    ax.set_xticks([i + width * (len(categories) - 1) / 2 for i in range(len(columns))], columns)
+metrics = [m for m in dict.fromkeys(k for row in table.values() for k in row) if any(
+    isinstance(row.get(m), float) for row in table.values())]
+if metrics:
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(metrics) * len(table)), 3.5))
+    width = 0.8 / len(table)
+    for k, (name, row) in enumerate(table.items()):
+        ax.bar([i + k * width for i in range(len(metrics))],
+               [row[m] if isinstance(row.get(m), float) else 0.0 for m in metrics], width, label=name)
+    ax.set_xticks([i + width * (len(table) - 1) / 2 for i in range(len(metrics))], metrics)
     ax.legend(fontsize=8)
     ax.set_title(f"{RUN_DIR.name}: {N_PER_PROMPT} images per prompt", fontsize=9)
     IMAGES.mkdir(parents=True, exist_ok=True)
     fig.savefig(IMAGES / "evaluation_metrics.png", bbox_inches="tight")
     plt.show()
 else:
-    print("no metric computed: set REAL_ENCODERS for DINO/CLIP, or use the toy world (oracle)")
+    print("no metric computed: set REAL_ENCODERS for DINO / CLIP")
 
 # %% [markdown]
 # ## Example grids per prompt category
-# Rows: prompts (the first few of the category); columns: seeds. All images are under `evaluation/images/`.
+# Toy world: one row per prompt, one column per seed. Real models: the grid `evaluate_run` saved per category
+# (all images are under `evaluation/images/`).
 
 # %%
-for category, path in result["files"]["grids"].items():
-    plt.figure(figsize=(6, 6))
-    plt.imshow(Image.open(path), interpolation="nearest")
-    plt.title(category, fontsize=9)
-    plt.axis("off")
+for category, rows in examples.items():
+    cols = max(len(images) for _, images in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.2 * cols + 3, 1.2 * len(rows) + 0.5), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for c, ax in enumerate(axes[r]):
+            ax.axis("off")
+            if c < len(images):
+                ax.imshow(images[c], interpolation="nearest")
+        axes[r, 0].text(-0.1, 0.5, label, transform=axes[r, 0].transAxes, ha="right", va="center", fontsize=7)
+    fig.suptitle(category, fontsize=9)
     plt.show()

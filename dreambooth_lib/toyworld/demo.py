@@ -13,6 +13,8 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+from matplotlib.figure import Figure
 from PIL import Image
 
 from dreambooth_lib.config import TOY_MODEL_DIR, TrainConfig
@@ -82,13 +84,9 @@ def score(oracle, suites: dict, class_images: list[Image.Image], subject: str) -
 
 def save_figure(rows: list[tuple[str, list[Image.Image]]], path: Path, title: str = "") -> Path:
     """One labelled row per prompt (pictures are 32 px: drawn large, nearest-neighbour)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cols = max(len(ims) for _, ims in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.1 * cols + 2.6, 1.15 * len(rows) + 0.4), squeeze=False)
+    fig = Figure(figsize=(1.1 * cols + 2.6, 1.15 * len(rows) + 0.4))  # no pyplot: leaves a notebook's backend alone
+    axes = fig.subplots(len(rows), cols, squeeze=False)
     for r, (label, images) in enumerate(rows):
         for c in range(cols):
             ax = axes[r][c]
@@ -101,7 +99,6 @@ def save_figure(rows: list[tuple[str, list[Image.Image]]], path: Path, title: st
     fig.subplots_adjust(left=2.4 / (1.1 * cols + 2.6), right=0.99, wspace=0.05, hspace=0.08)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
@@ -211,16 +208,11 @@ def run_ablations(subject: str = "marked_star", output_root: str = "runs/toy_abl
 
 
 def plot_ablations(rows: dict[str, dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
     metrics = ["subject_fidelity", "prompt_fidelity", "pres", "class_div"]
     x = np.arange(len(metrics))
     width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+    fig = Figure(figsize=(8, 3.5))
+    ax = fig.subplots()
     for i, (name, row) in enumerate(rows.items()):
         ax.bar(x + i * width, [row[m] for m in metrics], width, label=name)
     ax.set_xticks(x + width * (len(rows) - 1) / 2, metrics)
@@ -229,5 +221,4 @@ def plot_ablations(rows: dict[str, dict], path: Path) -> None:
     ax.set_title("toy world ablations (oracle metrics; PRES lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 

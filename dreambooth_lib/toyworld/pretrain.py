@@ -32,6 +32,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from diffusers.training_utils import EMAModel
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -172,12 +173,8 @@ def finetune_decoder(model_dir: str | Path, steps: int = 3000, batch_size: int =
 
 
 def plot_losses(history: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig = Figure(figsize=(10, 3.5))
+    axes = fig.subplots(1, 2)
     for ax, key, title in ((axes[0], "vae", "AutoencoderKL (MSE + KL)"), (axes[1], "unet", "UNet + text encoder (eps MSE)")):
         y = np.asarray(history[key])
         k = max(1, len(y) // 200)
@@ -188,7 +185,6 @@ def plot_losses(history: dict, path: Path) -> None:
         ax.set_yscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def pretrain(out: str | Path = TOY_MODEL_DIR, seed: int = 0, num_images: int = 40000, vae_steps: int = 1500,
