@@ -1,4 +1,4 @@
-"""python -m dreambooth_lib.toyworld pretrain | demo | ablate | oracle-train | oracle-eval | base-eval"""
+"""python -m dreambooth_lib.toyworld demo | ablate | pretrain | finetune-decoder | oracle-train | oracle-eval | base-eval"""
 
 from __future__ import annotations
 
@@ -18,6 +18,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-images", type=int, default=40000, help="size of the rendered pretraining set")
     p.add_argument("--minutes", type=float, default=None, help="stop early after this wall time")
+
+    p = sub.add_parser("oracle-train", help="train the oracle classifier on rendered pictures (CPU, ~5 min)")
+    p.add_argument("--out", default=None, help="folder for oracle.safetensors + oracle.json (default data/oracle)")
+    p.add_argument("--vae", default=None, help="pipeline (or vae) folder whose VAE round trip augments training "
+                   "(default data/toy_model when it exists)")
+    p.add_argument("--no-vae", action="store_true", help="train without the VAE round trip")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--minutes", type=float, default=4.5, help="cap on rendering + VAE round trips + training")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("oracle-eval", help="oracle accuracy per head on fresh renderer pictures (JSON)")
+    p.add_argument("--oracle", default=None, help="oracle folder (default data/oracle)")
+    p.add_argument("--vae", default=None, help="also score VAE round-tripped pictures (pipeline or vae folder)")
+    p.add_argument("--n", type=int, default=3000)
+    p.add_argument("--seed", type=int, default=12345)
+    p = sub.add_parser("base-eval", help="how often the base model follows class/colour/context/style (JSON)")
+    p.add_argument("--model", default=None, help="pipeline folder (default data/toy_model)")
+    p.add_argument("--oracle", default=None, help="oracle folder (default data/oracle)")
+    p.add_argument("--n", type=int, default=8, help="images per prompt")
+    p.add_argument("--guidance-scale", type=float, default=7.0)
+    p.add_argument("--steps", type=int, default=25, help="sampler steps")
+    p = sub.add_parser("finetune-decoder", help="pretraining stage 4: sharpen the VAE decoder, encoder frozen")
+    p.add_argument("--model", default=None, help="pipeline folder (default data/toy_model)")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    for name, what in (("demo", "DreamBooth on a toy subject end to end: train, grids, oracle metrics"),
+                       ("ablate", "prior on/off, correct/no/wrong class noun, LoRA: table + figure")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("--subject", default="marked_star", help="a folder name under data/subjects")
+        p.add_argument("--output-dir", default=f"runs/toy_{name}", help="where runs and metrics go")
+        p.add_argument("--steps", type=int, default=None, help="override max_train_steps")
     args = parser.parse_args(argv)
 
     if args.command == "pretrain":
@@ -27,6 +57,45 @@ def main(argv: list[str] | None = None) -> int:
         result = pretrain(out=args.out or TOY_MODEL_DIR, seed=args.seed, steps=args.steps, vae_steps=args.vae_steps,
                           batch_size=args.batch_size, num_images=args.num_images, minutes=args.minutes)
         print(json.dumps({k: v for k, v in result.items() if k != "unet_loss"}, indent=1))
+    elif args.command == "oracle-train":
+        from pathlib import Path
+
+        from dreambooth_lib.config import TOY_MODEL_DIR
+        from dreambooth_lib.toyworld.oracle import ORACLE_DIR, train_oracle
+
+        default_vae = TOY_MODEL_DIR if (Path(TOY_MODEL_DIR) / "vae").is_dir() else None
+        vae = None if args.no_vae else args.vae or default_vae
+        print(f"oracle-train: VAE round trip from {vae}" if vae else "oracle-train: no VAE round trip (--vae not given)")
+        result = train_oracle(out=args.out or ORACLE_DIR, vae_path=vae, steps=args.steps, minutes=args.minutes,
+                              seed=args.seed)
+        print(json.dumps(result, indent=1))
+    elif args.command == "oracle-eval":
+        from dreambooth_lib.toyworld.oracle import ORACLE_DIR, evaluate_oracle, load_oracle, load_vae
+
+        oracle = load_oracle(args.oracle or ORACLE_DIR)
+        vae = load_vae(args.vae) if args.vae else None
+        print(json.dumps(evaluate_oracle(oracle, args.n, seed=args.seed, vae=vae), indent=1))
+    elif args.command == "base-eval":
+        from dreambooth_lib.config import TOY_MODEL_DIR
+        from dreambooth_lib.toyworld.oracle import ORACLE_DIR, base_eval, load_oracle
+
+        oracle = load_oracle(args.oracle or ORACLE_DIR)  # fails before the slow pipeline load
+        print(json.dumps(base_eval(oracle, args.model or TOY_MODEL_DIR, n=args.n, guidance_scale=args.guidance_scale,
+                                   steps=args.steps), indent=1))
+    elif args.command == "finetune-decoder":
+        from dreambooth_lib.config import TOY_MODEL_DIR
+        from dreambooth_lib.toyworld.pretrain import finetune_decoder
+
+        losses = finetune_decoder(args.model or TOY_MODEL_DIR, steps=args.steps, seed=args.seed)
+        print(json.dumps({"decoder_steps": len(losses), "final_decoder_loss": sum(losses[-100:]) / len(losses[-100:])}))
+    elif args.command in ("demo", "ablate"):
+        from dreambooth_lib.toyworld import demo
+
+        overrides = {} if args.steps is None else {"max_train_steps": args.steps}
+        if args.command == "demo":
+            demo.run_demo(args.subject, args.output_dir, **overrides)
+        else:
+            demo.run_ablations(args.subject, args.output_dir, **overrides)
     return 0
 
 

@@ -47,21 +47,27 @@ def demo_config(subject: str = "marked_star", output_dir: str = "runs/toy_demo",
     return TrainConfig(**values)
 
 
-def sample_suites(pipe, subject: str, identifier: str, class_noun: str, seeds=SEEDS, guidance_scale: float = 7.0,
+def sample_suites(pipe, subject: str, subject_phrase: str, seeds=SEEDS, guidance_scale: float = 7.0,
                   steps: int = 25) -> dict[str, list[dict]]:
-    """Render every prompt of the subject's suites: {category: [{prompt, expected, images}]}."""
+    """Render every prompt of the subject's suites: {category: [{prompt, expected, images}]}.
+
+    subject_phrase names the subject as it was trained: "gtc star", or "gtc" / "gtc ball" in the
+    class-noun ablations (the suites' templates say "{identifier} <true class noun>").
+    """
+    cls = render.SUBJECTS[subject]["cls"]
     out: dict[str, list[dict]] = {}
     for category, items in oracle_lib.prompt_suite(subject).items():
         out[category] = []
         for template, expected in items:
-            prompt = template.format(identifier=identifier, class_noun=class_noun)
+            prompt = template.replace("{identifier} " + cls, subject_phrase)
             images = generate(pipe, prompt, list(seeds), guidance_scale, steps, batch_size=len(seeds), progress=False)
             out[category].append(dict(prompt=prompt, expected=expected, images=images))
     return out
 
 
-def class_prompt_images(pipe, class_noun: str, seeds=SEEDS, guidance_scale: float = 7.0, steps: int = 25):
-    prompt = f"a photo of a {class_noun}"
+def class_prompt_images(pipe, subject: str, seeds=SEEDS, guidance_scale: float = 7.0, steps: int = 25):
+    """The plain class prompt ("a photo of a star") with fixed seeds: what PRES scores."""
+    prompt = oracle_lib.class_prompt(subject)
     return prompt, generate(pipe, prompt, list(seeds), guidance_scale, steps, batch_size=len(seeds), progress=False)
 
 
@@ -127,12 +133,12 @@ def run_demo(subject: str = "marked_star", output_dir: str = "runs/toy_demo", im
     oracle = oracle_lib.load_oracle()
     base, tuned = load_pipeline(cfg.pretrained_model), load_tuned(cfg)
 
-    suites = sample_suites(tuned, subject, identifier, class_noun)
-    class_prompt, before = class_prompt_images(base, class_noun)
-    _, after = class_prompt_images(tuned, class_noun)
+    suites = sample_suites(tuned, subject, f"{identifier} {class_noun}")
+    class_prompt, before = class_prompt_images(base, subject)
+    _, after = class_prompt_images(tuned, subject)
     table = score(oracle, suites, after, subject)
     table["overall"]["pres_base_model"] = oracle_lib.pres(oracle, before, subject)
-    base_suites = sample_suites(base, subject, identifier, class_noun, seeds=SEEDS[:4])
+    base_suites = sample_suites(base, subject, f"{identifier} {class_noun}", seeds=SEEDS[:4])
     base_subject = oracle_lib.subject_fidelity(oracle, [im for rows in base_suites.values() for r in rows for im in r["images"]], subject)
     table["overall"]["subject_fidelity_base_model"] = base_subject
 
@@ -182,7 +188,6 @@ def run_ablations(subject: str = "marked_star", output_root: str = "runs/toy_abl
                   names=tuple(ABLATIONS), log=print, **overrides) -> dict:
     """Each ablation trains from the same base with the same seed, then is scored on the same prompts."""
     oracle = oracle_lib.load_oracle()
-    true_noun = render.SUBJECTS[subject]["cls"]
     results = {}
     for name in names:
         changes, what = ABLATIONS[name]
@@ -190,9 +195,9 @@ def run_ablations(subject: str = "marked_star", output_root: str = "runs/toy_abl
         summary = train(cfg, log=log, progress=False)
         tuned = load_tuned(cfg)
         # Prompts always name the subject the way it was trained, and the class prompt is the TRUE class.
-        noun = "" if "{class_noun}" not in cfg.instance_prompt_template else cfg.class_noun
-        suites = sample_suites(tuned, subject, summary["identifier"], noun)
-        _, class_images = class_prompt_images(tuned, true_noun)
+        noun = cfg.class_noun if "{class_noun}" in cfg.instance_prompt_template else ""
+        suites = sample_suites(tuned, subject, f"{summary['identifier']} {noun}".strip())
+        _, class_images = class_prompt_images(tuned, subject)
         metrics = score(oracle, suites, class_images, subject)
         results[name] = dict(what=what, instance_prompt=summary["instance_prompt"], metrics=metrics["overall"],
                              per_category={k: v for k, v in metrics.items() if k != "overall"})

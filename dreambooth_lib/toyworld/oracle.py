@@ -1,0 +1,509 @@
+"""The toy world's oracle: a small CNN that reads the renderer's ground truth back out of a picture,
+and the paper's metrics (Ruiz et al. 2023, Sec. 4.1) computed with it instead of DINO/CLIP.
+
+One shared conv trunk, five heads: class, colour, context, style and subject (none / each name in
+`render.SUBJECTS`). It is trained on freshly rendered pictures only, with augmentation so it copes
+with generated images: shifts and rescaling, blur, noise, mild colour jitter and the VAE's
+encode/decode round trip (generated images come out of that decoder).
+
+Metrics, named after the paper's:
+  subject fidelity  share of generated images the oracle identifies as the subject   (cf. DINO, CLIP-I)
+  prompt fidelity   share matching ALL prompted attributes (context, colour, style)  (cf. CLIP-T)
+  PRES              share of plain class-prompt images identified as the subject     (language drift)
+  DIV               mean pairwise (1 - cosine) of oracle features within one prompt  (cf. LPIPS DIV)
+
+    oracle = load_oracle("data/oracle")
+    oracle.predict([image])[0]["subject"]        # 'marked_star'
+    subject_fidelity(oracle, images, "marked_star")
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from dreambooth_lib.toyworld import render
+
+ORACLE_DIR = str(Path(__file__).resolve().parents[2] / "data" / "oracle")
+LABELS = {
+    "class": render.CLASSES,
+    "colour": tuple(render.COLOURS),
+    "context": render.CONTEXTS,
+    "style": render.STYLES,
+    "subject": ("none", *render.SUBJECTS),
+}
+SPEC_FIELD = {"class": "cls", "colour": "colour", "context": "context", "style": "style", "subject": "subject"}
+IGNORE = -1  # label of a head that cannot be known: the colour of a (grey) pencil sketch
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+class OracleNet(nn.Module):
+    """Conv trunk 32 -> 16 -> 8 -> 4 px, global average pool, one linear head per attribute.
+
+    One conv at full resolution keeps the compute small (CPU training) while its 3x3 filters still
+    see the subjects' 2-3 px markings before the first pooling."""
+
+    def __init__(self, width: int = 16, labels: dict = LABELS):
+        super().__init__()
+
+        def block(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        w = width
+        self.trunk = nn.Sequential(
+            *block(3, w), nn.MaxPool2d(2),
+            *block(w, 2 * w), *block(2 * w, 2 * w), nn.MaxPool2d(2),
+            *block(2 * w, 4 * w), *block(4 * w, 4 * w), nn.MaxPool2d(2),
+            *block(4 * w, 8 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.heads = nn.ModuleDict({name: nn.Linear(8 * w, len(values)) for name, values in labels.items()})
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        feats = self.trunk(x)
+        return feats, {name: head(feats) for name, head in self.heads.items()}
+
+
+def to_batch(images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL images -> float (N, 3, 32, 32) in [-1, 1] (other sizes are resized to the renderer's)."""
+    arrays = [np.asarray(im.convert("RGB").resize((render.SIZE, render.SIZE), Image.BILINEAR)
+                         if im.size != (render.SIZE, render.SIZE) or im.mode != "RGB" else im) for im in images]
+    return _to_float(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
+
+
+def _to_float(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.float() / 127.5 - 1.0
+
+
+@dataclass
+class Oracle:
+    net: OracleNet
+    labels: dict
+    info: dict  # the oracle.json contents (training settings, accuracies)
+
+    @torch.no_grad()
+    def _run(self, images: Sequence[Image.Image], batch_size: int = 256):
+        if len(images) == 0:
+            raise ValueError("oracle: got no images")
+        self.net.eval()
+        feats, logits = [], {k: [] for k in self.labels}
+        for i in range(0, len(images), batch_size):
+            f, out = self.net(to_batch(images[i:i + batch_size]))
+            feats.append(f)
+            for k in self.labels:
+                logits[k].append(out[k])
+        return torch.cat(feats), {k: torch.cat(v) for k, v in logits.items()}
+
+    def predict(self, images: Sequence[Image.Image]) -> list[dict]:
+        """Per image: {head: label} for every head, plus "probs": {head: {label: probability}}."""
+        _, logits = self._run(images)
+        probs = {k: v.softmax(-1) for k, v in logits.items()}
+        out = []
+        for i in range(len(images)):
+            row = {k: self.labels[k][int(probs[k][i].argmax())] for k in self.labels}
+            row["probs"] = {k: dict(zip(self.labels[k], probs[k][i].tolist())) for k in self.labels}
+            out.append(row)
+        return out
+
+    def features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Penultimate features (N, 8 * width): the pooled trunk output, non-negative (after ReLU)."""
+        return self._run(images)[0]
+
+
+def load_oracle(path: str | Path = ORACLE_DIR) -> Oracle:
+    """Read oracle.json (architecture, labels) and oracle.safetensors from the folder `path`."""
+    path = Path(path)
+    meta_path, weights_path = path / "oracle.json", path / "oracle.safetensors"
+    for p in (meta_path, weights_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: train the oracle with `python -m dreambooth_lib.toyworld "
+                                    f"oracle-train --out {path}`")
+    info = json.loads(meta_path.read_text())
+    labels = {k: tuple(v) for k, v in info["labels"].items()}
+    net = OracleNet(width=info["width"], labels=labels)
+    net.load_state_dict(load_file(weights_path))
+    return Oracle(net.eval(), labels, info)
+
+
+# ---------------------------------------------------------------------------------------------
+# training data
+
+
+def label_row(spec: render.Spec) -> list[int]:
+    """Head labels of a spec, in LABELS order; the colour of a sketch is IGNORE."""
+    row = []
+    for head, values in LABELS.items():
+        value = getattr(spec, SPEC_FIELD[head])
+        if head == "subject":
+            value = value or "none"
+        row.append(IGNORE if head == "colour" and spec.style == "sketch" else values.index(value))
+    return row
+
+
+def oracle_specs(n: int, rng: np.random.Generator, p_sketch: float = 0.35) -> list[render.Spec]:
+    """Balanced mix: 1/3 subjects, 1/6 hard negatives (a subject's class AND colour, any pattern, no
+    marking), 1/2 ordinary pictures; every context, size, position and both styles throughout."""
+    names = list(render.SUBJECTS)
+    specs = []
+    for i in range(n):
+        kind, name = i % 6, names[(i // 6) % len(names)]
+        if kind < 2:
+            specs.append(render.sample_spec(rng, subject=name, p_sketch=p_sketch))
+        elif kind == 2:
+            fixed = render.SUBJECTS[name]
+            specs.append(render.sample_spec(rng, cls=fixed["cls"], colour=fixed["colour"], p_sketch=p_sketch))
+        else:
+            specs.append(render.sample_spec(rng, p_sketch=p_sketch))
+    return specs
+
+
+def render_labelled(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n pictures from `oracle_specs` as uint8 (n, 3, 32, 32) and their labels (n, heads)."""
+    rng = np.random.default_rng(seed)
+    specs = oracle_specs(n, rng)
+    seeds = rng.integers(0, 2**31, size=n)
+    pixels = np.stack([np.asarray(render.render(s, int(k))) for s, k in
+                       tqdm(zip(specs, seeds), total=n, desc="render", mininterval=5)])
+    labels = torch.tensor([label_row(s) for s in specs])
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), labels
+
+
+def load_vae(path: str | Path):
+    """The AutoencoderKL of a pipeline folder (`<path>/vae`) or a vae folder itself."""
+    from diffusers import AutoencoderKL
+
+    path = Path(path)
+    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--vae {path}: no vae/config.json or config.json there; give a diffusers "
+                                "pipeline folder (e.g. data/toy_model) or its vae subfolder")
+    return AutoencoderKL.from_pretrained(folder).eval()
+
+
+@torch.no_grad()
+def vae_round_trip(vae, pixels: torch.Tensor, latent_noise: float = 0.0, seed: int = 0,
+                   batch_size: int = 512) -> torch.Tensor:
+    """uint8 pictures -> VAE encode (posterior mean) -> + N(0, s^2) latent noise, s ~ U(0, latent_noise)
+    per picture (generated latents are not exact encodings) -> decode -> uint8, as the pipeline outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in tqdm(range(0, len(pixels), batch_size), desc="vae round trip", mininterval=5):
+        z = vae.encode(_to_float(pixels[i:i + batch_size])).latent_dist.mode()
+        s = torch.rand(len(z), 1, 1, 1, generator=gen) * latent_noise * z.std()
+        x = vae.decode(z + s * torch.randn(z.shape, generator=gen)).sample
+        out.append(((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8))
+    return torch.cat(out)
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random shift (+-2 px) and scale (+-8%), colour jitter that keeps hues apart, blur, pixel noise."""
+    n = len(x)
+    u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
+    scale = 1 + 0.16 * (u(n) - 0.5)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = scale
+    theta[:, :, 2] = (u(n, 2) - 0.5) * 0.25  # 0.125 of the half-width = 2 px
+    x = F.grid_sample(x, F.affine_grid(theta, x.shape, align_corners=False), padding_mode="border", align_corners=False)
+    brightness = 0.2 * (u(n, 1, 1, 1) - 0.5)
+    contrast = 1 + 0.3 * (u(n, 1, 1, 1) - 0.5)
+    gain = 1 + 0.08 * (u(n, 3, 1, 1) - 0.5)  # per channel, small: orange/yellow/red must stay distinct
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean + brightness
+    x = (x + 1) * gain - 1
+    sigma = 0.3 + 0.9 * u(n)
+    blur = u(n) < 0.3
+    k = torch.exp(-torch.tensor([-1.0, 0.0, 1.0])[None] ** 2 / (2 * sigma[:, None] ** 2))
+    k = k / k.sum(-1, keepdim=True)
+    kernel = (k[:, :, None] * k[:, None, :]).repeat_interleave(3, 0)[:, None]  # (3n, 1, 3, 3)
+    blurred = F.conv2d(F.pad(x.reshape(1, 3 * n, *x.shape[2:]), (1, 1, 1, 1), mode="replicate"), kernel,
+                       groups=3 * n).reshape(x.shape)
+    x = torch.where(blur[:, None, None, None], blurred, x)
+    x = x + 0.06 * u(n, 1, 1, 1) * torch.randn(x.shape, generator=gen)
+    return x.clamp(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# training and evaluation
+
+
+def train_oracle(out: str | Path = ORACLE_DIR, vae_path: str | Path | None = None, num_images: int = 24000,
+                 steps: int = 2000, batch_size: int = 128, lr: float = 3e-3, width: int = 16, seed: int = 0,
+                 num_vae_images: int = 8000, p_vae: float = 0.5, latent_noise: float = 0.3, minutes: float = 4.5,
+                 eval_images: int = 3000, log=print) -> dict:
+    """Train on freshly rendered pictures, evaluate on a fresh set, write oracle.safetensors + oracle.json.
+
+    The first `num_vae_images` pictures also get a VAE round trip (the costly part on a CPU); a share
+    p_vae of every batch is drawn from those round trips. `minutes` caps the whole run."""
+    started = time.time()
+    vae = load_vae(vae_path) if vae_path is not None else None  # fails early on a bad path
+    torch.manual_seed(seed)
+    pixels, labels = render_labelled(num_images, seed)
+    decoded = vae_round_trip(vae, pixels[:num_vae_images], latent_noise, seed) if vae is not None else None
+    n_vae = int(batch_size * p_vae) if vae is not None else 0
+    net = OracleNet(width)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    net.train()
+    train_started = time.time()
+    budget_s = minutes * 60 - (train_started - started)  # what rendering and round trips left
+    bar = tqdm(range(steps), desc="oracle", mininterval=5)
+    for step in bar:
+        # Warmup then cosine decay over progress = max(step share, time share): a run that the time
+        # budget cuts short still anneals its learning rate to ~0.
+        progress = max(step / steps, (time.time() - train_started) / max(budget_s, 1.0))
+        if progress >= 1.0:
+            log(f"oracle: time budget of {minutes} min reached at step {step}")
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, progress / 0.05) * 0.5 * (1 + math.cos(math.pi * progress))
+        idx = torch.randint(0, num_images, (batch_size - n_vae,), generator=gen)
+        idx_vae = torch.randint(0, len(decoded), (n_vae,), generator=gen) if n_vae else idx[:0]
+        x = torch.cat([pixels[idx], decoded[idx_vae]]) if n_vae else pixels[idx]
+        y = labels[torch.cat([idx, idx_vae])]
+        _, logits = net(augment(_to_float(x), gen))
+        loss = sum(F.cross_entropy(logits[k], y[:, j], ignore_index=IGNORE) for j, k in enumerate(LABELS))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    net.eval()
+    train_s = time.time() - started
+    oracle = Oracle(net, dict(LABELS), {})
+    accuracy = evaluate_oracle(oracle, eval_images, seed=seed + 1, vae=vae)
+    info = dict(
+        width=width, labels={k: list(v) for k, v in LABELS.items()},
+        params=sum(p.numel() for p in net.parameters()),
+        training=dict(num_images=num_images, steps_planned=steps, steps_done=step + (progress < 1.0),
+                      batch_size=batch_size, lr=lr,
+                      seed=seed, vae=str(vae_path) if vae_path else None, num_vae_images=num_vae_images if vae else 0,
+                      p_vae=n_vae / batch_size,
+                      latent_noise=latent_noise, wall_time_s=round(train_s, 1)),
+        accuracy=accuracy,
+    )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / "oracle.safetensors")
+    (out / "oracle.json").write_text(json.dumps(info, indent=1))
+    oracle.info = info
+    return info
+
+
+@torch.no_grad()
+def _accuracy(net: OracleNet, pixels: torch.Tensor, labels: torch.Tensor) -> dict:
+    _, logits = net(_to_float(pixels))
+    out = {}
+    for j, k in enumerate(LABELS):
+        keep = labels[:, j] != IGNORE  # colour: photos only
+        out[k] = round(float((logits[k].argmax(-1)[keep] == labels[keep, j]).float().mean()), 4)
+    subj = LABELS["subject"].index("none")
+    pred = logits["subject"].argmax(-1)
+    is_subject = labels[:, -1] != subj
+    out["subject_false_positive"] = round(float((pred[~is_subject] != subj).float().mean()), 4)
+    out["subject_recall"] = round(float((pred[is_subject] == labels[is_subject, -1]).float().mean()), 4)
+    return out
+
+
+def evaluate_oracle(oracle: Oracle, n: int = 3000, seed: int = 1, vae=None) -> dict:
+    """Accuracy per head on n fresh pictures of the training mix (`oracle_specs`, new seed), colour on
+    photos only; with a VAE also on their VAE round trips (posterior mean, no latent noise)."""
+    pixels, labels = render_labelled(n, seed)
+    oracle.net.eval()
+    result = {"renderer": _accuracy(oracle.net, pixels, labels), "n": n, "seed": seed}
+    if vae is not None:
+        result["vae_round_trip"] = _accuracy(oracle.net, vae_round_trip(vae, pixels), labels)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def _check_subject(subject: str) -> None:
+    if subject not in render.SUBJECTS:
+        raise ValueError(f"unknown subject {subject!r}; known: {sorted(render.SUBJECTS)}")
+
+
+def subject_fidelity(oracle: Oracle, images: Sequence[Image.Image], subject: str) -> float:
+    """Share of images the oracle identifies as `subject`."""
+    _check_subject(subject)
+    return float(np.mean([p["subject"] == subject for p in oracle.predict(images)]))
+
+
+def prompt_fidelity(oracle: Oracle, images: Sequence[Image.Image], expected: dict) -> float:
+    """Share of images matching ALL expected attributes, e.g. {"context": "snow", "class": "star"}."""
+    for key, value in expected.items():
+        if key not in ("class", "colour", "context", "style"):
+            raise ValueError(f"prompt_fidelity: expected key {key!r} is not one of class/colour/context/style")
+        if value not in LABELS[key]:
+            raise ValueError(f"prompt_fidelity: {key}={value!r} is not one of {list(LABELS[key])}")
+    preds = oracle.predict(images)
+    return float(np.mean([all(p[k] == v for k, v in expected.items()) for p in preds]))
+
+
+def pres(oracle: Oracle, images: Sequence[Image.Image], subject: str) -> float:
+    """PRES: share of images of the plain class prompt (`class_prompt(subject)`) identified as the
+    subject. The base model scores ~0; a fine-tuned model that draws its subject for every "a star"
+    has drifted (the paper's language drift); lower is better."""
+    return subject_fidelity(oracle, images, subject)
+
+
+def div(oracle: Oracle, images: Sequence[Image.Image]) -> float:
+    """DIV: mean over pairs i < j of 1 - cos(f_i, f_j), f the oracle's pooled features (non-negative,
+    so DIV is in [0, 1]); 0 when all images are identical. Use images of ONE prompt (as the paper)."""
+    if len(images) < 2:
+        raise ValueError(f"div needs at least 2 images of one prompt, got {len(images)}")
+    f = F.normalize(oracle.features(images), dim=-1)
+    cos = f @ f.T
+    i, j = torch.triu_indices(len(f), len(f), offset=1)
+    return float((1 - cos[i, j]).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# prompt suites (the paper's recontextualization / property modification / art renditions)
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def prompt_suite(subject: str) -> dict[str, list[tuple[str, dict]]]:
+    """{category: [(template, expected)]}; templates keep "{identifier}" as the only placeholder
+    (the class noun is filled in), in the renderer's caption words so the base model knows them."""
+    _check_subject(subject)
+    cls, colour = render.SUBJECTS[subject]["cls"], render.SUBJECTS[subject]["colour"]
+    photo, sketch = render.STYLE_PHRASES["photo"], render.STYLE_PHRASES["sketch"]
+    return {
+        "recontextualization": [(f"{photo} {{identifier}} {cls} {render.CONTEXT_PHRASES[c]}",
+                                 {"class": cls, "context": c}) for c in render.CONTEXTS],
+        "property": [(f"{photo} {_article(c)} {c} {{identifier}} {cls}", {"class": cls, "colour": c})
+                     for c in render.COLOURS if c != colour],
+        "art": [(f"{sketch} {{identifier}} {cls}", {"class": cls, "style": "sketch"})]
+        + [(f"{sketch} {{identifier}} {cls} {render.CONTEXT_PHRASES[c]}",
+            {"class": cls, "style": "sketch", "context": c}) for c in render.CONTEXTS],
+    }
+
+
+PROMPT_SUITES = {name: prompt_suite(name) for name in render.SUBJECTS}
+
+
+def class_prompt(subject: str) -> str:
+    """The plain class prompt whose images PRES scores, e.g. "a photo of a star"."""
+    _check_subject(subject)
+    return f"{render.STYLE_PHRASES['photo']} a {render.SUBJECTS[subject]['cls']}"
+
+
+def _match(prompt: str, suite: dict) -> tuple[str, str, dict] | None:
+    """(category, template, expected) of a prompt given as a template or filled with any identifier."""
+    for category, entries in suite.items():
+        for template, expected in entries:
+            pattern = re.escape(template).replace(re.escape("{identifier}"), r"\S+")
+            if prompt == template or re.fullmatch(pattern, prompt):
+                return category, template, expected
+    return None
+
+
+def evaluate_images(oracle: Oracle, images_by_prompt: dict[str, Sequence[Image.Image]], subject: str) -> dict:
+    """Score generated images keyed by prompt (suite templates, or them with the identifier filled in;
+    optionally `class_prompt(subject)` for PRES). Per prompt, per category and overall: subject
+    fidelity and prompt fidelity (image-weighted) and DIV (mean over prompts of the per-prompt DIV)."""
+    suite = prompt_suite(subject)
+    per_prompt, categories = {}, {}
+    result = {"subject": subject, "pres": None}
+    for prompt, images in images_by_prompt.items():
+        if prompt == class_prompt(subject):
+            result["pres"] = pres(oracle, images, subject)
+            continue
+        found = _match(prompt, suite)
+        if found is None:
+            raise ValueError(f"evaluate_images: prompt {prompt!r} is not in prompt_suite({subject!r}) nor "
+                             f"class_prompt ({class_prompt(subject)!r})")
+        category, template, expected = found
+        per_prompt[prompt] = dict(category=category, expected=expected, n=len(images),
+                                  subject_fidelity=subject_fidelity(oracle, images, subject),
+                                  prompt_fidelity=prompt_fidelity(oracle, images, expected),
+                                  div=div(oracle, images) if len(images) > 1 else None)
+        categories.setdefault(category, []).append(per_prompt[prompt])
+
+    def summary(rows):
+        n = sum(r["n"] for r in rows)
+        divs = [r["div"] for r in rows if r["div"] is not None]
+        return dict(n_prompts=len(rows), n_images=n,
+                    subject_fidelity=sum(r["subject_fidelity"] * r["n"] for r in rows) / n,
+                    prompt_fidelity=sum(r["prompt_fidelity"] * r["n"] for r in rows) / n,
+                    div=float(np.mean(divs)) if divs else None)
+
+    result["per_category"] = {c: summary(rows) for c, rows in categories.items()}
+    result["overall"] = summary(list(per_prompt.values())) if per_prompt else None
+    result["per_prompt"] = per_prompt
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# base model check
+
+
+def base_prompts() -> list[tuple[str, dict]]:
+    """Captions varying one attribute at a time (class, colour, context, style), exactly as the
+    renderer writes them, with the attributes each one asks for."""
+    def spec(**kw):
+        fixed = dict(colour="red", context="grass", style="photo", pattern="plain", size=0.3, cx=0.5, cy=0.5, angle=0.0)
+        return render.Spec(**{**fixed, **kw})
+
+    out = []
+    for cls in render.CLASSES:
+        out.append((render.caption(spec(cls=cls, mention_colour=False, mention_context=False)),
+                    {"class": cls, "style": "photo"}))
+    for cls, colour in zip(itertools.cycle(render.CLASSES), render.COLOURS):
+        out.append((render.caption(spec(cls=cls, colour=colour, mention_context=False)),
+                    {"class": cls, "colour": colour, "style": "photo"}))
+    for cls, context in zip(itertools.cycle(render.CLASSES[1:] + render.CLASSES[:1]), render.CONTEXTS):
+        out.append((render.caption(spec(cls=cls, context=context, mention_colour=False)),
+                    {"class": cls, "context": context, "style": "photo"}))
+    for cls in render.CLASSES:
+        out.append((render.caption(spec(cls=cls, style="sketch", mention_colour=False, mention_context=False)),
+                    {"class": cls, "style": "sketch"}))
+    return out
+
+
+def base_eval(oracle: Oracle, model: str | Path, n: int = 8, guidance_scale: float = 7.0, steps: int = 25,
+              seed: int = 0) -> dict:
+    """Generate n images per `base_prompts()` caption with the base model; report the share of images
+    following each asked-for attribute and the share identified as any subject (should be ~0)."""
+    from dreambooth_lib.sample import generate, load_pipeline
+
+    pipe = load_pipeline(model)
+    prompts = base_prompts()
+    flat = [p for p, _ in prompts for _ in range(n)]
+    images = generate(pipe, flat, seeds=[seed + i for _ in prompts for i in range(n)], guidance_scale=guidance_scale,
+                      num_inference_steps=steps, batch_size=16)
+    preds = oracle.predict(images)
+    hits = {k: [] for k in ("class", "colour", "context", "style")}
+    per_prompt = {}
+    for j, (prompt, expected) in enumerate(prompts):
+        chunk = preds[j * n:(j + 1) * n]
+        for k, v in expected.items():
+            hits[k] += [p[k] == v for p in chunk]
+        per_prompt[prompt] = float(np.mean([all(p[k] == v for k, v in expected.items()) for p in chunk]))
+    return dict(
+        model=str(model), n_per_prompt=n, guidance_scale=guidance_scale, steps=steps,
+        followed={k: round(float(np.mean(v)), 4) for k, v in hits.items()},
+        subject_share=round(float(np.mean([p["subject"] != "none" for p in preds])), 4),
+        per_prompt=per_prompt,
+    )
