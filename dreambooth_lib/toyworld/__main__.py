@@ -1,4 +1,4 @@
-"""python -m dreambooth_lib.toyworld demo | ablate | pretrain | finetune-decoder | oracle-train | oracle-eval | base-eval"""
+"""python -m dreambooth_lib.toyworld demo | ablate | pretrain | oracle-train | oracle-eval | base-eval"""
 
 from __future__ import annotations
 
@@ -38,10 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=8, help="images per prompt")
     p.add_argument("--guidance-scale", type=float, default=7.0)
     p.add_argument("--steps", type=int, default=25, help="sampler steps")
-    p = sub.add_parser("finetune-decoder", help="pretraining stage 4: sharpen the VAE decoder, encoder frozen")
-    p.add_argument("--model", default=None, help="pipeline folder (default data/toy_model)")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
     for name, what in (("demo", "DreamBooth on a toy subject end to end: train, grids, oracle metrics"),
                        ("ablate", "prior on/off, correct/no/wrong class noun, LoRA: table + figure")):
         p = sub.add_parser(name, help=what)
@@ -82,12 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         oracle = load_oracle(args.oracle or ORACLE_DIR)  # fails before the slow pipeline load
         print(json.dumps(base_eval(oracle, args.model or TOY_MODEL_DIR, n=args.n, guidance_scale=args.guidance_scale,
                                    steps=args.steps), indent=1))
-    elif args.command == "finetune-decoder":
-        from dreambooth_lib.config import TOY_MODEL_DIR
-        from dreambooth_lib.toyworld.pretrain import finetune_decoder
-
-        losses = finetune_decoder(args.model or TOY_MODEL_DIR, steps=args.steps, seed=args.seed)
-        print(json.dumps({"decoder_steps": len(losses), "final_decoder_loss": sum(losses[-100:]) / len(losses[-100:])}))
     elif args.command in ("demo", "ablate"):
         from dreambooth_lib.toyworld import demo
 

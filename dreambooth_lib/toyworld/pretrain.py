@@ -1,14 +1,11 @@
 """Pretrain the toy world's base model: a Stable-Diffusion-architecture latent diffusion model.
 
-Four stages, each reproducible from `seed`:
+Three stages, each reproducible from `seed`:
   1. AutoencoderKL on rendered 32 px pictures (32 px -> 8x8x4 latents), MSE + a tiny KL term.
   2. A fixed pretraining set is rendered once and encoded to latents once (the latent mean).
   3. UNet2DConditionModel + CLIPTextModel trained jointly from scratch with the DDPM epsilon
      objective (Ho et al. 2020, Alg. 1), captions dropped 10% of the time so classifier-free
      guidance works, with an EMA of the weights (the EMA is what is saved).
-  4. `finetune_decoder`: the VAE decoder alone is trained further, encoder frozen (the recipe of
-     SD's "ft-MSE" VAE): the latent space the UNet learned is unchanged, small details (a
-     subject's marking) come out sharper.
 The result is a diffusers StableDiffusionPipeline folder (default `data/toy_model`), loaded with
 `StableDiffusionPipeline.from_pretrained`, exactly as users load Stable Diffusion.
 """
@@ -104,6 +101,20 @@ def train_vae(steps: int, batch_size: int, seed: int, log=print) -> tuple[Autoen
 
 
 @torch.no_grad()
+def sharpen_posterior(vae: AutoencoderKL, logvar: float = -20.0) -> None:
+    """Set the posterior's log-variance to a constant floor, leaving its mean (and the decoder) as is.
+
+    The UNet is trained on posterior means, while DreamBooth (like diffusers' scripts) encodes with
+    one posterior *sample*; our tiny KL weight left std ~0.1 of the latent spread, so those samples
+    would be off the distribution the UNet learned. With this, sample == mean to ~1e-4, as with SD's
+    VAE (posterior std ~1e-3 of the latent scale).
+    """
+    channels = vae.config.latent_channels
+    vae.quant_conv.weight[channels:] = 0.0  # quant_conv outputs [mean; logvar]
+    vae.quant_conv.bias[channels:] = logvar
+
+
+@torch.no_grad()
 def encode_latents(vae: AutoencoderKL, pixels: np.ndarray, batch_size: int = 256) -> torch.Tensor:
     """Latent means of the pretraining set (the posterior is narrow; the mean keeps data fixed)."""
     out = [vae.encode(to_tensor(pixels[i:i + batch_size])).latent_dist.mode() for i in range(0, len(pixels), batch_size)]
@@ -124,52 +135,6 @@ def save_pipeline(folder: Path, vae, unet, text_encoder, tokenizer) -> None:
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def finetune_decoder(model_dir: str | Path, steps: int = 3000, batch_size: int = 32, lr: float = 3e-4, seed: int = 0,
-                     latent_noise: float = 0.1, log=print) -> list[float]:
-    """Stage 4: train decoder + post_quant_conv on (frozen encoder latents -> pictures), rewrite the VAE.
-
-    `latent_noise` (in units of the latent std) makes the decoder robust to the UNet's imperfect latents.
-    """
-    model_dir = Path(model_dir)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
-    vae.requires_grad_(False)
-    trainable = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
-    for p in trainable:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    pixels, _ = render.render_dataset(20000, seed=seed + 11)
-    subjects = [render.render(s, seed=seed + 13 * i + k) for k, name in enumerate(render.SUBJECTS)
-                for i, s in enumerate(render.subject_specs(name, seed=seed + 17) * 40)]
-    data = to_tensor(np.concatenate([pixels, np.stack([np.asarray(im) for im in subjects])]))
-    gen = torch.Generator().manual_seed(seed + 19)
-    losses = []
-    for step in tqdm(range(steps), desc="decoder", mininterval=10):
-        x = data[torch.randint(0, len(data), (batch_size,), generator=gen)]
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.mode()
-            z = z + latent_noise * z.std() * torch.randn(z.shape, generator=gen)
-        loss = F.mse_loss(vae.decode(z).sample, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % 500 == 0:
-            log(f"decoder step {step} loss {np.mean(losses[-100:]):.4f}")
-    vae.save_pretrained(model_dir / "vae.tmp", safe_serialization=True)
-    shutil.rmtree(model_dir / "vae")
-    (model_dir / "vae.tmp").rename(model_dir / "vae")
-    log_path = model_dir / "pretrain_log.json"
-    if log_path.is_file():
-        record = json.loads(log_path.read_text())
-        record.update(decoder_steps=steps, final_decoder_loss=float(np.mean(losses[-100:])),
-                      decoder_loss=[float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)])
-        log_path.write_text(json.dumps(record, indent=1))
-    return losses
 
 
 def plot_losses(history: dict, path: Path) -> None:
@@ -200,6 +165,7 @@ def pretrain(out: str | Path = TOY_MODEL_DIR, seed: int = 0, num_images: int = 4
     tokenizer = build_tokenizer(out.with_name(out.name + ".tokenizer"), seed=seed)
 
     vae, vae_losses = train_vae(vae_steps, batch_size // 2, seed, log)  # half batch: the VAE step is the costlier one
+    sharpen_posterior(vae)
     log(f"vae done in {time.time() - started:.0f}s, final loss {np.mean(vae_losses[-50:]):.4f}")
 
     pixels, specs = render.render_dataset(num_images, seed=seed + 2)

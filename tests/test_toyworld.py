@@ -1,0 +1,148 @@
+"""The toy world: renderer determinism, tokenizer, the oracle and its metrics, the committed base model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreambooth_lib.config import TOY_MODEL_DIR
+from dreambooth_lib.toyworld import oracle as orc
+from dreambooth_lib.toyworld import render
+from dreambooth_lib.toyworld.tokenizer import all_captions, build_tokenizer, rare_tokens
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return orc.load_oracle(orc.ORACLE_DIR)  # committed; a missing one is a failure, not a skip
+
+
+def _renders(n: int, seed: int, **kw) -> list[Image.Image]:
+    pixels, _ = render.render_dataset(n, seed, **kw)
+    return [Image.fromarray(p) for p in pixels]
+
+
+def test_render_is_deterministic_in_spec_and_seed():
+    spec = render.sample_spec(np.random.default_rng(0), context="grass")
+    a, b, c = (np.asarray(render.render(spec, seed)) for seed in (7, 7, 8))
+    assert a.shape == (render.SIZE, render.SIZE, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)  # the seed moves the grass blades
+    x1, specs1 = render.render_dataset(4, seed=3)
+    x2, specs2 = render.render_dataset(4, seed=3)
+    assert np.array_equal(x1, x2) and specs1 == specs2
+
+
+def test_tokenizer_round_trips_captions_and_rare_tokens_are_unused(tmp_path):
+    tok = build_tokenizer(tmp_path)
+    captions = all_captions()
+    words = {w for c in captions for w in c.split()}
+    for caption in captions:
+        ids = tok(caption).input_ids
+        assert len(ids) <= tok.model_max_length
+        assert tok.decode(ids, skip_special_tokens=True) == caption
+    rare = rare_tokens(words)
+    assert len(rare) > 0
+    for token in rare:
+        assert token not in words
+        assert len(tok.tokenize(token)) == 1, token
+
+
+def test_subject_images_are_written_and_recognised(oracle, tmp_path):
+    folders = render.write_subject_images(tmp_path)
+    for name, folder in folders.items():
+        paths = sorted(folder.glob("*.png"))
+        assert [p.name for p in paths] == [f"{i:02d}.png" for i in range(5)]
+        images = [Image.open(p).convert("RGB") for p in paths]
+        assert orc.subject_fidelity(oracle, images, name) == 1.0
+        fixed = render.SUBJECTS[name]
+        # same class, same colour, no marking: never the subject
+        lookalikes = _renders(6, seed=5, cls=fixed["cls"], colour=fixed["colour"], style="photo")
+        assert orc.subject_fidelity(oracle, lookalikes, name) == 0.0
+        assert orc.pres(oracle, lookalikes, name) == 0.0
+
+
+def test_metrics_on_known_renderer_images(oracle):
+    stars = _renders(6, seed=11, cls="star", context="snow", style="photo", colour="red")
+    assert orc.prompt_fidelity(oracle, stars, {"class": "star", "context": "snow"}) == 1.0
+    assert orc.prompt_fidelity(oracle, stars, {"class": "star", "colour": "red", "style": "photo"}) == 1.0
+    assert orc.prompt_fidelity(oracle, stars, {"context": "grass"}) == 0.0
+    sketches = _renders(4, seed=12, cls="ball", style="sketch")
+    assert orc.prompt_fidelity(oracle, sketches, {"class": "ball", "style": "sketch"}) == 1.0
+    assert orc.div(oracle, [stars[0]] * 4) == pytest.approx(0.0, abs=1e-5)
+    assert 0.0 < orc.div(oracle, stars) < 1.0
+    with pytest.raises(ValueError, match="pattern"):
+        orc.prompt_fidelity(oracle, stars, {"pattern": "plain"})
+    with pytest.raises(ValueError, match="at least 2"):
+        orc.div(oracle, stars[:1])
+    pred = oracle.predict(stars[:1])[0]
+    assert pred["class"] == "star" and sum(pred["probs"]["class"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert oracle.features(stars).shape == (6, 8 * oracle.info["width"])
+
+
+def test_prompt_suites_use_caption_words_and_evaluate_rendered_subjects(oracle):
+    vocab = {w for c in all_captions() for w in c.split()}
+    for name in render.SUBJECTS:
+        suite = orc.prompt_suite(name)
+        assert [len(suite[k]) for k in ("recontextualization", "property", "art")] == [6, 5, 7]
+        for entries in suite.values():
+            for template, expected in entries:
+                assert template.count("{identifier}") == 1
+                assert set(template.replace("{identifier}", "").split()) <= vocab, template
+                assert expected["class"] == render.SUBJECTS[name]["cls"]
+        assert set(orc.class_prompt(name).split()) <= vocab
+    assert orc.PROMPT_SUITES["marked_star"] == orc.prompt_suite("marked_star")
+
+    # Rendered subject pictures matching each recontextualization prompt: every score is hand-known.
+    suite = orc.prompt_suite("marked_star")
+    by_prompt = {}
+    for template, expected in suite["recontextualization"]:
+        specs = [render.sample_spec(np.random.default_rng(i), subject="marked_star", style="photo",
+                                    context=expected["context"]) for i in range(3)]
+        by_prompt[template.format(identifier="xqz")] = [render.render(s, seed=i) for i, s in enumerate(specs)]
+    by_prompt[orc.class_prompt("marked_star")] = _renders(3, seed=4, cls="star", colour="red")
+    result = orc.evaluate_images(oracle, by_prompt, "marked_star")
+    recontext = result["per_category"]["recontextualization"]
+    assert (recontext["n_prompts"], recontext["n_images"]) == (6, 18)
+    assert recontext["subject_fidelity"] == 1.0 and recontext["prompt_fidelity"] == 1.0
+    assert result["pres"] == 0.0
+    with pytest.raises(ValueError, match="not in prompt_suite"):
+        orc.evaluate_images(oracle, {"a photo of a fish": by_prompt[orc.class_prompt("marked_star")]}, "marked_star")
+
+
+def test_oracle_rejects_a_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="oracle-train"):
+        orc.load_oracle(tmp_path)
+
+
+def test_committed_model_follows_a_class_prompt(oracle):
+    assert (Path(TOY_MODEL_DIR) / "model_index.json").is_file(), "the toy model is committed under data/toy_model"
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(i) for i in range(8)]
+    images = pipe(["a photo of a star"] * 8, generator=generators, guidance_scale=7.0, num_inference_steps=20).images
+    assert images[0].size == (render.SIZE, render.SIZE)
+    classes = [p["class"] for p in oracle.predict(images)]
+    assert classes.count("star") >= 6, classes
+
+
+def test_short_dreambooth_run_moves_subject_fidelity_up(oracle, tmp_path):
+    """A few hundred CPU steps of the demo's recipe teach the base model the subject it cannot draw."""
+    from dreambooth_lib.sample import generate, load_pipeline
+    from dreambooth_lib.toyworld.demo import demo_config
+    from dreambooth_lib.train import train
+
+    cfg = demo_config("marked_star", str(tmp_path / "run"), with_prior_preservation=False, max_train_steps=200)
+    summary = train(cfg, progress=False)
+    prompt = f"a photo of {summary['identifier']} star on the beach"
+    seeds = list(range(8))
+    before = orc.subject_fidelity(oracle, generate(load_pipeline(TOY_MODEL_DIR), prompt, seeds, 7.0, 20, batch_size=8,
+                                                   progress=False), "marked_star")
+    after = orc.subject_fidelity(oracle, generate(load_pipeline(cfg.output_dir), prompt, seeds, 7.0, 20, batch_size=8,
+                                                  progress=False), "marked_star")
+    assert before <= 0.125 and after >= before + 0.375, (before, after)
