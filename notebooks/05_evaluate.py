@@ -108,8 +108,8 @@ pipe = load_pipeline(run_cfg["pretrained_model"], lora_dir=RUN_DIR) if run_cfg["
 subject, identifier, class_noun = Path(run_cfg["instance_dir"]).name, summary["identifier"], run_cfg["class_noun"]
 seeds = list(range(N_PER_PROMPT))
 if subject in render.SUBJECTS:
-    suites = demo.sample_suites(pipe, subject, identifier, class_noun, seeds, GUIDANCE, INFERENCE_STEPS)
-    class_prompt, class_images = demo.class_prompt_images(pipe, class_noun, seeds, GUIDANCE, INFERENCE_STEPS)
+    suites = demo.sample_suites(pipe, subject, f"{identifier} {class_noun}", seeds, GUIDANCE, INFERENCE_STEPS)
+    class_prompt, class_images = demo.class_prompt_images(pipe, subject, seeds, GUIDANCE, INFERENCE_STEPS)
     table = demo.score(oracle_lib.load_oracle(), suites, class_images, subject)
     print(demo.format_table(table, ["subject_fidelity", "prompt_fidelity", "div", "pres"]))
     print("DINO, CLIP-I and CLIP-T: not computed; they need real pretrained encoders (toy world: oracle metrics above)")
