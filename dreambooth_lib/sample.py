@@ -82,7 +82,8 @@ def generate(pipe, prompts: str | list[str], seeds: list[int], guidance_scale: f
 
 
 def save_grid(images: list[Image.Image], rows: int, cols: int, path: str | Path, labels: list[str] | None = None) -> Image.Image:
-    """Row-major grid PNG; optional labels are drawn in each cell's top-left corner."""
+    """Row-major grid PNG; optional labels are drawn in each cell's top-left corner (cells under
+    MIN_LABELLED_SIDE pixels are enlarged first, so the label does not hide the picture)."""
     if labels is not None:
         if len(labels) != len(images):
             raise ValueError(f"save_grid: {len(labels)} labels for {len(images)} images")
@@ -93,7 +94,13 @@ def save_grid(images: list[Image.Image], rows: int, cols: int, path: str | Path,
     return grid
 
 
+MIN_LABELLED_SIDE = 128  # small pictures (the toy world's 32 px) are enlarged so a label leaves them visible
+
+
 def _label(image: Image.Image, text: str) -> Image.Image:
+    if image.width < MIN_LABELLED_SIDE:
+        factor = -(-MIN_LABELLED_SIDE // image.width)  # whole-pixel nearest-neighbour enlargement
+        image = image.resize((image.width * factor, image.height * factor), Image.NEAREST)
     image = image.copy()
     draw = ImageDraw.Draw(image)
     box = draw.textbbox((2, 2), text)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 import dreambooth_lib.train as T
 from dreambooth_lib.config import TrainConfig
@@ -63,11 +64,13 @@ def test_grids_are_written_with_their_parameters(tiny_model_dir, lora_dir, tmp_p
     pipe = load_pipeline(tiny_model_dir, lora_dir=lora_dir[0], device="cpu")
     grid, params = lora_scale_grid(pipe, PROMPT, [0.0, 1.0], [0.0, 0.5, 1.0], seed=3, num_inference_steps=2,
                                    path=tmp_path / "scales.png")
-    assert grid.size == (2 * 32, 3 * 32) and (tmp_path / "scales.png").is_file()
+    assert grid.size == (2 * 128, 3 * 128) and (tmp_path / "scales.png").is_file()  # 32 px cells enlarged x4 for labels
     assert params["cells"][1] == dict(row=0, col=1, unet_scale=1.0, te_scale=0.0)
     grid, params = scale_guidance_grid(pipe, PROMPT, [0.0, 1.0], [1.0, 7.5], seed=3, num_inference_steps=2)
-    assert grid.size == (2 * 32, 2 * 32) and len(params["cells"]) == 4
+    assert grid.size == (2 * 128, 2 * 128) and len(params["cells"]) == 4
     images = generate(pipe, PROMPT, [0, 1], num_inference_steps=2, progress=False)
     plain = save_grid(images, 1, 2, tmp_path / "g" / "plain.png")
     labelled = save_grid(images, 1, 2, tmp_path / "labelled.png", labels=["a", "b"])
-    assert plain.size == labelled.size == (64, 32) and plain.tobytes() != labelled.tobytes()
+    assert plain.size == (64, 32) and labelled.size == (256, 128)
+    # the enlargement is nearest-neighbour: away from the label, each picture pixel becomes a 4x4 block
+    assert labelled.crop((0, 124, 128, 128)).resize((32, 1), Image.NEAREST).tobytes() == plain.crop((0, 31, 32, 32)).tobytes()
