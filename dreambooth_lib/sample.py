@@ -109,17 +109,25 @@ def _label(image: Image.Image, text: str) -> Image.Image:
     return image
 
 
+def _render_cells(pipe, prompt: str, seed: int, cells: list[dict], num_inference_steps: int,
+                  adapter_name: str) -> list[Image.Image]:
+    """One image per cell {unet, te, guidance} with the same seed; LoRA scales return to 1/1 after."""
+    images = []
+    for cell in cells:
+        set_lora_scales(pipe, cell["unet"], cell["te"], adapter_name)
+        images += generate(pipe, prompt, [seed], cell["guidance"], num_inference_steps, progress=False)
+    set_lora_scales(pipe, 1.0, 1.0, adapter_name)
+    return images
+
+
 def lora_scale_grid(pipe, prompt: str, unet_scales: list[float], te_scales: list[float], seed: int,
                     guidance_scale: float = 7.5, num_inference_steps: int = 25, adapter_name: str = "subject",
                     path: str | Path | None = None) -> tuple[Image.Image, dict]:
     """Rows: text-encoder scale, columns: UNet scale, same seed everywhere. Scales return to 1/1 after."""
-    images, cells = [], []
-    for r, te in enumerate(te_scales):
-        for c, un in enumerate(unet_scales):
-            set_lora_scales(pipe, un, te, adapter_name)
-            images += generate(pipe, prompt, [seed], guidance_scale, num_inference_steps, progress=False)
-            cells.append(dict(row=r, col=c, unet_scale=un, te_scale=te))
-    set_lora_scales(pipe, 1.0, 1.0, adapter_name)
+    cells = [dict(row=r, col=c, unet_scale=un, te_scale=te)
+             for r, te in enumerate(te_scales) for c, un in enumerate(unet_scales)]
+    images = _render_cells(pipe, prompt, seed, [dict(unet=c["unet_scale"], te=c["te_scale"], guidance=guidance_scale)
+                                                for c in cells], num_inference_steps, adapter_name)
     labels = [f"u{c['unet_scale']:g} t{c['te_scale']:g}" for c in cells]
     grid = _grid(images, len(te_scales), len(unet_scales), labels, path)
     return grid, dict(prompt=prompt, seed=seed, unet_scales=list(unet_scales), te_scales=list(te_scales),
@@ -130,13 +138,10 @@ def scale_guidance_grid(pipe, prompt: str, scales: list[float], guidance_scales:
                         num_inference_steps: int = 25, adapter_name: str = "subject",
                         path: str | Path | None = None) -> tuple[Image.Image, dict]:
     """Rows: guidance scale, columns: LoRA scale (UNet and text encoder together), same seed everywhere."""
-    images, cells = [], []
-    for r, g in enumerate(guidance_scales):
-        for c, s in enumerate(scales):
-            set_lora_scales(pipe, s, s, adapter_name)
-            images += generate(pipe, prompt, [seed], g, num_inference_steps, progress=False)
-            cells.append(dict(row=r, col=c, lora_scale=s, guidance_scale=g))
-    set_lora_scales(pipe, 1.0, 1.0, adapter_name)
+    cells = [dict(row=r, col=c, lora_scale=s, guidance_scale=g)
+             for r, g in enumerate(guidance_scales) for c, s in enumerate(scales)]
+    images = _render_cells(pipe, prompt, seed, [dict(unet=c["lora_scale"], te=c["lora_scale"], guidance=c["guidance_scale"])
+                                                for c in cells], num_inference_steps, adapter_name)
     labels = [f"s{c['lora_scale']:g} g{c['guidance_scale']:g}" for c in cells]
     grid = _grid(images, len(guidance_scales), len(scales), labels, path)
     return grid, dict(prompt=prompt, seed=seed, scales=list(scales), guidance_scales=list(guidance_scales),
