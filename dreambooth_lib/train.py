@@ -671,3 +671,15 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
         info(f"done: {step} steps, final loss {summary['final_loss']}, weights in {summary['weights']}")
     accelerator.wait_for_everyone()
     return summary
+
+
+def finished_or_train(cfg: TrainConfig, log=print) -> dict:
+    """The summary of the run already finished in cfg.output_dir, else train(cfg) first.
+
+    For notebooks that reuse an earlier notebook's run and must also work alone. Reuse goes by folder,
+    not by config: delete the folder to retrain after changing settings or the base model.
+    """
+    summary = Path(cfg.output_dir) / "summary.json"
+    if not summary.is_file():
+        train(cfg, log=log)
+    return json.loads(summary.read_text())

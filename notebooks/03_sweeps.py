@@ -71,7 +71,7 @@ from PIL import Image
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.sample import generate, load_pipeline, lora_scale_grid, save_grid, scale_guidance_grid, set_lora_scales
 from dreambooth_lib.toyworld.demo import demo_config
-from dreambooth_lib.train import train
+from dreambooth_lib.train import finished_or_train
 
 if SMOKE:
     INFERENCE_STEPS, SCALES, GUIDANCE_SCALES, SUITE_SEEDS, FALLBACK_STEPS = 2, [0.0, 1.0], [1, 13], [0], 2
@@ -83,10 +83,10 @@ base = TrainConfig.from_dict(json.loads(DATA_PREP.read_text())) if DATA_PREP.is_
 if SMOKE:
     base = dataclasses.replace(base, num_class_images=2, class_inference_steps=2)
 RUN_DIR = RUNS / f"{Path(base.instance_dir).name}-lora-prior"  # notebook 02's default run
-if not (RUN_DIR / "summary.json").is_file():  # run alone: train a small LoRA run (UNet + text encoder) first
-    train(dataclasses.replace(base, use_lora=True, train_text_encoder=True, learning_rate=1e-4,
-                              max_train_steps=FALLBACK_STEPS, validation_steps=0, output_dir=str(RUN_DIR)))
-summary = json.loads((RUN_DIR / "summary.json").read_text())
+# notebook 02's run, or (run alone) a small LoRA run (UNet + text encoder) trained here first
+summary = finished_or_train(dataclasses.replace(base, use_lora=True, train_text_encoder=True, learning_rate=1e-4,
+                                                max_train_steps=FALLBACK_STEPS, validation_steps=0,
+                                                output_dir=str(RUN_DIR)))
 identifier, class_noun = summary["identifier"], summary["config"]["class_noun"]
 prompt = PROMPT.format(identifier=identifier, class_noun=class_noun)
 pipe = load_pipeline(summary["config"]["pretrained_model"], lora_dir=RUN_DIR)  # adapter "subject", not fused

@@ -66,7 +66,7 @@ from dreambooth_lib.sample import generate, load_pipeline, set_lora_scales
 from dreambooth_lib.toyworld import oracle as oracle_lib
 from dreambooth_lib.toyworld import render
 from dreambooth_lib.toyworld.demo import demo_config
-from dreambooth_lib.train import train
+from dreambooth_lib.train import finished_or_train
 
 if SMOKE:
     SEEDS, INFERENCE_STEPS, FALLBACK_STEPS = [0, 1], 2, 2
@@ -79,14 +79,14 @@ if SMOKE:
     base = dataclasses.replace(base, num_class_images=2, class_inference_steps=2)
 subject = Path(base.instance_dir).name
 PRIOR_RUN, NO_PRIOR_RUN = RUNS / f"{subject}-lora-prior", RUNS / f"{subject}-lora-noprior"
-if not (PRIOR_RUN / "summary.json").is_file():  # run alone: train a small LoRA run with prior preservation
-    train(dataclasses.replace(base, use_lora=True, train_text_encoder=True, learning_rate=1e-4,
-                              max_train_steps=FALLBACK_STEPS, validation_steps=0, output_dir=str(PRIOR_RUN)))
-prior = json.loads((PRIOR_RUN / "summary.json").read_text())
-if not (NO_PRIOR_RUN / "summary.json").is_file():  # the same run with lambda's term switched off
-    train(dataclasses.replace(TrainConfig.from_dict(prior["config"]), with_prior_preservation=False,
-                              identifier=prior["identifier"], resume=None, output_dir=str(NO_PRIOR_RUN)))
-no_prior = json.loads((NO_PRIOR_RUN / "summary.json").read_text())
+# notebook 02's run, or (run alone) a small LoRA run with prior preservation trained here first
+prior = finished_or_train(dataclasses.replace(base, use_lora=True, train_text_encoder=True, learning_rate=1e-4,
+                                              max_train_steps=FALLBACK_STEPS, validation_steps=0,
+                                              output_dir=str(PRIOR_RUN)))
+# the same run with lambda's term switched off
+no_prior = finished_or_train(dataclasses.replace(TrainConfig.from_dict(prior["config"]), with_prior_preservation=False,
+                                                 identifier=prior["identifier"], resume=None,
+                                                 output_dir=str(NO_PRIOR_RUN)))
 class_prompt = CLASS_PROMPT or prior["class_prompt"]
 print(f"class prompt {class_prompt!r}, seeds {SEEDS}\nwith prior: {PRIOR_RUN}\nwithout prior: {NO_PRIOR_RUN}")
 

@@ -72,7 +72,7 @@ from dreambooth_lib.metrics import Encoders, default_device
 from dreambooth_lib.sample import load_pipeline
 from dreambooth_lib.toyworld import demo, render
 from dreambooth_lib.toyworld import oracle as oracle_lib
-from dreambooth_lib.train import train
+from dreambooth_lib.train import finished_or_train
 
 if SMOKE:
     N_PER_PROMPT, PROMPT_LIMIT, INFERENCE_STEPS, FALLBACK_STEPS = 2, 1, 2, 2
@@ -84,10 +84,10 @@ base = TrainConfig.from_dict(json.loads(DATA_PREP.read_text())) if DATA_PREP.is_
 if SMOKE:
     base = dataclasses.replace(base, num_class_images=2, class_inference_steps=2)
 RUN_DIR = RUNS / f"{Path(base.instance_dir).name}-lora-prior"  # notebook 02's default run
-if not (RUN_DIR / "summary.json").is_file():  # run alone: train a small LoRA run first
-    train(dataclasses.replace(base, use_lora=True, train_text_encoder=True, learning_rate=1e-4,
-                              max_train_steps=FALLBACK_STEPS, validation_steps=0, output_dir=str(RUN_DIR)))
-summary = json.loads((RUN_DIR / "summary.json").read_text())
+# notebook 02's run, or (run alone) a small LoRA run (UNet + text encoder) trained here first
+summary = finished_or_train(dataclasses.replace(base, use_lora=True, train_text_encoder=True, learning_rate=1e-4,
+                                                max_train_steps=FALLBACK_STEPS, validation_steps=0,
+                                                output_dir=str(RUN_DIR)))
 run_cfg = summary["config"]
 print(f"run: {RUN_DIR} ({summary['steps']} steps), identifier {summary['identifier']!r}")
 

@@ -265,3 +265,14 @@ def test_seconds_per_step_excludes_the_first_step_and_checkpoints(tiny_model_dir
     summary = T.train(cfg, progress=False)
     assert summary["wall_time_s"] > 2.0 and summary["seconds_per_step"] < 0.25
     assert summary["peak_memory_reserved_mb"] is None  # CPU: only the process peak RSS
+
+
+def test_finished_or_train_reuses_a_finished_run_and_trains_otherwise(tmp_path):
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "summary.json").write_text('{"steps": 7}')
+    # A finished run is returned as saved: nothing is validated, loaded or trained.
+    assert T.finished_or_train(TrainConfig(output_dir=str(done), instance_dir="/no/such/folder")) == {"steps": 7}
+    # Without one it trains, so bad input fails exactly as train() would.
+    with pytest.raises(data.InputError, match="/no/such/folder"):
+        T.finished_or_train(TrainConfig(output_dir=str(tmp_path / "new"), instance_dir="/no/such/folder", class_noun="dog"))
