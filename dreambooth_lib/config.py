@@ -61,6 +61,7 @@ class TrainConfig:
     lora_rank: int = 4  # LoRA rank r
     lora_alpha: Optional[int] = None  # LoRA alpha; None = rank (scale 1.0)
     lora_dropout: float = 0.0  # dropout inside LoRA layers
+    lora_unet_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # UNet Linear layers given adapters (attention, as diffusers); "ff.net.0.proj", "ff.net.2" add capacity. Conv2d adapters did not survive diffusers 0.42's load_lora_weights in our round-trip test
     train_text_encoder: bool = False  # also train the text encoder (full or LoRA q/k/v/out)
     # --- speed and memory --------------------------------------------------------------------
     mixed_precision: str = "no"  # "no", "fp16" or "bf16"; trainable weights stay fp32

@@ -321,6 +321,7 @@ def validate_config(cfg) -> None:
     if cfg.use_lora:
         _check(cfg.lora_rank > 0, f"lora_rank = {cfg.lora_rank} must be > 0 (4-64 is usual)")
         _check(0 <= cfg.lora_dropout < 1, f"lora_dropout = {cfg.lora_dropout} must be in [0, 1)")
+        _check(len(cfg.lora_unet_modules) > 0, "lora_unet_modules is empty: name the UNet layers to adapt, e.g. to_q to_k to_v to_out.0")
     limit = cfg.checkpoints_total_limit
     _check(limit is None or limit >= 1, f"checkpoints_total_limit = {limit} must be >= 1 (or None for all)")
     if cfg.with_prior_preservation:

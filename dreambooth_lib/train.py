@@ -55,7 +55,6 @@ from .config import TrainConfig
 from .sample import generate
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-UNET_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections (diffusers DreamBooth-LoRA)
 TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP self-attention
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name pipe.load_lora_weights(folder) looks for
 STATE_JSON, STATE_TENSORS = "training_state.json", "training_state.safetensors"
@@ -107,11 +106,12 @@ def place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
 
 
 def add_lora(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, cfg: TrainConfig) -> None:
-    """Attach trainable LoRA adapters ("default") to the attention projections; base weights stay frozen."""
+    """Attach trainable LoRA adapters ("default") to cfg.lora_unet_modules (and the text encoder's
+    attention when it is trained); base weights stay frozen."""
     def lora_config(targets):
         return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=cfg.lora_dropout,
                           init_lora_weights="gaussian", target_modules=targets)
-    unet.add_adapter(lora_config(UNET_LORA_TARGETS))
+    unet.add_adapter(lora_config(list(cfg.lora_unet_modules)))
     if cfg.train_text_encoder:
         text_encoder.add_adapter(lora_config(TEXT_LORA_TARGETS))
 

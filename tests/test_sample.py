@@ -19,10 +19,15 @@ def arrays(images) -> np.ndarray:
     return np.stack([np.asarray(im, dtype=np.int16) for im in images])
 
 
-@pytest.fixture
-def lora_dir(tiny_model_dir, tmp_path):
+ATTENTION = TrainConfig().lora_unet_modules
+WITH_FF = [*ATTENTION, "ff.net.0.proj", "ff.net.2"]  # the transformer blocks' feed-forward layers too
+
+
+@pytest.fixture(params=[ATTENTION, WITH_FF], ids=["attention", "attention+ff"])
+def lora_dir(tiny_model_dir, tmp_path, request):
     """A pipeline with trained-looking (non-zero B) UNet + text-encoder LoRA, saved like train.py does."""
-    cfg = TrainConfig(pretrained_model=str(tiny_model_dir), use_lora=True, train_text_encoder=True)
+    cfg = TrainConfig(pretrained_model=str(tiny_model_dir), use_lora=True, train_text_encoder=True,
+                      lora_unet_modules=request.param)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
     T.add_lora(pipe.unet, pipe.text_encoder, cfg)
     torch.manual_seed(1)

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--subject", default="marked_star", help="a folder name under data/subjects")
         p.add_argument("--output-dir", default=f"runs/toy_{name}", help="where runs and metrics go")
         p.add_argument("--steps", type=int, default=None, help="override max_train_steps")
+        p.add_argument("--seed", type=int, default=None, help="override the training seed (data order, noise, class images)")
+        p.add_argument("--images-dir", default=None, help="where figures and tables go (default images/)")
     args = parser.parse_args(argv)
 
     if args.command == "pretrain":
@@ -81,11 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command in ("demo", "ablate"):
         from dreambooth_lib.toyworld import demo
 
-        overrides = {} if args.steps is None else {"max_train_steps": args.steps}
+        from pathlib import Path
+
+        overrides = {k: v for k, v in (("max_train_steps", args.steps), ("seed", args.seed)) if v is not None}
+        images_dir = Path(args.images_dir) if args.images_dir else demo.IMAGES_DIR
+        images_dir.mkdir(parents=True, exist_ok=True)
         if args.command == "demo":
-            demo.run_demo(args.subject, args.output_dir, **overrides)
+            demo.run_demo(args.subject, args.output_dir, images_dir, **overrides)
         else:
-            demo.run_ablations(args.subject, args.output_dir, **overrides)
+            demo.run_ablations(args.subject, args.output_dir, images_dir, **overrides)
     return 0
 
 
