@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,23 @@ def test_short_dreambooth_run_moves_subject_fidelity_up(oracle, tmp_path):
     after = orc.subject_fidelity(oracle, generate(load_pipeline(cfg.output_dir), prompt, seeds, 7.0, 20, batch_size=8,
                                                   progress=False), "marked_star")
     assert before <= 0.125 and after >= before + 0.375, (before, after)
+
+
+def test_ablation_report_shows_recontextualization_and_reloads_from_its_json(tmp_path):
+    from dreambooth_lib.toyworld.demo import write_ablation_report
+
+    def run(sf, ctx, pres):
+        overall = dict(subject_fidelity=0.3, prompt_fidelity=0.5, div=0.1, pres=pres, class_div=0.2)
+        return dict(what="", instance_prompt="", metrics=overall,
+                    per_category={"recontextualization": dict(subject_fidelity=sf, prompt_fidelity=ctx, div=0.1)})
+
+    results = {"prior": run(0.854, 0.958, 0.031), "no_prior": run(0.5, 0.25, 1.0)}
+    write_ablation_report(results, tmp_path, log=lambda *_: None)
+    rows = (tmp_path / "toy_ablations.md").read_text().splitlines()
+    assert rows[0].startswith("| | recontext_subject_fidelity | recontext_context_followed |")
+    assert rows[2] == "| prior | 0.854 | 0.958 | 0.300 | 0.500 | 0.031 | 0.100 | 0.200 |"
+    assert rows[3].startswith("| no_prior | 0.500 | 0.250 |")
+    assert (tmp_path / "toy_ablations.png").stat().st_size > 0
+    first = (tmp_path / "toy_ablations.md").read_text()
+    write_ablation_report(json.loads((tmp_path / "toy_ablations.json").read_text()), tmp_path, log=lambda *_: None)
+    assert (tmp_path / "toy_ablations.md").read_text() == first
