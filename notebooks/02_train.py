@@ -53,12 +53,14 @@ MODEL = ""  #@param {type:"string"}
 # "" = the model chosen in notebook 01, else the embedded toy model (data/toy_model);
 # a real alternative: "stable-diffusion-v1-5/stable-diffusion-v1-5" (then RESOLUTION = 512 in notebook 01)
 METHOD = "lora"  #@param ["lora", "full"]
-LORA_RANK = 4  #@param {type:"slider", min:1, max:64, step:1}
+LORA_RANK = 0  #@param {type:"slider", min:0, max:64, step:1}
+# 0 = auto: 32 on the toy model (swept, see README), 4 on Stable Diffusion
 TRAIN_TEXT_ENCODER = True  #@param {type:"boolean"}
 # needed for the text-encoder LoRA scale of notebook 03
-MAX_TRAIN_STEPS = 400  #@param {type:"integer"}
-LEARNING_RATE = 1e-4  #@param {type:"number"}
-# LoRA: 1e-4; full fine-tune of Stable Diffusion: 5e-6 (paper / diffusers recipe)
+MAX_TRAIN_STEPS = 0  #@param {type:"integer"}
+# 0 = auto: toy model LoRA 800 / full 400; Stable Diffusion LoRA 400 / full 800
+LEARNING_RATE = 0.0  #@param {type:"number"}
+# 0 = auto: toy model LoRA 1e-3 / full 1e-4; Stable Diffusion LoRA 1e-4 / full 5e-6 (paper / diffusers recipe)
 PRIOR_PRESERVATION = True  #@param {type:"boolean"}
 PRIOR_LOSS_WEIGHT = 1.0  #@param {type:"number"}
 # lambda in the objective above
@@ -83,7 +85,7 @@ import torch
 from PIL import Image
 
 from dreambooth_lib.config import TrainConfig
-from dreambooth_lib.toyworld.demo import demo_config
+from dreambooth_lib.toyworld.demo import demo_config, recipe
 from dreambooth_lib.train import train
 
 RUNS = ROOT / ("runs/smoke" if SMOKE else "runs")  # shared with notebooks 01 and 03-05
@@ -94,14 +96,13 @@ if DATA_PREP.is_file():
 else:  # run alone: the toy world's settings for its subject marked_star (identifier picked at training time)
     base = demo_config()
 cuda = torch.cuda.is_available()
+model = MODEL or base.pretrained_model
+auto = recipe(METHOD, model)  # rank, rates, batch, steps for this model; the 0s above take these
 cfg = dataclasses.replace(
     base,
-    pretrained_model=MODEL or base.pretrained_model,
-    use_lora=METHOD == "lora",
-    lora_rank=LORA_RANK,
+    **auto,
+    pretrained_model=model,
     train_text_encoder=TRAIN_TEXT_ENCODER,
-    max_train_steps=MAX_TRAIN_STEPS,
-    learning_rate=LEARNING_RATE,
     with_prior_preservation=PRIOR_PRESERVATION,
     prior_loss_weight=PRIOR_LOSS_WEIGHT,
     optimizer="adamw8bit" if USE_8BIT_ADAM == "yes" or (USE_8BIT_ADAM == "auto" and cuda) else "adamw",
@@ -110,6 +111,8 @@ cfg = dataclasses.replace(
     validation_steps=VALIDATION_STEPS,
     checkpointing_steps=CHECKPOINTING_STEPS,
     seed=SEED,
+    **{k: v for k, v in (("lora_rank", LORA_RANK), ("max_train_steps", MAX_TRAIN_STEPS),
+                         ("learning_rate", LEARNING_RATE)) if v},
     resume="latest",  # re-running continues an interrupted run (e.g. a Colab disconnect) from its newest checkpoint
     validation_prompts=["a photo of {identifier} {class_noun} in the snow", "a pencil sketch of {identifier} {class_noun}"],
 )

@@ -70,7 +70,7 @@ from PIL import Image
 
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.sample import generate, load_pipeline, lora_scale_grid, save_grid, scale_guidance_grid, set_lora_scales
-from dreambooth_lib.toyworld.demo import demo_config
+from dreambooth_lib.toyworld.demo import demo_config, recipe
 from dreambooth_lib.train import finished_or_train
 
 if SMOKE:
@@ -84,8 +84,9 @@ if SMOKE:
     base = dataclasses.replace(base, num_class_images=2, class_inference_steps=2)
 RUN_DIR = RUNS / f"{Path(base.instance_dir).name}-lora-prior"  # notebook 02's default run
 # notebook 02's run, or (run alone) a small LoRA run (UNet + text encoder) trained here first
-summary = finished_or_train(dataclasses.replace(base, use_lora=True, train_text_encoder=True, learning_rate=1e-4,
-                                                max_train_steps=FALLBACK_STEPS, validation_steps=0,
+fallback = dataclasses.replace(base, **recipe("lora", base.pretrained_model))  # the LoRA settings for this model
+summary = finished_or_train(dataclasses.replace(fallback, max_train_steps=FALLBACK_STEPS,
+                                                train_text_encoder=True, validation_steps=0,
                                                 output_dir=str(RUN_DIR)))
 identifier, class_noun = summary["identifier"], summary["config"]["class_noun"]
 prompt = PROMPT.format(identifier=identifier, class_noun=class_noun)

@@ -65,7 +65,7 @@ from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.sample import generate, load_pipeline, set_lora_scales
 from dreambooth_lib.toyworld import oracle as oracle_lib
 from dreambooth_lib.toyworld import render
-from dreambooth_lib.toyworld.demo import demo_config
+from dreambooth_lib.toyworld.demo import demo_config, recipe
 from dreambooth_lib.train import finished_or_train
 
 if SMOKE:
@@ -80,8 +80,9 @@ if SMOKE:
 subject = Path(base.instance_dir).name
 PRIOR_RUN, NO_PRIOR_RUN = RUNS / f"{subject}-lora-prior", RUNS / f"{subject}-lora-noprior"
 # notebook 02's run, or (run alone) a small LoRA run with prior preservation trained here first
-prior = finished_or_train(dataclasses.replace(base, use_lora=True, train_text_encoder=True, learning_rate=1e-4,
-                                              max_train_steps=FALLBACK_STEPS, validation_steps=0,
+fallback = dataclasses.replace(base, **recipe("lora", base.pretrained_model))  # the LoRA settings for this model
+prior = finished_or_train(dataclasses.replace(fallback, max_train_steps=FALLBACK_STEPS,
+                                              train_text_encoder=True, validation_steps=0,
                                               output_dir=str(PRIOR_RUN)))
 # the same run with lambda's term switched off
 no_prior = finished_or_train(dataclasses.replace(TrainConfig.from_dict(prior["config"]), with_prior_preservation=False,

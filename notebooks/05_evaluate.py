@@ -85,8 +85,9 @@ if SMOKE:
     base = dataclasses.replace(base, num_class_images=2, class_inference_steps=2)
 RUN_DIR = RUNS / f"{Path(base.instance_dir).name}-lora-prior"  # notebook 02's default run
 # notebook 02's run, or (run alone) a small LoRA run (UNet + text encoder) trained here first
-summary = finished_or_train(dataclasses.replace(base, use_lora=True, train_text_encoder=True, learning_rate=1e-4,
-                                                max_train_steps=FALLBACK_STEPS, validation_steps=0,
+fallback = dataclasses.replace(base, **demo.recipe("lora", base.pretrained_model))  # the LoRA settings for this model
+summary = finished_or_train(dataclasses.replace(fallback, max_train_steps=FALLBACK_STEPS,
+                                                train_text_encoder=True, validation_steps=0,
                                                 output_dir=str(RUN_DIR)))
 run_cfg = summary["config"]
 print(f"run: {RUN_DIR} ({summary['steps']} steps), identifier {summary['identifier']!r}")

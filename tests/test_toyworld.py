@@ -167,3 +167,18 @@ def test_ablation_report_shows_recontextualization_and_reloads_from_its_json(tmp
     first = (tmp_path / "toy_ablations.md").read_text()
     write_ablation_report(json.loads((tmp_path / "toy_ablations.json").read_text()), tmp_path, log=lambda *_: None)
     assert (tmp_path / "toy_ablations.md").read_text() == first
+
+
+def test_recipe_gives_the_swept_toy_settings_on_the_toy_model_and_sd_ones_elsewhere(tmp_path):
+    from dreambooth_lib.toyworld.demo import TOY_LORA, demo_config, recipe
+
+    assert recipe("lora", TOY_MODEL_DIR) == TOY_LORA
+    assert recipe("lora", str(Path(TOY_MODEL_DIR) / ".." / "toy_model")) == TOY_LORA  # the same folder, spelt differently
+    full = recipe("full", TOY_MODEL_DIR)
+    demo = demo_config()
+    assert (full["use_lora"], full["learning_rate"], full["train_batch_size"]) == (False, demo.learning_rate, demo.train_batch_size)
+    sd = recipe("lora", "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert (sd["lora_rank"], sd["learning_rate"]) == (4, 1e-4)
+    assert recipe("full", str(tmp_path))["learning_rate"] == 5e-6
+    with pytest.raises(ValueError, match="'lora' or 'full'"):
+        recipe("dora", TOY_MODEL_DIR)
