@@ -51,7 +51,10 @@ def copy_pair(tmp_path: Path, stem: str = "02_train") -> tuple[Path, Path]:
 
 def test_edit_to_one_side_only_is_caught(tmp_path):
     ipynb, script = copy_pair(tmp_path)
-    script.write_text(script.read_text().replace("MAX_TRAIN_STEPS = 400", "MAX_TRAIN_STEPS = 401"))
+    text = script.read_text()
+    edited = text.replace("SEED = 0 ", "SEED = 1 ", 1)
+    assert edited != text, "the edit must change the script"
+    script.write_text(edited)
     assert runner.pair_problems(ipynb, script) == [
         "02_train.py and 02_train.ipynb differ: run `jupytext --sync notebooks/02_train.py`"
     ]
