@@ -191,7 +191,7 @@ def run_demo(subject: str = "marked_star", output_dir: str = "runs/toy_demo", im
         train=dict(steps=summary["steps"], final_loss=summary["final_loss"], wall_time_s=summary["wall_time_s"],
                    seconds_per_step=summary["seconds_per_step"], optimizer=summary["optimizer"],
                    peak_memory_mb=summary["peak_memory_mb"], device=summary["device"]),
-        config=cfg.to_dict(), figures=[str(f) for f in figures], wall_time_s=time.time() - started,
+        config=cfg.to_dict(), figures=[str(f.relative_to(REPO) if f.is_relative_to(REPO) else f) for f in figures], wall_time_s=time.time() - started,
         note="oracle metrics (toy world); DINO / CLIP-I / CLIP-T need real encoders: python -m dreambooth_lib evaluate",
     )
     out = Path(output_dir) / "demo_metrics.json"
