@@ -182,3 +182,23 @@ def test_recipe_gives_the_swept_toy_settings_on_the_toy_model_and_sd_ones_elsewh
     assert recipe("full", str(tmp_path))["learning_rate"] == 5e-6
     with pytest.raises(ValueError, match="'lora' or 'full'"):
         recipe("dora", TOY_MODEL_DIR)
+
+
+def test_pretraining_continues_from_a_pipeline_keeping_its_tokenizer_and_vae(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from dreambooth_lib.toyworld.pretrain import pretrain
+
+    out = tmp_path / "continued"
+    result = pretrain(out=out, init=TOY_MODEL_DIR, num_images=16, steps=2, batch_size=4, images_dir=tmp_path,
+                      log=lambda *_: None)
+    assert (result["init"], result["steps_done"], result["final_vae_loss"]) == (TOY_MODEL_DIR, 2, None)
+    before, after = (StableDiffusionPipeline.from_pretrained(p, safety_checker=None) for p in (TOY_MODEL_DIR, out))
+    assert after.vae.config.scaling_factor == before.vae.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(after.vae.state_dict().values(), before.vae.state_dict().values()))
+    assert after.tokenizer.get_vocab() == before.tokenizer.get_vocab()
+    moved = [not torch.equal(a, b) for a, b in zip(after.unet.state_dict().values(), before.unet.state_dict().values())]
+    assert any(moved)  # the UNet was trained further, starting from the committed weights:
+    diff = max((a - b).abs().max().item() for a, b in zip(after.unet.parameters(), before.unet.parameters()))
+    assert diff < 0.05, diff
+    assert (tmp_path / "toy_pretrain_loss.png").is_file()

@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--num-images", type=int, default=40000, help="size of the rendered pretraining set")
     p.add_argument("--minutes", type=float, default=None, help="stop early after this wall time")
+    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the UNet + text encoder")
+    p.add_argument("--init", default=None, help="continue from this pipeline folder (keeps its tokenizer and VAE)")
+    p.add_argument("--images-dir", default="images", help="where the loss curve goes")
 
     p = sub.add_parser("oracle-train", help="train the oracle classifier on rendered pictures (CPU, ~5 min)")
     p.add_argument("--out", default=None, help="folder for oracle.safetensors + oracle.json (default data/oracle)")
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         from dreambooth_lib.toyworld.pretrain import pretrain
 
         result = pretrain(out=args.out or TOY_MODEL_DIR, seed=args.seed, steps=args.steps, vae_steps=args.vae_steps,
-                          batch_size=args.batch_size, num_images=args.num_images, minutes=args.minutes)
+                          batch_size=args.batch_size, num_images=args.num_images, minutes=args.minutes,
+                          lr=args.lr, init=args.init, images_dir=args.images_dir)
         print(json.dumps({k: v for k, v in result.items() if k != "unet_loss"}, indent=1))
     elif args.command == "oracle-train":
         from pathlib import Path

@@ -31,7 +31,7 @@ from diffusers import (
 from diffusers.training_utils import EMAModel
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from dreambooth_lib.config import TOY_MODEL_DIR
 from dreambooth_lib.toyworld import render
@@ -142,6 +142,9 @@ def plot_losses(history: dict, path: Path) -> None:
     axes = fig.subplots(1, 2)
     for ax, key, title in ((axes[0], "vae", "AutoencoderKL (MSE + KL)"), (axes[1], "unet", "UNet + text encoder (eps MSE)")):
         y = np.asarray(history[key])
+        if len(y) == 0:  # continued runs skip the VAE stage
+            ax.set_title(f"{title}: not trained in this run")
+            continue
         k = max(1, len(y) // 200)
         smooth = np.convolve(y, np.ones(k) / k, mode="valid")
         ax.plot(np.arange(len(smooth)) + k // 2, smooth)
@@ -155,31 +158,48 @@ def plot_losses(history: dict, path: Path) -> None:
 def pretrain(out: str | Path = TOY_MODEL_DIR, seed: int = 0, num_images: int = 40000, vae_steps: int = 1500,
              steps: int = 7000, batch_size: int = 64, lr: float = 3e-4, minutes: float | None = None,
              save_every_minutes: float = 10.0, caption_dropout: float = 0.1, images_dir: str | Path = "images",
-             log=print) -> dict:
-    """Run all three stages; writes the pipeline to `out` (checkpointed every few minutes)."""
+             init: str | Path | None = None, log=print) -> dict:
+    """Run all three stages; writes the pipeline to `out` (checkpointed every few minutes).
+
+    `init`: a pipeline folder written by this function to continue from. Its tokenizer, VAE (and latent
+    scaling) are kept, stage 1 is skipped, and the UNet + text encoder train `steps` more steps on a
+    fresh warm-up + cosine schedule (a second cycle; the data set is re-rendered from `seed`).
+    """
     started = time.time()
     out, images_dir = Path(out), Path(images_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     images_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(out.with_name(out.name + ".tokenizer"), seed=seed)
-
-    vae, vae_losses = train_vae(vae_steps, batch_size // 2, seed, log)  # half batch: the VAE step is the costlier one
-    sharpen_posterior(vae)
-    log(f"vae done in {time.time() - started:.0f}s, final loss {np.mean(vae_losses[-50:]):.4f}")
+    if init is not None:
+        init = Path(init)
+        tokenizer = CLIPTokenizer.from_pretrained(init / "tokenizer")
+        vae, vae_losses = AutoencoderKL.from_pretrained(init / "vae").eval(), []
+        log(f"continuing from {init}: its tokenizer and VAE are kept")
+    else:
+        tokenizer = build_tokenizer(out.with_name(out.name + ".tokenizer"), seed=seed)
+        vae, vae_losses = train_vae(vae_steps, batch_size // 2, seed, log)  # half batch: the VAE step is the costlier one
+        sharpen_posterior(vae)
+        log(f"vae done in {time.time() - started:.0f}s, final loss {np.mean(vae_losses[-50:]):.4f}")
 
     pixels, specs = render.render_dataset(num_images, seed=seed + 2)
     captions = [render.caption(s) for s in specs]
     latents = encode_latents(vae, pixels)
-    scaling = 1.0 / latents.std().item()  # SD's scaling_factor: unit-variance latents for the UNet
-    vae.register_to_config(scaling_factor=scaling)
+    if init is not None:
+        scaling = vae.config.scaling_factor  # the UNet being continued was trained at this scale
+    else:
+        scaling = 1.0 / latents.std().item()  # SD's scaling_factor: unit-variance latents for the UNet
+        vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
     ids = tokenizer(captions + [""], padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
     caption_ids, empty_ids = ids[:-1], ids[-1:]
     log(f"{num_images} pictures encoded, latent scaling factor {scaling:.4f}")
 
-    unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
+    if init is not None:
+        unet = UNet2DConditionModel.from_pretrained(init / "unet")
+        text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder")
+    else:
+        unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = EMAModel(params, decay=0.999)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
@@ -197,9 +217,9 @@ def pretrain(out: str | Path = TOY_MODEL_DIR, seed: int = 0, num_images: int = 4
         save_pipeline(out, vae, unet, text_encoder, tokenizer)
         ema.restore(params)
         (out / "pretrain_log.json").write_text(json.dumps(dict(
-            seed=seed, steps_done=step, steps_planned=steps, batch_size=batch_size, lr=lr, num_images=num_images,
+            seed=seed, init=str(init) if init else None, steps_done=step, steps_planned=steps, batch_size=batch_size, lr=lr, num_images=num_images,
             vae_steps=vae_steps, caption_dropout=caption_dropout, wall_time_s=time.time() - started,
-            final_vae_loss=float(np.mean(vae_losses[-50:])),
+            final_vae_loss=float(np.mean(vae_losses[-50:])) if vae_losses else None,
             final_unet_loss=float(np.mean(history["unet"][-200:])) if history["unet"] else None,
             unet_loss=[float(np.mean(history["unet"][i:i + 50])) for i in range(0, len(history["unet"]), 50)],
         ), indent=1))
