@@ -35,6 +35,8 @@ unit: install
 
 notebooks: install
 	$(PY) .ci/run_notebooks.py --smoke
+	# the parameters a user changes by hand (non-zero rank / lr replace the model's recipe)
+	$(PY) .ci/run_notebooks.py --smoke -p LORA_RANK=8 -p LEARNING_RATE=0.002 02_train
 
 ablations: install
 	$(PY) -m dreambooth_lib.toyworld ablate

@@ -97,10 +97,12 @@ else:  # run alone: the toy world's settings for its subject marked_star (identi
     base = demo_config()
 cuda = torch.cuda.is_available()
 model = MODEL or base.pretrained_model
-auto = recipe(METHOD, model)  # rank, rates, batch, steps for this model; the 0s above take these
+settings = recipe(METHOD, model)  # rank, rates, batch, steps for this model; a non-zero value above wins
+settings.update({k: v for k, v in (("lora_rank", LORA_RANK), ("max_train_steps", MAX_TRAIN_STEPS),
+                                   ("learning_rate", LEARNING_RATE)) if v})
 cfg = dataclasses.replace(
     base,
-    **auto,
+    **settings,
     pretrained_model=model,
     train_text_encoder=TRAIN_TEXT_ENCODER,
     with_prior_preservation=PRIOR_PRESERVATION,
@@ -111,8 +113,6 @@ cfg = dataclasses.replace(
     validation_steps=VALIDATION_STEPS,
     checkpointing_steps=CHECKPOINTING_STEPS,
     seed=SEED,
-    **{k: v for k, v in (("lora_rank", LORA_RANK), ("max_train_steps", MAX_TRAIN_STEPS),
-                         ("learning_rate", LEARNING_RATE)) if v},
     resume="latest",  # re-running continues an interrupted run (e.g. a Colab disconnect) from its newest checkpoint
     validation_prompts=["a photo of {identifier} {class_noun} in the snow", "a pencil sketch of {identifier} {class_noun}"],
 )
