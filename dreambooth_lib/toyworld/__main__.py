@@ -85,13 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(base_eval(oracle, args.model or TOY_MODEL_DIR, n=args.n, guidance_scale=args.guidance_scale,
                                    steps=args.steps), indent=1))
     elif args.command in ("demo", "ablate"):
-        from dreambooth_lib.toyworld import demo
-
         from pathlib import Path
+
+        from dreambooth_lib.toyworld import demo
 
         overrides = {k: v for k, v in (("max_train_steps", args.steps), ("seed", args.seed)) if v is not None}
         images_dir = Path(args.images_dir) if args.images_dir else demo.IMAGES_DIR
-        images_dir.mkdir(parents=True, exist_ok=True)
         if args.command == "demo":
             demo.run_demo(args.subject, args.output_dir, images_dir, **overrides)
         else:

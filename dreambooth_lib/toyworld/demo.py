@@ -57,27 +57,21 @@ def demo_config(subject: str = "marked_star", output_dir: str = "runs/toy_demo",
 # here): swept in the README / images/toy_recipe_sweep.json. With prior preservation, like the demo.
 TOY_LORA = dict(use_lora=True, lora_rank=32, learning_rate=1e-3, text_encoder_lr=1e-4, train_batch_size=1,
                 max_train_steps=800)
+RECIPE_FIELDS = ("use_lora", "lora_rank", "learning_rate", "text_encoder_lr", "train_batch_size", "max_train_steps")
 
 
 def recipe(method: str, model: str) -> dict:
     """Rank, rates, batch and steps for `method` ("lora" or "full") on `model`: the swept toy-world
-    settings on the embedded toy model, the usual Stable Diffusion ones (diffusers' DreamBooth
-    examples: LoRA rank 4 at 1e-4, full fine-tune at 5e-6 for 800 steps) on any other model."""
+    settings on the embedded toy model (TOY_LORA / demo_config), the usual Stable Diffusion ones on
+    any other model (TrainConfig's defaults: full fine-tune at 5e-6 for 800 steps; LoRA rank 4 at
+    1e-4 for 400 steps, as diffusers' DreamBooth-LoRA example)."""
     if method not in ("lora", "full"):
         raise ValueError(f"method {method!r}: use 'lora' or 'full'")
-    toy = Path(model).resolve() == Path(TOY_MODEL_DIR).resolve()
-    if toy:
-        if method == "lora":
-            return dict(TOY_LORA)
-        full = demo_config()
-        return dict(use_lora=False, lora_rank=TOY_LORA["lora_rank"], learning_rate=full.learning_rate,
-                    text_encoder_lr=full.text_encoder_lr, train_batch_size=full.train_batch_size,
-                    max_train_steps=full.max_train_steps)
-    if method == "lora":
-        return dict(use_lora=True, lora_rank=4, learning_rate=1e-4, text_encoder_lr=None, train_batch_size=1,
-                    max_train_steps=400)
-    return dict(use_lora=False, lora_rank=4, learning_rate=5e-6, text_encoder_lr=None, train_batch_size=1,
-                max_train_steps=800)
+    if Path(model).resolve() == Path(TOY_MODEL_DIR).resolve():
+        settings = TrainConfig(**TOY_LORA) if method == "lora" else demo_config()
+    else:
+        settings = TrainConfig(use_lora=True, learning_rate=1e-4, max_train_steps=400) if method == "lora" else TrainConfig()
+    return {k: getattr(settings, k) for k in RECIPE_FIELDS}
 
 
 def sample_suites(pipe, subject: str, subject_phrase: str, seeds=SEEDS, guidance_scale: float = 7.0,
@@ -252,6 +246,7 @@ def write_ablation_report(results: dict, images_dir: Path = IMAGES_DIR, log=prin
         rows[name] = dict(r["metrics"], recontext_subject_fidelity=recontext["subject_fidelity"],
                           recontext_context_followed=recontext["prompt_fidelity"])
     table = format_table(rows, ABLATION_COLUMNS)
+    images_dir.mkdir(parents=True, exist_ok=True)
     (images_dir / "toy_ablations.json").write_text(json.dumps(results, indent=2))
     (images_dir / "toy_ablations.md").write_text(table + "\n")
     plot_ablations(rows, images_dir / "toy_ablations.png")

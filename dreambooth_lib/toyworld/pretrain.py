@@ -174,12 +174,15 @@ def pretrain(out: str | Path = TOY_MODEL_DIR, seed: int = 0, num_images: int = 4
         init = Path(init)
         tokenizer = CLIPTokenizer.from_pretrained(init / "tokenizer")
         vae, vae_losses = AutoencoderKL.from_pretrained(init / "vae").eval(), []
+        unet = UNet2DConditionModel.from_pretrained(init / "unet")
+        text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder")
         log(f"continuing from {init}: its tokenizer and VAE are kept")
     else:
         tokenizer = build_tokenizer(out.with_name(out.name + ".tokenizer"), seed=seed)
         vae, vae_losses = train_vae(vae_steps, batch_size // 2, seed, log)  # half batch: the VAE step is the costlier one
         sharpen_posterior(vae)
         log(f"vae done in {time.time() - started:.0f}s, final loss {np.mean(vae_losses[-50:]):.4f}")
+        unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
 
     pixels, specs = render.render_dataset(num_images, seed=seed + 2)
     captions = [render.caption(s) for s in specs]
@@ -195,11 +198,6 @@ def pretrain(out: str | Path = TOY_MODEL_DIR, seed: int = 0, num_images: int = 4
     caption_ids, empty_ids = ids[:-1], ids[-1:]
     log(f"{num_images} pictures encoded, latent scaling factor {scaling:.4f}")
 
-    if init is not None:
-        unet = UNet2DConditionModel.from_pretrained(init / "unet")
-        text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder")
-    else:
-        unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = EMAModel(params, decay=0.999)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
