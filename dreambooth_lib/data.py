@@ -9,6 +9,7 @@ model is checked by `validate_config` before any expensive work starts.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -361,7 +362,8 @@ def validate_config(cfg) -> None:
         manifest_path = Path(cfg.class_dir) / MANIFEST_NAME
         if manifest_path.is_file():
             made = json.loads(manifest_path.read_text())
-            wanted = {"model": cfg.pretrained_model, "class_prompt": class_prompt}
+            wanted = {"model": cfg.pretrained_model, "model_weights": weights_fingerprint(cfg.pretrained_model, cfg.revision),
+                      "class_prompt": class_prompt}
             differ = {k: (made.get(k), v) for k, v in wanted.items() if made.get(k) != v}
             _check(not differ, _mismatch_message(manifest_path, differ))
 
@@ -376,12 +378,29 @@ class ClassImageManifest:
     """How the class images of a folder were made; a folder is reused only when this matches."""
 
     model: str
+    model_weights: str  # weights_fingerprint(model): a model retrained in the same folder is another model
     class_prompt: str
     resolution: int
     scheduler: str
     num_inference_steps: int
     guidance_scale: float
     seed: int
+
+
+def weights_fingerprint(model: str, revision: str | None = None) -> str:
+    """What identifies the weights behind `model`: for a local folder, a SHA-256 over its weight files'
+    names and bytes (a few seconds for SD's 4 GB, once per run); for a hub id, the revision asked for
+    (the hub's cache keeps one snapshot per commit)."""
+    folder = Path(model)
+    if not folder.is_dir():
+        return f"{model}@{revision or 'main'}"
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix in (".safetensors", ".bin", ".ckpt", ".pt"):
+            digest.update(path.relative_to(folder).as_posix().encode())
+            with path.open("rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
 
 
 def _mismatch_message(manifest_path: Path, differ: dict) -> str:

@@ -154,7 +154,8 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Pa
     """Generate (or reuse) the prior images x_pr = x_hat(z, c_pr) with the frozen base model (paper Sec. 3.3)."""
     class_dir = Path(cfg.class_dir) if cfg.class_dir else Path(cfg.output_dir) / "class_images"
     manifest = data.ClassImageManifest(
-        model=cfg.pretrained_model, class_prompt=class_prompt, resolution=cfg.resolution,
+        model=cfg.pretrained_model, model_weights=data.weights_fingerprint(cfg.pretrained_model, cfg.revision),
+        class_prompt=class_prompt, resolution=cfg.resolution,
         scheduler=scheduler_name(cfg), num_inference_steps=cfg.class_inference_steps,
         guidance_scale=cfg.class_guidance_scale, seed=cfg.seed)
 

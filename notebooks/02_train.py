@@ -58,7 +58,7 @@ LORA_RANK = 0  #@param {type:"slider", min:0, max:64, step:1}
 TRAIN_TEXT_ENCODER = True  #@param {type:"boolean"}
 # needed for the text-encoder LoRA scale of notebook 03
 MAX_TRAIN_STEPS = 0  #@param {type:"integer"}
-# 0 = auto: toy model LoRA 800 / full 400; Stable Diffusion LoRA 400 / full 800
+# 0 = auto: toy model LoRA 1600 / full 400; Stable Diffusion LoRA 400 / full 800
 LEARNING_RATE = 0.0  #@param {type:"number"}
 # 0 = auto: toy model LoRA 1e-3 / full 1e-4; Stable Diffusion LoRA 1e-4 / full 5e-6 (paper / diffusers recipe)
 PRIOR_PRESERVATION = True  #@param {type:"boolean"}

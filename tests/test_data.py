@@ -27,6 +27,7 @@ from dreambooth_lib.data import (
     preprocess_image,
     resolve_identifier,
     validate_config,
+    weights_fingerprint,
 )
 from dreambooth_lib.tiny import TINY_WORDS, write_clip_tokenizer
 from conftest import write_photos
@@ -360,8 +361,8 @@ def test_validate_config_checks_captions(instance_dir):
 def test_validate_config_checks_a_user_class_dir(instance_dir, tmp_path):
     class_dir = tmp_path / "class"
     class_dir.mkdir()
-    made = dict(model="/no/such/model", class_prompt="a photo of a dog", resolution=32, scheduler="X",
-                num_inference_steps=2, guidance_scale=7.5, seed=0)
+    made = dict(model="/no/such/model", model_weights="/no/such/model@main", class_prompt="a photo of a dog",
+                resolution=32, scheduler="X", num_inference_steps=2, guidance_scale=7.5, seed=0)
     (class_dir / "manifest.json").write_text(json.dumps(made))
     validate_config(good_config(instance_dir, class_dir=str(class_dir)))
     with pytest.raises(InputError, match="class_prompt: folder has 'a photo of a dog', this run wants 'a photo of a cat'"):
@@ -388,7 +389,8 @@ def test_class_images_are_generated_once_reused_and_seeded_per_index(tiny_model_
         calls.append(1)
         return StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
 
-    manifest = ClassImageManifest(model=str(tiny_model_dir), class_prompt="a photo of a dog", resolution=32,
+    manifest = ClassImageManifest(model=str(tiny_model_dir), model_weights=weights_fingerprint(str(tiny_model_dir)),
+                                  class_prompt="a photo of a dog", resolution=32,
                                   scheduler="DPMSolverMultistepScheduler", num_inference_steps=2, guidance_scale=7.5, seed=0)
     quiet = dict(log=lambda _: None)
     class_dir = tmp_path / "class"
@@ -429,11 +431,30 @@ def test_class_images_are_generated_once_reused_and_seeded_per_index(tiny_model_
     assert not np.array_equal(np.asarray(Image.open(new[0])), pixels[0])
 
 
+def test_weights_fingerprint_changes_with_the_weights_not_the_folder(tiny_model_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    assert weights_fingerprint(str(copy)) == weights_fingerprint(str(tiny_model_dir))  # moved: the same model
+    (copy / "scheduler" / "scheduler_config.json").write_text("{}")  # configs are not weights
+    assert weights_fingerprint(str(copy)) == weights_fingerprint(str(tiny_model_dir))
+    unet_file = next((copy / "unet").glob("*.safetensors"))
+    state = load_file(unet_file)
+    name = next(iter(state))
+    state[name] = state[name] + 1e-3  # retrained in place, e.g. a further pretraining cycle
+    save_file(state, unet_file)
+    assert weights_fingerprint(str(copy)) != weights_fingerprint(str(tiny_model_dir))
+    assert weights_fingerprint("org/model") == "org/model@main" and weights_fingerprint("org/model", "v2") == "org/model@v2"
+
+
 def test_user_class_images_without_manifest_are_used_as_they_are(tmp_path):
     def make_pipeline():
         raise AssertionError("must not generate")
 
-    manifest = ClassImageManifest("m", "a photo of a dog", 32, "S", 2, 7.5, 0)
+    manifest = ClassImageManifest("m", "m@main", "a photo of a dog", 32, "S", 2, 7.5, 0)
     photos = write_photos(tmp_path / "mine", n=2)
     quiet = dict(log=lambda _: None)
     assert ensure_class_images(tmp_path / "mine", manifest, 2, make_pipeline, user_supplied=True, **quiet) == photos
@@ -481,7 +502,7 @@ def test_class_images_sample_in_the_chosen_precision(tiny_model_dir, tmp_path, p
     handler.emit = records.append
     logging.getLogger("diffusers").addHandler(handler)
     try:
-        manifest = ClassImageManifest(model=str(tiny_model_dir), class_prompt="a photo of a dog", resolution=32,
+        manifest = ClassImageManifest(model=str(tiny_model_dir), model_weights="w", class_prompt="a photo of a dog", resolution=32,
                                       scheduler="PNDMScheduler", num_inference_steps=1, guidance_scale=1.0, seed=0)
         make = lambda: pipes.append(StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)) or pipes[-1]  # noqa: E731
         (path,) = ensure_class_images(tmp_path, manifest, 1, make, device="cpu", log=lambda _: None, precision=precision)

@@ -364,6 +364,24 @@ def pres(oracle: Oracle, images: Sequence[Image.Image], subject: str) -> float:
     return subject_fidelity(oracle, images, subject)
 
 
+def attribute_shift(oracle: Oracle, before: Sequence[Image.Image], after: Sequence[Image.Image],
+                    head: str = "context") -> dict:
+    """How far the distribution of one attribute moved between two sets of pictures of the same prompt:
+    the total variation distance between the oracle's label histograms (0 = same mix of, e.g.,
+    backgrounds; 1 = no label in common), with both histograms. PRES asks only "is it the subject?";
+    this catches the class prompt drifting to the training pictures' look (e.g. always at night)."""
+    if head not in LABELS:
+        raise ValueError(f"attribute_shift: head {head!r} is not one of {list(LABELS)}")
+    counts = []
+    for images in (before, after):
+        if not images:
+            raise ValueError("attribute_shift needs pictures on both sides")
+        labels = [p[head] for p in oracle.predict(images)]
+        counts.append({v: labels.count(v) / len(labels) for v in LABELS[head] if v in labels})
+    tv = 0.5 * sum(abs(counts[0].get(v, 0.0) - counts[1].get(v, 0.0)) for v in LABELS[head])
+    return dict(total_variation=tv, before=counts[0], after=counts[1])
+
+
 def div(oracle: Oracle, images: Sequence[Image.Image]) -> float:
     """DIV: mean over pairs i < j of 1 - cos(f_i, f_j), f the oracle's pooled features (non-negative,
     so DIV is in [0, 1]); 0 when all images are identical. Use images of ONE prompt (as the paper)."""

@@ -137,18 +137,36 @@ def save_pipeline(folder: Path, vae, unet, text_encoder, tokenizer) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def plot_losses(history: dict, path: Path) -> None:
-    fig = Figure(figsize=(10, 3.5))
-    axes = fig.subplots(1, 2)
-    for ax, key, title in ((axes[0], "vae", "AutoencoderKL (MSE + KL)"), (axes[1], "unet", "UNet + text encoder (eps MSE)")):
-        y = np.asarray(history[key])
-        if len(y) == 0:  # continued runs skip the VAE stage
-            ax.set_title(f"{title}: not trained in this run")
-            continue
-        k = max(1, len(y) // 200)
-        smooth = np.convolve(y, np.ones(k) / k, mode="valid")
-        ax.plot(np.arange(len(smooth)) + k // 2, smooth)
-        ax.set_title(title)
+def plot_losses(history: dict, path: Path, earlier_cycles: list[dict] = ()) -> None:
+    """Loss curves; a continued model's earlier cycles (their 50-step means) come first on the UNet
+    panel, and its VAE (trained in cycle 1, kept since) gets no panel, only its final loss."""
+    vae, unet = np.asarray(history["vae"]), np.asarray(history["unet"])
+    fig = Figure(figsize=(10, 3.5) if len(vae) else (6, 3.5))
+    axes = fig.subplots(1, 2) if len(vae) else [fig.subplots()]
+    if len(vae):
+        k = max(1, len(vae) // 200)
+        axes[0].plot(np.arange(len(vae) - k + 1) + k // 2, np.convolve(vae, np.ones(k) / k, mode="valid"))
+        axes[0].set_title("AutoencoderKL (MSE + KL)")
+    offset = 0
+    for n, cycle in enumerate(earlier_cycles, 1):
+        y = np.asarray(cycle["unet_loss"])
+        if offset:
+            axes[-1].axvline(offset, color="grey", lw=0.8)
+        axes[-1].plot(offset + 50 * np.arange(len(y)) + 25, y, label=f"cycle {n}: peak lr {cycle['lr']:g}")
+        offset += cycle["steps_done"]
+    if len(unet):
+        k = max(1, len(unet) // 200)
+        if offset:
+            axes[-1].axvline(offset, color="grey", lw=0.8)
+        label = f"cycle {len(earlier_cycles) + 1}" if earlier_cycles else None
+        axes[-1].plot(offset + np.arange(len(unet) - k + 1) + k // 2, np.convolve(unet, np.ones(k) / k, mode="valid"), label=label)
+    title = "UNet + text encoder (eps MSE)"
+    if earlier_cycles:
+        axes[-1].legend()
+        if not len(vae) and earlier_cycles[0].get("final_vae_loss"):
+            title += f"; VAE from cycle 1 (final loss {earlier_cycles[0]['final_vae_loss']:.4f})"
+    axes[-1].set_title(title, fontsize=10)
+    for ax in axes:
         ax.set_xlabel("step")
         ax.set_yscale("log")
     fig.tight_layout()
@@ -170,6 +188,7 @@ def pretrain(out: str | Path = TOY_MODEL_DIR, seed: int = 0, num_images: int = 4
     out.parent.mkdir(parents=True, exist_ok=True)
     images_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    earlier_cycles: list[dict] = []
     if init is not None:
         init = Path(init)
         tokenizer = CLIPTokenizer.from_pretrained(init / "tokenizer")
@@ -177,6 +196,10 @@ def pretrain(out: str | Path = TOY_MODEL_DIR, seed: int = 0, num_images: int = 4
         unet = UNet2DConditionModel.from_pretrained(init / "unet")
         text_encoder = CLIPTextModel.from_pretrained(init / "text_encoder")
         log(f"continuing from {init}: its tokenizer and VAE are kept")
+        init_log = init / "pretrain_log.json"
+        if init_log.exists():  # keep the whole history (loss curve, wall time) in the continued model's log
+            previous = json.loads(init_log.read_text())
+            earlier_cycles = previous.pop("earlier_cycles", []) + [previous]
     else:
         tokenizer = build_tokenizer(out.with_name(out.name + ".tokenizer"), seed=seed)
         vae, vae_losses = train_vae(vae_steps, batch_size // 2, seed, log)  # half batch: the VAE step is the costlier one
@@ -220,8 +243,9 @@ def pretrain(out: str | Path = TOY_MODEL_DIR, seed: int = 0, num_images: int = 4
             final_vae_loss=float(np.mean(vae_losses[-50:])) if vae_losses else None,
             final_unet_loss=float(np.mean(history["unet"][-200:])) if history["unet"] else None,
             unet_loss=[float(np.mean(history["unet"][i:i + 50])) for i in range(0, len(history["unet"]), 50)],
+            earlier_cycles=earlier_cycles,
         ), indent=1))
-        plot_losses(history, images_dir / "toy_pretrain_loss.png")
+        plot_losses(history, images_dir / "toy_pretrain_loss.png", earlier_cycles)
 
     bar = tqdm(range(steps), desc="unet", mininterval=10)
     for step in bar:
