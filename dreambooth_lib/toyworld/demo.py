@@ -56,7 +56,8 @@ def demo_config(subject: str = "marked_star", output_dir: str = "runs/toy_demo",
 
 # LoRA on the toy model needs a larger rank, rate and step count than SD's (rank 4 at lr 1e-4 learnt
 # almost nothing here; 800 steps gave subject fidelity 0.17, or 0.42-0.88 over 3 seeds with the text
-# encoder at 3e-4; 1,600 steps 0.90-0.96 over 3 seeds): swept in the README / images/toy_recipe_sweep*.json. With prior preservation, like the demo.
+# encoder at 3e-4; 1,600 steps 0.90-0.96 over 3 seeds): swept in the README and
+# images/toy_recipe_sweep*.json. With prior preservation, like the demo.
 TOY_LORA = dict(use_lora=True, lora_rank=32, learning_rate=1e-3, text_encoder_lr=1e-4, train_batch_size=1,
                 max_train_steps=1600)
 RECIPE_FIELDS = ("use_lora", "lora_rank", "learning_rate", "text_encoder_lr", "train_batch_size", "max_train_steps")
