@@ -164,7 +164,7 @@ def test_ablation_report_shows_recontextualization_and_reloads_from_its_json(tmp
     from dreambooth_lib.toyworld.demo import write_ablation_report
 
     def run(sf, ctx, pres):
-        overall = dict(subject_fidelity=0.3, prompt_fidelity=0.5, div=0.1, pres=pres, class_div=0.2)
+        overall = dict(subject_fidelity=0.3, prompt_fidelity=0.5, div=0.1, pres=pres, class_div=0.2, class_context_shift=0.4)
         return dict(what="", instance_prompt="", metrics=overall,
                     per_category={"recontextualization": dict(subject_fidelity=sf, prompt_fidelity=ctx, div=0.1)})
 
@@ -172,7 +172,7 @@ def test_ablation_report_shows_recontextualization_and_reloads_from_its_json(tmp
     write_ablation_report(results, tmp_path, log=lambda *_: None)
     rows = (tmp_path / "toy_ablations.md").read_text().splitlines()
     assert rows[0].startswith("| | recontext_subject_fidelity | recontext_context_followed |")
-    assert rows[2] == "| prior | 0.854 | 0.958 | 0.300 | 0.500 | 0.031 | 0.100 | 0.200 |"
+    assert rows[2] == "| prior | 0.854 | 0.958 | 0.300 | 0.500 | 0.031 | 0.100 | 0.200 | 0.400 |"
     assert rows[3].startswith("| no_prior | 0.500 | 0.250 |")
     assert (tmp_path / "toy_ablations.png").stat().st_size > 0
     first = (tmp_path / "toy_ablations.md").read_text()

@@ -172,7 +172,9 @@ def run_demo(subject: str = "marked_star", output_dir: str = "runs/toy_demo", im
     _, after = class_prompt_images(tuned, subject)
     table = score(oracle, suites, after, subject)
     table["overall"]["pres_base_model"] = oracle_lib.pres(oracle, before, subject)
-    table["overall"]["class_context_shift"] = oracle_lib.attribute_shift(oracle, before, after, "context")
+    shift = oracle_lib.attribute_shift(oracle, before, after, "context")
+    table["overall"]["class_context_shift"] = shift["total_variation"]
+    table["overall"]["class_contexts"] = dict(base_model=shift["before"], fine_tuned=shift["after"])
     base_suites = sample_suites(base, subject, f"{identifier} {class_noun}", seeds=SEEDS[:4])
     base_subject = oracle_lib.subject_fidelity(oracle, [im for rows in base_suites.values() for r in rows for im in r["images"]], subject)
     table["overall"]["subject_fidelity_base_model"] = base_subject
@@ -204,8 +206,7 @@ def run_demo(subject: str = "marked_star", output_dir: str = "runs/toy_demo", im
     log(f"overall: subject fidelity {o['subject_fidelity']:.3f}, prompt fidelity {o['prompt_fidelity']:.3f}, "
         f"PRES {o['pres']:.3f} (base model {o['pres_base_model']:.3f}), DIV {o['div']:.3f}; "
         f"base model produced the subject {base_subject:.3f} of the time")
-    shift = o["class_context_shift"]
-    log(f"class prompt backgrounds moved by {shift['total_variation']:.2f} (total variation; base "
+    log(f"class prompt backgrounds moved by {o['class_context_shift']:.2f} (total variation; base "
         f"{_histogram(shift['before'])} -> fine-tuned {_histogram(shift['after'])})")
     log(f"demo done in {result['wall_time_s']:.0f}s: metrics in {out}, figures in {images_dir}/{tag}_*.png")
     return result
@@ -227,6 +228,8 @@ def run_ablations(subject: str = "marked_star", output_root: str = "runs/toy_abl
                   names=tuple(ABLATIONS), log=print, **overrides) -> dict:
     """Each ablation trains from the same base with the same seed, then is scored on the same prompts."""
     oracle = oracle_lib.load_oracle()
+    base_model = demo_config(subject, output_root, **overrides).pretrained_model
+    _, base_class_images = class_prompt_images(load_pipeline(base_model), subject)
     results = {}
     for name in names:
         changes, what = ABLATIONS[name]
@@ -238,15 +241,18 @@ def run_ablations(subject: str = "marked_star", output_root: str = "runs/toy_abl
         suites = sample_suites(tuned, subject, f"{summary['identifier']} {noun}".strip())
         _, class_images = class_prompt_images(tuned, subject)
         metrics = score(oracle, suites, class_images, subject)
+        shift = oracle_lib.attribute_shift(oracle, base_class_images, class_images, "context")
+        metrics["overall"]["class_context_shift"] = shift["total_variation"]
         results[name] = dict(what=what, instance_prompt=summary["instance_prompt"], metrics=metrics["overall"],
-                             per_category={k: v for k, v in metrics.items() if k != "overall"})
+                             per_category={k: v for k, v in metrics.items() if k != "overall"},
+                             class_contexts=dict(base_model=shift["before"], fine_tuned=shift["after"]))
         log(f"{name}: {json.dumps(metrics['overall'])}")
     write_ablation_report(results, images_dir, log)
     return results
 
 
 ABLATION_COLUMNS = ["recontext_subject_fidelity", "recontext_context_followed", "subject_fidelity",
-                    "prompt_fidelity", "pres", "div", "class_div"]
+                    "prompt_fidelity", "pres", "div", "class_div", "class_context_shift"]
 
 
 def write_ablation_report(results: dict, images_dir: Path = IMAGES_DIR, log=print) -> None:
@@ -267,7 +273,7 @@ def write_ablation_report(results: dict, images_dir: Path = IMAGES_DIR, log=prin
 
 def plot_ablations(rows: dict[str, dict], path: Path) -> None:
     metrics = ["recontext_subject_fidelity", "recontext_context_followed", "subject_fidelity", "prompt_fidelity",
-               "pres", "div"]
+               "pres", "div", "class_context_shift"]
     x = np.arange(len(metrics))
     width = 0.8 / len(rows)
     fig = Figure(figsize=(11, 3.8))
@@ -278,7 +284,7 @@ def plot_ablations(rows: dict[str, dict], path: Path) -> None:
                                                     for m in metrics], fontsize=8)
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    ax.set_title("toy world ablations (oracle metrics; PRES lower is better)")
+    ax.set_title("toy world ablations (oracle metrics; PRES and class context shift: lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
