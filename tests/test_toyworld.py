@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import CLIPTokenizer
 
 from dreambooth_lib.config import TOY_MODEL_DIR
 from dreambooth_lib.toyworld import oracle as orc
@@ -50,6 +51,17 @@ def test_tokenizer_round_trips_captions_and_rare_tokens_are_unused(tmp_path):
     for token in rare:
         assert token not in words
         assert len(tok.tokenize(token)) == 1, token
+
+
+def test_committed_tokenizer_loads_from_vocab_and_merges_alone(tmp_path):
+    import shutil
+
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(Path(TOY_MODEL_DIR) / "tokenizer" / name, tmp_path)
+    committed, classic = CLIPTokenizer.from_pretrained(Path(TOY_MODEL_DIR) / "tokenizer"), CLIPTokenizer.from_pretrained(tmp_path)
+    texts = all_captions() + [f"a photo of {t} star" for t in rare_tokens({w for c in all_captions() for w in c.split()})]
+    assert all(classic(t).input_ids == committed(t).input_ids for t in texts)
+    assert classic.model_max_length == committed.model_max_length == 16
 
 
 def test_subject_images_are_written_and_recognised(oracle, tmp_path):
@@ -193,6 +205,23 @@ def test_recipe_gives_the_swept_toy_settings_on_the_toy_model_and_sd_ones_elsewh
     assert recipe("full", str(tmp_path))["learning_rate"] == 5e-6
     with pytest.raises(ValueError, match="'lora' or 'full'"):
         recipe("dora", TOY_MODEL_DIR)
+
+
+def test_pretraining_is_reproducible_from_its_seed(tmp_path):
+    """All three stages (tokenizer, VAE, UNet + text encoder) on a tiny budget: the same seed writes
+    byte-identical weights and tokenizer files, another seed other weights (and other rare tokens)."""
+    from dreambooth_lib.toyworld.pretrain import pretrain
+
+    def weights(name, seed):
+        out = tmp_path / name / "model"
+        pretrain(out=out, seed=seed, num_images=16, vae_steps=2, steps=2, batch_size=4, images_dir=tmp_path / name,
+                 log=lambda *_: None)
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+                if p.suffix == ".safetensors" or p.parent.name == "tokenizer"}
+
+    first, again, other = weights("a", 0), weights("b", 0), weights("c", 1)
+    assert len(first) == 7 and first == again
+    assert all(other[k] != first[k] for k in first if k.endswith(".safetensors") or k.endswith("vocab.json"))
 
 
 def test_pretraining_continues_from_a_pipeline_keeping_its_tokenizer_and_vae(tmp_path):

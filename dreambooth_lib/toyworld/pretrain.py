@@ -130,6 +130,9 @@ def save_pipeline(folder: Path, vae, unet, text_encoder, tokenizer) -> None:
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    # vocab.json + merges.txt besides tokenizer.json: the files CLIP's tokenizer has always shipped, so
+    # the slow CLIPTokenizer (and older transformers) load the model too
+    tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         folder.rename(old)
