@@ -101,8 +101,10 @@ def class_prompt_images(pipe, subject: str, seeds=PRES_SEEDS, guidance_scale: fl
     return prompt, generate(pipe, prompt, list(seeds), guidance_scale, steps, batch_size=len(seeds), progress=False)
 
 
-def score(oracle, suites: dict, class_images: list[Image.Image], subject: str) -> dict:
-    """Oracle metrics named after the paper's, per category and overall."""
+def score(oracle, suites: dict, class_images: list[Image.Image], subject: str,
+          base_class_images: list[Image.Image] | None = None) -> dict:
+    """Oracle metrics named after the paper's, per category and overall; with the base model's
+    class-prompt pictures (same seeds), also how far the class prompt's backgrounds moved."""
     table = {}
     for category, rows in suites.items():
         images = [im for r in rows for im in r["images"]]
@@ -115,6 +117,10 @@ def score(oracle, suites: dict, class_images: list[Image.Image], subject: str) -
     table["overall"] = {k: sum(t[k] for t in table.values()) / n for k in ("subject_fidelity", "prompt_fidelity", "div")}
     table["overall"]["pres"] = oracle_lib.pres(oracle, class_images, subject)
     table["overall"]["class_div"] = oracle_lib.div(oracle, class_images)
+    if base_class_images is not None:
+        shift = oracle_lib.attribute_shift(oracle, base_class_images, class_images, "context")
+        table["overall"]["class_context_shift"] = shift["total_variation"]
+        table["overall"]["class_contexts"] = dict(base_model=shift["before"], fine_tuned=shift["after"])
     return table
 
 
@@ -170,11 +176,8 @@ def run_demo(subject: str = "marked_star", output_dir: str = "runs/toy_demo", im
     suites = sample_suites(tuned, subject, f"{identifier} {class_noun}")
     class_prompt, before = class_prompt_images(base, subject)
     _, after = class_prompt_images(tuned, subject)
-    table = score(oracle, suites, after, subject)
+    table = score(oracle, suites, after, subject, base_class_images=before)
     table["overall"]["pres_base_model"] = oracle_lib.pres(oracle, before, subject)
-    shift = oracle_lib.attribute_shift(oracle, before, after, "context")
-    table["overall"]["class_context_shift"] = shift["total_variation"]
-    table["overall"]["class_contexts"] = dict(base_model=shift["before"], fine_tuned=shift["after"])
     base_suites = sample_suites(base, subject, f"{identifier} {class_noun}", seeds=SEEDS[:4])
     base_subject = oracle_lib.subject_fidelity(oracle, [im for rows in base_suites.values() for r in rows for im in r["images"]], subject)
     table["overall"]["subject_fidelity_base_model"] = base_subject
@@ -207,7 +210,7 @@ def run_demo(subject: str = "marked_star", output_dir: str = "runs/toy_demo", im
         f"PRES {o['pres']:.3f} (base model {o['pres_base_model']:.3f}), DIV {o['div']:.3f}; "
         f"base model produced the subject {base_subject:.3f} of the time")
     log(f"class prompt backgrounds moved by {o['class_context_shift']:.2f} (total variation; base "
-        f"{_histogram(shift['before'])} -> fine-tuned {_histogram(shift['after'])})")
+        f"{_histogram(o['class_contexts']['base_model'])} -> fine-tuned {_histogram(o['class_contexts']['fine_tuned'])})")
     log(f"demo done in {result['wall_time_s']:.0f}s: metrics in {out}, figures in {images_dir}/{tag}_*.png")
     return result
 
@@ -240,12 +243,9 @@ def run_ablations(subject: str = "marked_star", output_root: str = "runs/toy_abl
         noun = cfg.class_noun if "{class_noun}" in cfg.instance_prompt_template else ""
         suites = sample_suites(tuned, subject, f"{summary['identifier']} {noun}".strip())
         _, class_images = class_prompt_images(tuned, subject)
-        metrics = score(oracle, suites, class_images, subject)
-        shift = oracle_lib.attribute_shift(oracle, base_class_images, class_images, "context")
-        metrics["overall"]["class_context_shift"] = shift["total_variation"]
+        metrics = score(oracle, suites, class_images, subject, base_class_images)
         results[name] = dict(what=what, instance_prompt=summary["instance_prompt"], metrics=metrics["overall"],
-                             per_category={k: v for k, v in metrics.items() if k != "overall"},
-                             class_contexts=dict(base_model=shift["before"], fine_tuned=shift["after"]))
+                             per_category={k: v for k, v in metrics.items() if k != "overall"})
         log(f"{name}: {json.dumps(metrics['overall'])}")
     write_ablation_report(results, images_dir, log)
     return results

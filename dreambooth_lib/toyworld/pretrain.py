@@ -146,9 +146,12 @@ def plot_losses(history: dict, path: Path, earlier_cycles: list[dict] = ()) -> N
     vae, unet = np.asarray(history["vae"]), np.asarray(history["unet"])
     fig = Figure(figsize=(10, 3.5) if len(vae) else (6, 3.5))
     axes = fig.subplots(1, 2) if len(vae) else [fig.subplots()]
+    def smoothed(y, offset=0):  # running mean over ~1/200 of the curve, centred
+        k = max(1, len(y) // 200)
+        return offset + np.arange(len(y) - k + 1) + k // 2, np.convolve(y, np.ones(k) / k, mode="valid")
+
     if len(vae):
-        k = max(1, len(vae) // 200)
-        axes[0].plot(np.arange(len(vae) - k + 1) + k // 2, np.convolve(vae, np.ones(k) / k, mode="valid"))
+        axes[0].plot(*smoothed(vae))
         axes[0].set_title("AutoencoderKL (MSE + KL)")
     offset = 0
     for n, cycle in enumerate(earlier_cycles, 1):
@@ -158,11 +161,9 @@ def plot_losses(history: dict, path: Path, earlier_cycles: list[dict] = ()) -> N
         axes[-1].plot(offset + 50 * np.arange(len(y)) + 25, y, label=f"cycle {n}: peak lr {cycle['lr']:g}")
         offset += cycle["steps_done"]
     if len(unet):
-        k = max(1, len(unet) // 200)
         if offset:
             axes[-1].axvline(offset, color="grey", lw=0.8)
-        label = f"cycle {len(earlier_cycles) + 1}" if earlier_cycles else None
-        axes[-1].plot(offset + np.arange(len(unet) - k + 1) + k // 2, np.convolve(unet, np.ones(k) / k, mode="valid"), label=label)
+        axes[-1].plot(*smoothed(unet, offset), label=f"cycle {len(earlier_cycles) + 1}" if earlier_cycles else None)
     title = "UNet + text encoder (eps MSE)"
     if earlier_cycles:
         axes[-1].legend()
