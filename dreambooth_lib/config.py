@@ -21,6 +21,7 @@ class TrainConfig:
     # --- model -------------------------------------------------------------------------------
     pretrained_model: str = TOY_MODEL_DIR  # diffusers folder or hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5
     revision: Optional[str] = None  # hub revision (branch, tag or commit) of pretrained_model
+    model_family: str = "auto"  # "auto" = read from pretrained_model's model_index.json; or "sd" (SD 1.x/2.x)
     # --- data --------------------------------------------------------------------------------
     instance_dir: str = ""  # folder with the 3-5 subject photos (jpg/png/webp)
     class_noun: str = ""  # coarse class of the subject ("dog"); required with prior preservation

@@ -333,6 +333,9 @@ def validate_config(cfg) -> None:
     _check(cfg.mixed_precision in MIXED_PRECISIONS, f"mixed_precision = {cfg.mixed_precision!r}: use one of {MIXED_PRECISIONS}")
     _check(cfg.prior_generation_precision == "auto" or cfg.prior_generation_precision in PRIOR_PRECISIONS,
            f"prior_generation_precision = {cfg.prior_generation_precision!r}: use 'auto' or one of {tuple(PRIOR_PRECISIONS)}")
+    from .families import FAMILIES
+    _check(cfg.model_family == "auto" or cfg.model_family in FAMILIES,
+           f"model_family = {cfg.model_family!r}: use 'auto' (read from the model) or one of {tuple(FAMILIES)}")
     _check(cfg.optimizer in OPTIMIZERS, f"optimizer = {cfg.optimizer!r}: use one of {OPTIMIZERS}")
     schedulers = tuple(s.value for s in SchedulerType)
     _check(cfg.lr_scheduler in schedulers, f"lr_scheduler = {cfg.lr_scheduler!r}: use one of {schedulers}")

@@ -13,34 +13,43 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+import transformers
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel
+
+from . import families
 
 
 def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=None, dtype=None,
-                  adapter_name: str = "subject") -> StableDiffusionPipeline:
+                  adapter_name: str = "subject", model_family: str = "auto") -> DiffusionPipeline:
     """A pipeline folder / hub id, optionally + LoRA weights, or a train.py checkpoint-N folder.
 
+    The pipeline class is the model family's (families.detect: StableDiffusionPipeline for SD 1.x/2.x).
     Default device: CUDA when present; default dtype: fp16 on CUDA, fp32 on CPU. The NSFW safety
     checker is not loaded (as in diffusers' DreamBooth scripts): it blacks out false positives,
     which would corrupt the metrics.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-    parts = {}
-    state = Path(model) / "training_state.json"
-    if state.is_file():  # checkpoint-N: trained parts here, the rest from the base model it was trained from
-        folder, model = Path(model), json.loads(state.read_text())["config"]["pretrained_model"]
+    parts, revision, folder = {}, None, Path(model)
+    checkpoint = (folder / "training_state.json").is_file()
+    if checkpoint:  # checkpoint-N: trained parts here, the rest from the base model it was trained from
+        config = json.loads((folder / "training_state.json").read_text())["config"]
+        model, revision = config["pretrained_model"], config.get("revision")
+        model_family = config.get("model_family", model_family)
+    family = families.resolve(model_family, str(model), revision)
+    if checkpoint:
         if (folder / "unet").is_dir():
             parts["unet"] = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype)
-        if (folder / "text_encoder").is_dir():
-            parts["text_encoder"] = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype)
+        index = families.model_index(model, revision)
+        for name in family.TEXT_ENCODERS:
+            if (folder / name).is_dir():  # of the class the base model's model_index.json names
+                parts[name] = getattr(transformers, index[name][1]).from_pretrained(folder / name, dtype=dtype)
         if (folder / "pytorch_lora_weights.safetensors").is_file():
             lora_dir = lora_dir or folder
-    pipe = StableDiffusionPipeline.from_pretrained(model, dtype=dtype, safety_checker=None, **parts)
+    pipe = family.PIPELINE.from_pretrained(model, revision=revision, dtype=dtype, **family.PIPELINE_EXTRAS, **parts)
     if lora_dir is not None:
         pipe.load_lora_weights(lora_dir, weight_name="pytorch_lora_weights.safetensors", adapter_name=adapter_name)
     pipe.set_progress_bar_config(disable=True)  # generate() shows one bar over all images instead

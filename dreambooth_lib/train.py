@@ -32,14 +32,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
-from diffusers.loaders import StableDiffusionLoraLoaderMixin
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft, make_image_grid
@@ -48,28 +41,20 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTokenizer
 
-from . import data, loss
+from . import data, families, loss
 from .config import TrainConfig
+from .families import Models  # noqa: F401  (train.Models: what load_models returns and prepare_training takes)
 from .sample import generate
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TEXT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP self-attention
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name pipe.load_lora_weights(folder) looks for
 STATE_JSON, STATE_TENSORS = "training_state.json", "training_state.safetensors"
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; nothing of the diverged step was saved."""
-
-
-@dataclass
-class Models:
-    text_encoder: CLIPTextModel
-    vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    noise_scheduler: DDPMScheduler  # the training (forward-process) scheduler, paper's alpha_t / sigma_t
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -79,15 +64,8 @@ def load_tokenizer(cfg: TrainConfig) -> CLIPTokenizer:
 
 
 def load_models(cfg: TrainConfig) -> Models:
-    """Frozen-by-default SD components in fp32; only what cfg trains keeps requires_grad."""
-    kw = dict(revision=cfg.revision)
-    text_encoder = CLIPTextModel.from_pretrained(cfg.pretrained_model, subfolder="text_encoder", **kw)
-    vae = AutoencoderKL.from_pretrained(cfg.pretrained_model, subfolder="vae", **kw)
-    # diffusers' default attention processor is torch SDPA (memory-efficient attention, no xformers).
-    unet = UNet2DConditionModel.from_pretrained(cfg.pretrained_model, subfolder="unet", **kw)
-    # Training noise comes from DDPM with the model's own schedule and prediction_type (eps or v).
-    noise_scheduler = DDPMScheduler.from_pretrained(cfg.pretrained_model, subfolder="scheduler", **kw)
-    models = Models(text_encoder, vae, unet, noise_scheduler)
+    """The base model's components (its family's: families.of) in fp32, frozen except what cfg trains."""
+    models = families.of(cfg).load_models(cfg.pretrained_model, cfg.revision)
     set_trainable(models, cfg)
     return models
 
@@ -96,7 +74,13 @@ def set_trainable(models: Models, cfg: TrainConfig) -> None:
     """requires_grad only on what a full fine-tune trains (LoRA adds its own trainable layers later)."""
     models.vae.requires_grad_(False)
     models.unet.requires_grad_(not cfg.use_lora)
-    models.text_encoder.requires_grad_(cfg.train_text_encoder and not cfg.use_lora)
+    for text_encoder in models.text_encoders:
+        text_encoder.requires_grad_(cfg.train_text_encoder and not cfg.use_lora)
+
+
+def as_tuple(text_encoder) -> tuple:
+    """One text encoder (SD) or a tuple of them (SDXL: text_encoder, text_encoder_2) -> a tuple."""
+    return tuple(text_encoder) if isinstance(text_encoder, (tuple, list)) else (text_encoder,)
 
 
 def place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
@@ -105,25 +89,27 @@ def place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
         module.to(dtype)
 
 
-def add_lora(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, cfg: TrainConfig) -> None:
-    """Attach trainable LoRA adapters ("default") to cfg.lora_unet_modules (and the text encoder's
-    attention when it is trained); base weights stay frozen."""
+def add_lora(unet: UNet2DConditionModel, text_encoder, cfg: TrainConfig) -> None:
+    """Attach trainable LoRA adapters ("default") to cfg.lora_unet_modules (and, when they are trained,
+    to the attention of the text encoder, or of each in a tuple); base weights stay frozen."""
     def lora_config(targets):
         return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=cfg.lora_dropout,
                           init_lora_weights="gaussian", target_modules=targets)
     unet.add_adapter(lora_config(list(cfg.lora_unet_modules)))
     if cfg.train_text_encoder:
-        text_encoder.add_adapter(lora_config(TEXT_LORA_TARGETS))
+        for encoder in as_tuple(text_encoder):
+            encoder.add_adapter(lora_config(families.CLIP_ATTENTION))
 
 
 def trained_modules(models: Models, cfg: TrainConfig) -> list[torch.nn.Module]:
-    return [models.unet, models.text_encoder] if cfg.train_text_encoder else [models.unet]
+    """The UNet, then the text encoders when they are trained (the order of TrainingState.trained)."""
+    return [models.unet, *models.text_encoders] if cfg.train_text_encoder else [models.unet]
 
 
 def parameter_groups(models: Models, cfg: TrainConfig) -> list[dict]:
     groups = [{"params": [p for p in models.unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
     if cfg.train_text_encoder:
-        groups.append({"params": [p for p in models.text_encoder.parameters() if p.requires_grad],
+        groups.append({"params": [p for m in models.text_encoders for p in m.parameters() if p.requires_grad],
                        "lr": cfg.text_encoder_lr or cfg.learning_rate})
     return groups
 
@@ -141,11 +127,34 @@ def make_optimizer(param_groups: list[dict], cfg: TrainConfig, log=print) -> tor
     return torch.optim.AdamW(param_groups, **kw)
 
 
-def encode_prompts(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str]) -> torch.Tensor:
-    """CLIP last hidden states [B, L, D]; row i conditions on prompts[i]."""
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]):
+    """Prompts -> the family's text conditioning, batch first, row i for prompts[i]: SD's is CLIP's last
+    hidden states [B, L, D]; a family with several encoders takes tuples of tokenizers and encoders
+    (text_stack) and may return a dict of tensors (families/<family>.py, encode_prompts)."""
+    tokenizers, encoders = as_tuple(tokenizer), as_tuple(text_encoder)
+    return families.by_text_encoder_count(len(encoders)).encode_prompts(tokenizers, encoders, prompts)
+
+
+def text_stack(models: Models, tokenizer) -> tuple:
+    """(tokenizer, text_encoder) as encode_prompts takes them: one each, or tuples for several encoders."""
+    if models.text_encoder_2 is None:
+        return tokenizer, models.text_encoder
+    return (tokenizer, models.tokenizer_2), models.text_encoders
+
+
+def stack_rows(rows: list):
+    """Stack per-item conditioning rows into a batch: tensors, or dicts of tensors key by key."""
+    if isinstance(rows[0], dict):
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+    return torch.stack(rows)
+
+
+def split_rows(batch) -> list:
+    """Inverse of stack_rows: row i of a tensor, or of every tensor of a dict."""
+    if isinstance(batch, dict):
+        n = len(next(iter(batch.values())))
+        return [{k: v[i] for k, v in batch.items()} for i in range(n)]
+    return list(batch)
 
 
 # --- data -----------------------------------------------------------------------------------------
@@ -162,9 +171,11 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Pa
     device = PartialState().device
     dtype = data.class_image_dtype(cfg.prior_generation_precision, device)
 
+    family = families.of(cfg)
+
     def make_pipeline():  # loaded in the sampling dtype: no cast afterwards
-        return StableDiffusionPipeline.from_pretrained(cfg.pretrained_model, revision=cfg.revision, safety_checker=None,
-                                                       dtype=dtype)
+        return family.PIPELINE.from_pretrained(cfg.pretrained_model, revision=cfg.revision, dtype=dtype,
+                                               **family.PIPELINE_EXTRAS)
 
     return data.ensure_class_images(class_dir, manifest, cfg.num_class_images, make_pipeline,
                                     batch_size=cfg.class_batch_size, device=device,
@@ -174,7 +185,7 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Pa
 
 def scheduler_name(cfg: TrainConfig) -> str:
     """Class name of the base model's sampler (recorded in the class-image manifest)."""
-    return StableDiffusionPipeline.load_config(cfg.pretrained_model, revision=cfg.revision)["scheduler"][1]
+    return families.model_index(cfg.pretrained_model, cfg.revision)["scheduler"][1]
 
 
 def pixel_values(images: list[Image.Image], cfg: TrainConfig, generator: torch.Generator) -> list[torch.Tensor]:
@@ -202,10 +213,10 @@ def cache_latents(vae: AutoencoderKL, values: list[torch.Tensor], seed: int, bat
 
 
 @torch.no_grad()
-def cache_text_embeddings(tokenizer, text_encoder, prompts: list[str]) -> dict[str, torch.Tensor]:
-    """Frozen text encoder: encode each distinct prompt once."""
+def cache_text_embeddings(tokenizer, text_encoder, prompts: list[str]) -> dict:
+    """Frozen text encoder(s): encode each distinct prompt once; prompt -> its row of encode_prompts."""
     unique = list(dict.fromkeys(prompts))
-    return dict(zip(unique, encode_prompts(tokenizer, text_encoder, unique)))
+    return dict(zip(unique, split_rows(encode_prompts(tokenizer, text_encoder, unique))))
 
 
 def batch_indices(n_items: int, batch_size: int, seed: int, micro_step: int, rank: int = 0, world: int = 1) -> list[int]:
@@ -223,25 +234,32 @@ def step_generator(seed: int, micro_step: int, rank: int, device) -> torch.Gener
 
 
 def latents_and_conditioning(batch: dict, models: Models, tokenizer, text_cache: dict | None, latents_cached: bool,
-                             generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, c) for a collated batch, row i of both describing batch["prompts"][i] (instances, then classes)."""
+                             generator: torch.Generator, device) -> tuple[torch.Tensor, object]:
+    """(z, c) for a collated batch, row i of both describing batch["prompts"][i] (instances, then classes).
+
+    c is what the family's UNet takes besides (x_t, t): SD's text hidden states, or a dict of UNet keyword
+    arguments (families/<family>.py, unet_conditioning)."""
     values = batch["values"].to(device)
     latents = values if latents_cached else vae_latents(models.vae, values, generator)
     if text_cache is not None:
-        hidden = torch.stack([text_cache[p] for p in batch["prompts"]]).to(device)
+        text = stack_rows([text_cache[p] for p in batch["prompts"]])
+        text = {k: v.to(device) for k, v in text.items()} if isinstance(text, dict) else text.to(device)
     else:
-        hidden = encode_prompts(tokenizer, models.text_encoder, batch["prompts"])
-    return latents, hidden
+        text = encode_prompts(*text_stack(models, tokenizer), batch["prompts"])
+    return latents, families.get(models.family).unet_conditioning(text, batch.get("sizes"))
 
 
-def diffusion_loss(unet, noise_scheduler, latents, hidden, cfg: TrainConfig, with_prior: bool,
+def diffusion_loss(unet, noise_scheduler, latents, cond, cfg: TrainConfig, with_prior: bool,
                    generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """One Monte-Carlo sample of the paper's Eq. 2: x_t = alpha_t x + sigma_t eps, t ~ U{0..T-1}."""
+    """One Monte-Carlo sample of the paper's Eq. 2: x_t = alpha_t x + sigma_t eps, t ~ U{0..T-1}.
+
+    cond: the UNet's conditioning from latents_and_conditioning (a tensor of text hidden states, or a
+    dict of UNet keyword arguments)."""
     noise = loss.sample_noise(latents, cfg.offset_noise, generator=generator)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
                       device=latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
-    pred = unet(noisy, t, hidden).sample
+    pred = (unet(noisy, t, **cond) if isinstance(cond, dict) else unet(noisy, t, cond)).sample
     target = loss.diffusion_target(noise_scheduler, latents, noise, t)
     return loss.dreambooth_loss(pred, target, t, noise_scheduler=noise_scheduler, with_prior=with_prior,
                                 prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma)
@@ -263,28 +281,34 @@ def lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(folder: Path, unet, text_encoder, cfg: TrainConfig) -> None:
-    """Inference-ready weights: LoRA file for pipe.load_lora_weights, or unet/ (+text_encoder/) folders."""
+    """Inference-ready weights: the family's LoRA file for pipe.load_lora_weights (keys unet.*,
+    text_encoder.*, text_encoder_2.*), or unet/ (+ text_encoder/ ...) folders. text_encoder: one, or a
+    tuple in the family's TEXT_ENCODERS order."""
+    family, encoders = families.of(cfg), as_tuple(text_encoder)
     if cfg.use_lora:
-        StableDiffusionLoraLoaderMixin.save_lora_weights(
-            folder, unet_lora_layers=lora_layers(unet),
-            text_encoder_lora_layers=lora_layers(text_encoder) if cfg.train_text_encoder else None)
+        text_layers = {f"{name}_lora_layers": lora_layers(encoder) for name, encoder in zip(family.TEXT_ENCODERS, encoders)
+                       } if cfg.train_text_encoder else {}
+        family.LORA_LOADER.save_lora_weights(folder, unet_lora_layers=lora_layers(unet), **text_layers)
     else:
         unet.save_pretrained(folder / "unet")
         if cfg.train_text_encoder:
-            text_encoder.save_pretrained(folder / "text_encoder")
+            for name, encoder in zip(family.TEXT_ENCODERS, encoders):
+                encoder.save_pretrained(folder / name)
 
 
 def load_weights(folder: Path, unet, text_encoder, cfg: TrainConfig) -> None:
     """Inverse of save_weights, into the live (unwrapped) models; LoRA keys must all match."""
+    family, encoders = families.of(cfg), as_tuple(text_encoder)
+    named_encoders = list(zip(family.TEXT_ENCODERS, encoders)) if cfg.train_text_encoder else []
     if not cfg.use_lora:
         unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder / "unet").state_dict())
-        if cfg.train_text_encoder:
-            text_encoder.load_state_dict(CLIPTextModel.from_pretrained(folder / "text_encoder").state_dict())
+        for name, encoder in named_encoders:
+            encoder.load_state_dict(type(encoder).from_pretrained(folder / name).state_dict())
         return
-    state = StableDiffusionLoraLoaderMixin.lora_state_dict(folder, weight_name=LORA_WEIGHTS)[0]
+    state = family.LORA_LOADER.lora_state_dict(folder, weight_name=LORA_WEIGHTS)[0]
     parts = [("unet.", unet, convert_unet_state_dict_to_peft)]
-    if cfg.train_text_encoder:
-        parts.append(("text_encoder.", text_encoder, lambda sd: convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd))))
+    parts += [(f"{name}.", encoder, lambda sd: convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd)))
+              for name, encoder in named_encoders]
     for prefix, model, to_peft in parts:
         sd = to_peft({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         try:
@@ -410,9 +434,12 @@ def save_final(output_dir: str | Path, unet, text_encoder, cfg: TrainConfig) -> 
     if cfg.use_lora:
         save_weights(output_dir, unet, text_encoder, cfg)
         return output_dir / LORA_WEIGHTS
-    trained = dict(unet=unet, text_encoder=text_encoder) if cfg.train_text_encoder else dict(unet=unet)
+    family = families.of(cfg)
+    trained = dict(unet=unet)
+    if cfg.train_text_encoder:
+        trained.update(zip(family.TEXT_ENCODERS, as_tuple(text_encoder)))
     # Untrained parts are re-read in their original precision rather than copied from the (maybe fp16) live ones.
-    pipe = StableDiffusionPipeline.from_pretrained(cfg.pretrained_model, revision=cfg.revision, **trained)
+    pipe = family.PIPELINE.from_pretrained(cfg.pretrained_model, revision=cfg.revision, **trained)
     pipe.save_pretrained(output_dir, safe_serialization=True)
     return output_dir
 
@@ -426,21 +453,25 @@ def fill_prompt(template: str, identifier: str, class_noun: str) -> str:
 @torch.no_grad()
 def render_validation(models: Models, unet, text_encoder, tokenizer, prompts: list[str], cfg: TrainConfig,
                       path: Path, autocast) -> Path:
-    """Grid (one row per prompt, seeds 0..n-1) from the in-memory models: no reload, no weight copy."""
-    pipe = StableDiffusionPipeline(
-        vae=models.vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    """Grid (one row per prompt, seeds 0..n-1) from the in-memory models: no reload, no weight copy.
+    text_encoder: the (unwrapped) text encoder, or a tuple of the family's."""
+    family, encoders = families.get(models.family), as_tuple(text_encoder)
+    tokenizers = (tokenizer, models.tokenizer_2)[:len(encoders)]
+    pipe = family.PIPELINE(
+        vae=models.vae, unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
+        **dict(zip(family.TEXT_ENCODERS, encoders)), **dict(zip(family.TOKENIZERS, tokenizers)), **family.PIPELINE_EXTRAS)
     pipe.set_progress_bar_config(disable=True)
     n = cfg.num_validation_images
-    was_training = [m.training for m in (unet, text_encoder)]
-    unet.eval(), text_encoder.eval()
+    modules = (unet, *encoders)
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
     # fork_rng: rendering must not move the global RNG that LoRA dropout draws from (exact resume).
     with autocast, torch.random.fork_rng(devices=range(torch.cuda.device_count())):
         images = generate(pipe, [p for p in prompts for _ in range(n)], list(range(n)) * len(prompts),
                           guidance_scale=cfg.validation_guidance_scale,
                           num_inference_steps=cfg.validation_inference_steps, progress=False)
-    for m, flag in zip((unet, text_encoder), was_training):
+    for m, flag in zip(modules, was_training):
         m.train(flag)
     path.parent.mkdir(parents=True, exist_ok=True)
     make_image_grid(images, rows=len(prompts), cols=n).save(path)
@@ -459,6 +490,10 @@ def peak_memory() -> dict:
                 "peak_memory_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
     return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "memory": "process peak RSS",
             "peak_memory_reserved_mb": None}
+
+
+def unwrap_all(accelerator: Accelerator, modules) -> tuple:
+    return tuple(accelerator.unwrap_model(m) for m in modules)
 
 
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
@@ -507,20 +542,27 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
     with_prior = cfg.with_prior_preservation
     if with_prior and (not class_values or class_prompt is None):
         raise ValueError("with_prior_preservation needs class_values and class_prompt (see class_image_paths)")
+    family = families.of(cfg)
+    if models.family != family.NAME:
+        raise data.InputError(f"the models are {models.family!r} components but the config's model is {family.NAME!r} "
+                              f"(pretrained_model {cfg.pretrained_model}, model_family {cfg.model_family!r}): "
+                              "set model_family to the family of the models")
     device, weight_dtype = accelerator.device, WEIGHT_DTYPES[cfg.mixed_precision]
     set_trainable(models, cfg)
     place(models.vae, device, weight_dtype)
-    place(models.text_encoder, device, torch.float32 if cfg.train_text_encoder and not cfg.use_lora else weight_dtype)
+    for text_encoder in models.text_encoders:
+        place(text_encoder, device, torch.float32 if cfg.train_text_encoder and not cfg.use_lora else weight_dtype)
     place(models.unet, device, torch.float32 if not cfg.use_lora else weight_dtype)
     if cfg.use_lora:
-        add_lora(models.unet, models.text_encoder, cfg)
+        add_lora(models.unet, models.text_encoders, cfg)
         cast_training_params(trained_modules(models, cfg), dtype=torch.float32)
     if cfg.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
-            models.text_encoder.activation_checkpointing_enable()
+            for text_encoder in models.text_encoders:
+                text_encoder.activation_checkpointing_enable()
     if resume_from is not None:
-        load_weights(resume_from, models.unet, models.text_encoder, cfg)
+        load_weights(resume_from, models.unet, models.text_encoders, cfg)
     groups = parameter_groups(models, cfg)
     optimizer = make_optimizer(groups, cfg, log)
     # Stepped once per optimizer step by train_step (not by accelerate), so warm-up counts optimizer steps.
@@ -539,7 +581,7 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
     dataset = data.DreamBoothDataset(instance_values, instance_prompts, class_values if with_prior else None,
                                      class_prompt if with_prior else None)
     text_cache = None if cfg.train_text_encoder else cache_text_embeddings(
-        tokenizer, models.text_encoder, instance_prompts + ([class_prompt] if with_prior else []))
+        *text_stack(models, tokenizer), instance_prompts + ([class_prompt] if with_prior else []))
     state = TrainingState(cfg, accelerator, models, tokenizer, trained, unet,
                           trained[1] if cfg.train_text_encoder else models.text_encoder,
                           [p for g in groups for p in g["params"]], optimizer, lr_scheduler, dataset, text_cache,
@@ -594,6 +636,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     for a full fine-tune, the untrained parts of the saved pipeline.
     """
     data.validate_config(cfg)  # every model-free check, before anything slow
+    family = families.of(cfg)  # an unknown model fails here, before anything is loaded
     started = time.time()
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
@@ -620,12 +663,13 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     # 2. models, optimizer, caches (and the checkpoint when resuming).
     state = prepare_training(cfg, models if models is not None else load_models(cfg), accelerator, tokenizer, inst_values, inst_prompts,
                              cls_values, class_prompt if with_prior else None, resume_from, info)
-    unet, text_encoder = state.trained[0], state.text_encoder  # uncompiled: what checkpoints unwrap and save
+    unet = state.trained[0]  # uncompiled: what checkpoints unwrap and save
+    text_encoders = tuple(state.trained[1:]) if cfg.train_text_encoder else state.models.text_encoders
     val_prompts = [fill_prompt(p, identifier, cfg.class_noun) for p in cfg.validation_prompts] or [instance_prompt]
     step, n_params = state.start_step, sum(p.numel() for p in state.params)
     if resume_from is not None:
         info(f"resumed from {resume_from} at step {step}")
-    info(f"training {'LoRA' if cfg.use_lora else 'full UNet'}{' + text encoder' if cfg.train_text_encoder else ''}: "
+    info(f"training {family.NAME} {'LoRA' if cfg.use_lora else 'full UNet'}{' + text encoder' if cfg.train_text_encoder else ''}: "
          f"{n_params:,} parameters, {len(state.dataset)} items, steps {step}->{cfg.max_train_steps}")
 
     # 3. the loop: one optimizer step, then checkpoint / validation at their multiples.
@@ -642,13 +686,13 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
             if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
                 if main:
                     state.last_checkpoint = save_checkpoint(
-                        output_dir, step, accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder),
+                        output_dir, step, accelerator.unwrap_model(unet), unwrap_all(accelerator, text_encoders),
                         state.optimizer, state.lr_scheduler, state.history, cfg)
                 accelerator.wait_for_everyone()
             if cfg.validation_steps and step % cfg.validation_steps == 0:
                 if main:
                     render_validation(state.models, accelerator.unwrap_model(unet),
-                                      accelerator.unwrap_model(text_encoder), tokenizer, val_prompts, cfg,
+                                      unwrap_all(accelerator, text_encoders), tokenizer, val_prompts, cfg,
                                       output_dir / "validation" / f"step-{step}.png",
                                       accelerator.autocast() if cfg.mixed_precision != "no" else nullcontext())
                 accelerator.wait_for_everyone()
@@ -667,7 +711,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
         num_processes=accelerator.num_processes, **peak_memory())
     if main:
         summary["weights"] = str(save_final(output_dir, accelerator.unwrap_model(unet),
-                                            accelerator.unwrap_model(text_encoder), cfg))
+                                            unwrap_all(accelerator, text_encoders), cfg))
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         info(f"done: {step} steps, final loss {summary['final_loss']}, weights in {summary['weights']}")
     accelerator.wait_for_everyone()
