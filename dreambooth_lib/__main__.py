@@ -75,12 +75,10 @@ def cmd_train(args) -> int:
 
 def cmd_class_images(args) -> int:
     from . import data
-    from .train import class_image_paths, load_tokenizer
+    from .train import class_image_paths
     cfg = config_from_args(args)
-    data.validate_config(cfg)
+    class_prompt = data.validate_class_image_config(cfg)  # no subject photos needed, unlike train
     started = time.time()
-    identifier = data.resolve_identifier(load_tokenizer(cfg), cfg.identifier)
-    _, class_prompt = data.build_prompts(cfg, identifier)
     paths = class_image_paths(cfg, class_prompt)
     folder = paths[0].parent
     summary = dict(config=cfg.to_dict(), class_prompt=class_prompt, class_dir=str(folder), num_images=len(paths),
@@ -129,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="fine-tune; writes weights, checkpoints and summary.json to --output_dir")
     add_config_flags(train)
-    classes = commands.add_parser("class-images", help="only generate/reuse the prior-preservation class images")
+    classes = commands.add_parser("class-images", help="only generate/reuse the prior-preservation class images (needs "
+                                  "--class_noun and the model; train reuses them from the same class_dir / output_dir)")
     add_config_flags(classes)
     sample = commands.add_parser("sample", help="images from a trained model as a grid PNG (+ .json)")
     sample.add_argument("--model", required=True, help="pipeline folder, hub id, or a checkpoint-N folder")

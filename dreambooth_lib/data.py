@@ -301,18 +301,11 @@ def validate_config(cfg) -> None:
     """Every check that needs no model, so bad input fails in seconds, not after loading SD."""
     from diffusers.optimization import SchedulerType  # names only: no model code runs
 
-    positive = ["max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps",
-                "class_batch_size", "class_inference_steps", "resolution", "adam_epsilon", "max_grad_norm",
-                "validation_inference_steps", "num_validation_images"]
-    for name in positive:
-        value = getattr(cfg, name)
-        _check(value > 0, f"{name} = {value} must be > 0")
-    non_negative = ["prior_loss_weight", "lr_warmup_steps", "adam_weight_decay", "offset_noise",
-                    "checkpointing_steps", "validation_steps", "seed", "class_guidance_scale",
-                    "validation_guidance_scale"]
-    for name in non_negative:
-        value = getattr(cfg, name)
-        _check(value >= 0, f"{name} = {value} must be >= 0")
+    _check_ranges(cfg, positive=["max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps",
+                                 "resolution", "adam_epsilon", "max_grad_norm", "validation_inference_steps",
+                                 "num_validation_images"],
+                  non_negative=["prior_loss_weight", "lr_warmup_steps", "adam_weight_decay", "offset_noise",
+                                "checkpointing_steps", "validation_steps", "seed", "validation_guidance_scale"])
     for name in ("text_encoder_lr", "snr_gamma", "lora_alpha"):
         value = getattr(cfg, name)
         _check(value is None or value > 0, f"{name} = {value} must be > 0 (or None)")
@@ -326,13 +319,10 @@ def validate_config(cfg) -> None:
     limit = cfg.checkpoints_total_limit
     _check(limit is None or limit >= 1, f"checkpoints_total_limit = {limit} must be >= 1 (or None for all)")
     if cfg.with_prior_preservation:
-        _check(cfg.num_class_images > 0, f"num_class_images = {cfg.num_class_images} must be > 0 with prior preservation")
         _check(bool(cfg.class_noun.strip()),
                "with_prior_preservation needs class_noun (e.g. 'dog'): set it, or turn prior preservation off")
 
     _check(cfg.mixed_precision in MIXED_PRECISIONS, f"mixed_precision = {cfg.mixed_precision!r}: use one of {MIXED_PRECISIONS}")
-    _check(cfg.prior_generation_precision == "auto" or cfg.prior_generation_precision in PRIOR_PRECISIONS,
-           f"prior_generation_precision = {cfg.prior_generation_precision!r}: use 'auto' or one of {tuple(PRIOR_PRECISIONS)}")
     from .families import FAMILIES
     _check(cfg.model_family == "auto" or cfg.model_family in FAMILIES,
            f"model_family = {cfg.model_family!r}: use 'auto' (read from the model) or one of {tuple(FAMILIES)}")
@@ -349,7 +339,7 @@ def validate_config(cfg) -> None:
         _check(len(identifier.split()) == 1, f"identifier = {cfg.identifier!r} must be one word, e.g. 'sks'")
     else:
         identifier = placeholder
-    instance_prompt, class_prompt = build_prompts(cfg, identifier)
+    instance_prompt, _ = build_prompts(cfg, identifier)
     if not cfg.use_captions:
         _check(_has_word(instance_prompt, identifier),
                f"instance_prompt_template {cfg.instance_prompt_template!r} does not contain the identifier: "
@@ -360,15 +350,36 @@ def validate_config(cfg) -> None:
         for image in images:
             _check(_has_word(image.caption, identifier) or placeholder in image.caption,
                    f"caption of {image.path} does not contain the identifier {identifier!r}: add it or {placeholder}")
+    if cfg.with_prior_preservation:
+        validate_class_image_config(cfg)
 
-    if cfg.with_prior_preservation and cfg.class_dir:
-        manifest_path = Path(cfg.class_dir) / MANIFEST_NAME
-        if manifest_path.is_file():
-            made = json.loads(manifest_path.read_text())
-            wanted = {"model": cfg.pretrained_model, "model_weights": weights_fingerprint(cfg.pretrained_model, cfg.revision),
-                      "class_prompt": class_prompt}
-            differ = {k: (made.get(k), v) for k, v in wanted.items() if made.get(k) != v}
-            _check(not differ, _mismatch_message(manifest_path, differ))
+
+def validate_class_image_config(cfg) -> str:
+    """The checks that generating class images needs, and no more (`class-images` runs without subject
+    photos): count, sampler settings, class prompt, and a user's class_dir made by another model or
+    prompt. Returns the class prompt."""
+    _check_ranges(cfg, positive=["num_class_images", "class_batch_size", "class_inference_steps", "resolution"],
+                  non_negative=["class_guidance_scale", "seed"])
+    _check(cfg.resolution % 8 == 0, f"resolution = {cfg.resolution} must be a multiple of 8 (the VAE downsamples by 8)")
+    _check(bool(cfg.class_noun.strip()), "class images need class_noun (e.g. 'dog'): it fills {class_noun} of the class prompt")
+    _check(cfg.prior_generation_precision == "auto" or cfg.prior_generation_precision in PRIOR_PRECISIONS,
+           f"prior_generation_precision = {cfg.prior_generation_precision!r}: use 'auto' or one of {tuple(PRIOR_PRECISIONS)}")
+    class_prompt = _fill(cfg.class_prompt_template, "class_prompt_template", class_noun=cfg.class_noun)
+    manifest_path = Path(cfg.class_dir or ".") / MANIFEST_NAME
+    if cfg.class_dir and manifest_path.is_file():
+        wanted = {"model_weights": weights_fingerprint(cfg.pretrained_model, cfg.revision), "class_prompt": class_prompt}
+        differ = manifest_differences(json.loads(manifest_path.read_text()), wanted)
+        _check(not differ, _mismatch_message(manifest_path, differ))
+    return class_prompt
+
+
+def _check_ranges(cfg, positive: list[str], non_negative: list[str]) -> None:
+    for name in positive:
+        value = getattr(cfg, name)
+        _check(value > 0, f"{name} = {value} must be > 0")
+    for name in non_negative:
+        value = getattr(cfg, name)
+        _check(value >= 0, f"{name} = {value} must be >= 0")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,8 +391,8 @@ def validate_config(cfg) -> None:
 class ClassImageManifest:
     """How the class images of a folder were made; a folder is reused only when this matches."""
 
-    model: str
-    model_weights: str  # weights_fingerprint(model): a model retrained in the same folder is another model
+    model: str  # as it was named: recorded, not compared (a moved, copied or relatively named model is the same)
+    model_weights: str  # weights_fingerprint(model), the model's identity: one retrained in place is another model
     class_prompt: str
     resolution: int
     scheduler: str
@@ -404,6 +415,14 @@ def weights_fingerprint(model: str, revision: str | None = None) -> str:
             with path.open("rb") as f:
                 digest.update(hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()[:16]
+
+
+RECORDED_ONLY = ("model",)  # manifest fields that describe the images but do not change them
+
+
+def manifest_differences(made: dict, wanted: dict) -> dict:
+    """{field: (folder's value, wanted value)} for the fields that make other images."""
+    return {k: (made.get(k), v) for k, v in wanted.items() if k not in RECORDED_ONLY and made.get(k) != v}
 
 
 def _mismatch_message(manifest_path: Path, differ: dict) -> str:
@@ -475,10 +494,9 @@ def ensure_class_images(
             )
         log(f"using {num_images} of your {len(existing)} class images in {class_dir} (no {MANIFEST_NAME})")
         return existing[:num_images]
-    if made != wanted and (made is not None or existing):
+    differ = manifest_differences(made or {}, wanted)
+    if differ and (made is not None or existing):
         if user_supplied:
-            made = made or {}
-            differ = {k: (made.get(k), v) for k, v in wanted.items() if made.get(k) != v}
             raise InputError(_mismatch_message(manifest_path, differ))
         if state.is_main_process:
             aside = _move_aside(class_dir)

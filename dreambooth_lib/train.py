@@ -286,9 +286,12 @@ def save_weights(folder: Path, unet, text_encoder, cfg: TrainConfig) -> None:
     tuple in the family's TEXT_ENCODERS order."""
     family, encoders = families.of(cfg), as_tuple(text_encoder)
     if cfg.use_lora:
-        text_layers = {f"{name}_lora_layers": lora_layers(encoder) for name, encoder in zip(family.TEXT_ENCODERS, encoders)
-                       } if cfg.train_text_encoder else {}
-        family.LORA_LOADER.save_lora_weights(folder, unet_lora_layers=lora_layers(unet), **text_layers)
+        # Each adapter's LoraConfig goes in the file's metadata: without it load_lora_weights assumes
+        # lora_alpha = rank, and a run trained with another alpha would be sampled at the wrong scale.
+        named = [("unet", unet)] + (list(zip(family.TEXT_ENCODERS, encoders)) if cfg.train_text_encoder else [])
+        family.LORA_LOADER.save_lora_weights(
+            folder, **{f"{name}_lora_layers": lora_layers(module) for name, module in named},
+            **{f"{name}_lora_adapter_metadata": module.peft_config["default"].to_dict() for name, module in named})
     else:
         unet.save_pretrained(folder / "unet")
         if cfg.train_text_encoder:
@@ -405,22 +408,58 @@ def resolve_resume(cfg: TrainConfig, log=print) -> Path | None:
     return path
 
 
+def fsync(path: Path) -> None:
+    """Flush one file's (or folder's entries') bytes to the disk: os.replace alone orders nothing, so
+    after a power cut a renamed folder could hold empty files. Folders cannot be opened on Windows."""
+    if path.is_dir() and os.name == "nt":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then its folders deepest first, `folder` itself last."""
+    paths = sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True)
+    for path in [p for p in paths if p.is_file()] + [p for p in paths if p.is_dir()] + [folder]:
+        fsync(path)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Durable atomic publish, as databases do: fsync what tmp holds, rename it to final (a file or a
+    folder that does not exist yet), fsync the parent folder so that the rename itself is on disk."""
+    if tmp.is_dir():
+        fsync_tree(tmp)
+    else:
+        fsync(tmp)
+    os.replace(tmp, final)
+    fsync(final.parent)
+
+
+def write_text_durably(path: Path, text: str) -> None:
+    """A small file (summary, manifest) written whole or not at all."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    publish(tmp, path)
+
+
 def save_checkpoint(output_dir: str | Path, step: int, unet, text_encoder, optimizer, lr_scheduler,
                     history: list[dict], cfg: TrainConfig) -> Path:
-    """Write checkpoint-N atomically (temp folder + rename), then prune to checkpoints_total_limit."""
+    """Write checkpoint-N durably (temp folder, fsync, rename, fsync), then prune to checkpoints_total_limit."""
     output_dir = Path(output_dir)
     tmp, final = output_dir / f".tmp-checkpoint-{step}", output_dir / f"checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_weights(tmp, unet, text_encoder, cfg)
     save_training_state(tmp, step, optimizer, lr_scheduler, history, cfg)
+    old = output_dir / f".old-checkpoint-{step}"
+    shutil.rmtree(old, ignore_errors=True)  # left by a crash during an earlier re-save
     if final.exists():  # re-saving a step after resuming from an earlier checkpoint
-        old = output_dir / f".old-checkpoint-{step}"
         os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    publish(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
     if cfg.checkpoints_total_limit is not None:
         done = sorted(output_dir.glob("checkpoint-*"), key=checkpoint_step)
         for stale in done[:-cfg.checkpoints_total_limit]:
@@ -429,10 +468,16 @@ def save_checkpoint(output_dir: str | Path, step: int, unet, text_encoder, optim
 
 
 def save_final(output_dir: str | Path, unet, text_encoder, cfg: TrainConfig) -> Path:
-    """LoRA: output_dir/pytorch_lora_weights.safetensors. Full: a complete diffusers pipeline folder."""
+    """LoRA: output_dir/pytorch_lora_weights.safetensors. Full: a complete diffusers pipeline folder.
+    Both fsynced; the LoRA file replaces an older one atomically (written beside it, then renamed)."""
     output_dir = Path(output_dir)
     if cfg.use_lora:
-        save_weights(output_dir, unet, text_encoder, cfg)
+        tmp = output_dir / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_weights(tmp, unet, text_encoder, cfg)
+        publish(tmp / LORA_WEIGHTS, output_dir / LORA_WEIGHTS)
+        tmp.rmdir()
         return output_dir / LORA_WEIGHTS
     family = families.of(cfg)
     trained = dict(unet=unet)
@@ -441,6 +486,12 @@ def save_final(output_dir: str | Path, unet, text_encoder, cfg: TrainConfig) -> 
     # Untrained parts are re-read in their original precision rather than copied from the (maybe fp16) live ones.
     pipe = family.PIPELINE.from_pretrained(cfg.pretrained_model, revision=cfg.revision, **trained)
     pipe.save_pretrained(output_dir, safe_serialization=True)
+    for name in [*pipe.components, "model_index.json"]:  # what save_pretrained wrote (not checkpoints, grids)
+        if (output_dir / name).is_dir():
+            fsync_tree(output_dir / name)
+        elif (output_dir / name).is_file():
+            fsync(output_dir / name)
+    fsync(output_dir)
     return output_dir
 
 
@@ -712,7 +763,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     if main:
         summary["weights"] = str(save_final(output_dir, accelerator.unwrap_model(unet),
                                             unwrap_all(accelerator, text_encoders), cfg))
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text_durably(output_dir / "summary.json", json.dumps(summary, indent=2))
         info(f"done: {step} steps, final loss {summary['final_loss']}, weights in {summary['weights']}")
     accelerator.wait_for_everyone()
     return summary

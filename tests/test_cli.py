@@ -62,3 +62,27 @@ def test_evaluate_is_delegated(monkeypatch, capsys):
     assert cli.main(["evaluate", "--model", "m"]) == 0 and seen == [["--model", "m"]]
     monkeypatch.setitem(sys.modules, "dreambooth_lib.evaluate", None)  # module absent
     assert cli.main(["evaluate"]) == 2 and "evaluate.py" in capsys.readouterr().err
+
+
+def test_class_images_needs_no_photos_and_train_reuses_them(tiny_model_dir, instance_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    out = tmp_path / "run"
+    common = ["--class_noun", "dog", "--resolution", "32", "--num_class_images", "2", "--class_inference_steps", "1",
+              "--output_dir", str(out)]
+    # Only what class images need: no --instance_dir, the model named by a relative path.
+    assert cli.main(["class-images", "--pretrained_model", tiny_model_dir.name, *common]) == 0
+    assert "generating 2 class images" in capsys.readouterr().out
+    images = sorted((out / "class_images").glob("*.png"))
+    stamps = [p.stat().st_mtime_ns for p in images]
+    summary = json.loads((out / "class_images" / "class_images_summary.json").read_text())
+    assert len(images) == 2 and summary["num_images"] == 2 and summary["class_prompt"] == "a photo of a dog"
+
+    rc = cli.main(["train", "--pretrained_model", str(tiny_model_dir), "--instance_dir", str(instance_dir),
+                   "--identifier", "sks", "--max_train_steps", "1", "--validation_steps", "0",
+                   "--checkpointing_steps", "0", "--optimizer", "adamw", *common])
+    assert rc == 0 and "generating" not in capsys.readouterr().out  # same weights, absolute path: reused
+    assert [p.stat().st_mtime_ns for p in images] == stamps
+    assert json.loads((out / "summary.json").read_text())["num_class_images"] == 2
+
+    assert cli.main(["class-images", "--num_class_images", "2"]) == 2  # still refuses what it cannot do
+    assert "class_noun" in capsys.readouterr().err

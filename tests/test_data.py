@@ -367,8 +367,11 @@ def test_validate_config_checks_a_user_class_dir(instance_dir, tmp_path):
     validate_config(good_config(instance_dir, class_dir=str(class_dir)))
     with pytest.raises(InputError, match="class_prompt: folder has 'a photo of a dog', this run wants 'a photo of a cat'"):
         validate_config(good_config(instance_dir, class_dir=str(class_dir), class_noun="cat"))
-    with pytest.raises(InputError, match="model: folder has '/no/such/model'"):
+    with pytest.raises(InputError, match="model_weights: folder has '/no/such/model@main'"):
         validate_config(good_config(instance_dir, class_dir=str(class_dir), pretrained_model="/other/model"))
+    made["model"] = "no/such/../such/model"  # the same model, spelled another way: its identity matches
+    (class_dir / "manifest.json").write_text(json.dumps(made))
+    validate_config(good_config(instance_dir, class_dir=str(class_dir)))
     validate_config(good_config(instance_dir, class_dir=str(class_dir), with_prior_preservation=False, class_noun="cat"))
 
 
@@ -448,6 +451,47 @@ def test_weights_fingerprint_changes_with_the_weights_not_the_folder(tiny_model_
     save_file(state, unet_file)
     assert weights_fingerprint(str(copy)) != weights_fingerprint(str(tiny_model_dir))
     assert weights_fingerprint("org/model") == "org/model@main" and weights_fingerprint("org/model", "v2") == "org/model@v2"
+
+
+@pytest.mark.parametrize("user_supplied", [False, True])
+def test_class_images_follow_the_model_weights_not_its_path(user_supplied, tiny_model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dreambooth_lib.train import class_image_paths
+
+    class_dir = tmp_path / "class"
+    monkeypatch.chdir(tiny_model_dir.parent)
+
+    def run(model: str) -> tuple[list[Path], list[str]]:
+        cfg = TrainConfig(pretrained_model=model, class_noun="dog", resolution=32, num_class_images=2,
+                          class_inference_steps=1, class_dir=str(class_dir) if user_supplied else None,
+                          output_dir=str(tmp_path / "run"))
+        logs = []
+        return class_image_paths(cfg, "a photo of a dog", log=logs.append), logs
+
+    paths, logs = run(tiny_model_dir.name)  # relative, as typed in a shell
+    assert any("generating 2" in m for m in logs)
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    copy = tmp_path / "elsewhere" / "copied_model"
+    shutil.copytree(tiny_model_dir, copy)
+    for model in (str(tiny_model_dir), str(copy)):  # absolute; another folder holding the same weights
+        again, logs = run(model)
+        assert again == paths and logs == [] and [p.stat().st_mtime_ns for p in again] == stamps
+
+    unet_file = next((copy / "unet").glob("*.safetensors"))  # retrained in place: another model
+    state = load_file(unet_file)
+    save_file({k: v + 1e-3 if i == 0 else v for i, (k, v) in enumerate(state.items())}, unet_file)
+    if user_supplied:
+        with pytest.raises(InputError, match="model_weights: folder has"):
+            run(str(copy))
+        assert [p.stat().st_mtime_ns for p in paths] == stamps
+    else:
+        _, logs = run(str(copy))
+        assert any("moved to" in m for m in logs) and any("generating 2" in m for m in logs)
+        assert sorted(p.name for p in (tmp_path / "run" / "class_images.replaced-1").iterdir()) == [
+            "00000.png", "00001.png", "manifest.json"]
 
 
 def test_user_class_images_without_manifest_are_used_as_they_are(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,6 +115,72 @@ def test_checkpoints_are_atomic_and_pruned(tiny_model_dir, instance_dir, tmp_pat
     assert not (out / "checkpoint-4").exists()
     assert (out / "checkpoint-2").exists()  # pruning happens only after a successful save
     assert T.latest_checkpoint(out) == out / "checkpoint-3"  # a half-written .tmp-checkpoint-4 never counts
+
+
+def record_fsyncs_and_renames(monkeypatch) -> list[tuple[str, str]]:
+    """[("fsync", path) | ("replace", "src -> dst")] in the order the library made them (Linux /proc)."""
+    import os
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", f"{src} -> {dst}"))
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads fd paths from /proc (Linux)")
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_checkpoints_and_final_weights_are_fsynced_before_and_after_the_rename(mode, tiny_model_dir, instance_dir,
+                                                                             tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    kw = dict(use_lora=True, train_text_encoder=True) if mode == "lora" else dict(train_text_encoder=True)
+    cfg = make_cfg(tiny_model_dir, instance_dir, out, optimizer="adamw", **kw)
+    models = T.load_models(cfg)
+    if cfg.use_lora:
+        T.add_lora(models.unet, models.text_encoder, cfg)
+    opt = torch.optim.AdamW([p for p in models.unet.parameters() if p.requires_grad])
+    opt.zero_grad()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    events = record_fsyncs_and_renames(monkeypatch)
+    final = T.save_checkpoint(out, 5, models.unet, models.text_encoder, opt, sched, [{"step": 5, "loss": 0.5}], cfg)
+
+    tmp = out / ".tmp-checkpoint-5"
+    rename = events.index(("replace", f"{tmp} -> {final}"))
+    before = {path for kind, path in events[:rename] if kind == "fsync"}
+    written = {str(tmp / p.relative_to(final)) for p in final.rglob("*")}
+    assert written and written <= before  # every file and subfolder, flushed under its temporary name
+    assert str(tmp) in before  # the folder's own entries
+    assert ("fsync", str(out)) in events[rename + 1:]  # the rename itself
+    # Read back: nothing empty, and the checkpoint holds what was saved.
+    assert all(p.stat().st_size > 0 for p in final.rglob("*") if p.is_file())
+    assert T.load_training_state(final, opt, sched) == (5, [{"step": 5, "loss": 0.5}])
+    if cfg.use_lora:
+        saved = load_file(final / T.LORA_WEIGHTS)
+        assert all(torch.equal(v, saved["unet." + k]) for k, v in T.lora_layers(models.unet).items())
+    else:
+        saved = unet_weights(final)
+        assert all(torch.equal(v, saved[k]) for k, v in models.unet.state_dict().items())
+
+    # Final weights: flushed, then renamed into place (LoRA) or flushed where written (full pipeline).
+    events.clear()
+    weights = T.save_final(out, models.unet, models.text_encoder, cfg)
+    flushed = {path for kind, path in events if kind == "fsync"}
+    if cfg.use_lora:
+        assert events[-2:] == [("replace", f"{out / '.tmp-final' / T.LORA_WEIGHTS} -> {weights}"), ("fsync", str(out))]
+        assert str(out / ".tmp-final" / T.LORA_WEIGHTS) in flushed and not (out / ".tmp-final").exists()
+    else:
+        files = [p for name in ("unet", "text_encoder", "vae") for p in (out / name).rglob("*")]
+        assert files and {str(p) for p in files} <= flushed and str(out / "model_index.json") in flushed
+    T.write_text_durably(out / "summary.json", '{"steps": 5}')
+    assert events[-2:] == [("replace", f"{out / '.tmp-summary.json'} -> {out / 'summary.json'}"), ("fsync", str(out))]
+    assert (out / "summary.json").read_text() == '{"steps": 5}'
 
 
 def test_optimizer_is_8bit_or_falls_back_with_a_note(monkeypatch):
@@ -253,6 +320,23 @@ def test_prepare_training_takes_in_memory_models_and_compiles_the_unet(tiny_mode
     assert summary["steps"] == 1 and summary["seconds_per_step"] is None  # the only step was the warm-up one
     saved = load_file(tmp_path / "run" / T.LORA_WEIGHTS)
     assert all(torch.equal(v, saved["unet." + k]) for k, v in T.lora_layers(given.unet).items())
+
+
+def test_saved_lora_loads_with_its_alpha(tiny_model_dir, instance_dir, tmp_path):
+    # lora_alpha != rank: the file's metadata must carry the scale alpha / r = 2 to load_lora_weights.
+    cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / "run", use_lora=True, train_text_encoder=True, lora_rank=4,
+                   lora_alpha=8, max_train_steps=2, optimizer="adamw")
+    trained = T.load_models(cfg)
+    T.train(cfg, progress=False, models=trained)
+    pipe = load_pipeline(tiny_model_dir, lora_dir=tmp_path / "run", device="cpu")
+    assert {m.scaling["subject"] for m in pipe.unet.modules() if hasattr(m, "scaling")} == {2.0}
+    x, t = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", return_tensors="pt").input_ids
+    trained.unet.eval(), trained.text_encoder.eval()
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids)[0]
+        torch.testing.assert_close(hidden, trained.text_encoder(ids)[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(pipe.unet(x, t, hidden).sample, trained.unet(x, t, hidden).sample, atol=1e-6, rtol=0)
 
 
 def test_seconds_per_step_excludes_the_first_step_and_checkpoints(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
