@@ -1,4 +1,4 @@
-"""Command line: python -m dreambooth_lib {train, class-images, sample, evaluate} --help
+"""Command line: python -m dreambooth_lib {train, class-images, sample, export-lora, evaluate} --help
 
 Every TrainConfig field is a flag (generated from the dataclass, help = the field's comment);
 `--config run.json` supplies a base, and flags given on the command line override it.
@@ -106,6 +106,13 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_export_lora(args) -> int:
+    from .export import export_lora
+    out = export_lora(args.lora_dir, args.out, args.format)
+    print(f"{args.format} LoRA: {out}")
+    return 0
+
+
 def cmd_evaluate(argv: list[str]) -> int:
     try:
         evaluate = importlib.import_module(f"{__package__}.evaluate")  # lazy: written separately, heavy imports
@@ -140,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--unet_scale", type=float, default=1.0, help="LoRA scale of the UNet")
     sample.add_argument("--text_encoder_scale", type=float, default=1.0, help="LoRA scale of the text encoder")
     sample.add_argument("--out", type=Path, default=Path("samples/grid.png"), help="grid PNG path")
+    export = commands.add_parser("export-lora", help="a LoRA run's weights in another tool's format (kohya: A1111, ComfyUI)")
+    export.add_argument("lora_dir", type=Path, help="LoRA run folder or checkpoint-N (or its .safetensors file)")
+    export.add_argument("--format", choices=["kohya"], default="kohya", help="kohya: lora_unet_* / lora_te1_* keys with alphas")
+    export.add_argument("--out", type=Path, help="file to write (default: <lora_dir>/<its name>_kohya.safetensors)")
     commands.add_parser("evaluate", help="metrics of a trained model (see: evaluate --help)", add_help=False)
     return parser
 
@@ -152,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     from .data import InputError
     from .train import TrainingDiverged
     try:
-        return {"train": cmd_train, "class-images": cmd_class_images, "sample": cmd_sample}[args.command](args)
+        return {"train": cmd_train, "class-images": cmd_class_images, "sample": cmd_sample,
+                "export-lora": cmd_export_lora}[args.command](args)
     except (InputError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, InputError) else 1
