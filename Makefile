@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   - virtualenv + install + the toy-world DreamBooth demo end to end (CPU, minutes)
 #   make test   - virtualenv + install + the test suite (and the notebooks, headless, smoke size)
+# Both write only under runs/ (git-ignored): the README's committed figures in images/ change only
+# by `make figures` (demo + full notebook run) and `make ablations`.
 # torch is installed first and only when the venv has none: torch==2.13.0 is a CPU wheel on our
 # machines; elsewhere pass e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu".
 # Colab never runs this file: the notebooks' install cell uses requirements.txt, which has no torch.
@@ -14,7 +16,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test unit notebooks ablations pretrain bench clean
+.PHONY: install demo figures test unit notebooks ablations pretrain bench clean
 
 install: $(VENV)/.installed
 
@@ -26,7 +28,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 demo: install
-	$(PY) -m dreambooth_lib.toyworld demo
+	$(PY) -m dreambooth_lib.toyworld demo  # figures + metrics in runs/toy_demo/
+
+# Refresh the README's figures in images/: the demo's, then the notebooks' from a full (non-smoke)
+# run, which writes them to runs/images/ (2-core CPU: the demo ~2 min, the notebooks ~5 min).
+figures: install
+	$(PY) -m dreambooth_lib.toyworld demo --images-dir images
+	$(PY) .ci/run_notebooks.py
+	cp runs/images/*.png images/
 
 test: unit notebooks
 
@@ -39,7 +48,7 @@ notebooks: install
 	$(PY) .ci/run_notebooks.py --smoke -p LORA_RANK=8 -p LEARNING_RATE=0.002 02_train
 
 ablations: install
-	$(PY) -m dreambooth_lib.toyworld ablate
+	$(PY) -m dreambooth_lib.toyworld ablate --images-dir images
 
 # data/toy_model in two cycles (81 min on the 2-core CPU): 7,000 steps from scratch, then 3,400 more
 pretrain: install

@@ -7,7 +7,8 @@
 
 Each notebook runs with nbclient (kernel python3, cwd notebooks/) on an in-memory copy: the committed
 .ipynb is never written. Executed copies go to runs/executed_notebooks/ for inspection.
-Exit status 1 if a pair is out of sync or dirty, or if any notebook raises.
+Exit status 1 if a pair is out of sync or dirty, if any notebook raises, or if the run changed files of
+the git checkout (`git status`): notebooks write under runs/ only.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -77,6 +79,15 @@ def execute(ipynb: Path, timeout: int, params: dict, executed_dir: Path) -> None
         nbformat.write(nb, executed_dir / ipynb.name)
 
 
+def checkout_status() -> set[str] | None:
+    """`git status --porcelain` of the checkout (None outside git): notebooks must write only under runs/."""
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return set(out.stdout.splitlines())
+
+
 def parse_param(text: str) -> tuple[str, object]:
     name, sep, value = text.partition("=")
     if not sep or not name.isidentifier():
@@ -112,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.smoke:
         os.environ["DREAMBOOTH_SMOKE"] = "1"  # the kernels inherit this environment
-    failed, start = [], time.time()
+    failed, start, status = [], time.time(), checkout_status()
     for ipynb, _ in pairs:
         began = time.time()
         try:
@@ -122,6 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(ipynb.name)
             print(f"FAIL {ipynb.name}  {time.time() - began:6.1f} s\n{err}", flush=True)
     total = time.time() - start
+    changed = sorted(checkout_status() - status) if status is not None else []
+    if changed:
+        failed.append("the checkout")
+        print("FAIL the notebooks changed files of the checkout (write under runs/ instead):\n  " + "\n  ".join(changed))
     print(f"{len(pairs) - len(failed)}/{len(pairs)} notebooks ran in {total:.1f} s"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

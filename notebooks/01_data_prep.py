@@ -80,7 +80,7 @@ IN_COLAB = "google.colab" in sys.modules
 MODEL = MODEL or TOY_MODEL_DIR
 SUBJECT_DIR = SUBJECT_DIR or ("/content/subject" if UPLOAD else str(ROOT / "data/subjects/marked_star"))
 RUNS = ROOT / ("runs/smoke" if SMOKE else "runs")  # shared with notebooks 02-05
-IMAGES = RUNS / "images" if SMOKE else ROOT / "images"  # smoke figures never overwrite the committed ones
+IMAGES = RUNS / "images"  # figures; the README's copies in images/ change only by `make figures`
 print(f"model: {MODEL}\nsubject photos: {SUBJECT_DIR}\nruns: {RUNS}")
 
 # %% [markdown]

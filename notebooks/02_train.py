@@ -89,7 +89,7 @@ from dreambooth_lib.toyworld.demo import demo_config, recipe
 from dreambooth_lib.train import train
 
 RUNS = ROOT / ("runs/smoke" if SMOKE else "runs")  # shared with notebooks 01 and 03-05
-IMAGES = RUNS / "images" if SMOKE else ROOT / "images"  # smoke figures never overwrite the committed ones
+IMAGES = RUNS / "images"  # figures; the README's copies in images/ change only by `make figures`
 DATA_PREP = RUNS / "data_prep.json"  # written by notebook 01
 if DATA_PREP.is_file():
     base = TrainConfig.from_dict(json.loads(DATA_PREP.read_text()))

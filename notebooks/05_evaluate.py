@@ -77,7 +77,7 @@ from dreambooth_lib.train import finished_or_train
 if SMOKE:
     N_PER_PROMPT, PROMPT_LIMIT, INFERENCE_STEPS, FALLBACK_STEPS = 2, 1, 2, 2
 RUNS = ROOT / ("runs/smoke" if SMOKE else "runs")  # shared with notebooks 01-05
-IMAGES = RUNS / "images" if SMOKE else ROOT / "images"  # smoke figures never overwrite the committed ones
+IMAGES = RUNS / "images"  # figures; the README's copies in images/ change only by `make figures`
 DATA_PREP = RUNS / "data_prep.json"  # written by notebook 01
 # Run alone, without notebook 01: the toy world's settings for its subject marked_star.
 base = TrainConfig.from_dict(json.loads(DATA_PREP.read_text())) if DATA_PREP.is_file() else demo.demo_config()

@@ -247,3 +247,46 @@ def test_pretraining_continues_from_a_pipeline_keeping_its_tokenizer_and_vae(tmp
     init_cycles = init_log.pop("earlier_cycles", []) + [init_log]
     assert result["earlier_cycles"] == init_cycles
     assert len(result["unet_loss"]) == 1 and "earlier_cycles" not in result["earlier_cycles"][-1]
+
+
+def test_demo_and_ablations_write_only_under_their_output_folder(tmp_path, monkeypatch):
+    """The main job's file writes, with training and sampling stubbed: figures and metrics land under
+    runs/ (relative to the working directory) by default, and the checkout's tracked files stay as they were."""
+    import subprocess
+
+    from dreambooth_lib.toyworld import __main__ as toy_cli
+    from dreambooth_lib.toyworld import demo
+
+    repo = Path(demo.REPO)
+
+    def status():
+        try:
+            return subprocess.run(["git", "-C", str(repo), "status", "--porcelain"], capture_output=True, text=True,
+                                  check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    def fake_train(cfg, log=print, progress=True):
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        return dict(identifier="gtc", instance_prompt="a photo of gtc star", steps=1, final_loss=0.1, wall_time_s=0.0,
+                    seconds_per_step=None, optimizer="torch.optim.AdamW", peak_memory_mb=1.0, device="cpu")
+
+    pictures = _renders(8, seed=0)
+
+    def fake_generate(pipe, prompt, seeds, *a, **k):
+        return [pictures[s % 8] for s in seeds]
+
+    monkeypatch.setattr(demo, "train", fake_train)
+    monkeypatch.setattr(demo, "load_pipeline", lambda *a, **k: object())
+    monkeypatch.setattr(demo, "generate", fake_generate)
+    monkeypatch.chdir(tmp_path)
+    before = status()
+    assert toy_cli.main(["demo", "--steps", "1"]) == 0
+    demo.run_ablations(names=("prior",), log=lambda *_: None)
+
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert "runs/toy_demo/demo_metrics.json" in written and "runs/toy_demo/figures/toy_demo_marked_star_metrics.json" in written
+    assert "runs/toy_demo/figures/toy_demo_marked_star_recontextualization.png" in written
+    assert {"runs/toy_ablations/figures/toy_ablations.md", "runs/toy_ablations/figures/toy_ablations.png"} <= set(written)
+    assert all(w.startswith(("runs/toy_demo/", "runs/toy_ablations/")) for w in written)
+    assert status() == before  # nothing of the checkout changed (images/ included)

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--output-dir", default=f"runs/toy_{name}", help="where runs and metrics go")
         p.add_argument("--steps", type=int, default=None, help="override max_train_steps")
         p.add_argument("--seed", type=int, default=None, help="override the training seed (data order, noise, class images)")
-        p.add_argument("--images-dir", default=None, help="where figures and tables go (default images/)")
+        p.add_argument("--images-dir", default=None, help="where figures and tables go (default <output-dir>/figures; "
+                       "'images' refreshes the README's committed ones, as make figures / make ablations do)")
     args = parser.parse_args(argv)
 
     if args.command == "pretrain":
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         from dreambooth_lib.toyworld import demo
 
         overrides = {k: v for k, v in (("max_train_steps", args.steps), ("seed", args.seed)) if v is not None}
-        images_dir = Path(args.images_dir) if args.images_dir else demo.IMAGES_DIR
+        images_dir = Path(args.images_dir) if args.images_dir else None
         if args.command == "demo":
             demo.run_demo(args.subject, args.output_dir, images_dir, **overrides)
         else:

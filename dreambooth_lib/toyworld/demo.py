@@ -3,6 +3,9 @@
     python -m dreambooth_lib.toyworld demo      # train (prior on), grids, oracle metrics table, JSON
     python -m dreambooth_lib.toyworld ablate    # prior on/off; correct / no / wrong class noun
 
+Both write under their output folder (runs/..., git-ignored), so running them leaves the checkout
+as it was; `--images-dir images` (make figures, make ablations) refreshes the README's copies.
+
 The same library calls run on Stable Diffusion; only the model, the subject photos and the metric
 (oracle here, DINO/CLIP there: `python -m dreambooth_lib evaluate`) change.
 """
@@ -25,7 +28,6 @@ from dreambooth_lib.train import train
 
 REPO = Path(__file__).resolve().parents[2]
 SUBJECTS_DIR = REPO / "data" / "subjects"
-IMAGES_DIR = REPO / "images"
 SEEDS = list(range(8))  # images per prompt; image k of every prompt uses seed k
 PRES_SEEDS = list(range(32))  # class-prompt images for PRES: with 8, one image moves PRES by 0.125
 
@@ -163,10 +165,12 @@ def load_tuned(cfg: TrainConfig):
     return load_pipeline(cfg.output_dir)
 
 
-def run_demo(subject: str = "marked_star", output_dir: str = "runs/toy_demo", images_dir: Path = IMAGES_DIR,
+def run_demo(subject: str = "marked_star", output_dir: str = "runs/toy_demo", images_dir: Path | None = None,
              log=print, **overrides) -> dict:
-    """Train, render the suites and the class prompt before/after, score with the oracle, save PNGs + JSON."""
+    """Train, render the suites and the class prompt before/after, score with the oracle, save PNGs + JSON
+    (figures in images_dir, default <output_dir>/figures)."""
     started = time.time()
+    images_dir = Path(images_dir) if images_dir else Path(output_dir) / "figures"
     cfg = demo_config(subject, output_dir, **overrides)
     summary = train(cfg, log=log)
     identifier, class_noun = summary["identifier"], cfg.class_noun
@@ -227,9 +231,11 @@ ABLATIONS = {
 }
 
 
-def run_ablations(subject: str = "marked_star", output_root: str = "runs/toy_ablations", images_dir: Path = IMAGES_DIR,
+def run_ablations(subject: str = "marked_star", output_root: str = "runs/toy_ablations", images_dir: Path | None = None,
                   names=tuple(ABLATIONS), log=print, **overrides) -> dict:
-    """Each ablation trains from the same base with the same seed, then is scored on the same prompts."""
+    """Each ablation trains from the same base with the same seed, then is scored on the same prompts
+    (table and figure in images_dir, default <output_root>/figures)."""
+    images_dir = Path(images_dir) if images_dir else Path(output_root) / "figures"
     oracle = oracle_lib.load_oracle()
     base_model = demo_config(subject, output_root, **overrides).pretrained_model
     _, base_class_images = class_prompt_images(load_pipeline(base_model), subject)
@@ -255,7 +261,7 @@ ABLATION_COLUMNS = ["recontext_subject_fidelity", "recontext_context_followed", 
                     "prompt_fidelity", "pres", "div", "class_div", "class_context_shift"]
 
 
-def write_ablation_report(results: dict, images_dir: Path = IMAGES_DIR, log=print) -> None:
+def write_ablation_report(results: dict, images_dir: Path, log=print) -> None:
     """toy_ablations.{json,md,png} from run_ablations' results (or the JSON it wrote, reloaded)."""
     rows = {}
     for name, r in results.items():
