@@ -8,7 +8,7 @@ A random-weight pipeline folder is saved once (SD1.5: ~4.3 GB fp32 in --model-di
 its build time is not part of the end-to-end time), 5 random 512 px "photos" stand in for the subject,
 then the clock runs over `train.class_image_paths` (the class images, as train() makes them) and
 `train.train(cfg)` (which finds those images, loads the models, caches, trains and saves the weights).
-The config names are bench_train.py's ("-compile" sets TrainConfig.compile_unet).
+The config names are bench_train.py's ("-compile" sets TrainConfig.compile = "unet").
 """
 
 from __future__ import annotations

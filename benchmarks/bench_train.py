@@ -76,7 +76,7 @@ def parse_name(name: str, smoke: bool) -> tuple[TrainConfig, str, bool, bool, st
     if smoke and precision == "fp16":  # accelerate runs fp16 on the CPU without autocast: use bf16 there
         precision, note = "bf16", "smoke on CPU: fp16 config run in bf16"
     cfg = TrainConfig(**COMMON, **METHODS[method], mixed_precision=precision, cache_latents=cached,
-                      compile_unet=compiled, resolution=common.image_side(smoke), checkpointing_steps=0,
+                      compile="unet" if compiled else "off", resolution=common.image_side(smoke), checkpointing_steps=0,
                       validation_steps=0)
     return cfg, method, compiled, cached, note
 
@@ -98,14 +98,16 @@ def count_flops(state: train.TrainingState) -> float:
     """FLOPs of one step as the model defines them: checkpointing is switched off while counting, so
     recomputed forwards are not counted (MFU, not hardware utilisation)."""
     cfg, unet, text_encoder = state.cfg, state.models.unet, state.models.text_encoder
-    if cfg.gradient_checkpointing:
+    checkpointing = state.memory_plan.gradient_checkpointing  # "auto" resolved
+    if checkpointing:
         unet.disable_gradient_checkpointing()
         if cfg.train_text_encoder:
             text_encoder.activation_checkpointing_disable()
     counter = FlopCounterMode(display=False)
     with counter:
-        train.train_step(dataclasses.replace(state, unet=state.trained[0]), step=0)  # eager, even when timing a compiled unet
-    if cfg.gradient_checkpointing:
+        # eager, even when timing a compiled unet or step
+        train.train_step(dataclasses.replace(state, unet=state.trained[0], loss_fn=train.noised_loss), step=0)
+    if checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
             text_encoder.activation_checkpointing_enable()
@@ -137,7 +139,7 @@ def run_config(name: str, smoke: bool, warmup: int, steps: int, count: bool = Tr
     return dict(
         kind="train", status="ok", config=name, smoke=smoke, note=note,
         method=method, mixed_precision=cfg.mixed_precision, cached=cached, compiled=compiled, resolution=cfg.resolution,
-        images_per_step=2 * cfg.train_batch_size, gradient_checkpointing=cfg.gradient_checkpointing,
+        images_per_step=2 * cfg.train_batch_size, gradient_checkpointing=state.memory_plan.gradient_checkpointing,
         optimizer=train.optimizer_name(state.optimizer), trainable_parameters=trainable,
         warmup_steps=warmup, warmup_s=warmup_s, timed_steps=steps, timed_s=elapsed, steps_per_s=steps_per_s,
         images_per_s=steps_per_s * 2 * cfg.train_batch_size, losses_finite=all(map(math.isfinite, losses)),

@@ -35,6 +35,27 @@ def _optional(parse):
     return convert
 
 
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _union(types: tuple):
+    """Parser of a `bool | str` or `int | str` field ("auto" or a value): the first type the text parses as."""
+    def convert(text: str):
+        for kind in types:
+            if kind is bool and text.lower() in BOOL_WORDS:
+                return BOOL_WORDS[text.lower()]
+            if kind in (int, float):
+                try:
+                    return kind(text)
+                except ValueError:
+                    continue
+            if kind is str:
+                return text
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {[t.__name__ for t in types]}")
+    convert.__name__ = "|".join(t.__name__ for t in types)
+    return convert
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field; defaults stay SUPPRESSed so only given flags override --config."""
     parser.add_argument("--config", type=Path, help="JSON file of TrainConfig fields (flags override it)")
@@ -47,6 +68,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
         elif typing.get_origin(hint) is list:
             parser.add_argument(f"--{f.name}", nargs="*", type=args[0], metavar=args[0].__name__.upper(), **kw)
+        elif args and type(None) not in args:  # bool | str, int | str: "auto" or a value
+            parser.add_argument(f"--{f.name}", type=_union(args), metavar="|".join(a.__name__.upper() for a in args), **kw)
         elif type(None) in args:  # Optional[X]
             inner = next(a for a in args if a is not type(None))
             parser.add_argument(f"--{f.name}", type=_optional(inner), metavar=f"{inner.__name__.upper()}|none", **kw)

@@ -289,7 +289,10 @@ def instance_prompts_for(images: list[InstanceImage], cfg, identifier: str) -> l
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 PRIOR_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # plus "auto"
-OPTIMIZERS = ("adamw8bit", "adamw")
+OPTIMIZERS = ("auto", "adamw", "adamw8bit", "adamw8bit-torchao")
+COMPILE_TARGETS = ("off", "step", "unet", "blocks")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CLASS_SAMPLERS = ("dpmsolver++", "model")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -327,6 +330,15 @@ def validate_config(cfg) -> None:
     _check(cfg.model_family == "auto" or cfg.model_family in FAMILIES,
            f"model_family = {cfg.model_family!r}: use 'auto' (read from the model) or one of {tuple(FAMILIES)}")
     _check(cfg.optimizer in OPTIMIZERS, f"optimizer = {cfg.optimizer!r}: use one of {OPTIMIZERS}")
+    if cfg.optimizer == "adamw8bit-torchao":
+        import importlib.util
+        _check(importlib.util.find_spec("torchao") is not None,
+               "optimizer = 'adamw8bit-torchao' needs torchao (not a dependency): pip install torchao, or use 'auto'")
+    for name in ("gradient_checkpointing", "channels_last"):
+        value = getattr(cfg, name)
+        _check(isinstance(value, bool) or value == "auto", f"{name} = {value!r}: use True, False or 'auto'")
+    _check(cfg.compile in COMPILE_TARGETS, f"compile = {cfg.compile!r}: use one of {COMPILE_TARGETS}")
+    _check(cfg.compile_mode in COMPILE_MODES, f"compile_mode = {cfg.compile_mode!r}: use one of {COMPILE_MODES}")
     schedulers = tuple(s.value for s in SchedulerType)
     _check(cfg.lr_scheduler in schedulers, f"lr_scheduler = {cfg.lr_scheduler!r}: use one of {schedulers}")
     if cfg.resume not in (None, "latest"):
@@ -358,8 +370,11 @@ def validate_class_image_config(cfg) -> str:
     """The checks that generating class images needs, and no more (`class-images` runs without subject
     photos): count, sampler settings, class prompt, and a user's class_dir made by another model or
     prompt. Returns the class prompt."""
-    _check_ranges(cfg, positive=["num_class_images", "class_batch_size", "class_inference_steps", "resolution"],
+    _check_ranges(cfg, positive=["num_class_images", "class_inference_steps", "resolution"],
                   non_negative=["class_guidance_scale", "seed"])
+    _check(cfg.class_batch_size == "auto" or (isinstance(cfg.class_batch_size, int) and cfg.class_batch_size > 0),
+           f"class_batch_size = {cfg.class_batch_size!r}: use 'auto' or an integer > 0")
+    _check(cfg.class_sampler in CLASS_SAMPLERS, f"class_sampler = {cfg.class_sampler!r}: use one of {CLASS_SAMPLERS}")
     _check(cfg.resolution % 8 == 0, f"resolution = {cfg.resolution} must be a multiple of 8 (the VAE downsamples by 8)")
     _check(bool(cfg.class_noun.strip()), "class images need class_noun (e.g. 'dog'): it fills {class_noun} of the class prompt")
     _check(cfg.prior_generation_precision == "auto" or cfg.prior_generation_precision in PRIOR_PRECISIONS,
@@ -399,6 +414,13 @@ class ClassImageManifest:
     num_inference_steps: int
     guidance_scale: float
     seed: int
+    dtype: str = ""  # sampling dtype ("float16"...); ensure_class_images fills it in from its precision and device
+
+
+def sampler_name(scheduler_config: dict) -> str:
+    """How the manifest names a sampler: class name, plus the solver for DPM-Solver ("dpmsolver++")."""
+    algorithm = scheduler_config.get("algorithm_type")
+    return scheduler_config["_class_name"] + (f"({algorithm})" if algorithm else "")
 
 
 def weights_fingerprint(model: str, revision: str | None = None) -> str:
@@ -463,21 +485,25 @@ def ensure_class_images(
     manifest: ClassImageManifest,
     num_images: int,
     make_pipeline: Callable[[], DiffusionPipeline],
-    batch_size: int = 4,
+    batch_size: int | str = "auto",
     device=None,
     user_supplied: bool = False,
     log: Callable[[str], None] = print,
     precision: str = "auto",
+    channels_last: bool = False,
 ) -> list[Path]:
     """Make sure `class_dir` holds `num_images` class images made as `manifest` says; return their paths.
 
     Image i is sampled with its own generator seeded from (seed, i), so an image does not depend on
     the batch size (up to float rounding), the number of processes, or which images already existed.
-    The pipeline runs in `class_image_dtype(precision, device)`; load it in that dtype to skip a cast.
+    The pipeline runs in `class_image_dtype(precision, device)` (recorded in the manifest); load it in
+    that dtype to skip a cast. batch_size "auto": memory.class_batch_size for the free device memory.
     """
     from accelerate import PartialState
 
     state = PartialState()
+    dtype = class_image_dtype(precision, torch.device(device or state.device))
+    manifest = dataclasses.replace(manifest, dtype=str(dtype).removeprefix("torch."))
     class_dir = Path(class_dir)
     manifest_path = class_dir / MANIFEST_NAME
     wanted = dataclasses.asdict(manifest)
@@ -511,19 +537,36 @@ def ensure_class_images(
         log(f"generating {len(missing)} class images '{manifest.class_prompt}' in {class_dir}")
         device = torch.device(device or state.device)
         _generate(missing[state.process_index :: state.num_processes], paths, manifest, make_pipeline,
-                  batch_size, device, class_image_dtype(precision, device), show=state.is_local_main_process)
+                  batch_size, device, dtype, channels_last, show=state.is_local_main_process)
     state.wait_for_everyone()
     return paths
 
 
 @torch.no_grad()
-def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype, show) -> None:
+def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype, channels_last, show) -> None:
+    from . import memory
+
     pipe = make_pipeline()
+    used = sampler_name({**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__})
+    if used != manifest.scheduler:
+        raise ValueError(f"make_pipeline samples with {used}, but the manifest says {manifest.scheduler}")
     if pipe.dtype != dtype:  # casting warns in diffusers (modules kept in fp32), so only when needed
         pipe.to(dtype=dtype)
     pipe.to(device)
+    if channels_last:  # NHWC: cuDNN's native layout, no conversion kernels around each convolution
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    pipe.vae.enable_slicing()  # decode one image at a time: VAE memory does not grow with the batch
     pipe.set_progress_bar_config(disable=True)
-    with tqdm(total=len(indices), desc="class images", unit="img", disable=not show) as bar:
+    if batch_size == "auto":
+        weights = sum(t.numel() * t.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+                      for t in m.parameters())
+        free = torch.cuda.mem_get_info(device)[0] + weights if device.type == "cuda" else None
+        batch_size = memory.class_batch_size(free, pipe.unet.config, manifest.resolution, dtype.itemsize, weights,
+                                             guidance=manifest.guidance_scale > 1, vae_factor=pipe.vae_scale_factor)
+    rate = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"  # img/s, even below 1
+    with tqdm(total=len(indices), desc=f"class images (batch {batch_size})", unit="img", disable=not show,
+              bar_format=rate) as bar:
         for start in range(0, len(indices), batch_size):
             batch = indices[start : start + batch_size]
             # CPU generators: the same seed gives the same image on any device.

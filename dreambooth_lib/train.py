@@ -16,6 +16,7 @@ used by LoRA dropout, loss history).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
-from . import data, families, loss
+from . import data, families, loss, memory
 from .config import TrainConfig
 from .families import Models  # noqa: F401  (train.Models: what load_models returns and prepare_training takes)
 from .sample import generate
@@ -114,17 +116,28 @@ def parameter_groups(models: Models, cfg: TrainConfig) -> list[dict]:
     return groups
 
 
-def make_optimizer(param_groups: list[dict], cfg: TrainConfig, log=print) -> torch.optim.Optimizer:
-    """AdamW8bit (bitsandbytes: ~4x less optimizer memory) or torch AdamW."""
+def make_optimizer(param_groups: list[dict], cfg: TrainConfig, log=print, name: str | None = None) -> torch.optim.Optimizer:
+    """AdamW with 8-bit states (bitsandbytes or torchao: 4x less optimizer memory) or torch AdamW.
+
+    name: the optimizer to build (default cfg.optimizer; "auto" unresolved by a memory plan = "adamw8bit",
+    the CPU choice). torch AdamW runs fused (CUDA and CPU: one op per step for all tensors, a few
+    multi-tensor kernels on CUDA) or foreach elsewhere, instead of ~10 ops per tensor; bitsandbytes
+    still steps each tensor with its own Python call and kernel (~690 for SD1.5's UNet).
+    """
+    name = name or cfg.optimizer
     kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
               eps=cfg.adam_epsilon)
-    if cfg.optimizer == "adamw8bit":
+    if name in ("adamw8bit", "auto"):
         try:
             import bitsandbytes as bnb
             return bnb.optim.AdamW8bit(param_groups, **kw)
         except (ImportError, RuntimeError, OSError) as err:  # missing wheel or a failed CUDA setup
             log(f"note: bitsandbytes AdamW8bit unavailable ({err}); using torch.optim.AdamW (more optimizer memory)")
-    return torch.optim.AdamW(param_groups, **kw)
+    if name == "adamw8bit-torchao":
+        from torchao.optim import AdamW8bit  # validate_config checked that torchao is installed
+        return AdamW8bit(param_groups, **kw)
+    fused = all(p.device.type in ("cuda", "cpu") and p.dtype.is_floating_point for g in param_groups for p in g["params"])
+    return torch.optim.AdamW(param_groups, **kw, **(dict(fused=True) if fused else dict(foreach=True)))
 
 
 def encode_prompts(tokenizer, text_encoder, prompts: list[str]):
@@ -165,7 +178,7 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Pa
     manifest = data.ClassImageManifest(
         model=cfg.pretrained_model, model_weights=data.weights_fingerprint(cfg.pretrained_model, cfg.revision),
         class_prompt=class_prompt, resolution=cfg.resolution,
-        scheduler=scheduler_name(cfg), num_inference_steps=cfg.class_inference_steps,
+        scheduler=data.sampler_name(class_sampler_config(cfg)), num_inference_steps=cfg.class_inference_steps,
         guidance_scale=cfg.class_guidance_scale, seed=cfg.seed)
 
     device = PartialState().device
@@ -174,18 +187,28 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Pa
     family = families.of(cfg)
 
     def make_pipeline():  # loaded in the sampling dtype: no cast afterwards
-        return family.PIPELINE.from_pretrained(cfg.pretrained_model, revision=cfg.revision, dtype=dtype,
+        pipe = family.PIPELINE.from_pretrained(cfg.pretrained_model, revision=cfg.revision, dtype=dtype,
                                                **family.PIPELINE_EXTRAS)
+        if cfg.class_sampler == "dpmsolver++":
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(class_sampler_config(cfg))
+        return pipe
 
     return data.ensure_class_images(class_dir, manifest, cfg.num_class_images, make_pipeline,
                                     batch_size=cfg.class_batch_size, device=device,
                                     user_supplied=cfg.class_dir is not None, log=log,
-                                    precision=cfg.prior_generation_precision)
+                                    precision=cfg.prior_generation_precision,
+                                    channels_last=use_channels_last(cfg.channels_last, device))
 
 
-def scheduler_name(cfg: TrainConfig) -> str:
-    """Class name of the base model's sampler (recorded in the class-image manifest)."""
-    return families.model_index(cfg.pretrained_model, cfg.revision)["scheduler"][1]
+def class_sampler_config(cfg: TrainConfig) -> dict:
+    """Config of the class-image sampler: the base model's scheduler ("model"), or DPM-Solver++ on the
+    model's noise schedule and prediction type ("dpmsolver++": 25 steps ~ 50 of SD1.5's PNDM)."""
+    config = dict(DDPMScheduler.load_config(cfg.pretrained_model, subfolder="scheduler", revision=cfg.revision))
+    config["_class_name"] = families.model_index(cfg.pretrained_model, cfg.revision)["scheduler"][1]  # what the pipeline loads
+    if cfg.class_sampler == "dpmsolver++":
+        config = dict(DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++").config)
+        config["_class_name"] = DPMSolverMultistepScheduler.__name__
+    return config
 
 
 def pixel_values(images: list[Image.Image], cfg: TrainConfig, generator: torch.Generator) -> list[torch.Tensor]:
@@ -250,19 +273,28 @@ def latents_and_conditioning(batch: dict, models: Models, tokenizer, text_cache:
 
 
 def diffusion_loss(unet, noise_scheduler, latents, cond, cfg: TrainConfig, with_prior: bool,
-                   generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+                   generator: torch.Generator, loss_fn=None) -> tuple[torch.Tensor, dict]:
     """One Monte-Carlo sample of the paper's Eq. 2: x_t = alpha_t x + sigma_t eps, t ~ U{0..T-1}.
 
     cond: the UNet's conditioning from latents_and_conditioning (a tensor of text hidden states, or a
-    dict of UNet keyword arguments)."""
+    dict of UNet keyword arguments). The draws (eps, t) come from `generator` here, outside `loss_fn`
+    (noised_loss or its torch.compile'd form): a compiled or graph-captured step then makes exactly the
+    eager step's draws, from (seed, step)."""
     noise = loss.sample_noise(latents, cfg.offset_noise, generator=generator)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
                       device=latents.device)
+    return (loss_fn or noised_loss)(unet, noise_scheduler, latents, cond, noise, t, with_prior,
+                                    cfg.prior_loss_weight, cfg.snr_gamma)
+
+
+def noised_loss(unet, noise_scheduler, latents, cond, noise, t, with_prior: bool, prior_loss_weight: float,
+                snr_gamma: float | None) -> tuple[torch.Tensor, dict]:
+    """The deterministic rest of the step's forward: x_t, the UNet's prediction, the DreamBooth loss."""
     noisy = noise_scheduler.add_noise(latents, noise, t)
     pred = (unet(noisy, t, **cond) if isinstance(cond, dict) else unet(noisy, t, cond)).sample
     target = loss.diffusion_target(noise_scheduler, latents, noise, t)
     return loss.dreambooth_loss(pred, target, t, noise_scheduler=noise_scheduler, with_prior=with_prior,
-                                prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma)
+                                prior_loss_weight=prior_loss_weight, snr_gamma=snr_gamma)
 
 
 def divergence_message(value: float, step: int, cfg: TrainConfig, last_checkpoint: Path | None) -> str:
@@ -547,6 +579,30 @@ def unwrap_all(accelerator: Accelerator, modules) -> tuple:
     return tuple(accelerator.unwrap_model(m) for m in modules)
 
 
+def use_channels_last(setting: bool | str, device) -> bool:
+    """channels_last resolved: "auto" = on CUDA (cuDNN's native layout), off elsewhere."""
+    return torch.device(device).type == "cuda" if setting == "auto" else bool(setting)
+
+
+def memory_plan(cfg: TrainConfig, models: Models, device) -> memory.MemoryPlan:
+    """cfg's gradient checkpointing and optimizer with "auto" resolved for these models (weights already
+    placed in their training dtypes, LoRA attached) on `device` (see memory.plan_memory)."""
+    device = torch.device(device)
+    modules = (models.unet, *models.text_encoders, models.vae)
+    tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    free = None
+    if device.type == "cuda":  # free now + what these models already hold there = free before they were placed
+        free = torch.cuda.mem_get_info(device)[0] + sum(t.numel() * t.element_size() for t in tensors if t.is_cuda)
+    trainable = sum(p.numel() for m in trained_modules(models, cfg) for p in m.parameters() if p.requires_grad)
+    images = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
+    half = 0 if cfg.mixed_precision == "no" else 2
+    vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    acts = {c: memory.activation_bytes(models.unet.config, images, cfg.resolution, half or 4, c, vae_factor)
+            for c in (False, True)}
+    return memory.plan_memory(free, weight_bytes, trainable, acts, half, cfg.gradient_checkpointing, cfg.optimizer)
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     if (AcceleratorState._shared_state and AcceleratorState().mixed_precision != cfg.mixed_precision
             and AcceleratorState().num_processes == 1):
@@ -575,6 +631,8 @@ class TrainingState:
     start_step: int = 0  # optimizer steps already done (a resumed run's checkpoint step)
     history: list[dict] = field(default_factory=list)  # one train_step record per optimizer step
     last_checkpoint: Path | None = None  # named by the divergence error
+    loss_fn: Callable = None  # noised_loss, or its torch.compile'd form (compile="step")
+    memory_plan: memory.MemoryPlan | None = None  # what "auto" checkpointing / optimizer resolved to, and why
 
 
 def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator, tokenizer: CLIPTokenizer,
@@ -607,7 +665,12 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
     if cfg.use_lora:
         add_lora(models.unet, models.text_encoders, cfg)
         cast_training_params(trained_modules(models, cfg), dtype=torch.float32)
-    if cfg.gradient_checkpointing:
+    if use_channels_last(cfg.channels_last, device):  # NHWC: cuDNN convolutions without layout conversions
+        models.unet.to(memory_format=torch.channels_last)
+        models.vae.to(memory_format=torch.channels_last)
+    plan = memory_plan(cfg, models, device)
+    log(f"memory plan: {plan.reason}")
+    if plan.gradient_checkpointing:
         models.unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
             for text_encoder in models.text_encoders:
@@ -615,7 +678,7 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
     if resume_from is not None:
         load_weights(resume_from, models.unet, models.text_encoders, cfg)
     groups = parameter_groups(models, cfg)
-    optimizer = make_optimizer(groups, cfg, log)
+    optimizer = make_optimizer(groups, cfg, log, plan.optimizer)
     # Stepped once per optimizer step by train_step (not by accelerate), so warm-up counts optimizer steps.
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
                                  num_training_steps=cfg.max_train_steps)
@@ -623,7 +686,14 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
     for module in trained:
         module.train()  # from_pretrained gives eval mode, while new LoRA dropout layers start in train mode
     # Compiled after prepare (it wraps whatever prepare returned); checkpoints unwrap trained[0], not this.
-    unet = torch.compile(trained[0]) if cfg.compile_unet else trained[0]
+    unet, loss_fn = trained[0], noised_loss
+    compile_kw = dict(backend=cfg.compile_backend, **({"mode": cfg.compile_mode} if cfg.compile_backend == "inductor" else {}))
+    if cfg.compile == "unet":
+        unet = torch.compile(trained[0], **compile_kw)
+    elif cfg.compile == "blocks":  # regional: each BasicTransformerBlock compiled once, reused by every copy
+        accelerator.unwrap_model(trained[0]).compile_repeated_blocks(**compile_kw)
+    elif cfg.compile == "step":  # forward + loss as one graph; AOTAutograd compiles its backward too
+        loss_fn = torch.compile(noised_loss, **compile_kw)
 
     # Data: latents encoded once (cache_latents); text embeddings once when the text encoder is frozen.
     if cfg.cache_latents:
@@ -636,7 +706,7 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
     state = TrainingState(cfg, accelerator, models, tokenizer, trained, unet,
                           trained[1] if cfg.train_text_encoder else models.text_encoder,
                           [p for g in groups for p in g["params"]], optimizer, lr_scheduler, dataset, text_cache,
-                          last_checkpoint=resume_from)
+                          last_checkpoint=resume_from, loss_fn=loss_fn, memory_plan=plan)
     if resume_from is not None:  # last: restores the global RNG exactly as it was after the checkpoint's step
         state.start_step, state.history = load_training_state(resume_from, optimizer, lr_scheduler)
     return state
@@ -662,7 +732,7 @@ def train_step(state: TrainingState, step: int) -> dict:
             latents, hidden = latents_and_conditioning(batch, state.models, state.tokenizer, state.text_cache,
                                                        cfg.cache_latents, gen, device)
             step_loss, parts = diffusion_loss(state.unet, state.models.noise_scheduler, latents, hidden, cfg,
-                                              with_prior, gen)
+                                              with_prior, gen, loss_fn=state.loss_fn)
             acc.backward(step_loss)
             total += torch.stack([step_loss.detach(), parts["instance_loss"], parts["prior_loss"]]) / accum
             if acc.sync_gradients:  # the last micro-step: gradients are complete, weights not yet changed
@@ -758,7 +828,9 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
         # train_step time only: not the first (warm-up / compile) step, checkpoints or validation grids.
         seconds_per_step=sum(step_seconds[1:]) / (len(step_seconds) - 1) if len(step_seconds) > 1 else None,
         final_loss=history[-1]["loss"] if history else None, loss_history=history,
-        optimizer=optimizer_name(state.optimizer), trainable_parameters=n_params, device=str(accelerator.device),
+        optimizer=optimizer_name(state.optimizer), memory_plan=state.memory_plan.to_dict(),
+        gradient_checkpointing=state.memory_plan.gradient_checkpointing,
+        trainable_parameters=n_params, device=str(accelerator.device),
         num_processes=accelerator.num_processes, **peak_memory())
     if main:
         summary["weights"] = str(save_final(output_dir, accelerator.unwrap_model(unet),

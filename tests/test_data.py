@@ -394,13 +394,14 @@ def test_class_images_are_generated_once_reused_and_seeded_per_index(tiny_model_
 
     manifest = ClassImageManifest(model=str(tiny_model_dir), model_weights=weights_fingerprint(str(tiny_model_dir)),
                                   class_prompt="a photo of a dog", resolution=32,
-                                  scheduler="DPMSolverMultistepScheduler", num_inference_steps=2, guidance_scale=7.5, seed=0)
+                                  scheduler="DPMSolverMultistepScheduler(dpmsolver++)", num_inference_steps=2,
+                                  guidance_scale=7.5, seed=0)
     quiet = dict(log=lambda _: None)
     class_dir = tmp_path / "class"
 
     paths = ensure_class_images(class_dir, manifest, 3, make_pipeline, batch_size=2, **quiet)
     assert paths == [class_dir / f"{i:05d}.png" for i in range(3)] and len(calls) == 1
-    assert json.loads((class_dir / "manifest.json").read_text()) == dataclasses.asdict(manifest)
+    assert json.loads((class_dir / "manifest.json").read_text()) == dataclasses.asdict(manifest) | {"dtype": "float32"}
     pixels = [np.asarray(Image.open(p)) for p in paths]
     assert pixels[0].shape == (32, 32, 3) and not np.array_equal(pixels[0], pixels[1])
     stamps = [p.stat().st_mtime_ns for p in paths]
@@ -547,7 +548,8 @@ def test_class_images_sample_in_the_chosen_precision(tiny_model_dir, tmp_path, p
     logging.getLogger("diffusers").addHandler(handler)
     try:
         manifest = ClassImageManifest(model=str(tiny_model_dir), model_weights="w", class_prompt="a photo of a dog", resolution=32,
-                                      scheduler="PNDMScheduler", num_inference_steps=1, guidance_scale=1.0, seed=0)
+                                      scheduler="DPMSolverMultistepScheduler(dpmsolver++)", num_inference_steps=1, guidance_scale=1.0,
+                                      seed=0)
         make = lambda: pipes.append(StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)) or pipes[-1]  # noqa: E731
         (path,) = ensure_class_images(tmp_path, manifest, 1, make, device="cpu", log=lambda _: None, precision=precision)
     finally:

@@ -252,6 +252,7 @@ def test_full_run_writes_a_loadable_pipeline_and_summary(tiny_model_dir, instanc
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run")
     assert pipe(["a photo of sks dog"], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
     assert summary["optimizer"] == "torch.optim.adamw.AdamW"
+    assert summary["memory_plan"]["gradient_checkpointing"] is False and "not a CUDA device" in summary["memory_plan"]["reason"]
     assert len(summary["loss_history"]) == 2 and summary["final_loss"] == summary["loss_history"][-1]["loss"]
     assert summary["instance_prompts"] == ["a photo of sks dog"] * 4 and summary["peak_memory_mb"] > 0
     base_te = load_file(tiny_model_dir / "text_encoder" / "model.safetensors")
@@ -306,7 +307,7 @@ def test_train_step_syncs_once_per_optimizer_step_and_stops_before_a_nan_update(
 
 
 def test_prepare_training_takes_in_memory_models_and_compiles_the_unet(tiny_model_dir, instance_dir, tmp_path):
-    cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, compile_unet=True)
+    cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, compile="unet")
     models = T.load_models(cfg)
     models.unet.requires_grad_(True)  # whatever state they come in, LoRA trains only its adapters
     state = prepared(cfg, models)
@@ -360,3 +361,112 @@ def test_finished_or_train_reuses_a_finished_run_and_trains_otherwise(tmp_path):
     # Without one it trains, so bad input fails exactly as train() would.
     with pytest.raises(data.InputError, match="/no/such/folder"):
         T.finished_or_train(TrainConfig(output_dir=str(tmp_path / "new"), instance_dir="/no/such/folder", class_noun="dog"))
+
+
+# --- speed levers: each gives the eager / reference numbers ------------------------------------------
+
+def steps_of(cfg, n=3):
+    """Losses, the first step's gradients and the trained weights after n train_steps."""
+    state = prepared(cfg)
+    grads, real_step = [], state.optimizer.step
+    state.optimizer.step = lambda *a, **k: grads.append([p.grad.clone() for p in state.params]) or real_step(*a, **k)
+    losses = [T.train_step(state, s)["loss"] for s in range(n)]
+    return losses, grads[0], [p.detach().clone() for p in state.params], state
+
+
+def assert_same_step(a, b, rtol=1e-5):
+    """Same losses and first-step gradients (relative to the largest); weights within 1e-4 after 3 steps
+    of lr 1e-3 (Adam's normalised update turns rounding in a near-zero gradient into moves up to lr)."""
+    (loss_a, grads_a, w_a, _), (loss_b, grads_b, w_b, _) = a, b
+    assert loss_b == pytest.approx(loss_a, rel=rtol)
+    scale = max(g.abs().max().item() for g in grads_a)
+    for x, y in zip(grads_a, grads_b):
+        torch.testing.assert_close(y, x, rtol=rtol, atol=rtol * scale)
+    moved = sum((x - y).abs().gt(1e-4).sum().item() for x, y in zip(w_a, w_b))
+    assert moved <= 2, moved
+
+
+def test_channels_last_gives_the_same_losses_and_gradients(tiny_model_dir, instance_dir, tmp_path):
+    common = dict(optimizer="adamw", use_lora=False)
+    plain = steps_of(make_cfg(tiny_model_dir, instance_dir, tmp_path, channels_last=False, **common))
+    nhwc = steps_of(make_cfg(tiny_model_dir, instance_dir, tmp_path, channels_last=True, **common))
+    conv = nhwc[-1].models.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert plain[-1].models.unet.conv_in.weight.is_contiguous()
+    assert T.use_channels_last("auto", "cpu") is False and T.use_channels_last("auto", "cuda") is True
+    assert_same_step(plain, nhwc)  # fp32 on the CPU: only the summation order of convolutions differs
+
+
+def test_fused_adamw_matches_the_per_tensor_loop_in_one_op_per_step():
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    shapes = [(16, 8), (8,), (4, 4, 3, 3)] * 10  # 30 tensors
+    grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
+    cfg = TrainConfig(optimizer="adamw", learning_rate=1e-2)
+
+    def run(make):
+        params = [torch.nn.Parameter(torch.ones(s)) for s in shapes]
+        opt = make([{"params": params, "lr": cfg.learning_rate}])
+        ops = []
+        for i, g in enumerate(grads):
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            with profile() as prof:
+                opt.step()
+            if i:  # steps after the first (which creates the states): ops the step dispatches itself
+                ops += [e.name for e in prof.events() if e.cpu_parent is not None and e.cpu_parent.name.startswith("Optimizer.step")]
+        return params, ops, opt
+
+    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    ref, ref_ops, _ = run(lambda groups: torch.optim.AdamW(groups, foreach=False, fused=False, **kw))
+    ours, our_ops, opt = run(lambda groups: T.make_optimizer(groups, cfg))
+    assert opt.defaults["fused"] is True
+    for a, b in zip(ref, ours):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    # the per-tensor loop: >= 5 ops per tensor per step; fused: 2 per step (step counters, the update), whatever the count
+    assert len(ref_ops) >= 5 * len(shapes) * 2 and sorted(our_ops) == ["aten::_foreach_add_", "aten::_fused_adamw_"] * 2 or \
+        sorted(our_ops) == sorted(["aten::_foreach_add_", "aten::_fused_adamw_"] * 2), (len(ref_ops), our_ops)
+
+
+def test_memory_plan_resolves_auto_from_the_free_cuda_memory(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
+    cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, mixed_precision="no")
+    models = T.load_models(cfg)
+    cpu = T.memory_plan(cfg, models, "cpu")
+    assert (cpu.optimizer, cpu.gradient_checkpointing) == ("adamw8bit", False)  # as before "auto" existed
+    for free, expected in [(80e9, ("adamw", False)), (1e3, ("adamw8bit", True))]:  # no CUDA here: free memory is given
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 80e9))
+        plan = T.memory_plan(cfg, models, "cuda")
+        assert (plan.optimizer, plan.gradient_checkpointing) == expected, plan.reason
+    weights = sum(p.numel() * 4 for m in (models.unet, *models.text_encoders, models.vae) for p in m.parameters())
+    grads_states = sum(p.numel() for p in models.unet.parameters()) * (4 + 2)  # fp32 grads + 8-bit states, no autocast copy
+    acts = T.memory.activation_bytes(models.unet.config, 1, 32, 4, True, vae_factor=2)
+    assert plan.estimated_peak_gb == pytest.approx((weights + grads_states + acts) / 1e9, rel=1e-3)
+    assert "NOTHING FITS" in plan.reason
+
+
+def test_class_images_regenerate_when_the_sampler_or_dtype_changes(tiny_model_dir, instance_dir, tmp_path):
+    import json
+    import shutil
+
+    model = tmp_path / "pndm_model"  # SD1.5's own sampler is PNDM
+    shutil.copytree(tiny_model_dir, model)
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+         "beta_start": 0.00085, "beta_end": 0.012, "skip_prk_steps": True, "steps_offset": 1}))
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps(index | {"scheduler": ["diffusers", "PNDMScheduler"]}))
+    out = tmp_path / "run"
+
+    def made(**kw):
+        cfg = make_cfg(model, instance_dir, out, with_prior_preservation=True, num_class_images=2, class_inference_steps=2, **kw)
+        paths = T.class_image_paths(cfg, "a photo of a dog", log=lambda _: None)
+        return json.loads((paths[0].parent / "manifest.json").read_text())
+
+    assert TrainConfig().class_sampler == "dpmsolver++" and TrainConfig().class_inference_steps == 25
+    first = made(class_sampler="model")
+    assert (first["scheduler"], first["dtype"], first["num_inference_steps"]) == ("PNDMScheduler", "float32", 2)
+    second = made()
+    assert second["scheduler"] == "DPMSolverMultistepScheduler(dpmsolver++)" and (out / "class_images.replaced-1").is_dir()
+    assert made()["dtype"] == "float32" and not (out / "class_images.replaced-2").exists()  # same settings: reused
+    assert made(prior_generation_precision="bf16")["dtype"] == "bfloat16" and (out / "class_images.replaced-2").is_dir()
