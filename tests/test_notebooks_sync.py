@@ -116,3 +116,21 @@ def test_injected_parameters_follow_the_parameters_cell():
     assert cell.source == "MAX_TRAIN_STEPS = 3\nMODEL = '/tmp/m'"
     assert runner.parse_param("SEEDS=[0, 1]") == ("SEEDS", [0, 1])
     assert runner.parse_param("MODEL=/tmp/x") == ("MODEL", "/tmp/x")
+
+
+def test_a_notebook_run_that_changes_the_checkout_fails(tmp_path, monkeypatch, capsys):
+    import subprocess
+
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "figure.png").write_text("committed")
+    subprocess.run(git + ["add", "figure.png"], check=True)
+    subprocess.run(git + ["commit", "-qm", "x"], check=True)
+    monkeypatch.setattr(runner, "ROOT", tmp_path)
+    monkeypatch.setattr(runner, "execute", lambda ipynb, *a: ipynb.stem == "02_train" and (tmp_path / "figure.png").write_text("new"))
+    assert runner.main(["01_data_prep", "02_train"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL the notebooks changed files of the checkout" in out and "M figure.png" in out
+    (tmp_path / "figure.png").write_text("committed")
+    monkeypatch.setattr(runner, "execute", lambda *a: None)
+    assert runner.main(["01_data_prep", "02_train"]) == 0
