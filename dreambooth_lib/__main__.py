@@ -97,10 +97,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_class_images(args) -> int:
-    from . import data
+    from . import data, families
     from .train import class_image_paths
     cfg = config_from_args(args)
     class_prompt = data.validate_class_image_config(cfg)  # no subject photos needed, unlike train
+    families.check(cfg)
     started = time.time()
     paths = class_image_paths(cfg, class_prompt)
     folder = paths[0].parent

@@ -21,7 +21,9 @@ class TrainConfig:
     # --- model -------------------------------------------------------------------------------
     pretrained_model: str = TOY_MODEL_DIR  # diffusers folder or hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5
     revision: Optional[str] = None  # hub revision (branch, tag or commit) of pretrained_model
-    model_family: str = "auto"  # "auto" = read from pretrained_model's model_index.json; or "sd" (SD 1.x/2.x)
+    model_family: str = "auto"  # "auto" = read from pretrained_model's model_index.json; or "sd" (SD 1.x/2.x), "sdxl"
+    vae_model: Optional[str] = None  # a separate VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix; None = the model's
+    vae_precision: str = "auto"  # VAE dtype: "auto" = the mixed-precision one, but fp32 for an SDXL VAE whose config says force_upcast (fp16 overflows); or "fp32"/"fp16"/"bf16"
     # --- data --------------------------------------------------------------------------------
     instance_dir: str = ""  # folder with the 3-5 subject photos (jpg/png/webp)
     class_noun: str = ""  # coarse class of the subject ("dog"); required with prior preservation

@@ -124,6 +124,26 @@ def load_instance_images(folder: str | Path, resolution: int, use_captions: bool
     return images
 
 
+@dataclass(frozen=True)
+class Crop:
+    """Where a training square came from. SDXL conditions on it (micro-conditioning: original size,
+    crop top-left, target size); SD ignores it."""
+
+    original_size: tuple[int, int]  # (height, width) of the picture before resizing
+    resized_size: tuple[int, int]  # (height, width) after resizing its short side to the resolution
+    crop_top_left: tuple[int, int]  # (top, left) of the square cut from the resized picture
+    target_size: tuple[int, int]  # (height, width) of that square
+
+    def mirrored(self) -> "Crop":
+        """The same square of the left-right mirrored picture (SDXL's training flips, then crops)."""
+        top, left = self.crop_top_left
+        return dataclasses.replace(self, crop_top_left=(top, self.resized_size[1] - left - self.target_size[1]))
+
+    def sizes(self) -> list[int]:
+        """(original h, w, crop top, left, target h, w): SDXL's add_time_ids, in its order."""
+        return [*self.original_size, *self.crop_top_left, *self.target_size]
+
+
 def preprocess_image(
     image: Image.Image,
     resolution: int,
@@ -132,7 +152,19 @@ def preprocess_image(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Resize the short side to `resolution`, crop a square, maybe flip; -> [3, R, R] in [-1, 1]."""
+    return preprocess_image_and_crop(image, resolution, center_crop, random_flip, generator)[0]
+
+
+def preprocess_image_and_crop(
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, Crop]:
+    """preprocess_image, and the Crop that made it."""
     image = image.convert("RGB")
+    original = (image.height, image.width)
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC)  # PIL widens the kernel when shrinking: antialiased
@@ -142,10 +174,12 @@ def preprocess_image(
         left = int(torch.randint(0, size[0] - resolution + 1, (1,), generator=generator))
         top = int(torch.randint(0, size[1] - resolution + 1, (1,), generator=generator))
     image = image.crop((left, top, left + resolution, top + resolution))
+    crop = Crop(original, (size[1], size[0]), (top, left), (resolution, resolution))
     if random_flip and float(torch.rand(1, generator=generator)) < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        crop = crop.mirrored()
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
-    return pixels.permute(2, 0, 1).contiguous()
+    return pixels.permute(2, 0, 1).contiguous(), crop
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +360,8 @@ def validate_config(cfg) -> None:
                "with_prior_preservation needs class_noun (e.g. 'dog'): set it, or turn prior preservation off")
 
     _check(cfg.mixed_precision in MIXED_PRECISIONS, f"mixed_precision = {cfg.mixed_precision!r}: use one of {MIXED_PRECISIONS}")
+    _check(cfg.vae_precision == "auto" or cfg.vae_precision in PRIOR_PRECISIONS,
+           f"vae_precision = {cfg.vae_precision!r}: use 'auto' or one of {tuple(PRIOR_PRECISIONS)}")
     from .families import FAMILIES
     _check(cfg.model_family == "auto" or cfg.model_family in FAMILIES,
            f"model_family = {cfg.model_family!r}: use 'auto' (read from the model) or one of {tuple(FAMILIES)}")
@@ -382,8 +418,13 @@ def validate_class_image_config(cfg) -> str:
     class_prompt = _fill(cfg.class_prompt_template, "class_prompt_template", class_noun=cfg.class_noun)
     manifest_path = Path(cfg.class_dir or ".") / MANIFEST_NAME
     if cfg.class_dir and manifest_path.is_file():
-        wanted = {"model_weights": weights_fingerprint(cfg.pretrained_model, cfg.revision), "class_prompt": class_prompt}
-        differ = manifest_differences(json.loads(manifest_path.read_text()), wanted)
+        made = json.loads(manifest_path.read_text())
+        wanted = {"model_weights": weights_fingerprint(cfg.pretrained_model, cfg.revision), "vae_model": cfg.vae_model,
+                  "class_prompt": class_prompt}
+        if "family" in made:  # manifests written before model families were all SD's
+            from .families import of
+            wanted["family"] = of(cfg).NAME
+        differ = manifest_differences(made, wanted)
         _check(not differ, _mismatch_message(manifest_path, differ))
     return class_prompt
 
@@ -415,6 +456,8 @@ class ClassImageManifest:
     guidance_scale: float
     seed: int
     dtype: str = ""  # sampling dtype ("float16"...); ensure_class_images fills it in from its precision and device
+    family: str = "sd"  # families.FAMILIES key of the model: a class folder of another family is refused
+    vae_model: str | None = None  # the separate VAE that decoded them (None = the model's own)
 
 
 def sampler_name(scheduler_config: dict) -> str:
@@ -597,7 +640,8 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
 class DreamBoothDataset(torch.utils.data.Dataset):
     """Instance examples, each paired with a class example when prior preservation is on.
 
-    Values are pixels or cached VAE latents: the dataset only indexes them.
+    Values are pixels or cached VAE latents: the dataset only indexes them. Sizes (optional, one per
+    value) are Crop.sizes() lists, which SDXL's UNet is conditioned on.
     """
 
     def __init__(
@@ -606,13 +650,19 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         instance_prompts: list[str],
         class_values: list[torch.Tensor] | None = None,
         class_prompt: str | None = None,
+        instance_sizes: list[list[int]] | None = None,
+        class_sizes: list[list[int]] | None = None,
     ):
         if len(instance_values) != len(instance_prompts) or not instance_values:
             raise ValueError(f"need one prompt per instance value, got {len(instance_values)} values and {len(instance_prompts)} prompts")
         if class_values is not None and (not class_values or class_prompt is None):
             raise ValueError("class_values need a class_prompt and at least one value")
+        for values, sizes in ((instance_values, instance_sizes), (class_values, class_sizes)):
+            if sizes is not None and len(sizes) != len(values or ()):
+                raise ValueError(f"need one size entry per value, got {len(values or ())} values and {len(sizes)} sizes")
         self.instance_values, self.instance_prompts = instance_values, instance_prompts
         self.class_values, self.class_prompt = class_values, class_prompt
+        self.instance_sizes, self.class_sizes = instance_sizes, class_sizes
 
     def __len__(self) -> int:
         return max(len(self.instance_values), len(self.class_values or ()))
@@ -620,19 +670,29 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         n = len(self.instance_values)
         example = dict(instance_values=self.instance_values[i % n], instance_prompt=self.instance_prompts[i % n])
+        if self.instance_sizes is not None:
+            example["instance_sizes"] = self.instance_sizes[i % n]
         if self.class_values is not None:
             example["class_values"] = self.class_values[i % len(self.class_values)]
             example["class_prompt"] = self.class_prompt
+            if self.class_sizes is not None:
+                example["class_sizes"] = self.class_sizes[i % len(self.class_values)]
         return example
 
 
 def collate_examples(examples: list[dict], with_prior: bool) -> dict:
-    """[instance rows; class rows] so the loss can split the batch in halves; prompts[i] matches values[i]."""
+    """[instance rows; class rows] so the loss can split the batch in halves; prompts[i] (and sizes[i],
+    when the dataset has sizes) match values[i]."""
     values = [e["instance_values"] for e in examples]
     prompts = [e["instance_prompt"] for e in examples]
+    sizes = [e.get("instance_sizes") for e in examples]
     if with_prior:
         if any("class_values" not in e for e in examples):
             raise ValueError("with_prior=True but the examples have no class values: build the dataset with class_values")
         values += [e["class_values"] for e in examples]
         prompts += [e["class_prompt"] for e in examples]
-    return dict(values=torch.stack(values), prompts=prompts)
+        sizes += [e.get("class_sizes") for e in examples]
+    batch = dict(values=torch.stack(values), prompts=prompts)
+    if all(s is not None for s in sizes):
+        batch["sizes"] = torch.tensor(sizes, dtype=torch.float32)
+    return batch

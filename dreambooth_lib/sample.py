@@ -17,16 +17,23 @@ import transformers
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from . import families
+from .data import InputError
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file train.py writes and load_lora_weights reads
 
 
 def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=None, dtype=None,
-                  adapter_name: str = "subject", model_family: str = "auto") -> DiffusionPipeline:
+                  adapter_name: str = "subject", model_family: str = "auto", vae_model: str | None = None,
+                  ) -> DiffusionPipeline:
     """A pipeline folder / hub id, optionally + LoRA weights, or a train.py checkpoint-N folder.
 
-    The pipeline class is the model family's (families.detect: StableDiffusionPipeline for SD 1.x/2.x).
+    The pipeline class is the model family's (families.detect: StableDiffusionPipeline for SD 1.x/2.x,
+    StableDiffusionXLPipeline for SDXL); vae_model replaces its VAE (a checkpoint's run's vae_model is used).
+    A LoRA of another family is refused before any weights load (check_lora_fits).
     Default device: CUDA when present; default dtype: fp16 on CUDA, fp32 on CPU. The NSFW safety
     checker is not loaded (as in diffusers' DreamBooth scripts): it blacks out false positives,
     which would corrupt the metrics.
@@ -39,6 +46,7 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
         config = json.loads((folder / "training_state.json").read_text())["config"]
         model, revision = config["pretrained_model"], config.get("revision")
         model_family = config.get("model_family", model_family)
+        vae_model = vae_model or config.get("vae_model")
     family = families.resolve(model_family, str(model), revision)
     if checkpoint:
         if (folder / "unet").is_dir():
@@ -47,25 +55,56 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
         for name in family.TEXT_ENCODERS:
             if (folder / name).is_dir():  # of the class the base model's model_index.json names
                 parts[name] = getattr(transformers, index[name][1]).from_pretrained(folder / name, dtype=dtype)
-        if (folder / "pytorch_lora_weights.safetensors").is_file():
+        if (folder / LORA_WEIGHTS).is_file():
             lora_dir = lora_dir or folder
+    if lora_dir is not None:
+        if not (Path(lora_dir) / LORA_WEIGHTS).is_file():
+            raise InputError(f"lora_dir {lora_dir} has no {LORA_WEIGHTS}: point it to a LoRA run's output_dir or checkpoint")
+        check_lora_fits(Path(lora_dir) / LORA_WEIGHTS, str(model), family, revision)
+    if vae_model:
+        parts["vae"] = families.load_vae(vae_model).to(dtype=dtype)
     pipe = family.PIPELINE.from_pretrained(model, revision=revision, dtype=dtype, **family.PIPELINE_EXTRAS, **parts)
     if lora_dir is not None:
-        pipe.load_lora_weights(lora_dir, weight_name="pytorch_lora_weights.safetensors", adapter_name=adapter_name)
+        pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHTS, adapter_name=adapter_name)
     pipe.set_progress_bar_config(disable=True)  # generate() shows one bar over all images instead
     return pipe.to(device)
 
 
-def set_lora_scales(pipe, unet: float, text_encoder: float, adapter_name: str = "subject") -> None:
+def set_lora_scales(pipe, unet: float, text_encoder: float, adapter_name: str = "subject",
+                    text_encoder_2: float | None = None) -> None:
     """Absolute per-component LoRA scales (0 = base model, 1 = as trained).
 
+    text_encoder_2: SDXL's second encoder; None = the text_encoder scale (one knob drives both).
     Uses set_adapters only: cross_attention_kwargs={"scale": s} would multiply both components on top.
-    A text-encoder scale is ignored when the adapter has no text-encoder weights.
+    A text-encoder scale is ignored when the adapter has no weights for that encoder.
     """
     weights = {"unet": unet}
-    if adapter_name in pipe.get_list_adapters().get("text_encoder", []):
-        weights["text_encoder"] = text_encoder
+    adapters = pipe.get_list_adapters()
+    for name, scale in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder if text_encoder_2 is None else text_encoder_2)):
+        if adapter_name in adapters.get(name, []):
+            weights[name] = scale
     pipe.set_adapters(adapter_name, adapter_weights=weights)
+
+
+def check_lora_fits(lora_file: str | Path, model: str, family, revision: str | None = None) -> None:
+    """Refuse, before any weights load, a LoRA trained for another family (an SD 1.5 LoRA on SDXL or the
+    reverse): its text-encoder parts or the width of its UNet cross-attention inputs give it away."""
+    unet_config = UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision)
+    width = unet_config.get("cross_attention_dim")
+    with safe_open(str(lora_file), framework="pt") as f:
+        keys = list(f.keys())
+        widths = {f.get_slice(k).get_shape()[1] for k in keys
+                  if k.startswith("unet.") and "attn2.to_k" in k and ("lora_A" in k or "lora.down" in k)}
+    parts = {k.split(".")[0] for k in keys} - {"unet"}
+    problem = None
+    if parts - set(family.TEXT_ENCODERS):
+        problem = f"it has weights for {sorted(parts - set(family.TEXT_ENCODERS))}, which {family.NAME} models lack"
+    elif isinstance(width, int) and widths and widths != {width}:
+        problem = (f"its UNet cross-attention takes {sorted(widths)}-wide text features, this model's {width} "
+                   "(SD 1.x: 768, SD 2.x: 1024, SDXL: 2048)")
+    if problem:
+        raise InputError(f"LoRA {lora_file} was not trained on {model} ({family.NAME}): {problem}. Load it on the base "
+                         "model it was trained from (its run's summary.json names pretrained_model)")
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Tiny Stable-Diffusion-architecture models built in-process (no hub access).
+"""Tiny Stable-Diffusion-architecture models (SD 1.x and SDXL) built in-process (no hub access).
 
 Tests, notebooks and benchmarks use them to exercise exactly the code path users take with
 Stable Diffusion: the components are saved as a diffusers pipeline folder and loaded back with
@@ -14,7 +14,9 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import (
@@ -23,6 +25,7 @@ from transformers import (
     CLIPModel,
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     CLIPTokenizer,
     ViTConfig,
     ViTImageProcessor,
@@ -150,6 +153,70 @@ def save_tiny_pipeline(folder: str | Path, seed: int = 0, prediction_type: str =
         **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_tiny_sdxl_components(seed: int = 0, sample_size: int = 16, tokenizer_dir: str | Path | None = None) -> dict:
+    """Random tiny SDXL: two CLIP text encoders (the second with a projection), a UNet whose added
+    "text_time" embedding takes the pooled text embedding + 6 size/crop numbers, a 2x VAE."""
+    if tokenizer_dir is None:
+        raise ValueError("build_tiny_sdxl_components needs tokenizer_dir (write_clip_tokenizer writes one)")
+    torch.manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!")  # SDXL's second pads with "!"
+    hidden, hidden_2, projection, time_dim = 16, 24, 20, 8
+
+    def text_config(hidden_size, **kw):
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=32,
+                              num_attention_heads=2, num_hidden_layers=3, max_position_embeddings=tokenizer.model_max_length,
+                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id, **kw)
+
+    text_encoder = CLIPTextModel(text_config(hidden))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden_2, projection_dim=projection))
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # SDXL: no attention at the top level
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=hidden + hidden_2,  # both encoders' hidden states, concatenated
+        attention_head_dim=4,
+        use_linear_projection=True,
+        transformer_layers_per_block=(1, 2),
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + projection,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=sample_size * 2,
+        scaling_factor=0.13025,  # SDXL's
+        force_upcast=True,  # SDXL's VAE config: fp16 overflows, pipelines decode in fp32
+    )
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer_2, scheduler=scheduler)
+
+
+def save_tiny_sdxl_pipeline(folder: str | Path, seed: int = 0, sample_size: int = 16) -> Path:
+    """Build a tiny random SDXL pipeline and save it as a diffusers folder (StableDiffusionXLPipeline);
+    images are 2 * sample_size pixels wide."""
+    folder = Path(folder)
+    tok_dir = folder / "tokenizer"
+    write_clip_tokenizer(TINY_WORDS, tok_dir, model_max_length=16)
+    parts = build_tiny_sdxl_components(seed=seed, sample_size=sample_size, tokenizer_dir=tok_dir)
+    StableDiffusionXLPipeline(**parts, add_watermarker=False).save_pretrained(folder, safe_serialization=True)
     return folder
 
 

@@ -48,10 +48,9 @@ from transformers import CLIPTokenizer
 from . import data, families, loss, memory
 from .config import TrainConfig
 from .families import Models  # noqa: F401  (train.Models: what load_models returns and prepare_training takes)
-from .sample import generate
+from .sample import LORA_WEIGHTS, generate
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name pipe.load_lora_weights(folder) looks for
 STATE_JSON, STATE_TENSORS = "training_state.json", "training_state.safetensors"
 
 
@@ -67,7 +66,7 @@ def load_tokenizer(cfg: TrainConfig) -> CLIPTokenizer:
 
 def load_models(cfg: TrainConfig) -> Models:
     """The base model's components (its family's: families.of) in fp32, frozen except what cfg trains."""
-    models = families.of(cfg).load_models(cfg.pretrained_model, cfg.revision)
+    models = families.of(cfg).load_models(cfg.pretrained_model, cfg.revision, cfg.vae_model)
     set_trainable(models, cfg)
     return models
 
@@ -175,20 +174,20 @@ def split_rows(batch) -> list:
 def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Path]:
     """Generate (or reuse) the prior images x_pr = x_hat(z, c_pr) with the frozen base model (paper Sec. 3.3)."""
     class_dir = Path(cfg.class_dir) if cfg.class_dir else Path(cfg.output_dir) / "class_images"
+    family = families.of(cfg)
     manifest = data.ClassImageManifest(
         model=cfg.pretrained_model, model_weights=data.weights_fingerprint(cfg.pretrained_model, cfg.revision),
         class_prompt=class_prompt, resolution=cfg.resolution,
         scheduler=data.sampler_name(class_sampler_config(cfg)), num_inference_steps=cfg.class_inference_steps,
-        guidance_scale=cfg.class_guidance_scale, seed=cfg.seed)
+        guidance_scale=cfg.class_guidance_scale, seed=cfg.seed, family=family.NAME, vae_model=cfg.vae_model)
 
     device = PartialState().device
     dtype = data.class_image_dtype(cfg.prior_generation_precision, device)
 
-    family = families.of(cfg)
-
     def make_pipeline():  # loaded in the sampling dtype: no cast afterwards
+        vae = dict(vae=families.load_vae(cfg.vae_model).to(dtype=dtype)) if cfg.vae_model else {}
         pipe = family.PIPELINE.from_pretrained(cfg.pretrained_model, revision=cfg.revision, dtype=dtype,
-                                               **family.PIPELINE_EXTRAS)
+                                               **family.PIPELINE_EXTRAS, **vae)
         if cfg.class_sampler == "dpmsolver++":
             pipe.scheduler = DPMSolverMultistepScheduler.from_config(class_sampler_config(cfg))
         return pipe
@@ -211,10 +210,19 @@ def class_sampler_config(cfg: TrainConfig) -> dict:
     return config
 
 
+def pixels_and_sizes(images: list[Image.Image], cfg: TrainConfig, generator: torch.Generator,
+                     ) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Training squares [3, R, R] in [-1, 1], and each one's data.Crop.sizes() (SDXL's micro-conditioning)."""
+    squares = [data.preprocess_image_and_crop(im, cfg.resolution, center_crop=cfg.center_crop, generator=generator)
+               for im in images]
+    values, crops = [v for v, _ in squares], [c for _, c in squares]
+    if cfg.random_flip:  # both orientations in the data set (not a per-step coin): works with cached latents
+        values, crops = values + [v.flip(-1) for v in values], crops + [c.mirrored() for c in crops]
+    return values, [c.sizes() for c in crops]
+
+
 def pixel_values(images: list[Image.Image], cfg: TrainConfig, generator: torch.Generator) -> list[torch.Tensor]:
-    values = [data.preprocess_image(im, cfg.resolution, center_crop=cfg.center_crop, generator=generator) for im in images]
-    # Flip augmentation as both orientations in the data set (not a per-step coin): works with cached latents.
-    return values + [v.flip(-1) for v in values] if cfg.random_flip else values
+    return pixels_and_sizes(images, cfg, generator)[0]
 
 
 @torch.no_grad()
@@ -515,6 +523,8 @@ def save_final(output_dir: str | Path, unet, text_encoder, cfg: TrainConfig) -> 
     trained = dict(unet=unet)
     if cfg.train_text_encoder:
         trained.update(zip(family.TEXT_ENCODERS, as_tuple(text_encoder)))
+    if cfg.vae_model:  # the VAE trained with goes with the weights
+        trained["vae"] = families.load_vae(cfg.vae_model)
     # Untrained parts are re-read in their original precision rather than copied from the (maybe fp16) live ones.
     pipe = family.PIPELINE.from_pretrained(cfg.pretrained_model, revision=cfg.revision, **trained)
     pipe.save_pretrained(output_dir, safe_serialization=True)
@@ -638,8 +648,12 @@ class TrainingState:
 def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator, tokenizer: CLIPTokenizer,
                      instance_values: list[torch.Tensor], instance_prompts: list[str],
                      class_values: list[torch.Tensor] | None = None, class_prompt: str | None = None,
-                     resume_from: Path | None = None, log=print) -> TrainingState:
+                     resume_from: Path | None = None, log=print, instance_sizes: list[list[int]] | None = None,
+                     class_sizes: list[list[int]] | None = None) -> TrainingState:
     """Models (in memory, fp32 as loaded) + preprocessed pixels -> a state ready for train_step.
+
+    Sizes: each picture's data.Crop.sizes() (pixels_and_sizes), which SDXL is conditioned on; None =
+    uncropped squares of the pixels' size.
 
     Frozen parts go to the mixed-precision dtype and trainable weights stay fp32; then LoRA, gradient
     checkpointing, optimizer, lr schedule, accelerate.prepare, optional torch.compile, latent and
@@ -658,7 +672,9 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
                               "set model_family to the family of the models")
     device, weight_dtype = accelerator.device, WEIGHT_DTYPES[cfg.mixed_precision]
     set_trainable(models, cfg)
-    place(models.vae, device, weight_dtype)
+    vae_dtype, why = vae_precision(cfg, family, models.vae, weight_dtype)
+    log(f"VAE: {cfg.vae_model or 'the model' + chr(39) + 's own'} in {str(vae_dtype).removeprefix('torch.')} ({why})")
+    place(models.vae, device, vae_dtype)
     for text_encoder in models.text_encoders:
         place(text_encoder, device, torch.float32 if cfg.train_text_encoder and not cfg.use_lora else weight_dtype)
     place(models.unet, device, torch.float32 if not cfg.use_lora else weight_dtype)
@@ -696,11 +712,13 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
         loss_fn = torch.compile(noised_loss, **compile_kw)
 
     # Data: latents encoded once (cache_latents); text embeddings once when the text encoder is frozen.
+    instance_sizes = instance_sizes or square_sizes(instance_values)
+    class_sizes = (class_sizes or square_sizes(class_values)) if with_prior else None
     if cfg.cache_latents:
         instance_values = cache_latents(models.vae, instance_values, cfg.seed)
         class_values = cache_latents(models.vae, class_values, cfg.seed + 1) if with_prior else None
     dataset = data.DreamBoothDataset(instance_values, instance_prompts, class_values if with_prior else None,
-                                     class_prompt if with_prior else None)
+                                     class_prompt if with_prior else None, instance_sizes, class_sizes)
     text_cache = None if cfg.train_text_encoder else cache_text_embeddings(
         *text_stack(models, tokenizer), instance_prompts + ([class_prompt] if with_prior else []))
     state = TrainingState(cfg, accelerator, models, tokenizer, trained, unet,
@@ -710,6 +728,22 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
     if resume_from is not None:  # last: restores the global RNG exactly as it was after the checkpoint's step
         state.start_step, state.history = load_training_state(resume_from, optimizer, lr_scheduler)
     return state
+
+
+def square_sizes(pixels: list[torch.Tensor]) -> list[list[int]]:
+    """Crop.sizes() of pictures used whole: original = target = their size, crop at (0, 0)."""
+    return [[*v.shape[-2:], 0, 0, *v.shape[-2:]] for v in pixels]
+
+
+def vae_precision(cfg: TrainConfig, family, vae: AutoencoderKL, weight_dtype: torch.dtype) -> tuple[torch.dtype, str]:
+    """The VAE's dtype and why. SDXL's VAE overflows in fp16 (NaN latents, black images): its config says
+    force_upcast, and it then runs in fp32 unless a fixed VAE (vae_model) is named."""
+    if cfg.vae_precision != "auto":
+        return data.PRIOR_PRECISIONS[cfg.vae_precision], f"vae_precision={cfg.vae_precision!r}"
+    if weight_dtype == torch.float16 and family.VAE_FORCE_UPCAST and vae.config.force_upcast:
+        return torch.float32, (f"its config says force_upcast: {family.NAME}'s VAE overflows in fp16; "
+                               f"vae_model={family.FIXED_VAE_HINT!r} runs in fp16 with less memory")
+    return weight_dtype, f"mixed_precision={cfg.mixed_precision!r}"
 
 
 def train_step(state: TrainingState, step: int) -> dict:
@@ -757,7 +791,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     for a full fine-tune, the untrained parts of the saved pipeline.
     """
     data.validate_config(cfg)  # every model-free check, before anything slow
-    family = families.of(cfg)  # an unknown model fails here, before anything is loaded
+    family = families.check(cfg)  # an unknown model or a setting it cannot take fails here, before any weights load
     started = time.time()
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
@@ -777,13 +811,14 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     with_prior = cfg.with_prior_preservation
     class_paths = class_image_paths(cfg, class_prompt, log=info) if with_prior else []
     image_gen = torch.Generator().manual_seed(cfg.seed)  # random crops
-    inst_values = pixel_values([im.image for im in instances], cfg, image_gen)
+    inst_values, inst_sizes = pixels_and_sizes([im.image for im in instances], cfg, image_gen)
     inst_prompts = instance_prompts * (2 if cfg.random_flip else 1)
-    cls_values = pixel_values([Image.open(p).convert("RGB") for p in class_paths], cfg, image_gen) if with_prior else None
+    cls_values, cls_sizes = pixels_and_sizes([Image.open(p).convert("RGB") for p in class_paths], cfg, image_gen)
 
     # 2. models, optimizer, caches (and the checkpoint when resuming).
     state = prepare_training(cfg, models if models is not None else load_models(cfg), accelerator, tokenizer, inst_values, inst_prompts,
-                             cls_values, class_prompt if with_prior else None, resume_from, info)
+                             cls_values if with_prior else None, class_prompt if with_prior else None, resume_from, info,
+                             inst_sizes, cls_sizes if with_prior else None)
     unet = state.trained[0]  # uncompiled: what checkpoints unwrap and save
     text_encoders = tuple(state.trained[1:]) if cfg.train_text_encoder else state.models.text_encoders
     val_prompts = [fill_prompt(p, identifier, cfg.class_noun) for p in cfg.validation_prompts] or [instance_prompt]

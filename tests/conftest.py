@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny SD pipeline folder (built once per session) and a folder of subject photos."""
+"""Shared fixtures: tiny SD and SDXL pipeline folders (built once per session) and a folder of subject photos."""
 
 from __future__ import annotations
 
@@ -8,13 +8,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_lib.tiny import save_tiny_pipeline
+from dreambooth_lib.tiny import save_tiny_pipeline, save_tiny_sdxl_pipeline
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random tiny Stable Diffusion pipeline saved as a diffusers folder (32 px images)."""
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A random tiny SDXL pipeline (StableDiffusionXLPipeline folder, 32 px images)."""
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl"))
 
 
 def write_photos(folder: Path, n: int = 4, size: tuple[int, int] = (48, 40)) -> list[Path]:

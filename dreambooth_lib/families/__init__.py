@@ -9,6 +9,9 @@ caching, checkpoints, resume and `train_step` stay one code path for every famil
     LORA_LOADER                  the loader mixin that saves / loads pytorch_lora_weights.safetensors
     TEXT_ENCODERS, TOKENIZERS    component names of the text encoders and their tokenizers, in order
     TEXT_LORA_TARGETS            the text encoders' Linear layers given LoRA adapters
+    VAE_FORCE_UPCAST             whether its VAE config's force_upcast holds (fp32 VAE under fp16)
+    FIXED_VAE_HINT               a VAE that runs in fp16, to suggest (or None)
+    check_config(cfg, vae_config, warn)   its checks of a TrainConfig before any weights load
     load_models(model, revision, vae_model) -> Models
     encode_prompts(tokenizers, text_encoders, prompts) -> per-prompt text conditioning (batch first)
     unet_conditioning(text, sizes) -> what the UNet takes besides (x_t, t), from stacked text conditioning
@@ -20,6 +23,7 @@ The family of a model is read from its model_index.json (`_class_name`), or name
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +67,25 @@ def load_vae(vae_model: str) -> AutoencoderKL:
     """A separate VAE: a VAE folder / hub id (e.g. madebyollin/sdxl-vae-fp16-fix) or a pipeline's vae/."""
     nested = Path(vae_model) / "vae"
     return AutoencoderKL.from_pretrained(vae_model, subfolder="vae" if nested.is_dir() else None)
+
+
+def vae_config(model: str, revision: str | None = None, vae_model: str | None = None) -> dict:
+    """config.json of the VAE training uses (vae_model's, else the model's), without loading weights."""
+    if vae_model:
+        nested = Path(vae_model) / "vae"
+        return AutoencoderKL.load_config(vae_model, subfolder="vae" if nested.is_dir() else None)
+    return AutoencoderKL.load_config(model, subfolder="vae", revision=revision)
+
+
+def vae_scale_factor(config: dict) -> int:
+    """Pixels per latent cell: the VAE halves the picture between consecutive blocks."""
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
+def native_resolution(model: str, revision: str | None = None) -> int:
+    """The side the model was trained at: UNet sample_size x VAE scale factor (512 for SD 1.5, 1024 for SDXL)."""
+    unet = UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision)
+    return unet["sample_size"] * vae_scale_factor(vae_config(model, revision))
 
 
 def model_index(model: str, revision: str | None = None) -> dict:
@@ -115,6 +138,13 @@ def of(cfg):
     return resolve(cfg.model_family, cfg.pretrained_model, cfg.revision)
 
 
-from . import sd  # noqa: E402  (the family modules use Models above)
+def check(cfg, warn=warnings.warn):
+    """of(cfg), after the family's own checks of cfg; reads config files only, no weights."""
+    family = of(cfg)
+    family.check_config(cfg, vae_config(cfg.pretrained_model, cfg.revision, cfg.vae_model), warn)
+    return family
 
-FAMILIES = {sd.NAME: sd}
+
+from . import sd, sdxl  # noqa: E402  (the family modules use Models above)
+
+FAMILIES = {sd.NAME: sd, sdxl.NAME: sdxl}

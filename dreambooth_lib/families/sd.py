@@ -18,6 +18,12 @@ LORA_LOADER = StableDiffusionLoraLoaderMixin
 TEXT_ENCODERS = ("text_encoder",)
 TOKENIZERS = ("tokenizer",)
 TEXT_LORA_TARGETS = CLIP_ATTENTION
+VAE_FORCE_UPCAST = False  # SD pipelines run the VAE in fp16 (its config's default force_upcast is unused)
+FIXED_VAE_HINT = None
+
+
+def check_config(cfg, vae_config: dict, warn) -> None:
+    """Nothing beyond data.validate_config's model-free checks."""
 
 
 def load_models(model: str, revision: str | None = None, vae_model: str | None = None) -> Models:

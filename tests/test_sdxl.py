@@ -1,0 +1,207 @@
+"""SDXL through the same library code as SD, on a tiny random SDXL (tiny.save_tiny_sdxl_pipeline)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from safetensors.torch import load_file
+
+import dreambooth_lib.train as T
+from dreambooth_lib import data, families
+from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.sample import generate, load_pipeline, set_lora_scales
+
+PROMPTS = ["a photo of sks dog", "sks dog on grass", "a photo of a dog"]
+
+
+def make_cfg(model, instance_dir, out, **kw) -> TrainConfig:
+    base = dict(pretrained_model=str(model), instance_dir=str(instance_dir), output_dir=str(out), class_noun="dog",
+                identifier="sks", resolution=32, with_prior_preservation=False, max_train_steps=2,
+                learning_rate=1e-3, checkpointing_steps=0, validation_steps=0, num_validation_images=1,
+                validation_inference_steps=2, optimizer="adamw")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_conditioning_and_time_ids_are_what_the_sdxl_pipeline_builds(tiny_sdxl_dir, instance_dir):
+    cfg = make_cfg(tiny_sdxl_dir, instance_dir, "unused")
+    assert families.detect(str(tiny_sdxl_dir)) == "sdxl" and families.native_resolution(str(tiny_sdxl_dir)) == 32
+    models, tokenizer = T.load_models(cfg), T.load_tokenizer(cfg)
+    assert models.family == "sdxl" and models.tokenizer_2.pad_token == "!"
+    ours = T.encode_prompts(*T.text_stack(models, tokenizer), PROMPTS)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
+    assert ours["encoder_hidden_states"].shape == (3, 16, 16 + 24) and ours["text_embeds"].shape == (3, 20)
+    torch.testing.assert_close(ours["encoder_hidden_states"], embeds, rtol=0, atol=0)
+    torch.testing.assert_close(ours["text_embeds"], pooled, rtol=0, atol=0)
+
+    # A 48x40 photo at 32 px: short side 40 -> 32, width 48 -> 38; the centre crop starts 3 px in.
+    photo = data.load_instance_images(instance_dir, 32)[0].image
+    _, sizes = T.pixels_and_sizes([photo], cfg, None)
+    assert sizes == [[40, 48, 0, 3, 32, 32]]
+    expected = pipe._get_add_time_ids((40, 48), (0, 3), (32, 32), torch.float32,
+                                      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    cond = families.sdxl.unet_conditioning({k: v[:1] for k, v in ours.items()}, torch.tensor(sizes, dtype=torch.float32))
+    torch.testing.assert_close(cond["added_cond_kwargs"]["time_ids"], expected, rtol=0, atol=0)
+    # Mirrored pictures: SDXL flips before cropping, so the crop is measured from the other side.
+    crop = data.Crop((40, 48), (32, 38), (0, 1), (32, 32))
+    assert crop.mirrored().sizes() == [40, 48, 0, 5, 32, 32] and crop.mirrored().mirrored() == crop
+
+
+def test_cached_conditioning_equals_uncached_and_rows_stay_paired(tiny_sdxl_dir, instance_dir):
+    cfg = make_cfg(tiny_sdxl_dir, instance_dir, "unused", center_crop=False)
+    models, tokenizer = T.load_models(cfg), T.load_tokenizer(cfg)
+    images = [im.image for im in data.load_instance_images(instance_dir, 32)]
+    images[1] = images[1].resize((32, 64))  # a tall one: its crop moves vertically
+    pixels, sizes = T.pixels_and_sizes(images, cfg, torch.Generator().manual_seed(3))
+    assert len({tuple(s) for s in sizes}) > 1  # the rows are told apart by their sizes too
+    captions = ["a photo of sks dog", "sks dog on grass", "sks dog in snow", "sks dog at the beach"]
+    latents = T.cache_latents(models.vae, pixels, seed=0)
+    dataset = data.DreamBoothDataset(latents, captions, latents[:1], "a photo of a dog", sizes, [[32, 32, 0, 0, 32, 32]])
+    batch = data.collate_examples([dataset[i] for i in (2, 1, 0)], with_prior=True)
+    cache = T.cache_text_embeddings(*T.text_stack(models, tokenizer), captions + ["a photo of a dog"])
+    z, cached = T.latents_and_conditioning(batch, models, tokenizer, cache, True, torch.Generator(), "cpu")
+    _, uncached = T.latents_and_conditioning(batch, models, tokenizer, None, True, torch.Generator(), "cpu")
+    torch.testing.assert_close(cached["encoder_hidden_states"], uncached["encoder_hidden_states"])
+    torch.testing.assert_close(cached["added_cond_kwargs"], uncached["added_cond_kwargs"])
+    assert batch["prompts"] == [captions[2], captions[1], captions[0]] + ["a photo of a dog"] * 3
+    for row, prompt in enumerate(batch["prompts"]):
+        item = captions.index(prompt) if row < 3 else None
+        assert torch.equal(z[row], latents[item if item is not None else 0])
+        want = sizes[item] if item is not None else [32, 32, 0, 0, 32, 32]
+        assert cached["added_cond_kwargs"]["time_ids"][row].tolist() == want
+        assert torch.equal(cached["added_cond_kwargs"]["text_embeds"][row], cache[prompt]["text_embeds"])
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_short_runs_lower_the_loss_on_a_fixed_batch(mode, tiny_sdxl_dir, instance_dir, tmp_path):
+    extra = dict(learning_rate=2e-3) if mode == "full" else dict(use_lora=True, lora_rank=8, learning_rate=2e-2)
+    cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, train_text_encoder=True, **extra)
+    tokenizer = T.load_tokenizer(cfg)
+    pixels, sizes = T.pixels_and_sizes([im.image for im in data.load_instance_images(instance_dir, 32)], cfg, None)
+    state = T.prepare_training(cfg, T.load_models(cfg), T.make_accelerator(cfg), tokenizer, pixels,
+                               ["a photo of sks dog"] * 4, log=lambda _: None, instance_sizes=sizes)
+    batch = data.collate_examples([state.dataset[i] for i in range(4)], with_prior=False)
+
+    def fixed_loss() -> float:  # the same 4 items, noise draws and timesteps every time
+        with torch.no_grad():
+            z, c = T.latents_and_conditioning(batch, state.models, tokenizer, None, True, torch.Generator(), "cpu")
+            return sum(float(T.diffusion_loss(state.unet, state.models.noise_scheduler, z, c, cfg, False,
+                                              torch.Generator().manual_seed(seed))[0]) for seed in range(4)) / 4
+
+    losses = [fixed_loss()]
+    for step in range(8):
+        T.train_step(state, step)
+        if step % 2:
+            losses.append(fixed_loss())
+    # Measured on this tiny model: full 1.12 -> 0.86, LoRA 1.12 -> 1.03, falling at every check.
+    assert losses == sorted(losses, reverse=True) and losses[-1] < (0.85 if mode == "full" else 0.95) * losses[0]
+
+
+def test_lora_run_resumes_exactly_and_loads_in_stock_sdxl_pipeline(tiny_sdxl_dir, instance_dir, tmp_path, monkeypatch):
+    common = dict(use_lora=True, train_text_encoder=True, lora_dropout=0.1, train_batch_size=2, max_train_steps=4,
+                  checkpointing_steps=2, with_prior_preservation=True, num_class_images=2, class_inference_steps=1,
+                  class_dir=str(tmp_path / "class"), learning_rate=1e-2, lr_scheduler="linear")
+    whole = T.train(make_cfg(tiny_sdxl_dir, instance_dir, tmp_path / "whole", **common), progress=False)
+    manifest = json.loads((tmp_path / "class" / data.MANIFEST_NAME).read_text())
+    assert manifest["family"] == "sdxl"
+    real_save = T.save_checkpoint
+
+    def save_then_die(output_dir, step, *args, **kw):
+        path = real_save(output_dir, step, *args, **kw)
+        if step == 2:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(make_cfg(tiny_sdxl_dir, instance_dir, tmp_path / "cut", **common), progress=False)
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    resumed = T.train(make_cfg(tiny_sdxl_dir, instance_dir, tmp_path / "cut", resume="latest", **common), progress=False)
+    assert [h["loss"] for h in resumed["loss_history"]] == pytest.approx([h["loss"] for h in whole["loss_history"]], abs=1e-6)
+    a, b = load_file(tmp_path / "whole" / T.LORA_WEIGHTS), load_file(tmp_path / "cut" / T.LORA_WEIGHTS)
+    assert {k.split(".")[0] for k in a} == {"unet", "text_encoder", "text_encoder_2"} and a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
+    # Stock diffusers loads it; scales 0/0/0 give the base model exactly, 1 changes the pictures.
+    base = generate(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir), PROMPTS[0], [0], num_inference_steps=2,
+                    progress=False)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.load_lora_weights(tmp_path / "whole", adapter_name="subject")
+    assert {c: v for c, v in pipe.get_list_adapters().items()} == {c: ["subject"] for c in ("unet", "text_encoder", "text_encoder_2")}
+    tuned = generate(pipe, PROMPTS[0], [0], num_inference_steps=2, progress=False)
+    set_lora_scales(pipe, unet=0.0, text_encoder=0.0)  # text_encoder_2 follows text_encoder
+    off = generate(pipe, PROMPTS[0], [0], num_inference_steps=2, progress=False)
+    assert np.array_equal(np.asarray(off[0]), np.asarray(base[0])) and not np.array_equal(np.asarray(tuned[0]), np.asarray(base[0]))
+    set_lora_scales(pipe, unet=0.0, text_encoder=0.0, text_encoder_2=1.0)  # a separate knob when set
+    assert not np.array_equal(np.asarray(generate(pipe, PROMPTS[0], [0], num_inference_steps=2, progress=False)[0]),
+                              np.asarray(base[0]))
+    # The library's loader, from the run folder and from a checkpoint.
+    loaded = generate(load_pipeline(tiny_sdxl_dir, lora_dir=tmp_path / "whole", device="cpu"), PROMPTS[0], [0],
+                      num_inference_steps=2, progress=False)
+    assert np.array_equal(np.asarray(loaded[0]), np.asarray(tuned[0]))
+    assert isinstance(load_pipeline(tmp_path / "whole" / "checkpoint-4", device="cpu"), StableDiffusionXLPipeline)
+
+
+def test_full_run_saves_a_complete_sdxl_pipeline(tiny_sdxl_dir, instance_dir, tmp_path):
+    cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path / "run", train_text_encoder=True, random_flip=True,
+                   cache_latents=False, validation_steps=2)
+    T.train(cfg, progress=False)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "run")
+    assert pipe(PROMPTS[0], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
+    for part, weights in (("unet", "diffusion_pytorch_model"), ("text_encoder_2", "model")):
+        before = load_file(tiny_sdxl_dir / part / f"{weights}.safetensors")
+        after = load_file(tmp_path / "run" / part / f"{weights}.safetensors")
+        assert any(not torch.equal(before[k], after[k]) for k in before)  # trained and saved
+    assert (tmp_path / "run" / "validation" / "step-2.png").is_file()
+
+
+def test_sdxl_bad_input_fails_before_model_work(tiny_sdxl_dir, tiny_model_dir, instance_dir, tmp_path):
+    with pytest.raises(data.InputError, match="resolution = 40: SDXL needs a multiple of 16"):
+        T.train(make_cfg(tiny_sdxl_dir, instance_dir, tmp_path / "r", resolution=40), progress=False)
+    assert not (tmp_path / "r").exists()
+    with pytest.warns(UserWarning, match="madebyollin/sdxl-vae-fp16-fix"):
+        families.check(make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, vae_precision="fp16"))
+    # A class folder made by an SD model is refused for an SDXL run, naming the family.
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    (class_dir / data.MANIFEST_NAME).write_text(json.dumps(dict(
+        model=str(tiny_sdxl_dir), model_weights=data.weights_fingerprint(str(tiny_sdxl_dir)), family="sd",
+        vae_model=None, class_prompt="a photo of a dog")))
+    with pytest.raises(data.InputError, match="family: folder has 'sd', this run wants 'sdxl'"):
+        data.validate_config(make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, with_prior_preservation=True,
+                                      class_dir=str(class_dir)))
+    # A LoRA of one family on the other's base model, either way round.
+    sd_cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, train_text_encoder=True)
+    sd_models = T.load_models(sd_cfg)
+    T.add_lora(sd_models.unet, sd_models.text_encoders, sd_cfg)
+    T.save_weights(tmp_path / "sd_lora", sd_models.unet, sd_models.text_encoders, sd_cfg)
+    xl_cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, use_lora=True)
+    xl_models = T.load_models(xl_cfg)
+    T.add_lora(xl_models.unet, xl_models.text_encoders, xl_cfg)
+    T.save_weights(tmp_path / "xl_lora", xl_models.unet, xl_models.text_encoders, xl_cfg)
+    with pytest.raises(data.InputError, match=r"not trained on .*\(sdxl\): its UNet cross-attention takes \[16\]-wide"):
+        load_pipeline(tiny_sdxl_dir, lora_dir=tmp_path / "sd_lora", device="cpu")
+    with pytest.raises(data.InputError, match=r"\(sd\): its UNet cross-attention takes \[40\]-wide"):
+        load_pipeline(tiny_model_dir, lora_dir=tmp_path / "xl_lora", device="cpu")
+
+
+def test_vae_precision_and_a_separate_vae(tiny_sdxl_dir, instance_dir, tmp_path):
+    xl = T.load_models(make_cfg(tiny_sdxl_dir, instance_dir, tmp_path))
+    cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path)
+    assert T.vae_precision(cfg, families.sdxl, xl.vae, torch.float16)[0] == torch.float32  # force_upcast honoured
+    assert T.vae_precision(cfg, families.sdxl, xl.vae, torch.bfloat16)[0] == torch.bfloat16  # bf16 does not overflow
+    assert T.vae_precision(cfg, families.sd, xl.vae, torch.float16)[0] == torch.float16  # SD pipelines ignore it
+    forced = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, vae_precision="fp16")
+    assert T.vae_precision(forced, families.sdxl, xl.vae, torch.float16)[0] == torch.float16
+    # A fixed VAE (force_upcast off) named by vae_model is the one loaded, and runs in fp16.
+    fixed = type(xl.vae).from_config({**xl.vae.config, "force_upcast": False})
+    fixed.save_pretrained(tmp_path / "fixed_vae")
+    cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, vae_model=str(tmp_path / "fixed_vae"))
+    models = T.load_models(cfg)
+    assert torch.equal(models.vae.encoder.conv_in.weight, fixed.encoder.conv_in.weight)
+    assert T.vae_precision(cfg, families.sdxl, models.vae, torch.float16)[0] == torch.float16
