@@ -328,10 +328,13 @@ def save_weights(folder: Path, unet, text_encoder, cfg: TrainConfig) -> None:
     if cfg.use_lora:
         # Each adapter's LoraConfig goes in the file's metadata: without it load_lora_weights assumes
         # lora_alpha = rank, and a run trained with another alpha would be sampled at the wrong scale.
+        # Dropout is left out (0): diffusers builds the loaded adapter's Dropout in training mode, which
+        # would make sampling random for a run trained with lora_dropout > 0.
         named = [("unet", unet)] + (list(zip(family.TEXT_ENCODERS, encoders)) if cfg.train_text_encoder else [])
         family.LORA_LOADER.save_lora_weights(
             folder, **{f"{name}_lora_layers": lora_layers(module) for name, module in named},
-            **{f"{name}_lora_adapter_metadata": module.peft_config["default"].to_dict() for name, module in named})
+            **{f"{name}_lora_adapter_metadata": {**module.peft_config["default"].to_dict(), "lora_dropout": 0.0}
+               for name, module in named})
     else:
         unet.save_pretrained(folder / "unet")
         if cfg.train_text_encoder:
