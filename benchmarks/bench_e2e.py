@@ -9,6 +9,11 @@ its build time is not part of the end-to-end time), 5 random 512 px "photos" sta
 then the clock runs over `train.class_image_paths` (the class images, as train() makes them) and
 `train.train(cfg)` (which finds those images, loads the models, caches, trains and saves the weights).
 The config names are bench_train.py's ("-compile" sets TrainConfig.compile = "unet").
+
+Phases in the record (`phase_s`, seconds, adding up to total_s): class_images (generated here, before
+train()), then train()'s own `summary["phase_s"]`: data (photos, prompts, the class-image cache check),
+load (from_pretrained), setup (placement, LoRA, optimizer, accelerate), cache (latents and text
+embeddings), train (the step loop) and save (final weights).
 """
 
 from __future__ import annotations
@@ -88,6 +93,9 @@ def main(argv=None) -> int:
         total_s = time.perf_counter() - started
 
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    inner = summary["phase_s"]
+    phase_s = {"class_images": class_s, "data": inner["data"] + inner["class_images"],
+               **{k: inner[k] for k in ("load", "setup", "cache", "train", "save")}}
     record = dict(
         kind="e2e", status="ok", config=args.config, smoke=args.smoke, note=note, mixed_precision=cfg.mixed_precision,
         resolution=cfg.resolution, class_images=n_class, class_batch_size=cfg.class_batch_size,
@@ -95,11 +103,12 @@ def main(argv=None) -> int:
         train_s=total_s - class_s, seconds_per_step=summary["seconds_per_step"], total_s=total_s,
         train_peak_memory_gb=summary["peak_memory_mb"] * 2**20 / 1e9, train_peak_memory_kind=summary["memory"],
         train_peak_reserved_gb=summary["peak_memory_reserved_mb"] and summary["peak_memory_reserved_mb"] * 2**20 / 1e9,
-        final_loss=summary["final_loss"], optimizer=summary["optimizer"], model_build_s=build_s,
+        final_loss=summary["final_loss"], optimizer=summary["optimizer"], model_build_s=build_s, phase_s=phase_s,
+        class_images_per_s=n_class / class_s,
         **common.environment(device),
     )
     common.append_results(results, [record])
-    print({k: record[k] for k in ("config", "class_images_s", "train_s", "total_s")})
+    print({k: record[k] for k in ("config", "class_images_s", "train_s", "total_s", "phase_s")})
     print(f"results appended to {results}")
     return 0
 

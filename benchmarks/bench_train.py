@@ -2,7 +2,9 @@
 
     python benchmarks/bench_train.py                          # every config on the GPU (SD1.5 architecture, 512 px)
     python benchmarks/bench_train.py --configs full-fp16-cached lora4-fp16-cached --steps 30
+    python benchmarks/bench_train.py --configs full-fp16-cached --profile      # + torch.profiler fields in the record
     python benchmarks/bench_train.py --smoke                  # tiny model on the CPU: same code path, for CI
+    python benchmarks/bench_train.py --cpu --resolution 64 --profile 1 --configs lora4-fp16-cached   # SD1.5 op counts, no GPU
     python benchmarks/bench_train.py --list                   # config names
 
 Design: models are built in-process with random weights (SD1.5's architecture, or `dreambooth_lib.tiny`
@@ -22,6 +24,7 @@ import argparse
 import dataclasses
 import gc
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -63,8 +66,10 @@ def config_names(compile_modes: tuple[bool, ...] = (False, True)) -> list[str]:
     return names
 
 
-def parse_name(name: str, smoke: bool) -> tuple[TrainConfig, str, bool, bool, str]:
-    """'lora4-te-fp16-cached-compile' -> (TrainConfig, method, compile?, cache?, note)."""
+def parse_name(name: str, smoke: bool, resolution: int | None = None, cpu: bool | None = None
+               ) -> tuple[TrainConfig, str, bool, bool, str]:
+    """'lora4-te-fp16-cached-compile' -> (TrainConfig, method, compile?, cache?, note).
+    resolution: default 512 (smoke 32); cpu: default = smoke (fp16 configs then run in bf16)."""
     parts = name.split("-")
     compiled = parts[-1] == "compile"
     parts = parts[:-1] if compiled else parts
@@ -73,11 +78,11 @@ def parse_name(name: str, smoke: bool) -> tuple[TrainConfig, str, bool, bool, st
         raise SystemExit(f"unknown config {name!r}: use one of `python benchmarks/bench_train.py --list`")
     method, precision, cached = "-".join(parts[:-2]), parts[-2], parts[-1] == "cached"
     note = ""
-    if smoke and precision == "fp16":  # accelerate runs fp16 on the CPU without autocast: use bf16 there
-        precision, note = "bf16", "smoke on CPU: fp16 config run in bf16"
+    if (smoke if cpu is None else cpu) and precision == "fp16":  # accelerate runs fp16 on the CPU without autocast
+        precision, note = "bf16", "on CPU: fp16 config run in bf16"
     cfg = TrainConfig(**COMMON, **METHODS[method], mixed_precision=precision, cache_latents=cached,
-                      compile="unet" if compiled else "off", resolution=common.image_side(smoke), checkpointing_steps=0,
-                      validation_steps=0)
+                      compile="unet" if compiled else "off", resolution=resolution or common.image_side(smoke),
+                      checkpointing_steps=0, validation_steps=0)
     return cfg, method, compiled, cached, note
 
 
@@ -114,8 +119,10 @@ def count_flops(state: train.TrainingState) -> float:
     return float(counter.get_total_flops())
 
 
-def run_config(name: str, smoke: bool, warmup: int, steps: int, count: bool = True) -> dict:
-    cfg, method, compiled, cached, note = parse_name(name, smoke)
+def run_config(name: str, smoke: bool, warmup: int, steps: int, count: bool = True, profile: int = 0,
+               resolution: int | None = None, cpu: bool = False) -> dict:
+    """Build, count FLOPs, warm up, time `steps` steps; then `profile` more steps under torch.profiler."""
+    cfg, method, compiled, cached, note = parse_name(name, smoke, resolution, cpu or smoke)
     with tempfile.TemporaryDirectory() as workdir:
         state = build_state(cfg, smoke, Path(workdir))
     device = state.accelerator.device
@@ -133,6 +140,9 @@ def run_config(name: str, smoke: bool, warmup: int, steps: int, count: bool = Tr
     common.synchronize(device)
     elapsed = time.perf_counter() - started
     steps_per_s = steps / elapsed
+    peaks = common.peak_memory_gb(device)  # before profiling, whose steps are not part of the steady state
+    first = warmup + steps + 1
+    profiled = common.profile_steps(lambda i: train.train_step(state, first + i), profile, device) if profile else {}
     env = common.environment(device)
     value, mfu_note = common.mfu(flops, steps_per_s, env["device"], cfg.mixed_precision) if flops else (None, "not counted")
     trainable = sum(p.numel() for p in state.params)
@@ -144,14 +154,15 @@ def run_config(name: str, smoke: bool, warmup: int, steps: int, count: bool = Tr
         warmup_steps=warmup, warmup_s=warmup_s, timed_steps=steps, timed_s=elapsed, steps_per_s=steps_per_s,
         images_per_s=steps_per_s * 2 * cfg.train_batch_size, losses_finite=all(map(math.isfinite, losses)),
         model_tflops_per_step=flops / 1e12 if flops else None, mfu=value, mfu_note=mfu_note,
-        **common.peak_memory_gb(device), **env,
+        **peaks, **profiled, **env,
     )
 
 
 def run_one_and_record(name: str, args) -> bool:
     """Child process: one config; a failure (OOM, compile error) becomes a record, not a lost run."""
     try:
-        record = run_config(name, args.smoke, args.warmup, args.steps, count=not args.no_flops)
+        record = run_config(name, args.smoke, args.warmup, args.steps, count=not args.no_flops, profile=args.profile,
+                            resolution=args.resolution, cpu=args.cpu)
     except Exception as err:  # noqa: BLE001 - every failure is a result to report
         traceback.print_exc()
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,9 +184,17 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="timed steps (default 20; smoke 2)")
     p.add_argument("--results", type=Path, help="JSON list to append to (default benchmarks/results/train[_smoke].json)")
     p.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting step (no MFU)")
+    p.add_argument("--profile", type=int, nargs="?", const=3, default=0, metavar="STEPS",
+                   help="after timing, profile STEPS more steps (default 3) with torch.profiler: operator calls, "
+                        "optimizer calls, kernel launches per step, GPU-busy share, top kernels / CPU ops")
+    p.add_argument("--resolution", type=int, help="training side in pixels (default 512; smoke 32)")
+    p.add_argument("--cpu", action="store_true",
+                   help="run the full-size architecture on the CPU (operator counts at a small --resolution)")
     p.add_argument("--list", action="store_true", help="print the config names and exit")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one config in this process
     args = p.parse_args(argv)
+    if args.cpu:  # before anything touches CUDA (torch initialises it lazily); children inherit it
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
     if args.list:
         print("\n".join(config_names(modes)))
@@ -183,17 +202,20 @@ def main(argv=None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 5)
     args.steps = args.steps if args.steps is not None else (2 if args.smoke else 20)
     args.results = args.results or common.default_results("train", args.smoke)
-    if args.warmup < 0 or args.steps < 1:
-        p.error(f"--warmup {args.warmup} must be >= 0 and --steps {args.steps} >= 1")
+    if args.warmup < 0 or args.steps < 1 or args.profile < 0:
+        p.error(f"--warmup {args.warmup} and --profile {args.profile} must be >= 0 and --steps {args.steps} >= 1")
     if args.one:
         return 0 if run_one_and_record(args.one, args) else RECORDED_FAILURE
-    if not args.smoke and not torch.cuda.is_available():
-        p.error("no CUDA device: the SD1.5-size benchmark needs a GPU; use --smoke for the CPU code-path check")
+    if not (args.smoke or args.cpu) and not torch.cuda.is_available():
+        p.error("no CUDA device: the SD1.5-size benchmark needs a GPU; use --smoke for the CPU code-path check "
+                "or --cpu --resolution 64 for operator counts")
     names = args.configs or (["full-fp16-cached", "lora4-te-fp16-uncached"] if args.smoke else config_names(modes))
     for name in names:
         parse_name(name, args.smoke)  # every name checked before the first (slow) run
     base = [sys.executable, str(Path(__file__).resolve()), "--warmup", str(args.warmup), "--steps", str(args.steps),
-            "--results", str(args.results)] + (["--smoke"] if args.smoke else []) + (["--no-flops"] if args.no_flops else [])
+            "--results", str(args.results), "--profile", str(args.profile)] + (["--smoke"] if args.smoke else []) \
+        + (["--no-flops"] if args.no_flops else []) + (["--cpu"] if args.cpu else []) \
+        + (["--resolution", str(args.resolution)] if args.resolution else [])
     failed = 0
     for name in names:
         done = subprocess.run(base + ["--one", name])

@@ -1,5 +1,6 @@
-"""Shared pieces of the benchmarks: the models (Stable Diffusion 1.5's architecture or the tiny one),
-the environment record, result files, the peak-TFLOP/s table behind MFU, and markdown tables.
+"""Shared pieces of the benchmarks: the models (Stable Diffusion 1.5's or XL's architecture, or the tiny
+one), the environment record, result files, the peak-TFLOP/s table behind MFU, the profiler summary
+(operator / kernel counts per step) and markdown tables.
 
 Weights are random: speed and memory do not depend on weight values, and nothing can be downloaded.
 
@@ -11,9 +12,12 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import re
 import shlex
 import subprocess
 import sys
+import time
+from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -21,8 +25,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the scripts run as `python benchmarks/x.py`, without installing the library
 
 import torch  # noqa: E402
-from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from diffusers import (  # noqa: E402
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from dreambooth_lib.tiny import TINY_WORDS, build_tiny_components, write_clip_tokenizer  # noqa: E402
 from dreambooth_lib.train import Models  # noqa: E402
@@ -61,29 +72,69 @@ SD15_TEXT = dict(  # CLIP ViT-L/14 text tower
 )
 SD15_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
+# Stable Diffusion XL base 1.0's published component configs (stabilityai/stable-diffusion-xl-base-1.0/*/config.json):
+# UNet 2,567,463,684 parameters, CLIP ViT-L text encoder 123,060,480 (SD1.5's text tower), OpenCLIP bigG text
+# encoder with projection 694,659,840, VAE 83,653,863 (SD1.5's architecture, another scaling factor; fp16 overflows).
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    cross_attention_dim=2048,  # 768 (ViT-L) + 1280 (bigG) penultimate hidden states, concatenated
+    addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,  # pooled bigG 1280 + 6 micro-conditioning ids x 256
+    norm_num_groups=32, flip_sin_to_cos=True, freq_shift=0,
+)
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+SDXL_TEXT = dict(SD15_TEXT)  # CLIP ViT-L/14 text tower
+SDXL_TEXT_2 = dict(  # OpenCLIP ViT-bigG/14 text tower + text projection
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+)
+
 
 def sd15_components(tokenizer: CLIPTokenizer) -> dict:
     """Random-weight SD1.5 UNet / VAE / CLIP text encoder, built on the current default device.
 
     The tokenizer only has to produce ids below 49408 in 77 positions: the tiny word-level one does.
     """
-    text = CLIPTextConfig(**SD15_TEXT, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                          pad_token_id=tokenizer.pad_token_id)
-    return dict(unet=UNet2DConditionModel(**SD15_UNET), vae=AutoencoderKL(**SD15_VAE), text_encoder=CLIPTextModel(text),
+    return dict(unet=UNet2DConditionModel(**SD15_UNET), vae=AutoencoderKL(**SD15_VAE),
+                text_encoder=CLIPTextModel(_text_config(SD15_TEXT, tokenizer)),
                 tokenizer=tokenizer,
                 scheduler=PNDMScheduler(**SD15_BETAS, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1))
 
 
-def build_components(smoke: bool, workdir: str | Path, device, seed: int = 0) -> dict:
-    """Pipeline components (unet, vae, text_encoder, tokenizer, scheduler) created directly on `device`:
-    random init on the GPU takes milliseconds where SD1.5 on the CPU takes many seconds."""
+def _text_config(values: dict, tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(**values, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                          pad_token_id=tokenizer.pad_token_id)
+
+
+def sdxl_components(tokenizer: CLIPTokenizer) -> dict:
+    """Random-weight SDXL base UNet / VAE / both text encoders, built on the current default device.
+    Both encoders read the tiny word-level tokenizer's ids (77 positions: the encoders' full work)."""
+    with torch.device("cpu"):  # the sampler keeps its sigmas on the CPU (whatever device the models are built on)
+        scheduler = EulerDiscreteScheduler(**SD15_BETAS, steps_offset=1, timestep_spacing="leading")
+    return dict(unet=UNet2DConditionModel(**SDXL_UNET), vae=AutoencoderKL(**SDXL_VAE),
+                text_encoder=CLIPTextModel(_text_config(SDXL_TEXT, tokenizer)),
+                text_encoder_2=CLIPTextModelWithProjection(_text_config(SDXL_TEXT_2, tokenizer)),
+                tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler)
+
+
+def build_components(smoke: bool, workdir: str | Path, device, seed: int = 0, family: str = "sd") -> dict:
+    """Pipeline components (unet, vae, text_encoder(s), tokenizer(s), scheduler) created directly on `device`:
+    random init on the GPU takes milliseconds where SD1.5 on the CPU takes many seconds.
+    family: "sd" (SD1.5 architecture) or "sdxl" (SDXL base 1.0 architecture)."""
+    if family not in ("sd", "sdxl"):
+        raise ValueError(f"unknown model family {family!r}: 'sd' or 'sdxl'")
     tok_dir = Path(workdir) / "tokenizer"
     tokenizer = write_clip_tokenizer(TINY_WORDS, tok_dir, model_max_length=16 if smoke else 77)
     torch.manual_seed(seed)
     with torch.device(device):
-        if smoke:
+        if smoke and family == "sd":
             return build_tiny_components(seed=seed, sample_size=16, tokenizer_dir=tok_dir)
-        return sd15_components(tokenizer)
+        if smoke:
+            raise NotImplementedError("no tiny SDXL model in dreambooth_lib.tiny yet (issue 13)")
+        return sd15_components(tokenizer) if family == "sd" else sdxl_components(tokenizer)
 
 
 def training_models(parts: dict) -> Models:
@@ -137,6 +188,96 @@ def mfu(flops_per_step: float, steps_per_s: float, device_name: str, dtype: str)
         known = ", ".join(PEAK_TFLOPS)
         return None, f"no {dtype} peak TFLOP/s for device {device_name!r} (table knows: {known})"
     return flops_per_step * steps_per_s / (peak * 1e12), f"peak {peak:g} TFLOP/s dense {dtype}"
+
+
+# --- profiling: where a step's time goes ------------------------------------------------------------
+
+# Dispatcher operators (aten::mm, bitsandbytes::optimizer_update_8bit_blockwise, ...): what Python and autograd
+# call; on a GPU almost every one that computes is at least one kernel launch. autograd:: / torch:: are nodes.
+OPERATOR = re.compile(r"^(?!autograd::|torch::)[a-z_][a-z0-9_]*::")
+KERNEL_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchCooperativeKernel", "cudaGraphLaunch")  # + Ex/ExC
+OPTIMIZER_STEP = "Optimizer.step#"  # torch.optim records each step() as "Optimizer.step#AdamW8bit.step"
+
+
+def profile_steps(step, steps: int, device, top: int = 10) -> dict:
+    """Run step(i) for i < steps under torch.profiler and summarise it (see profile_summary)."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = torch.device(device).type == "cuda"
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        started = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        synchronize(device)
+        wall = time.perf_counter() - started
+    return profile_summary(prof.events(), steps, wall, cuda, top)
+
+
+def _inside(event, prefix: str) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(prefix):
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def _busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals: time with at least one kernel running."""
+    busy, end_so_far = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > end_so_far:
+            busy += end - max(start, end_so_far)
+            end_so_far = end
+    return busy
+
+
+def profile_summary(events, steps: int, wall_s: float, cuda: bool, top: int = 10) -> dict:
+    """Per-step counts and top time sinks of profiled training steps.
+
+    operator_calls_per_step: dispatcher operators at any depth (the CPU proxy of kernel launches, held by CI);
+    optimizer_calls_per_step: operators the optimizer's step() calls directly (one per parameter tensor for
+    a per-tensor optimizer, a few for a fused / foreach one); optimizer_operator_calls_per_step: all operators
+    inside step(). With CUDA: kernel launches (host side, a CUDA-graph replay counts 1), device kernels, the
+    GPU-busy share of the profiled wall time (union of kernel intervals; profiler overhead included) and the
+    top kernels by device time; else those fields are None and top_cpu_ops (by self CPU time) stands in.
+    """
+    ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and OPERATOR.match(e.name)]
+    in_optimizer = [e for e in ops if _inside(e, OPTIMIZER_STEP)]
+    direct = [e for e in in_optimizer if not (e.cpu_parent and OPERATOR.match(e.cpu_parent.name))]
+    per = 1.0 / steps
+
+    def top_by(items, key):
+        total = Counter(), Counter()
+        for e in items:
+            total[0][e.name] += key(e)
+            total[1][e.name] += 1
+        return [dict(name=name[:120], ms_per_step=us * per / 1e3, calls_per_step=total[1][name] * per)
+                for name, us in total[0].most_common(top)]
+
+    record = dict(
+        profile_steps=steps, profiled_wall_s=wall_s,
+        operator_calls_per_step=len(ops) * per, optimizer_calls_per_step=len(direct) * per,
+        optimizer_operator_calls_per_step=len(in_optimizer) * per,
+        top_cpu_ops=top_by(ops, lambda e: e.self_cpu_time_total),
+        kernel_launches_per_step=None, optimizer_kernel_launches_per_step=None, device_kernels_per_step=None,
+        gpu_busy_share=None, top_kernels=None,
+        profile_note="torch.profiler; operator counts are per step, after warm-up" + (
+            "" if cuda else "; no CUDA device: kernel launches, GPU-busy share and top kernels are null"),
+    )
+    if cuda:
+        launches = [e for e in events if e.name.startswith(KERNEL_LAUNCHES)]
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        span = [e.time_range for e in events if e.time_range.end > e.time_range.start]
+        span_us = max(r.end for r in span) - min(r.start for r in span)
+        record.update(
+            kernel_launches_per_step=len(launches) * per,
+            optimizer_kernel_launches_per_step=sum(_inside(e, OPTIMIZER_STEP) for e in launches) * per,
+            device_kernels_per_step=len(kernels) * per,
+            gpu_busy_share=_busy_us([(e.time_range.start, e.time_range.end) for e in kernels]) / span_us,
+            top_kernels=top_by(kernels, lambda e: e.time_range.end - e.time_range.start),
+        )
+    return record
 
 
 # --- records ----------------------------------------------------------------------------------------

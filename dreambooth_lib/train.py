@@ -646,6 +646,7 @@ class TrainingState:
     last_checkpoint: Path | None = None  # named by the divergence error
     loss_fn: Callable = None  # noised_loss, or its torch.compile'd form (compile="step")
     memory_plan: memory.MemoryPlan | None = None  # what "auto" checkpointing / optimizer resolved to, and why
+    phase_s: dict[str, float] = field(default_factory=dict)  # seconds of set-up phases ("cache"), for summaries
 
 
 def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator, tokenizer: CLIPTokenizer,
@@ -717,6 +718,7 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
     # Data: latents encoded once (cache_latents); text embeddings once when the text encoder is frozen.
     instance_sizes = instance_sizes or square_sizes(instance_values)
     class_sizes = (class_sizes or square_sizes(class_values)) if with_prior else None
+    cache_started = time.perf_counter()
     if cfg.cache_latents:
         instance_values = cache_latents(models.vae, instance_values, cfg.seed)
         class_values = cache_latents(models.vae, class_values, cfg.seed + 1) if with_prior else None
@@ -727,7 +729,8 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
     state = TrainingState(cfg, accelerator, models, tokenizer, trained, unet,
                           trained[1] if cfg.train_text_encoder else models.text_encoder,
                           [p for g in groups for p in g["params"]], optimizer, lr_scheduler, dataset, text_cache,
-                          last_checkpoint=resume_from, loss_fn=loss_fn, memory_plan=plan)
+                          last_checkpoint=resume_from, loss_fn=loss_fn, memory_plan=plan,
+                          phase_s={"cache": time.perf_counter() - cache_started})
     if resume_from is not None:  # last: restores the global RNG exactly as it was after the checkpoint's step
         state.start_step, state.history = load_training_state(resume_from, optimizer, lr_scheduler)
     return state
@@ -796,6 +799,12 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     data.validate_config(cfg)  # every model-free check, before anything slow
     family = families.check(cfg)  # an unknown model or a setting it cannot take fails here, before any weights load
     started = time.time()
+    phase_s, lap = {}, [time.perf_counter()]
+
+    def phase(name: str) -> None:  # seconds since the previous phase ended, into summary["phase_s"]
+        now = time.perf_counter()
+        phase_s[name], lap[0] = phase_s.get(name, 0.0) + now - lap[0], now
+
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     info = log if main else (lambda *a, **k: None)
@@ -812,16 +821,24 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     instances = data.load_instance_images(cfg.instance_dir, cfg.resolution, cfg.use_captions)
     instance_prompts = data.instance_prompts_for(instances, cfg, identifier)
     with_prior = cfg.with_prior_preservation
+    phase("data")
     class_paths = class_image_paths(cfg, class_prompt, log=info) if with_prior else []
+    phase("class_images")
     image_gen = torch.Generator().manual_seed(cfg.seed)  # random crops
     inst_values, inst_sizes = pixels_and_sizes([im.image for im in instances], cfg, image_gen)
     inst_prompts = instance_prompts * (2 if cfg.random_flip else 1)
     cls_values, cls_sizes = pixels_and_sizes([Image.open(p).convert("RGB") for p in class_paths], cfg, image_gen)
 
+    phase("data")
     # 2. models, optimizer, caches (and the checkpoint when resuming).
-    state = prepare_training(cfg, models if models is not None else load_models(cfg), accelerator, tokenizer, inst_values, inst_prompts,
+    models = models if models is not None else load_models(cfg)
+    phase("load")
+    state = prepare_training(cfg, models, accelerator, tokenizer, inst_values, inst_prompts,
                              cls_values if with_prior else None, class_prompt if with_prior else None, resume_from, info,
                              inst_sizes, cls_sizes if with_prior else None)
+    phase("setup")
+    phase_s["setup"] -= state.phase_s["cache"]  # placement, LoRA, optimizer, accelerate.prepare, resume
+    phase_s["cache"] = state.phase_s["cache"]
     unet = state.trained[0]  # uncompiled: what checkpoints unwrap and save
     text_encoders = tuple(state.trained[1:]) if cfg.train_text_encoder else state.models.text_encoders
     val_prompts = [fill_prompt(p, identifier, cfg.class_noun) for p in cfg.validation_prompts] or [instance_prompt]
@@ -858,6 +875,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
 
     # 4. final weights + summary (main process only).
     accelerator.wait_for_everyone()
+    phase("train")  # the loop, checkpoints and validation grids included
     history = state.history
     summary = dict(
         config=cfg.to_dict(), identifier=identifier, instance_prompt=instance_prompt, class_prompt=class_prompt,
@@ -869,10 +887,11 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
         optimizer=optimizer_name(state.optimizer), memory_plan=state.memory_plan.to_dict(),
         gradient_checkpointing=state.memory_plan.gradient_checkpointing,
         trainable_parameters=n_params, device=str(accelerator.device),
-        num_processes=accelerator.num_processes, **peak_memory())
+        num_processes=accelerator.num_processes, **peak_memory(), phase_s=phase_s)
     if main:
         summary["weights"] = str(save_final(output_dir, accelerator.unwrap_model(unet),
                                             unwrap_all(accelerator, text_encoders), cfg))
+        phase("save")
         write_text_durably(output_dir / "summary.json", json.dumps(summary, indent=2))
         info(f"done: {step} steps, final loss {summary['final_loss']}, weights in {summary['weights']}")
     accelerator.wait_for_everyone()

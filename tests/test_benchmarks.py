@@ -38,6 +38,62 @@ def test_sd15_build_has_the_published_parameter_counts(bench, tmp_path):
     assert parts["tokenizer"].model_max_length == 77
 
 
+def test_sdxl_build_has_the_published_parameter_counts(bench, tmp_path):
+    common, _ = bench
+    parts = common.build_components(smoke=False, workdir=tmp_path, device="meta", family="sdxl")
+    counts = {k: sum(p.numel() for p in parts[k].parameters()) for k in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    assert counts == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+                      "text_encoder_2": 694_659_840}
+    assert parts["unet"].config.addition_embed_type == "text_time" and parts["unet"].config.cross_attention_dim == 2048
+    assert (parts["vae"].config.scaling_factor, parts["vae"].config.force_upcast) == (0.13025, True)
+    with pytest.raises(ValueError, match="unknown model family"):
+        common.build_components(smoke=False, workdir=tmp_path, device="meta", family="sd3")
+
+
+def test_profile_counts_operator_and_optimizer_calls_by_hand(bench):
+    """4 parameters: a per-tensor SGD step calls add_ 4 times, a foreach one calls _foreach_add_ once."""
+    common, _ = bench
+    params = [torch.nn.Parameter(torch.ones(3)) for _ in range(4)]
+    for foreach, direct, inside in ((False, 4, 4), (True, 1, 5)):  # foreach: 1 call, which runs 4 add_ on the CPU
+        optimizer = torch.optim.SGD(params, lr=0.1, foreach=foreach)
+
+        def step(_):
+            for p in params:
+                p.grad = torch.ones(3)  # aten::ones = aten::empty + aten::fill_
+            optimizer.step()
+
+        r = common.profile_steps(step, 2, "cpu")
+        assert (r["optimizer_calls_per_step"], r["optimizer_operator_calls_per_step"]) == (direct, inside)
+        assert r["operator_calls_per_step"] == 4 * 3 + inside and r["profile_steps"] == 2
+        assert r["kernel_launches_per_step"] is None and r["gpu_busy_share"] is None and "no CUDA" in r["profile_note"]
+        assert {"name": "aten::fill_", "calls_per_step": 4.0} in [
+            {k: op[k] for k in ("name", "calls_per_step")} for op in r["top_cpu_ops"]]
+    assert common._busy_us([(20, 30), (0, 10), (5, 15)]) == 25  # union of overlapping kernel intervals
+
+
+def test_op_count_regressions_are_flagged_above_the_margin(bench, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import op_counts
+    recorded = {"a": {"operator_calls_per_step": 1000, "optimizer_calls_per_step": 100, "optimizer_operator_calls_per_step": 200}}
+    same = {"a": dict(recorded["a"])}
+    assert op_counts.regressions(recorded, same, margin=0.05) == []
+    more = {"a": dict(recorded["a"], optimizer_calls_per_step=106)}  # 6 % more calls
+    assert op_counts.regressions(recorded, more, margin=0.05) == ["a: optimizer_calls_per_step 106 > recorded 100 + 5%"]
+    assert "no recorded baseline" in op_counts.regressions(recorded, {"b": same["a"]})[0]
+
+
+def test_training_step_operator_counts_do_not_exceed_the_recorded_baseline(bench, monkeypatch):
+    """The CPU proxy of GPU launch overhead (benchmarks/op_counts.py): the tiny model's training step may not
+    call more operators (or more optimizer operators) than benchmarks/results/op_counts.json records + margin.
+    After a deliberate change (a lever that removes calls), re-record: `python benchmarks/op_counts.py`."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import op_counts
+    recorded = json.loads(op_counts.RESULTS.read_text())["tiny"]
+    measured = op_counts.count_configs(list(recorded["counts"]))
+    problems = op_counts.regressions(recorded["counts"], measured)
+    assert not problems, f"{problems} (recorded with torch {recorded['environment']['torch']}, now {torch.__version__})"
+
+
 def test_mfu_uses_the_matching_dense_peak(bench):
     common, _ = bench
     value, note = common.mfu(2e12, 3.0, "NVIDIA H100 80GB HBM3", "bf16")
@@ -77,6 +133,8 @@ def test_config_matrix_and_names(bench):
     assert (cfg.mixed_precision, cfg.resolution, cfg.optimizer, cfg.gradient_checkpointing) == ("fp16", 512, "adamw8bit", True)
     smoke_cfg, *_, smoke_note = bench_train.parse_name("full-fp16-cached", smoke=True)
     assert (smoke_cfg.mixed_precision, smoke_cfg.resolution) == ("bf16", 32) and "bf16" in smoke_note
+    cpu_cfg, *_ = bench_train.parse_name("lora4-fp16-cached", smoke=False, resolution=64, cpu=True)
+    assert (cpu_cfg.mixed_precision, cpu_cfg.resolution) == ("bf16", 64)  # SD1.5's op counts on the CPU
     for bad in ("full-fp8-cached", "lora8-fp16-cached", "full-fp16", "full-fp16-cached-fast"):
         with pytest.raises(SystemExit, match="unknown config"):
             bench_train.parse_name(bad, smoke=False)
@@ -84,7 +142,8 @@ def test_config_matrix_and_names(bench):
 
 def test_bench_train_smoke(tmp_path):
     out = tmp_path / "train.json"
-    run_script("bench_train.py", "--results", str(out), "--configs", "full-fp16-cached", "lora4-te-fp16-uncached")
+    run_script("bench_train.py", "--results", str(out), "--configs", "full-fp16-cached", "lora4-te-fp16-uncached",
+               "--profile", "1")
     full, lora = json.loads(out.read_text())
     assert [full["config"], lora["config"]] == ["full-fp16-cached", "lora4-te-fp16-uncached"]
     for r in (full, lora):
@@ -94,6 +153,10 @@ def test_bench_train_smoke(tmp_path):
         assert r["optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit" and r["mixed_precision"] == "bf16"
         assert f"--one {r['config']}" in r["command"]
     assert (full["cached"], lora["cached"]) == (True, False)
+    # --profile: operator counts on the CPU; the GPU-only fields are null and say why
+    assert full["profile_steps"] == 1 and full["optimizer_calls_per_step"] > lora["optimizer_calls_per_step"] > 0
+    assert lora["operator_calls_per_step"] > lora["optimizer_operator_calls_per_step"] > 0
+    assert full["top_cpu_ops"][0]["ms_per_step"] > 0 and full["top_kernels"] is None and "no CUDA" in full["profile_note"]
     assert full["trainable_parameters"] == 52_004  # the whole tiny UNet (train.py reports the same count)
     assert 0 < lora["trainable_parameters"] < full["trainable_parameters"]
     # The uncached step also runs the VAE encoder and the text encoder.
@@ -116,4 +179,7 @@ def test_bench_e2e_smoke(tmp_path):
     (r,) = json.loads(out.read_text())
     assert r["status"] == "ok" and (r["class_images"], r["train_steps"]) == (2, 3)
     assert r["total_s"] == pytest.approx(r["class_images_s"] + r["train_s"])
+    assert list(r["phase_s"]) == ["class_images", "data", "load", "setup", "cache", "train", "save"]
+    assert r["phase_s"]["class_images"] == r["class_images_s"] and r["class_images_per_s"] == 2 / r["class_images_s"]
+    assert sum(r["phase_s"].values()) == pytest.approx(r["total_s"], abs=0.1)  # the phases cover the wall clock
     assert r["optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit" and torch.isfinite(torch.tensor(r["final_loss"]))

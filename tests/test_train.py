@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -346,8 +347,17 @@ def test_seconds_per_step_excludes_the_first_step_and_checkpoints(tiny_model_dir
     real_step, real_save = T.train_step, T.save_checkpoint
     monkeypatch.setattr(T, "train_step", lambda state, step: (step == 0 and time.sleep(0.5)) or real_step(state, step))
     monkeypatch.setattr(T, "save_checkpoint", lambda *a, **k: time.sleep(0.5) or real_save(*a, **k))
+    real_cache, real_final = T.cache_text_embeddings, T.save_final
+    monkeypatch.setattr(T, "cache_text_embeddings", lambda *a: time.sleep(0.3) or real_cache(*a))
+    monkeypatch.setattr(T, "save_final", lambda *a: time.sleep(0.3) or real_final(*a))
     cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, max_train_steps=3, checkpointing_steps=1)
     summary = T.train(cfg, progress=False)
+    # The phases (bench_e2e.py reports them) add up to the wall time, each sleep in its own phase.
+    phases = summary["phase_s"]
+    assert list(phases) == ["data", "class_images", "load", "setup", "cache", "train", "save"]
+    assert phases["train"] > 2.0 and 0.3 < phases["cache"] < 1.0 and 0.3 < phases["save"] and phases["setup"] >= 0
+    assert sum(phases.values()) - phases["save"] == pytest.approx(summary["wall_time_s"], abs=0.05)
+    assert json.loads((tmp_path / "summary.json").read_text())["phase_s"]["save"] == phases["save"]
     assert summary["wall_time_s"] > 2.0 and summary["seconds_per_step"] < 0.25
     assert summary["peak_memory_reserved_mb"] is None  # CPU: only the process peak RSS
 
