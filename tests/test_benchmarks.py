@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,44 @@ def test_bench_e2e_smoke(tmp_path):
     assert r["phase_s"]["class_images"] == r["class_images_s"] and r["class_images_per_s"] == 2 / r["class_images_s"]
     assert sum(r["phase_s"].values()) == pytest.approx(r["total_s"], abs=0.1)  # the phases cover the wall clock
     assert r["optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit" and torch.isfinite(torch.tensor(r["final_loss"]))
+
+
+def test_gpu_check_kills_a_part_at_its_time_box_children_included(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_check
+    pid_file = tmp_path / "grandchild.pid"
+    grandchild = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {grandchild!r}])"
+    slow = gpu_check.Part("slow", 1, 1, [[sys.executable, "-c", child], [sys.executable, "-c", "print('never')"]])
+    record = gpu_check.run_part(slow, limit=3, log=lambda m: None)
+    assert record["status"].startswith("timeout") and record["seconds"] < 10
+    stat = Path(f"/proc/{pid_file.read_text()}/stat")  # the whole process group went, not just the direct child
+    for _ in range(50):  # (a zombie waiting for a reaper counts as gone)
+        if not stat.exists() or stat.read_text().split(")")[1].split()[0] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the part's grandchild {pid_file.read_text()} still runs after the time box")
+    failing = gpu_check.Part("bad", 1, 1, [[sys.executable, "-c", "raise SystemExit(3)"]])
+    assert gpu_check.run_part(failing, limit=30, log=lambda m: None)["status"] == "failed: exit code 3"
+
+
+def test_gpu_check_sets_ours_beside_diffusers_from_one_run(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import gpu_check
+    (tmp_path / "train.json").write_text(json.dumps([
+        {"config": "full-fp16-cached", "status": "ok", "method": "full", "steps_per_s": 9.0, "peak_allocated_gb": 9.5},
+        {"config": "lora4-fp16-cached", "status": "ok", "method": "lora4", "steps_per_s": 6.0},
+        {"config": "full-bf16-cached", "status": "failed: OutOfMemoryError"}]))
+    (tmp_path / "diffusers_full.json").write_text(json.dumps({"script": "train_dreambooth.py", "steps_per_s": 3.0}))
+    rows = gpu_check.side_by_side(tmp_path)  # no diffusers_lora.json: that ratio is unknown, not invented
+    assert [(r["ours"], r.get("speedup")) for r in rows] == [("full-fp16-cached", 3.0), ("lora4-fp16-cached", None),
+                                                             ("full-bf16-cached", None)]
+    assert rows[2]["status"].startswith("failed")
+    # The GPU command lines are the H200 table's (anchors README): same flags, 25 steps, warm-up 5.
+    parts = {p.name: p for p in gpu_check.parts("python3", tmp_path, tmp_path, tmp_path / "anchors", smoke=False)}
+    full = parts["diffusers_full"].commands[0]
+    assert full[2:4] == [str(tmp_path / "diffusers_full.json"), "5"] and full[4].endswith("train_dreambooth.py")
+    assert {"--gradient_checkpointing", "--use_8bit_adam", "--mixed_precision=fp16", "--resolution=512",
+            "--max_train_steps=25", "--with_prior_preservation", "--learning_rate=5e-6"} <= set(full)
+    assert "--rank=4" in parts["diffusers_lora"].commands[0]

@@ -1,0 +1,207 @@
+"""The one GPU check of issues 11 and 13: our configs beside diffusers' scripts, time-boxed, JSON to --out.
+
+    bash benchmarks/gpu_check.sh                       # on the GPU machine (installs the carried wheels first)
+    bash benchmarks/gpu_check.sh --smoke               # CPU rehearsal: tiny models, the same parts and files
+    python benchmarks/gpu_check.py --out DIR --parts diffusers_full train_sd15   # some parts only
+
+Parts run in the order of PARTS (most important first), each in its own process(es) under a time box
+(`timeout`, or what is left of --budget, whichever is less), so one slow part cannot eat the rest; a part
+that runs out of time or fails is recorded as such and the next one starts. Every part writes its own
+JSON records into --out (bench_train / bench_e2e / bench_generate records, timed.py records for diffusers'
+scripts); gpu_check.json lists the parts (status, seconds, commands) and the side-by-side ratios.
+
+diffusers' example scripts come from the anchors folder (--anchors, default `.anchors/`, a git-ignored
+copy of ../shared/bench-anchors carried to the GPU machine): `timed.py` times each of their steps from
+outside, with the flags the 2026-11-27 H200 table used; on the CPU `cpu-dry-run/dry.py` runs them without
+torchvision. This file only orchestrates: every number comes from the benchmark scripts themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+
+# Ours, SD1.5 architecture (bench_train.py names): today's defaults first, the issue-11 modes when they exist.
+TRAIN_SD15 = ["full-fp16-cached", "lora4-fp16-cached"]
+TRAIN_SMOKE = ["full-fp16-cached", "lora4-fp16-cached"]
+E2E_CONFIG = "full-fp16-cached"
+
+
+def anchor_args(inputs: Path, smoke: bool, out_dir: Path) -> list[str]:
+    """diffusers' flags behind the H200 table (anchors README), on our inputs; CPU: 32 px, fp32, 4 steps."""
+    side, precision, steps = (32, "no", 4) if smoke else (512, "fp16", 25)
+    return [f"--pretrained_model_name_or_path={inputs / 'model'}", f"--instance_data_dir={inputs / 'photos'}",
+            "--instance_prompt=a photo of sks dog", f"--class_data_dir={inputs / 'class'}",
+            "--class_prompt=a photo of dog", "--with_prior_preservation", "--prior_loss_weight=1.0",
+            "--num_class_images=4", f"--resolution={side}", "--train_batch_size=1", "--gradient_accumulation_steps=1",
+            "--gradient_checkpointing", "--use_8bit_adam", f"--mixed_precision={precision}", "--lr_scheduler=constant",
+            "--lr_warmup_steps=0", f"--max_train_steps={steps}", "--seed=0", f"--output_dir={out_dir}"]
+
+
+@dataclass
+class Part:
+    name: str
+    timeout: float  # seconds on the GPU
+    smoke_timeout: float  # seconds on the 2-core CPU
+    commands: list[list[str]] = field(default_factory=list)
+
+
+def parts(py: str, out: Path, work: Path, anchors: Path, smoke: bool) -> list[Part]:
+    smoke_flag = ["--smoke"] if smoke else []
+    inputs = work / "sd15"
+    if smoke:  # the anchors' CPU wrapper: diffusers' scripts without torchvision
+        timed = [py, str(anchors / "cpu-dry-run" / "dry.py"), str(anchors / "timed.py")]
+        warmup = "1"
+    else:
+        timed, warmup = [py, str(anchors / "timed.py")], "5"
+    examples = anchors / "diffusers-examples"
+    train_args = ["--warmup", "1", "--steps", "2", "--profile", "1"] if smoke else \
+        ["--warmup", "3", "--steps", "10", "--profile", "2"]
+    return [
+        Part("inputs", 90, 120, [[py, str(BENCH / "gpu_check.py"), "--make-inputs", str(inputs), *smoke_flag]]),
+        Part("train_sd15", 150, 300, [[py, str(BENCH / "bench_train.py"), *smoke_flag, *train_args,
+                                       "--results", str(out / "train.json"),
+                                       "--configs", *(TRAIN_SMOKE if smoke else TRAIN_SD15)]]),
+        Part("diffusers_full", 75, 240, [[*timed, str(out / "diffusers_full.json"), warmup,
+                                          str(examples / "train_dreambooth.py"),
+                                          *anchor_args(inputs, smoke, work / "diffusers_full"),
+                                          "--learning_rate=5e-6"]]),
+        Part("diffusers_lora", 60, 240, [[*timed, str(out / "diffusers_lora.json"), warmup,
+                                          str(examples / "train_dreambooth_lora.py"),
+                                          *anchor_args(inputs, smoke, work / "diffusers_lora"),
+                                          "--learning_rate=1e-4", "--rank=4"]]),
+        Part("class_images", 45, 120, [[py, str(BENCH / "bench_generate.py"), *smoke_flag,
+                                        "--results", str(out / "generate.json")]
+                                       + ([] if smoke else ["--precisions", "fp16", "--batch-sizes", "8", "16",
+                                                            "--images", "32", "--steps", "25"])]),
+        Part("e2e", 150, 240, [[py, str(BENCH / "bench_e2e.py"), *smoke_flag, "--config", E2E_CONFIG,
+                                "--results", str(out / "e2e.json")] + ([] if smoke else ["--model-dir",
+                                                                                         str(inputs / "model")])]),
+    ]
+
+
+def make_inputs(folder: Path, smoke: bool) -> None:
+    """A random pipeline folder (bench_e2e's), 5 "photos" and 4 class images (diffusers then generates none)."""
+    sys.path.insert(0, str(BENCH))
+    from bench_e2e import ensure_model, write_photos
+    side = 32 if smoke else 512
+    print(f"model folder: {ensure_model(folder / 'model', smoke):.1f} s")
+    write_photos(folder / "photos", 5, side)
+    write_photos(folder / "class", 4, side, seed=1)
+
+
+def run_part(part: Part, limit: float, log) -> dict:
+    """Run a part's commands in order within `limit` seconds; the record says how it ended."""
+    started = time.perf_counter()
+    status = "ok"
+    for command in part.commands:
+        left = limit - (time.perf_counter() - started)
+        if left <= 0:
+            status = f"timeout: out of its {limit:.0f} s box"
+            break
+        log(f"[{part.name}] {shlex.join(command)}  (box {left:.0f} s)")
+        # Own process group: a timeout also ends the children (bench_train runs one process per config).
+        proc = subprocess.Popen(command, start_new_session=True)
+        try:
+            code = proc.wait(timeout=left)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status = f"timeout: killed after its {limit:.0f} s box"
+            break
+        if code != 0:
+            status = f"failed: exit code {code}"
+            break
+    return dict(part=part.name, status=status, seconds=time.perf_counter() - started, box_s=limit,
+                commands=[shlex.join(c) for c in part.commands])
+
+
+def load(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def side_by_side(out: Path) -> list[dict]:
+    """Each of our train records beside diffusers' script for the same job (full or LoRA), from this run."""
+    anchors = {"full": load(out / "diffusers_full.json"), "lora": load(out / "diffusers_lora.json")}
+    rows = []
+    for r in load(out / "train.json") or []:
+        if r.get("status") != "ok":
+            rows.append(dict(ours=r["config"], status=r.get("status")))
+            continue
+        ref = anchors["lora" if r["method"].startswith("lora") else "full"]
+        ratio = r["steps_per_s"] / ref["steps_per_s"] if ref and ref.get("steps_per_s") else None
+        rows.append(dict(ours=r["config"], steps_per_s=r["steps_per_s"], peak_allocated_gb=r.get("peak_allocated_gb"),
+                         mfu=r.get("mfu"), gpu_busy_share=r.get("gpu_busy_share"),
+                         kernel_launches_per_step=r.get("kernel_launches_per_step"),
+                         diffusers=ref and ref.get("script"), diffusers_steps_per_s=ref and ref.get("steps_per_s"),
+                         diffusers_peak_allocated_gb=ref and ref.get("peak_allocated_gb"), speedup=ratio))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=False, help="folder for every JSON record ($OUT on the GPU machine)")
+    p.add_argument("--smoke", action="store_true", help="CPU rehearsal on tiny models (diffusers via cpu-dry-run)")
+    p.add_argument("--parts", nargs="+", help="run only these parts, in PARTS order (default: all)")
+    p.add_argument("--budget", type=float, help="seconds for all parts together (default 450; smoke 1800)")
+    p.add_argument("--anchors", type=Path, default=REPO / ".anchors", help="copy of ../shared/bench-anchors")
+    p.add_argument("--work", type=Path, help="scratch folder for models and runs (default /tmp/gpu_check)")
+    p.add_argument("--make-inputs", type=Path, help=argparse.SUPPRESS)  # internal: the "inputs" part
+    args = p.parse_args(argv)
+    if args.make_inputs:
+        make_inputs(args.make_inputs, args.smoke)
+        return 0
+    if args.out is None:
+        p.error("--out is required")
+    if not (args.anchors / "timed.py").is_file():
+        p.error(f"no {args.anchors}/timed.py: copy ../shared/bench-anchors to .anchors/ (and carry it) or pass --anchors")
+    budget = args.budget or (1800 if args.smoke else 450)
+    work = args.work or Path("/tmp/gpu_check")
+    args.out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    all_parts = parts(py, args.out, work, args.anchors.resolve(), args.smoke)
+    names = [x.name for x in all_parts]
+    unknown = sorted(set(args.parts or []) - set(names))
+    if unknown:
+        p.error(f"unknown parts {unknown}: choose from {names}")
+    chosen = [x for x in all_parts if not args.parts or x.name in args.parts]
+    for stale in ("train.json", "e2e.json", "generate.json", "diffusers_full.json", "diffusers_lora.json"):
+        (args.out / stale).unlink(missing_ok=True)  # one run's records only: ratios never mix two runs
+
+    def log(msg):
+        print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+    started, records = time.perf_counter(), []
+    for part in chosen:
+        left = budget - (time.perf_counter() - started)
+        box = part.smoke_timeout if args.smoke else part.timeout
+        if left < 10:
+            records.append(dict(part=part.name, status=f"skipped: {budget:.0f} s budget spent", seconds=0.0))
+            continue
+        records.append(run_part(part, min(box, left), log))
+        log(f"[{part.name}] {records[-1]['status']} in {records[-1]['seconds']:.0f} s")
+    summary = dict(kind="gpu_check", smoke=args.smoke, budget_s=budget, total_s=time.perf_counter() - started,
+                   time_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   command=shlex.join(["python", *sys.argv]), parts=records, side_by_side=side_by_side(args.out))
+    (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
+    for row in summary["side_by_side"]:
+        log(json.dumps(row))
+    log(f"done in {summary['total_s']:.0f} s; records in {args.out}")
+    return 0 if all(r["status"] == "ok" for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
