@@ -2,6 +2,7 @@
 
     python benchmarks/bench_e2e.py                            # 200 class images + 800 steps, SD1.5 architecture, 512 px
     python benchmarks/bench_e2e.py --config lora4-fp16-cached
+    python benchmarks/bench_e2e.py --config sdxl-lora4-fp16-cached --class-images 50 --train-steps 200   # SDXL, 1024 px
     python benchmarks/bench_e2e.py --smoke                    # tiny model on the CPU, a few images and steps (CI)
 
 A random-weight pipeline folder is saved once (SD1.5: ~4.3 GB fp32 in --model-dir, reused by later runs;
@@ -33,17 +34,22 @@ from PIL import Image
 from dreambooth_lib import data, train
 from dreambooth_lib.tiny import save_tiny_pipeline
 
-DEFAULT_SD15_DIR = Path(tempfile.gettempdir()) / "dreambooth_bench_sd15"
+DEFAULT_MODEL_DIRS = {"sd": Path(tempfile.gettempdir()) / "dreambooth_bench_sd15",
+                      "sdxl": Path(tempfile.gettempdir()) / "dreambooth_bench_sdxl"}
 
 
-def ensure_model(folder: Path, smoke: bool) -> float:
-    """Save a random pipeline folder unless one is there; returns seconds spent."""
+def ensure_model(folder: Path, smoke: bool, family: str = "sd") -> float:
+    """Save a random pipeline folder (SD1.5 or SDXL architecture; tiny with smoke) unless one is there;
+    returns seconds spent."""
     started = time.perf_counter()
-    if smoke:
+    if smoke and family == "sd":
         save_tiny_pipeline(folder)
+    elif smoke:
+        from dreambooth_lib.tiny import save_tiny_sdxl_pipeline
+        save_tiny_sdxl_pipeline(folder)
     elif not (folder / "model_index.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        parts = common.build_components(False, folder, "cuda")
+        parts = common.build_components(False, folder, "cuda", family=family)
         common.pipeline(parts).save_pretrained(folder, safe_serialization=True)  # writes tokenizer/ over the draft
         del parts
         torch.cuda.empty_cache()
@@ -64,7 +70,8 @@ def main(argv=None) -> int:
     p.add_argument("--class-images", type=int, help="default 200 (smoke 2)")
     p.add_argument("--train-steps", type=int, help="default 800 (smoke 3)")
     p.add_argument("--class-batch-size", type=int, help="class-image batch size (default 8; smoke 2)")
-    p.add_argument("--model-dir", type=Path, default=DEFAULT_SD15_DIR, help="where the random SD1.5 folder is kept")
+    p.add_argument("--model-dir", type=Path, help="where the random pipeline folder is kept (default "
+                   f"{DEFAULT_MODEL_DIRS['sd']}, SDXL: {DEFAULT_MODEL_DIRS['sdxl']})")
     p.add_argument("--results", type=Path, help="JSON list to append to (default benchmarks/results/e2e[_smoke].json)")
     args = p.parse_args(argv)
     cfg, *_, note = parse_name(args.config, args.smoke)
@@ -76,8 +83,9 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as workdir:
         work = Path(workdir)
-        model_dir = work / "tiny" if args.smoke else args.model_dir
-        build_s = ensure_model(model_dir, args.smoke)
+        family = cfg.model_family
+        model_dir = work / "tiny" if args.smoke else args.model_dir or DEFAULT_MODEL_DIRS[family]
+        build_s = ensure_model(model_dir, args.smoke, family)
         write_photos(work / "photos", 5, cfg.resolution)
         cfg.pretrained_model, cfg.instance_dir, cfg.output_dir = str(model_dir), str(work / "photos"), str(work / "run")
         cfg.identifier, cfg.num_class_images, cfg.max_train_steps = "sks", n_class, steps

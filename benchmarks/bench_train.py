@@ -53,6 +53,9 @@ METHODS = {
 COMMON = dict(optimizer="adamw8bit", gradient_checkpointing=True, with_prior_preservation=True, class_noun="dog",
               train_batch_size=1, prior_loss_weight=1.0, seed=0)
 PRECISIONS = {"full": ("fp16", "bf16")}  # the rest: fp16 only
+# SDXL base 1.0's architecture at 1024 px (issue 13): LoRA r4 and the full UNet (8-bit AdamW), fp16 and bf16, cached.
+SDXL = "sdxl-"
+SDXL_CONFIGS = [f"{SDXL}{m}-{p}-cached" for m in ("lora4", "full") for p in ("fp16", "bf16")]
 RECORDED_FAILURE = 3  # exit code of a child that wrote its failure into the results
 
 
@@ -63,14 +66,18 @@ def config_names(compile_modes: tuple[bool, ...] = (False, True)) -> list[str]:
             for cached in ("cached", "uncached"):
                 for compiled in compile_modes:
                     names.append(f"{method}-{precision}-{cached}{'-compile' if compiled else ''}")
-    return names
+    return names + SDXL_CONFIGS
 
 
 def parse_name(name: str, smoke: bool, resolution: int | None = None, cpu: bool | None = None
                ) -> tuple[TrainConfig, str, bool, bool, str]:
-    """'lora4-te-fp16-cached-compile' -> (TrainConfig, method, compile?, cache?, note).
-    resolution: default 512 (smoke 32); cpu: default = smoke (fp16 configs then run in bf16)."""
-    parts = name.split("-")
+    """'lora4-te-fp16-cached-compile' -> (TrainConfig, method, compile?, cache?, note); an 'sdxl-' prefix
+    selects SDXL's architecture (TrainConfig.model_family). resolution: default the family's native side
+    (SD1.5 512, SDXL 1024; smoke 32); cpu: default = smoke (fp16 configs then run in bf16)."""
+    family = "sdxl" if name.startswith(SDXL) else "sd"
+    if family == "sdxl" and name not in SDXL_CONFIGS:
+        raise SystemExit(f"unknown config {name!r}: the SDXL ones are {SDXL_CONFIGS}")
+    parts = name.removeprefix(SDXL).split("-")
     compiled = parts[-1] == "compile"
     parts = parts[:-1] if compiled else parts
     if len(parts) < 3 or parts[-1] not in ("cached", "uncached") or "-".join(parts[:-2]) not in METHODS \
@@ -81,15 +88,15 @@ def parse_name(name: str, smoke: bool, resolution: int | None = None, cpu: bool 
     if (smoke if cpu is None else cpu) and precision == "fp16":  # accelerate runs fp16 on the CPU without autocast
         precision, note = "bf16", "on CPU: fp16 config run in bf16"
     cfg = TrainConfig(**COMMON, **METHODS[method], mixed_precision=precision, cache_latents=cached,
-                      compile="unet" if compiled else "off", resolution=resolution or common.image_side(smoke),
-                      checkpointing_steps=0, validation_steps=0)
+                      compile="unet" if compiled else "off", resolution=resolution or common.image_side(smoke, family),
+                      checkpointing_steps=0, validation_steps=0, model_family=family)
     return cfg, method, compiled, cached, note
 
 
 def build_state(cfg: TrainConfig, smoke: bool, workdir: Path, n_images: int = 4) -> train.TrainingState:
     """Random-weight models and pixels through the library's own train.prepare_training (as train() does)."""
     accelerator = train.make_accelerator(cfg)
-    parts = common.build_components(smoke, workdir, accelerator.device, cfg.seed)
+    parts = common.build_components(smoke, workdir, accelerator.device, cfg.seed, family=cfg.model_family)
     # Random pixels stand in for photos and class images: the values do not change the work.
     gen = torch.Generator().manual_seed(cfg.seed)
     side = cfg.resolution

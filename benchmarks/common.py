@@ -28,9 +28,11 @@ import torch  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
     DDPMScheduler,
+    DiffusionPipeline,
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
@@ -133,24 +135,31 @@ def build_components(smoke: bool, workdir: str | Path, device, seed: int = 0, fa
         if smoke and family == "sd":
             return build_tiny_components(seed=seed, sample_size=16, tokenizer_dir=tok_dir)
         if smoke:
-            raise NotImplementedError("no tiny SDXL model in dreambooth_lib.tiny yet (issue 13)")
+            from dreambooth_lib.tiny import build_tiny_sdxl_components
+            return build_tiny_sdxl_components(seed=seed, sample_size=16, tokenizer_dir=tok_dir)
         return sd15_components(tokenizer) if family == "sd" else sdxl_components(tokenizer)
 
 
 def training_models(parts: dict) -> Models:
     """The library's Models bundle, frozen like train.load_models leaves them (the caller unfreezes)."""
-    for name in ("unet", "vae", "text_encoder"):
+    sdxl = "text_encoder_2" in parts
+    for name in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if sdxl else ()):
         parts[name].requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
-    return Models(parts["text_encoder"], parts["vae"], parts["unet"], noise_scheduler)
+    return Models(parts["text_encoder"], parts["vae"], parts["unet"], noise_scheduler,
+                  text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"),
+                  family="sdxl" if sdxl else "sd")
 
 
-def pipeline(parts: dict) -> StableDiffusionPipeline:
+def pipeline(parts: dict) -> DiffusionPipeline:
+    if "text_encoder_2" in parts:
+        return StableDiffusionXLPipeline(**parts, add_watermarker=False)
     return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-def image_side(smoke: bool) -> int:
-    return 32 if smoke else 512  # the tiny VAE downsamples 2x (16x16 latents), SD's 8x (64x64)
+def image_side(smoke: bool, family: str = "sd") -> int:
+    """Native side: tiny models 32 px (2x VAE, 16x16 latents); SD1.5 512 and SDXL 1024 (8x VAE)."""
+    return 32 if smoke else {"sd": 512, "sdxl": 1024}[family]
 
 
 # --- measuring --------------------------------------------------------------------------------------

@@ -37,11 +37,13 @@ REPO = BENCH.parent
 TRAIN_SD15 = ["full-fp16-cached", "lora4-fp16-cached"]
 TRAIN_SMOKE = ["full-fp16-cached", "lora4-fp16-cached"]
 E2E_CONFIG = "full-fp16-cached"
+# Ours, SDXL architecture at 1024 px (issue 13): LoRA r4 and full with 8-bit AdamW, fp16 first.
+TRAIN_SDXL = ["sdxl-lora4-fp16-cached", "sdxl-full-fp16-cached", "sdxl-lora4-bf16-cached", "sdxl-full-bf16-cached"]
 
 
-def anchor_args(inputs: Path, smoke: bool, out_dir: Path) -> list[str]:
+def anchor_args(inputs: Path, smoke: bool, out_dir: Path, side: int = 512) -> list[str]:
     """diffusers' flags behind the H200 table (anchors README), on our inputs; CPU: 32 px, fp32, 4 steps."""
-    side, precision, steps = (32, "no", 4) if smoke else (512, "fp16", 25)
+    side, precision, steps = (32, "no", 4) if smoke else (side, "fp16", 25)
     return [f"--pretrained_model_name_or_path={inputs / 'model'}", f"--instance_data_dir={inputs / 'photos'}",
             "--instance_prompt=a photo of sks dog", f"--class_data_dir={inputs / 'class'}",
             "--class_prompt=a photo of dog", "--with_prior_preservation", "--prior_loss_weight=1.0",
@@ -60,7 +62,7 @@ class Part:
 
 def parts(py: str, out: Path, work: Path, anchors: Path, smoke: bool) -> list[Part]:
     smoke_flag = ["--smoke"] if smoke else []
-    inputs = work / "sd15"
+    inputs, inputs_xl = work / "sd15", work / "sdxl"
     if smoke:  # the anchors' CPU wrapper: diffusers' scripts without torchvision
         timed = [py, str(anchors / "cpu-dry-run" / "dry.py"), str(anchors / "timed.py")]
         warmup = "1"
@@ -86,18 +88,30 @@ def parts(py: str, out: Path, work: Path, anchors: Path, smoke: bool) -> list[Pa
                                         "--results", str(out / "generate.json")]
                                        + ([] if smoke else ["--precisions", "fp16", "--batch-sizes", "8", "16",
                                                             "--images", "32", "--steps", "25"])]),
-        Part("e2e", 150, 240, [[py, str(BENCH / "bench_e2e.py"), *smoke_flag, "--config", E2E_CONFIG,
+        # SDXL (issue 13): its random folder is ~13 GB in fp32, written only for diffusers' script.
+        Part("train_sdxl", 150, 300, [[py, str(BENCH / "bench_train.py"), *smoke_flag, "--results",
+                                       str(out / "train_sdxl.json"), "--configs", *TRAIN_SDXL]
+                                      + (["--warmup", "1", "--steps", "2"] if smoke else ["--warmup", "2", "--steps", "6"])]),
+        Part("sdxl_inputs", 90, 120, [[py, str(BENCH / "gpu_check.py"), "--make-inputs", str(inputs_xl),
+                                       "--family", "sdxl", *smoke_flag]]),
+        Part("diffusers_sdxl_lora", 120, 240, [[*timed, str(out / "diffusers_sdxl_lora.json"), warmup,
+                                                str(examples / "train_dreambooth_lora_sdxl.py"),
+                                                *anchor_args(inputs_xl, smoke, work / "diffusers_sdxl_lora", 1024),
+                                                "--learning_rate=1e-4", "--rank=4"]]),
+        # Last: 200 class images + 800 steps take minutes before the levers; whatever budget is left.
+        Part("e2e", 150, 300, [[py, str(BENCH / "bench_e2e.py"), *smoke_flag, "--config", E2E_CONFIG,
                                 "--results", str(out / "e2e.json")] + ([] if smoke else ["--model-dir",
                                                                                          str(inputs / "model")])]),
     ]
 
 
-def make_inputs(folder: Path, smoke: bool) -> None:
+def make_inputs(folder: Path, smoke: bool, family: str) -> None:
     """A random pipeline folder (bench_e2e's), 5 "photos" and 4 class images (diffusers then generates none)."""
     sys.path.insert(0, str(BENCH))
     from bench_e2e import ensure_model, write_photos
-    side = 32 if smoke else 512
-    print(f"model folder: {ensure_model(folder / 'model', smoke):.1f} s")
+    from common import image_side
+    side = image_side(smoke, family)
+    print(f"model folder: {ensure_model(folder / 'model', smoke, family):.1f} s")
     write_photos(folder / "photos", 5, side)
     write_photos(folder / "class", 4, side, seed=1)
 
@@ -134,13 +148,15 @@ def load(path: Path):
 
 def side_by_side(out: Path) -> list[dict]:
     """Each of our train records beside diffusers' script for the same job (full or LoRA), from this run."""
-    anchors = {"full": load(out / "diffusers_full.json"), "lora": load(out / "diffusers_lora.json")}
+    anchors = {"full": load(out / "diffusers_full.json"), "lora": load(out / "diffusers_lora.json"),
+               "sdxl-lora": load(out / "diffusers_sdxl_lora.json"), "sdxl-full": None}  # diffusers has no full SDXL script
     rows = []
-    for r in load(out / "train.json") or []:
+    for r in (load(out / "train.json") or []) + (load(out / "train_sdxl.json") or []):
         if r.get("status") != "ok":
             rows.append(dict(ours=r["config"], status=r.get("status")))
             continue
-        ref = anchors["lora" if r["method"].startswith("lora") else "full"]
+        job = "lora" if r["method"].startswith("lora") else "full"
+        ref = anchors[f"sdxl-{job}" if r["config"].startswith("sdxl-") else job]
         ratio = r["steps_per_s"] / ref["steps_per_s"] if ref and ref.get("steps_per_s") else None
         rows.append(dict(ours=r["config"], steps_per_s=r["steps_per_s"], peak_allocated_gb=r.get("peak_allocated_gb"),
                          mfu=r.get("mfu"), gpu_busy_share=r.get("gpu_busy_share"),
@@ -158,10 +174,11 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, help="seconds for all parts together (default 450; smoke 1800)")
     p.add_argument("--anchors", type=Path, default=REPO / ".anchors", help="copy of ../shared/bench-anchors")
     p.add_argument("--work", type=Path, help="scratch folder for models and runs (default /tmp/gpu_check)")
-    p.add_argument("--make-inputs", type=Path, help=argparse.SUPPRESS)  # internal: the "inputs" part
+    p.add_argument("--make-inputs", type=Path, help=argparse.SUPPRESS)  # internal: the "inputs" parts
+    p.add_argument("--family", default="sd", help=argparse.SUPPRESS)  # with --make-inputs: "sd" or "sdxl"
     args = p.parse_args(argv)
     if args.make_inputs:
-        make_inputs(args.make_inputs, args.smoke)
+        make_inputs(args.make_inputs, args.smoke, args.family)
         return 0
     if args.out is None:
         p.error("--out is required")
@@ -178,7 +195,8 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown parts {unknown}: choose from {names}")
     chosen = [x for x in all_parts if not args.parts or x.name in args.parts]
-    for stale in ("train.json", "e2e.json", "generate.json", "diffusers_full.json", "diffusers_lora.json"):
+    for stale in ("train.json", "e2e.json", "generate.json", "diffusers_full.json", "diffusers_lora.json",
+                  "train_sdxl.json", "diffusers_sdxl_lora.json"):
         (args.out / stale).unlink(missing_ok=True)  # one run's records only: ratios never mix two runs
 
     def log(msg):

@@ -127,7 +127,11 @@ def test_markdown_table(bench):
 def test_config_matrix_and_names(bench):
     _, bench_train = bench
     names = bench_train.config_names()
-    assert len(names) == len(set(names)) == (6 + 1) * 2 * 2  # methods (+ full in bf16) x cache x compile
+    assert len(names) == len(set(names)) == (6 + 1) * 2 * 2 + 4  # methods (+ full in bf16) x cache x compile + SDXL
+    xl, method, *_ = bench_train.parse_name("sdxl-full-bf16-cached", smoke=False)
+    assert (xl.model_family, xl.resolution, xl.optimizer, xl.mixed_precision, xl.use_lora, method) == \
+        ("sdxl", 1024, "adamw8bit", "bf16", False, "full")  # issue 13: full SDXL with 8-bit AdamW at 1024 px
+    assert bench_train.parse_name("lora4-fp16-cached", smoke=False)[0].model_family == "sd"
     cfg, method, compiled, cached, note = bench_train.parse_name("lora16-te-fp16-uncached-compile", smoke=False)
     assert (method, compiled, cached, note) == ("lora16-te", True, False, "")
     assert (cfg.use_lora, cfg.lora_rank, cfg.train_text_encoder, cfg.cache_latents) == (True, 16, True, False)
@@ -136,7 +140,7 @@ def test_config_matrix_and_names(bench):
     assert (smoke_cfg.mixed_precision, smoke_cfg.resolution) == ("bf16", 32) and "bf16" in smoke_note
     cpu_cfg, *_ = bench_train.parse_name("lora4-fp16-cached", smoke=False, resolution=64, cpu=True)
     assert (cpu_cfg.mixed_precision, cpu_cfg.resolution) == ("bf16", 64)  # SD1.5's op counts on the CPU
-    for bad in ("full-fp8-cached", "lora8-fp16-cached", "full-fp16", "full-fp16-cached-fast"):
+    for bad in ("full-fp8-cached", "lora8-fp16-cached", "full-fp16", "full-fp16-cached-fast", "sdxl-lora16-fp16-cached"):
         with pytest.raises(SystemExit, match="unknown config"):
             bench_train.parse_name(bad, smoke=False)
 
