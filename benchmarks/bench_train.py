@@ -49,9 +49,21 @@ METHODS = {
     "lora4-te": dict(use_lora=True, lora_rank=4, train_text_encoder=True, learning_rate=1e-4),
     "lora16-te": dict(use_lora=True, lora_rank=16, train_text_encoder=True, learning_rate=1e-4),
 }
-# Every config: 8-bit AdamW, gradient checkpointing, prior preservation, batch 1 instance + 1 class.
-COMMON = dict(optimizer="adamw8bit", gradient_checkpointing=True, with_prior_preservation=True, class_noun="dog",
-              train_batch_size=1, prior_loss_weight=1.0, seed=0)
+# Every config: prior preservation, batch 1 instance + 1 class. Without a mode suffix: the library as it was
+# before issue 11's levers (8-bit AdamW, gradient checkpointing, NCHW, eager), the baseline of the H200 table.
+COMMON = dict(optimizer="adamw8bit", gradient_checkpointing=True, channels_last=False, with_prior_preservation=True,
+              class_noun="dog", train_batch_size=1, prior_loss_weight=1.0, seed=0)
+# Mode suffixes (issue 11): what replaces the baseline's speed settings.
+MODES = {
+    "compile": dict(compile="unet"),  # baseline + torch.compile of the UNet
+    "auto": dict(optimizer="auto", gradient_checkpointing="auto", channels_last="auto"),  # the library's defaults
+    # fast: the defaults + the whole step's forward and loss compiled, CUDA graphs (no per-kernel launch cost)
+    "fast": dict(optimizer="auto", gradient_checkpointing="auto", channels_last="auto", compile="step",
+                 compile_mode="reduce-overhead"),
+    # low-memory: what "auto" picks where the fast plan does not fit (a 16 GB T4): checkpointing + 8-bit AdamW
+    "lowmem": dict(optimizer="adamw8bit", gradient_checkpointing=True, channels_last="auto"),
+}
+MODE_CONFIGS = [f"{m}-fp16-cached-{mode}" for mode in ("fast", "lowmem", "auto") for m in ("full", "lora4")]
 PRECISIONS = {"full": ("fp16", "bf16")}  # the rest: fp16 only
 # SDXL base 1.0's architecture at 1024 px (issue 13): LoRA r4 and the full UNet (8-bit AdamW), fp16 and bf16, cached.
 SDXL = "sdxl-"
@@ -66,30 +78,38 @@ def config_names(compile_modes: tuple[bool, ...] = (False, True)) -> list[str]:
             for cached in ("cached", "uncached"):
                 for compiled in compile_modes:
                     names.append(f"{method}-{precision}-{cached}{'-compile' if compiled else ''}")
-    return names + SDXL_CONFIGS
+    return names + MODE_CONFIGS + SDXL_CONFIGS
 
 
 def parse_name(name: str, smoke: bool, resolution: int | None = None, cpu: bool | None = None
                ) -> tuple[TrainConfig, str, bool, bool, str]:
     """'lora4-te-fp16-cached-compile' -> (TrainConfig, method, compile?, cache?, note); an 'sdxl-' prefix
-    selects SDXL's architecture (TrainConfig.model_family). resolution: default the family's native side
-    (SD1.5 512, SDXL 1024; smoke 32); cpu: default = smoke (fp16 configs then run in bf16)."""
+    selects SDXL's architecture (TrainConfig.model_family), a MODES suffix the speed settings. resolution:
+    default the family's native side (SD1.5 512, SDXL 1024; smoke 32); cpu: default = smoke (fp16 configs
+    then run in bf16, and compiled ones with the aot_eager backend: same graphs, no code generation)."""
     family = "sdxl" if name.startswith(SDXL) else "sd"
     if family == "sdxl" and name not in SDXL_CONFIGS:
         raise SystemExit(f"unknown config {name!r}: the SDXL ones are {SDXL_CONFIGS}")
     parts = name.removeprefix(SDXL).split("-")
-    compiled = parts[-1] == "compile"
-    parts = parts[:-1] if compiled else parts
+    mode = parts[-1] if parts[-1] in MODES else None
+    parts = parts[:-1] if mode else parts
     if len(parts) < 3 or parts[-1] not in ("cached", "uncached") or "-".join(parts[:-2]) not in METHODS \
             or parts[-2] not in ("fp16", "bf16"):
         raise SystemExit(f"unknown config {name!r}: use one of `python benchmarks/bench_train.py --list`")
     method, precision, cached = "-".join(parts[:-2]), parts[-2], parts[-1] == "cached"
-    note = ""
-    if (smoke if cpu is None else cpu) and precision == "fp16":  # accelerate runs fp16 on the CPU without autocast
-        precision, note = "bf16", "on CPU: fp16 config run in bf16"
-    cfg = TrainConfig(**COMMON, **METHODS[method], mixed_precision=precision, cache_latents=cached,
-                      compile="unet" if compiled else "off", resolution=resolution or common.image_side(smoke, family),
+    notes, on_cpu = [], smoke if cpu is None else cpu
+    if on_cpu and precision == "fp16":  # accelerate runs fp16 on the CPU without autocast
+        precision = "bf16"
+        notes.append("on CPU: fp16 config run in bf16")
+    settings = {**COMMON, **METHODS[method], **MODES.get(mode, {})}
+    compiled = settings.get("compile", "off") != "off"
+    if on_cpu and compiled:
+        settings["compile_backend"] = "aot_eager"
+        notes.append("on CPU: compiled with the aot_eager backend")
+    cfg = TrainConfig(**settings, mixed_precision=precision, cache_latents=cached,
+                      resolution=resolution or common.image_side(smoke, family),
                       checkpointing_steps=0, validation_steps=0, model_family=family)
+    note = "; ".join(notes)
     return cfg, method, compiled, cached, note
 
 
@@ -158,6 +178,8 @@ def run_config(name: str, smoke: bool, warmup: int, steps: int, count: bool = Tr
         method=method, mixed_precision=cfg.mixed_precision, cached=cached, compiled=compiled, resolution=cfg.resolution,
         images_per_step=2 * cfg.train_batch_size, gradient_checkpointing=state.memory_plan.gradient_checkpointing,
         optimizer=train.optimizer_name(state.optimizer), trainable_parameters=trainable,
+        channels_last=train.use_channels_last(cfg.channels_last, device), compile=cfg.compile,
+        compile_mode=cfg.compile_mode, compile_backend=cfg.compile_backend, memory_plan=state.memory_plan.reason,
         warmup_steps=warmup, warmup_s=warmup_s, timed_steps=steps, timed_s=elapsed, steps_per_s=steps_per_s,
         images_per_s=steps_per_s * 2 * cfg.train_batch_size, losses_finite=all(map(math.isfinite, losses)),
         model_tflops_per_step=flops / 1e12 if flops else None, mfu=value, mfu_note=mfu_note,

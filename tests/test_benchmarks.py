@@ -127,7 +127,15 @@ def test_markdown_table(bench):
 def test_config_matrix_and_names(bench):
     _, bench_train = bench
     names = bench_train.config_names()
-    assert len(names) == len(set(names)) == (6 + 1) * 2 * 2 + 4  # methods (+ full in bf16) x cache x compile + SDXL
+    assert len(names) == len(set(names)) == (6 + 1) * 2 * 2 + 6 + 4  # methods (+ bf16 full) x cache x compile + modes + SDXL
+    base, *_ = bench_train.parse_name("full-fp16-cached", smoke=False)  # the H200 table's baseline, levers off
+    assert (base.optimizer, base.gradient_checkpointing, base.channels_last, base.compile) == ("adamw8bit", True, False, "off")
+    fast, _, compiled, _, note = bench_train.parse_name("lora4-fp16-cached-fast", smoke=False)
+    assert (fast.optimizer, fast.gradient_checkpointing, fast.channels_last) == ("auto", "auto", "auto") and compiled
+    assert (fast.compile, fast.compile_mode, fast.compile_backend, note) == ("step", "reduce-overhead", "inductor", "")
+    low, *_ = bench_train.parse_name("full-fp16-cached-lowmem", smoke=False)
+    assert (low.optimizer, low.gradient_checkpointing, low.compile) == ("adamw8bit", True, "off")
+    assert bench_train.parse_name("full-fp16-cached-fast", smoke=True)[0].compile_backend == "aot_eager"  # CPU
     xl, method, *_ = bench_train.parse_name("sdxl-full-bf16-cached", smoke=False)
     assert (xl.model_family, xl.resolution, xl.optimizer, xl.mixed_precision, xl.use_lora, method) == \
         ("sdxl", 1024, "adamw8bit", "bf16", False, "full")  # issue 13: full SDXL with 8-bit AdamW at 1024 px
@@ -140,7 +148,7 @@ def test_config_matrix_and_names(bench):
     assert (smoke_cfg.mixed_precision, smoke_cfg.resolution) == ("bf16", 32) and "bf16" in smoke_note
     cpu_cfg, *_ = bench_train.parse_name("lora4-fp16-cached", smoke=False, resolution=64, cpu=True)
     assert (cpu_cfg.mixed_precision, cpu_cfg.resolution) == ("bf16", 64)  # SD1.5's op counts on the CPU
-    for bad in ("full-fp8-cached", "lora8-fp16-cached", "full-fp16", "full-fp16-cached-fast", "sdxl-lora16-fp16-cached"):
+    for bad in ("full-fp8-cached", "lora8-fp16-cached", "full-fp16", "full-fp16-cached-turbo", "sdxl-lora16-fp16-cached"):
         with pytest.raises(SystemExit, match="unknown config"):
             bench_train.parse_name(bad, smoke=False)
 
