@@ -129,6 +129,13 @@ def run_part(part: Part, limit: float, log) -> dict:
         log(f"[{part.name}] {shlex.join(command)}  (box {left:.0f} s)")
         # Own process group: a timeout also ends the children (bench_train runs one process per config).
         proc = subprocess.Popen(command, start_new_session=True)
+
+        def stop(signum, frame):  # this script stopped from outside (the device's limit): take the part along
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         try:
             code = proc.wait(timeout=left)
         except subprocess.TimeoutExpired:
@@ -136,6 +143,9 @@ def run_part(part: Part, limit: float, log) -> dict:
             proc.wait()
             status = f"timeout: killed after its {limit:.0f} s box"
             break
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         if code != 0:
             status = f"failed: exit code {code}"
             break
