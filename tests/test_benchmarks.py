@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -237,3 +238,15 @@ def test_gpu_check_sets_ours_beside_diffusers_from_one_run(monkeypatch, tmp_path
     assert {"--gradient_checkpointing", "--use_8bit_adam", "--mixed_precision=fp16", "--resolution=512",
             "--max_train_steps=25", "--with_prior_preservation", "--learning_rate=5e-6"} <= set(full)
     assert "--rank=4" in parts["diffusers_lora"].commands[0]
+
+
+def test_sdxl_bench_configs_train_the_tiny_sdxl_model_through_the_library(bench, tmp_path):
+    """Issue 13's SDXL configs take the library's SDXL path (two text encoders, time ids) in --smoke size."""
+    _, bench_train = bench
+    from dreambooth_lib import train
+    cfg, method, *_ = bench_train.parse_name("sdxl-lora4-fp16-cached", smoke=True)
+    state = bench_train.build_state(cfg, True, tmp_path)
+    assert (state.models.family, method, cfg.resolution) == ("sdxl", "lora4", 32)
+    assert state.models.text_encoder_2 is not None and state.models.unet.config.addition_embed_type == "text_time"
+    losses = [train.train_step(state, step)["loss"] for step in range(2)]
+    assert all(map(math.isfinite, losses)) and train.optimizer_name(state.optimizer).endswith("AdamW8bit")
