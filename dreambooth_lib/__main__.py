@@ -99,7 +99,7 @@ def cmd_train(args) -> int:
 def cmd_class_images(args) -> int:
     from . import data, families
     from .train import class_image_paths
-    cfg = config_from_args(args)
+    cfg = families.with_native_resolution(config_from_args(args))
     class_prompt = data.validate_class_image_config(cfg)  # no subject photos needed, unlike train
     families.check(cfg)
     started = time.time()
@@ -115,9 +115,9 @@ def cmd_class_images(args) -> int:
 def cmd_sample(args) -> int:
     from .sample import generate, load_pipeline, save_grid, set_lora_scales
     started = time.time()
-    pipe = load_pipeline(args.model, lora_dir=args.lora_dir)
+    pipe = load_pipeline(args.model, lora_dir=args.lora_dir, vae_model=args.vae_model)
     if args.lora_dir is not None or pipe.get_list_adapters():
-        set_lora_scales(pipe, args.unet_scale, args.text_encoder_scale)
+        set_lora_scales(pipe, args.unet_scale, args.text_encoder_scale, text_encoder_2=args.text_encoder_2_scale)
     prompts = [p for p in args.prompt for _ in args.seeds]
     images = generate(pipe, prompts, list(args.seeds) * len(args.prompt), guidance_scale=args.guidance_scale,
                       num_inference_steps=args.num_inference_steps)
@@ -169,7 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--guidance_scale", type=float, default=7.5)
     sample.add_argument("--num_inference_steps", type=int, default=25)
     sample.add_argument("--unet_scale", type=float, default=1.0, help="LoRA scale of the UNet")
-    sample.add_argument("--text_encoder_scale", type=float, default=1.0, help="LoRA scale of the text encoder")
+    sample.add_argument("--text_encoder_scale", type=float, default=1.0, help="LoRA scale of the text encoder(s)")
+    sample.add_argument("--text_encoder_2_scale", type=float, default=None,
+                        help="LoRA scale of SDXL's second text encoder (default: --text_encoder_scale)")
+    sample.add_argument("--vae_model", default=None, help="a separate VAE (folder or hub id) to decode with")
     sample.add_argument("--out", type=Path, default=Path("samples/grid.png"), help="grid PNG path")
     export = commands.add_parser("export-lora", help="a LoRA run's weights in another tool's format (kohya: A1111, ComfyUI)")
     export.add_argument("lora_dir", type=Path, help="LoRA run folder or checkpoint-N (or its .safetensors file)")

@@ -31,7 +31,7 @@ class TrainConfig:
     instance_prompt_template: str = "a photo of {identifier} {class_noun}"  # paper: "a [V] dog"
     class_prompt_template: str = "a photo of a {class_noun}"  # prompt of the prior (class) images
     use_captions: bool = False  # read per-image captions from <image>.txt (must contain the identifier)
-    resolution: int = 512  # training side in pixels (SD1.x: 512, SD2-768: 768)
+    resolution: Optional[int] = None  # training side in pixels; None = the model's native size (UNet sample_size x VAE factor: 512 SD1.5, 1024 SDXL, 32 toy model)
     center_crop: bool = True  # center crop after resizing the short side; False = random crop
     random_flip: bool = False  # horizontal flip augmentation (off: subjects are often asymmetric)
     # --- prior preservation (paper Sec. 3.3) ---------------------------------------------------

@@ -339,14 +339,14 @@ def validate_config(cfg) -> None:
     from diffusers.optimization import SchedulerType  # names only: no model code runs
 
     _check_ranges(cfg, positive=["max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps",
-                                 "resolution", "adam_epsilon", "max_grad_norm", "validation_inference_steps",
+                                 "adam_epsilon", "max_grad_norm", "validation_inference_steps",
                                  "num_validation_images"],
                   non_negative=["prior_loss_weight", "lr_warmup_steps", "adam_weight_decay", "offset_noise",
                                 "checkpointing_steps", "validation_steps", "seed", "validation_guidance_scale"])
     for name in ("text_encoder_lr", "snr_gamma", "lora_alpha"):
         value = getattr(cfg, name)
         _check(value is None or value > 0, f"{name} = {value} must be > 0 (or None)")
-    _check(cfg.resolution % 8 == 0, f"resolution = {cfg.resolution} must be a multiple of 8 (the VAE downsamples by 8)")
+    _check_resolution(cfg)
     for name in ("adam_beta1", "adam_beta2"):
         _check(0 <= getattr(cfg, name) < 1, f"{name} = {getattr(cfg, name)} must be in [0, 1)")
     if cfg.use_lora:
@@ -393,7 +393,7 @@ def validate_config(cfg) -> None:
                f"instance_prompt_template {cfg.instance_prompt_template!r} does not contain the identifier: "
                f"add {placeholder}")
 
-    images = load_instance_images(cfg.instance_dir, cfg.resolution, cfg.use_captions)
+    images = load_instance_images(cfg.instance_dir, cfg.resolution or 0, cfg.use_captions)
     if cfg.use_captions:
         for image in images:
             _check(_has_word(image.caption, identifier) or placeholder in image.caption,
@@ -406,12 +406,12 @@ def validate_class_image_config(cfg) -> str:
     """The checks that generating class images needs, and no more (`class-images` runs without subject
     photos): count, sampler settings, class prompt, and a user's class_dir made by another model or
     prompt. Returns the class prompt."""
-    _check_ranges(cfg, positive=["num_class_images", "class_inference_steps", "resolution"],
+    _check_ranges(cfg, positive=["num_class_images", "class_inference_steps"],
                   non_negative=["class_guidance_scale", "seed"])
     _check(cfg.class_batch_size == "auto" or (isinstance(cfg.class_batch_size, int) and cfg.class_batch_size > 0),
            f"class_batch_size = {cfg.class_batch_size!r}: use 'auto' or an integer > 0")
     _check(cfg.class_sampler in CLASS_SAMPLERS, f"class_sampler = {cfg.class_sampler!r}: use one of {CLASS_SAMPLERS}")
-    _check(cfg.resolution % 8 == 0, f"resolution = {cfg.resolution} must be a multiple of 8 (the VAE downsamples by 8)")
+    _check_resolution(cfg)
     _check(bool(cfg.class_noun.strip()), "class images need class_noun (e.g. 'dog'): it fills {class_noun} of the class prompt")
     _check(cfg.prior_generation_precision == "auto" or cfg.prior_generation_precision in PRIOR_PRECISIONS,
            f"prior_generation_precision = {cfg.prior_generation_precision!r}: use 'auto' or one of {tuple(PRIOR_PRECISIONS)}")
@@ -427,6 +427,13 @@ def validate_class_image_config(cfg) -> str:
         differ = manifest_differences(made, wanted)
         _check(not differ, _mismatch_message(manifest_path, differ))
     return class_prompt
+
+
+def _check_resolution(cfg) -> None:
+    """None (the model's native size, filled in by families.with_native_resolution) or a multiple of 8."""
+    value = cfg.resolution
+    _check(value is None or value > 0, f"resolution = {value} must be > 0 (or None for the model's native size)")
+    _check(value is None or value % 8 == 0, f"resolution = {value} must be a multiple of 8 (the VAE downsamples by 8)")
 
 
 def _check_ranges(cfg, positive: list[str], non_negative: list[str]) -> None:

@@ -16,6 +16,7 @@ used by LoRA dropout, loss history).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -99,7 +100,7 @@ def add_lora(unet: UNet2DConditionModel, text_encoder, cfg: TrainConfig) -> None
     unet.add_adapter(lora_config(list(cfg.lora_unet_modules)))
     if cfg.train_text_encoder:
         for encoder in as_tuple(text_encoder):
-            encoder.add_adapter(lora_config(families.CLIP_ATTENTION))
+            encoder.add_adapter(lora_config(families.of(cfg).TEXT_LORA_TARGETS))
 
 
 def trained_modules(models: Models, cfg: TrainConfig) -> list[torch.nn.Module]:
@@ -173,6 +174,7 @@ def split_rows(batch) -> list:
 
 def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Path]:
     """Generate (or reuse) the prior images x_pr = x_hat(z, c_pr) with the frozen base model (paper Sec. 3.3)."""
+    cfg = families.with_native_resolution(cfg)
     class_dir = Path(cfg.class_dir) if cfg.class_dir else Path(cfg.output_dir) / "class_images"
     family = families.of(cfg)
     manifest = data.ClassImageManifest(
@@ -669,6 +671,8 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
     with_prior = cfg.with_prior_preservation
     if with_prior and (not class_values or class_prompt is None):
         raise ValueError("with_prior_preservation needs class_values and class_prompt (see class_image_paths)")
+    if cfg.resolution is None and instance_values:  # the pixels given are the resolution (memory plan)
+        cfg = dataclasses.replace(cfg, resolution=instance_values[0].shape[-1])
     family = families.of(cfg)
     if models.family != family.NAME:
         raise data.InputError(f"the models are {models.family!r} components but the config's model is {family.NAME!r} "
@@ -796,6 +800,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     modified in place. cfg.pretrained_model still supplies the tokenizer, the class-image sampler and,
     for a full fine-tune, the untrained parts of the saved pipeline.
     """
+    cfg = families.with_native_resolution(cfg)  # resolution=None: the model's own size (read from its configs)
     data.validate_config(cfg)  # every model-free check, before anything slow
     family = families.check(cfg)  # an unknown model or a setting it cannot take fails here, before any weights load
     started = time.time()

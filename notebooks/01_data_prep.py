@@ -50,7 +50,8 @@ sys.path.insert(0, str(ROOT))
 #@title Parameters
 SMOKE = os.environ.get("DREAMBOOTH_SMOKE", "0") == "1"  # CI smoke run: tiny image counts and step numbers
 MODEL = ""  #@param {type:"string"}
-# "" = the embedded toy model (data/toy_model); a real alternative: "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# "" = the embedded toy model (data/toy_model); real alternatives: "stable-diffusion-v1-5/stable-diffusion-v1-5",
+# "stabilityai/stable-diffusion-xl-base-1.0" (any SD 1.x/2.x or SDXL folder or hub id)
 SUBJECT_DIR = ""  #@param {type:"string"}
 # "" = the toy subject (data/subjects/marked_star); any folder of 3-5 photos, e.g. /content/drive/MyDrive/my_dog
 UPLOAD = False  #@param {type:"boolean"}
@@ -58,8 +59,8 @@ UPLOAD = False  #@param {type:"boolean"}
 CLASS_NOUN = "star"  #@param {type:"string"}
 IDENTIFIER = ""  #@param {type:"string"}
 # "" = pick a rare single-token word automatically (paper Sec. 4.1); or your own, e.g. "sks"
-RESOLUTION = 32  #@param {type:"integer"}
-# training side in pixels: 32 for the toy model, 512 for Stable Diffusion 1.5
+RESOLUTION = 0  #@param {type:"integer"}
+# training side in pixels; 0 = the model's native size (32 for the toy model, 512 for SD 1.5, 1024 for SDXL)
 NUM_CLASS_IMAGES = 100  #@param {type:"integer"}
 CLASS_INFERENCE_STEPS = 25  #@param {type:"integer"}
 
@@ -70,7 +71,7 @@ import warnings
 import matplotlib.pyplot as plt
 from PIL import Image
 
-from dreambooth_lib import data, train
+from dreambooth_lib import data, families, train
 from dreambooth_lib.config import TOY_MODEL_DIR, TrainConfig
 from dreambooth_lib.sample import save_grid
 
@@ -81,7 +82,8 @@ MODEL = MODEL or TOY_MODEL_DIR
 SUBJECT_DIR = SUBJECT_DIR or ("/content/subject" if UPLOAD else str(ROOT / "data/subjects/marked_star"))
 RUNS = ROOT / ("runs/smoke" if SMOKE else "runs")  # shared with notebooks 02-05
 IMAGES = RUNS / "images"  # figures; the README's copies in images/ change only by `make figures`
-print(f"model: {MODEL}\nsubject photos: {SUBJECT_DIR}\nruns: {RUNS}")
+resolution = RESOLUTION or families.native_resolution(MODEL)  # what training will use
+print(f"model: {MODEL} ({families.detect(MODEL)}, {resolution} px)\nsubject photos: {SUBJECT_DIR}\nruns: {RUNS}")
 
 # %% [markdown]
 # ## Subject photos
@@ -108,7 +110,7 @@ if IN_COLAB and UPLOAD:
 # %%
 with warnings.catch_warnings(record=True) as skipped:
     warnings.simplefilter("always")
-    photos = data.load_instance_images(SUBJECT_DIR, RESOLUTION)
+    photos = data.load_instance_images(SUBJECT_DIR, resolution)
 for photo in photos:
     print(f"{photo.path.name}: {photo.image.width}x{photo.image.height}" + "".join(f"; {n}" for n in photo.notes))
 for w in skipped:
@@ -133,7 +135,7 @@ plt.show()
 
 # %%
 cfg = TrainConfig(
-    pretrained_model=MODEL, instance_dir=SUBJECT_DIR, class_noun=CLASS_NOUN, resolution=RESOLUTION,
+    pretrained_model=MODEL, instance_dir=SUBJECT_DIR, class_noun=CLASS_NOUN, resolution=RESOLUTION or None,
     num_class_images=NUM_CLASS_IMAGES, class_inference_steps=CLASS_INFERENCE_STEPS,
     class_dir=str(RUNS / "class_images" / f"{Path(MODEL).name}-{CLASS_NOUN}"),
 )

@@ -51,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 SMOKE = os.environ.get("DREAMBOOTH_SMOKE", "0") == "1"  # CI smoke run: 2 steps, tiny grids
 MODEL = ""  #@param {type:"string"}
 # "" = the model chosen in notebook 01, else the embedded toy model (data/toy_model);
-# a real alternative: "stable-diffusion-v1-5/stable-diffusion-v1-5" (then RESOLUTION = 512 in notebook 01)
+# real alternatives: "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
+# (resolution follows the model; another model than notebook 01's gets its own class images)
 METHOD = "lora"  #@param ["lora", "full"]
 LORA_RANK = 0  #@param {type:"slider", min:0, max:64, step:1}
 # 0 = auto: 32 on the toy model (swept, see README), 4 on Stable Diffusion
@@ -97,6 +98,8 @@ else:  # run alone: the toy world's settings for its subject marked_star (identi
     base = demo_config()
 cuda = torch.cuda.is_available()
 model = MODEL or base.pretrained_model
+if model != base.pretrained_model:  # notebook 01's class images and resolution were for its model
+    base = dataclasses.replace(base, class_dir=None, resolution=None)
 settings = recipe(METHOD, model)  # rank, rates, batch, steps for this model; a non-zero value above wins
 settings.update({k: v for k, v in (("lora_rank", LORA_RANK), ("max_train_steps", MAX_TRAIN_STEPS),
                                    ("learning_rate", LEARNING_RATE)) if v})
@@ -128,7 +131,9 @@ print(json.dumps(cfg.to_dict(), indent=1))
 # %% [markdown]
 # ## Hardware
 # Rough memory needs for Stable Diffusion 1.5 at 512 px, batch 1: LoRA ~7 GB, full UNet with 8-bit Adam,
-# fp16 and gradient checkpointing ~10-12 GB (a free Colab T4 has 15 GB). The toy model needs none of that.
+# fp16 and gradient checkpointing ~10-12 GB (a free Colab T4 has 15 GB). SDXL at 1024 px needs LoRA with
+# gradient checkpointing on a T4 (aim: <= 15 GB, not yet measured) and ~24 GB for a full fine-tune; its VAE
+# runs in fp32 under fp16 unless `vae_model` names an fp16-fixed one. The toy model needs none of that.
 
 # %%
 if cuda:

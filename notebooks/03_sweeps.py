@@ -47,7 +47,9 @@ sys.path.insert(0, str(ROOT))
 # %% tags=["parameters"]
 #@title Sweep parameters
 SMOKE = os.environ.get("DREAMBOOTH_SMOKE", "0") == "1"  # CI smoke run: 2x2 grids, 2 sampler steps
-PROMPT = "a photo of {identifier} {class_noun} in the snow"  #@param {type:"string"}
+PROMPT = "a photo of {identifier} {class_noun} in the water"  #@param {type:"string"}
+# a context the subject photos never show (recontextualization); on the toy model, water keeps the
+# subject's white disc visible (on snow it vanishes, so the grid could not show the subject appear)
 SEED = 0  #@param {type:"integer"}
 GUIDANCE = 7.5  #@param {type:"number"}
 INFERENCE_STEPS = 25  #@param {type:"integer"}

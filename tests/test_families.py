@@ -10,6 +10,7 @@ import pytest
 import dreambooth_lib.train as T
 from dreambooth_lib import data, families
 from dreambooth_lib.config import TOY_MODEL_DIR, TrainConfig
+from dreambooth_lib.tiny import save_tiny_pipeline
 
 
 def test_the_family_is_read_from_model_index(tiny_model_dir):
@@ -44,3 +45,20 @@ def test_prepare_training_refuses_models_of_another_family(tiny_model_dir, tmp_p
     models.family = "sdxl"  # as if built by another family's loader
     with pytest.raises(data.InputError, match="set model_family"):
         T.prepare_training(cfg, models, T.make_accelerator(cfg), T.load_tokenizer(cfg), [], [])
+
+
+def test_resolution_follows_the_model_unless_set(tmp_path, instance_dir):
+    for name, sample_size, vae_blocks, side in (("sd15", 64, 4, 512), ("sdxl", 128, 4, 1024), ("toyish", 8, 3, 32)):
+        for part, config in (("unet", {"sample_size": sample_size}), ("vae", {"block_out_channels": [8] * vae_blocks})):
+            (tmp_path / name / part).mkdir(parents=True)
+            (tmp_path / name / part / "config.json").write_text(json.dumps(config))  # configs only: nothing else is read
+        assert families.native_resolution(str(tmp_path / name)) == side
+    assert TrainConfig().resolution is None
+    assert families.with_native_resolution(TrainConfig()).resolution == 32  # the toy model: what the CLI trains at
+    assert families.with_native_resolution(TrainConfig(resolution=64)).resolution == 64  # a set value wins
+    small = save_tiny_pipeline(tmp_path / "small", sample_size=8)  # 16 px pictures
+    summary = T.train(TrainConfig(pretrained_model=str(small), instance_dir=str(instance_dir), class_noun="dog",
+                                  identifier="sks", with_prior_preservation=False, max_train_steps=1, optimizer="adamw",
+                                  checkpointing_steps=0, validation_steps=0, output_dir=str(tmp_path / "run")),
+                      progress=False)
+    assert summary["config"]["resolution"] == 16

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 import dreambooth_lib.train as T
@@ -104,8 +105,9 @@ def test_short_runs_lower_the_loss_on_a_fixed_batch(mode, tiny_sdxl_dir, instanc
 def test_lora_run_resumes_exactly_and_loads_in_stock_sdxl_pipeline(tiny_sdxl_dir, instance_dir, tmp_path, monkeypatch):
     common = dict(use_lora=True, train_text_encoder=True, lora_dropout=0.1, train_batch_size=2, max_train_steps=4,
                   checkpointing_steps=2, with_prior_preservation=True, num_class_images=2, class_inference_steps=1,
-                  class_dir=str(tmp_path / "class"), learning_rate=1e-2, lr_scheduler="linear")
+                  class_dir=str(tmp_path / "class"), learning_rate=1e-2, lr_scheduler="linear", optimizer="adamw8bit")
     whole = T.train(make_cfg(tiny_sdxl_dir, instance_dir, tmp_path / "whole", **common), progress=False)
+    assert "AdamW8bit" in whole["optimizer"]
     manifest = json.loads((tmp_path / "class" / data.MANIFEST_NAME).read_text())
     assert manifest["family"] == "sdxl"
     real_save = T.save_checkpoint
@@ -149,8 +151,11 @@ def test_lora_run_resumes_exactly_and_loads_in_stock_sdxl_pipeline(tiny_sdxl_dir
 
 def test_full_run_saves_a_complete_sdxl_pipeline(tiny_sdxl_dir, instance_dir, tmp_path):
     cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path / "run", train_text_encoder=True, random_flip=True,
-                   cache_latents=False, validation_steps=2)
-    T.train(cfg, progress=False)
+                   cache_latents=False, validation_steps=2, mixed_precision="bf16")
+    logs = []
+    summary = T.train(cfg, progress=False, log=logs.append)
+    assert all(np.isfinite(h["loss"]) for h in summary["loss_history"])
+    assert any(line.startswith("VAE: the model's own in bfloat16") for line in logs)  # bf16 does not overflow
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "run")
     assert pipe(PROMPTS[0], num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 3)
     for part, weights in (("unet", "diffusion_pytorch_model"), ("text_encoder_2", "model")):
@@ -205,3 +210,41 @@ def test_vae_precision_and_a_separate_vae(tiny_sdxl_dir, instance_dir, tmp_path)
     models = T.load_models(cfg)
     assert torch.equal(models.vae.encoder.conv_in.weight, fixed.encoder.conv_in.weight)
     assert T.vae_precision(cfg, families.sdxl, models.vae, torch.float16)[0] == torch.float16
+
+
+def test_sample_cli_scales_and_evaluate_on_an_sdxl_lora(tiny_sdxl_dir, instance_dir, tmp_path):
+    from dreambooth_lib import __main__ as cli
+    from dreambooth_lib import evaluate
+    from dreambooth_lib.tiny import save_tiny_clip, save_tiny_dino
+
+    cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, use_lora=True, train_text_encoder=True)
+    models = T.load_models(cfg)
+    T.add_lora(models.unet, models.text_encoders, cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for module in (models.unet, *models.text_encoders):
+            for name, p in module.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5)  # as if trained (gaussian init leaves B = 0)
+    T.save_weights(tmp_path / "lora", models.unet, models.text_encoders, cfg)
+
+    def grid(name: str, *scales: str) -> np.ndarray:
+        argv = ["sample", "--model", str(tiny_sdxl_dir), "--lora_dir", str(tmp_path / "lora"), "--prompt", PROMPTS[0],
+                "--seeds", "0", "--num_inference_steps", "2", "--out", str(tmp_path / f"{name}.png"), *scales]
+        assert cli.main(argv) == 0
+        return np.asarray(Image.open(tmp_path / f"{name}.png"))
+
+    base = np.asarray(generate(load_pipeline(tiny_sdxl_dir, device="cpu"), PROMPTS[0], [0], num_inference_steps=2,
+                               progress=False)[0])
+    assert np.array_equal(grid("off", "--unet_scale", "0", "--text_encoder_scale", "0"), base)
+    second = grid("te2", "--unet_scale", "0", "--text_encoder_scale", "0", "--text_encoder_2_scale", "1")
+    first = grid("te1", "--unet_scale", "0", "--text_encoder_scale", "1", "--text_encoder_2_scale", "0")
+    assert not np.array_equal(second, base) and not np.array_equal(first, base) and not np.array_equal(first, second)
+
+    out = tmp_path / "eval"
+    dino, clip = save_tiny_dino(tmp_path / "dino"), save_tiny_clip(tmp_path / "clip")
+    assert evaluate.main(["--model", str(tiny_sdxl_dir), "--lora", str(tmp_path / "lora"), "--subject-dir", str(instance_dir),
+                          "--class-noun", "dog", "--identifier", "sks", "--dino", str(dino), "--clip", str(clip),
+                          "--out", str(out), "--smoke"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows["overall"]["n_images"] == 4 and all(-1 <= rows["overall"][c] <= 1 for c in ("DINO", "CLIP-I", "CLIP-T", "PRES"))

@@ -22,6 +22,7 @@ The family of a model is read from its model_index.json (`_class_name`), or name
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass
@@ -136,6 +137,14 @@ def by_text_encoder_count(n: int):
 def of(cfg):
     """The family module of a TrainConfig's base model."""
     return resolve(cfg.model_family, cfg.pretrained_model, cfg.revision)
+
+
+def with_native_resolution(cfg):
+    """cfg with its resolution set: the user's, or (None) the model's native size."""
+    if cfg.resolution is not None:
+        return cfg
+    of(cfg)  # an unknown model is reported as such, not as a missing UNet config
+    return dataclasses.replace(cfg, resolution=native_resolution(cfg.pretrained_model, cfg.revision))
 
 
 def check(cfg, warn=warnings.warn):
