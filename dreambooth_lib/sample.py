@@ -95,7 +95,7 @@ def check_lora_fits(lora_file: str | Path, model: str, family, revision: str | N
         keys = list(f.keys())
         widths = {f.get_slice(k).get_shape()[1] for k in keys
                   if k.startswith("unet.") and "attn2.to_k" in k and ("lora_A" in k or "lora.down" in k)}
-    parts = {k.split(".")[0] for k in keys} - {"unet"}
+    parts = {k.split(".")[0] for k in keys if k.startswith("text_encoder")}  # diffusers-format keys only
     problem = None
     if parts - set(family.TEXT_ENCODERS):
         problem = f"it has weights for {sorted(parts - set(family.TEXT_ENCODERS))}, which {family.NAME} models lack"

@@ -206,10 +206,17 @@ def test_vae_precision_and_a_separate_vae(tiny_sdxl_dir, instance_dir, tmp_path)
     # A fixed VAE (force_upcast off) named by vae_model is the one loaded, and runs in fp16.
     fixed = type(xl.vae).from_config({**xl.vae.config, "force_upcast": False})
     fixed.save_pretrained(tmp_path / "fixed_vae")
-    cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, vae_model=str(tmp_path / "fixed_vae"))
+    cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path / "run", vae_model=str(tmp_path / "fixed_vae"), max_train_steps=1,
+                   with_prior_preservation=True, num_class_images=1, class_inference_steps=1)
     models = T.load_models(cfg)
     assert torch.equal(models.vae.encoder.conv_in.weight, fixed.encoder.conv_in.weight)
     assert T.vae_precision(cfg, families.sdxl, models.vae, torch.float16)[0] == torch.float16
+    # A full run with it: the class images' manifest names it, and the saved pipeline carries it.
+    T.train(cfg, progress=False)
+    manifest = json.loads((tmp_path / "run" / "class_images" / data.MANIFEST_NAME).read_text())
+    assert manifest["vae_model"] == str(tmp_path / "fixed_vae") and manifest["family"] == "sdxl"
+    saved = StableDiffusionXLPipeline.from_pretrained(tmp_path / "run").vae
+    assert saved.config.force_upcast is False and torch.equal(saved.encoder.conv_in.weight, fixed.encoder.conv_in.weight)
 
 
 def test_sample_cli_scales_and_evaluate_on_an_sdxl_lora(tiny_sdxl_dir, instance_dir, tmp_path):
