@@ -94,6 +94,32 @@ def test_diffusers_loads_the_kohya_file_back_to_the_same_adapters_and_images(lor
     assert np.array_equal(images[0], images[1]) and not np.allclose(images[0], plain)  # the LoRA changes the picture
 
 
+def test_sdxl_lora_exports_and_loads_back_in_stock_sdxl(tiny_sdxl_dir, tmp_path):
+    from conftest import write_photos
+
+    write_photos(tmp_path / "photos")
+    cfg = TrainConfig(pretrained_model=str(tiny_sdxl_dir), instance_dir=str(tmp_path / "photos"),
+                      output_dir=str(tmp_path / "xl"), class_noun="dog", identifier="sks", resolution=32,
+                      with_prior_preservation=False, max_train_steps=2, learning_rate=1e-2, optimizer="adamw",
+                      checkpointing_steps=0, validation_steps=0, use_lora=True, train_text_encoder=True, lora_alpha=8)
+    T.train(cfg, progress=False, log=lambda *a: None)
+    out = export_lora(tmp_path / "xl")
+    kohya = load_file(out)
+    assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"} and all(KOHYA_KEY.match(k) for k in kohya)
+    pipes = []
+    for folder, weight in ((tmp_path / "xl", T.LORA_WEIGHTS), (out.parent, out.name)):
+        pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+        pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name="subject")
+        pipe.set_progress_bar_config(disable=True)
+        pipes.append(pipe)
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        a, b = (get_peft_model_state_dict(getattr(p, part), adapter_name="subject") for p in pipes)
+        assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    images = [p("a photo of sks dog", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                output_type="np").images for p in pipes]
+    assert np.array_equal(images[0], images[1])
+
+
 def test_sdxl_text_encoder_2_and_files_without_a_lora_config():
     # Two text encoders (SDXL): diffusers' converter names the second lora_te2_; the alpha follows each component.
     g = torch.Generator().manual_seed(0)
