@@ -606,7 +606,8 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
     if channels_last:  # NHWC: cuDNN's native layout, no conversion kernels around each convolution
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-    pipe.vae.enable_slicing()  # decode one image at a time: VAE memory does not grow with the batch
+    if device.type == "cuda":  # decode one image at a time: VAE memory does not grow with the batch
+        pipe.vae.enable_slicing()
     pipe.set_progress_bar_config(disable=True)
     if batch_size == "auto":
         weights = sum(t.numel() * t.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)

@@ -313,6 +313,10 @@ def test_prepare_training_takes_in_memory_models_and_compiles_the_unet(tiny_mode
     models.unet.requires_grad_(True)  # whatever state they come in, LoRA trains only its adapters
     state = prepared(cfg, models)
     assert isinstance(state.unet, torch._dynamo.eval_frame.OptimizedModule) and state.unet._orig_mod is state.trained[0]
+    # "blocks": each transformer block compiled in place (regional compilation); the UNet itself stays eager
+    blocks = prepared(make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, compile="blocks")).models.unet
+    compiled = [type(m).__name__ for m in blocks.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    assert compiled and set(compiled) == {"BasicTransformerBlock"}
     assert state.trained[0] is models.unet and all("lora" in n for n, p in models.unet.named_parameters() if p.requires_grad)
     assert {p.dtype for p in state.params} == {torch.float32} and len(state.dataset) == 4 and state.text_cache
     # train() trains given models (in place) instead of loading its own.
@@ -480,3 +484,22 @@ def test_class_images_regenerate_when_the_sampler_or_dtype_changes(tiny_model_di
     assert second["scheduler"] == "DPMSolverMultistepScheduler(dpmsolver++)" and (out / "class_images.replaced-1").is_dir()
     assert made()["dtype"] == "float32" and not (out / "class_images.replaced-2").exists()  # same settings: reused
     assert made(prior_generation_precision="bf16")["dtype"] == "bfloat16" and (out / "class_images.replaced-2").is_dir()
+
+
+def test_compiled_step_resumes_an_eager_run_exactly(tiny_model_dir, instance_dir, tmp_path):
+    # compile="step" with backend "aot_eager": dynamo + AOTAutograd capture the same forward and backward
+    # graphs inductor would get and run them without generating kernels (inductor: minutes on this CPU).
+    # One compile covers both claims: the compiled steps 3-4, resumed from the eager run's checkpoint-2,
+    # give the eager run's losses and weights (draws come from (seed, step), outside the compiled region).
+    common = dict(optimizer="adamw", max_train_steps=4, checkpointing_steps=2, lr_scheduler="linear",
+                  with_prior_preservation=True, num_class_images=2, class_inference_steps=1,
+                  class_dir=str(tmp_path / "class"))
+    eager = T.train(make_cfg(tiny_model_dir, instance_dir, tmp_path / "eager", **common), progress=False)
+    resumed_cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / "compiled", resume=str(tmp_path / "eager" / "checkpoint-2"),
+                           compile="step", compile_backend="aot_eager", **common)
+    compiled = T.train(resumed_cfg, progress=False)
+    assert compiled["resumed_from"].endswith("checkpoint-2") and compiled["config"]["compile"] == "step"
+    assert [h["loss"] for h in compiled["loss_history"]] == pytest.approx([h["loss"] for h in eager["loss_history"]], abs=1e-6)
+    a, b = unet_weights(tmp_path / "eager"), unet_weights(tmp_path / "compiled")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
