@@ -373,6 +373,7 @@ def validate_config(cfg) -> None:
     for name in ("gradient_checkpointing", "channels_last"):
         value = getattr(cfg, name)
         _check(isinstance(value, bool) or value == "auto", f"{name} = {value!r}: use True, False or 'auto'")
+    _check(cfg.save_precision in PRIOR_PRECISIONS, f"save_precision = {cfg.save_precision!r}: use one of {tuple(PRIOR_PRECISIONS)}")
     _check(cfg.compile in COMPILE_TARGETS, f"compile = {cfg.compile!r}: use one of {COMPILE_TARGETS}")
     _check(cfg.compile_mode in COMPILE_MODES, f"compile_mode = {cfg.compile_mode!r}: use one of {COMPILE_MODES}")
     schedulers = tuple(s.value for s in SchedulerType)

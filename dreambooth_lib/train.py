@@ -530,8 +530,14 @@ def save_final(output_dir: str | Path, unet, text_encoder, cfg: TrainConfig) -> 
         trained.update(zip(family.TEXT_ENCODERS, as_tuple(text_encoder)))
     if cfg.vae_model:  # the VAE trained with goes with the weights
         trained["vae"] = families.load_vae(cfg.vae_model)
-    # Untrained parts are re-read in their original precision rather than copied from the (maybe fp16) live ones.
-    pipe = family.PIPELINE.from_pretrained(cfg.pretrained_model, revision=cfg.revision, **trained)
+    if cfg.save_precision == "fp32":
+        # Untrained parts are re-read in fp32 rather than copied from the (maybe fp16) live ones.
+        pipe = family.PIPELINE.from_pretrained(cfg.pretrained_model, revision=cfg.revision, **trained)
+    else:  # every part read straight in the saved dtype (no fp32 copy); trained weights cast into it, tensor by tensor
+        dtype = WEIGHT_DTYPES[cfg.save_precision]
+        pipe = family.PIPELINE.from_pretrained(cfg.pretrained_model, revision=cfg.revision, dtype=dtype)
+        for name, module in trained.items():
+            getattr(pipe, name).load_state_dict({k: v.to("cpu", dtype) for k, v in module.state_dict().items()})
     pipe.save_pretrained(output_dir, safe_serialization=True)
     for name in [*pipe.components, "model_index.json"]:  # what save_pretrained wrote (not checkpoints, grids)
         if (output_dir / name).is_dir():

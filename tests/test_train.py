@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -259,6 +260,13 @@ def test_full_run_writes_a_loadable_pipeline_and_summary(tiny_model_dir, instanc
     base_te = load_file(tiny_model_dir / "text_encoder" / "model.safetensors")
     new_te = load_file(tmp_path / "run" / "text_encoder" / "model.safetensors")
     assert any(not torch.equal(base_te[k], new_te[k]) for k in base_te)  # the text encoder was trained
+
+    # save_precision fp16: the same pipeline at half the size, every tensor the fp32 one rounded to fp16
+    T.save_final(tmp_path / "half", pipe.unet, pipe.text_encoder, dataclasses.replace(cfg, save_precision="fp16"))
+    for part, name in [("unet", "diffusion_pytorch_model"), ("text_encoder", "model"), ("vae", "diffusion_pytorch_model")]:
+        full, half = (load_file(root / part / f"{name}.safetensors") for root in (tmp_path / "run", tmp_path / "half"))
+        assert full.keys() == half.keys() and all(half[k].dtype == torch.float16 for k in half), part
+        assert all(torch.equal(half[k], full[k].half()) for k in full), part
 
 
 def prepared(cfg, models=None):
