@@ -66,10 +66,22 @@ def load_tokenizer(cfg: TrainConfig) -> CLIPTokenizer:
 
 
 def load_models(cfg: TrainConfig) -> Models:
-    """The base model's components (its family's: families.of) in fp32, frozen except what cfg trains."""
-    models = families.of(cfg).load_models(cfg.pretrained_model, cfg.revision, cfg.vae_model)
+    """The base model's components (its family's: families.of), frozen except what cfg trains. What
+    training freezes in half precision (a LoRA run's UNet, a frozen text encoder) is read straight in
+    cfg.mixed_precision's dtype, without an fp32 copy first; the rest (trained weights, VAE) in fp32."""
+    models = families.of(cfg).load_models(cfg.pretrained_model, cfg.revision, cfg.vae_model,
+                                          dtypes=frozen_load_dtypes(cfg))
     set_trainable(models, cfg)
     return models
+
+
+def frozen_load_dtypes(cfg: TrainConfig) -> dict:
+    """{part: dtype} of the big frozen parts that prepare_training keeps in the mixed-precision dtype."""
+    half = WEIGHT_DTYPES[cfg.mixed_precision]
+    if half == torch.float32:
+        return {}
+    text = None if cfg.train_text_encoder and not cfg.use_lora else half
+    return {"unet": half if cfg.use_lora else None, "text_encoder": text, "text_encoder_2": text}
 
 
 def set_trainable(models: Models, cfg: TrainConfig) -> None:

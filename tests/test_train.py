@@ -511,3 +511,17 @@ def test_compiled_step_resumes_an_eager_run_exactly(tiny_model_dir, instance_dir
     a, b = unet_weights(tmp_path / "eager"), unet_weights(tmp_path / "compiled")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+
+
+def test_frozen_parts_load_straight_in_the_mixed_precision_dtype(tiny_model_dir, instance_dir, tmp_path):
+    fp32 = T.load_models(make_cfg(tiny_model_dir, instance_dir, tmp_path))
+    lora = T.load_models(make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, mixed_precision="bf16"))
+    full = T.load_models(make_cfg(tiny_model_dir, instance_dir, tmp_path, mixed_precision="bf16"))
+    full_te = T.load_models(make_cfg(tiny_model_dir, instance_dir, tmp_path, mixed_precision="bf16", train_text_encoder=True))
+    dtype = lambda m: next(m.parameters()).dtype  # noqa: E731
+    assert [dtype(m) for m in (lora.unet, lora.text_encoder, lora.vae)] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    assert [dtype(m) for m in (full.unet, full.text_encoder)] == [torch.float32, torch.bfloat16]  # the trained UNet: fp32
+    assert dtype(full_te.text_encoder) == torch.float32
+    # the same values as loading in fp32 and casting, as prepare_training did before
+    for a, b in [(fp32.unet, lora.unet), (fp32.text_encoder, lora.text_encoder)]:
+        assert all(torch.equal(x.to(torch.bfloat16), y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -12,7 +12,7 @@ caching, checkpoints, resume and `train_step` stay one code path for every famil
     VAE_FORCE_UPCAST             whether its VAE config's force_upcast holds (fp32 VAE under fp16)
     FIXED_VAE_HINT               a VAE that runs in fp16, to suggest (or None)
     check_config(cfg, vae_config, warn)   its checks of a TrainConfig before any weights load
-    load_models(model, revision, vae_model) -> Models
+    load_models(model, revision, vae_model, dtypes) -> Models   (dtypes: {part: dtype} read straight in it)
     encode_prompts(tokenizers, text_encoders, prompts) -> per-prompt text conditioning (batch first)
     unet_conditioning(text, sizes) -> what the UNet takes besides (x_t, t), from stacked text conditioning
 
@@ -52,16 +52,22 @@ class Models:
         return tuple(m for m in (self.text_encoder, self.text_encoder_2) if m is not None)
 
 
-def load_denoiser_parts(model: str, revision: str | None, vae_model: str | None = None,
+def load_denoiser_parts(model: str, revision: str | None, vae_model: str | None = None, dtypes: dict | None = None,
                         ) -> tuple[AutoencoderKL, UNet2DConditionModel, DDPMScheduler]:
-    """VAE (the model's, or vae_model's), UNet and the training scheduler: the same folders in every UNet family."""
+    """VAE (the model's, or vae_model's), UNet and the training scheduler: the same folders in every UNet family.
+    dtypes: {"unet": dtype, ...} for parts read straight in that dtype (no fp32 copy first); others fp32."""
     kw = dict(revision=revision)
     vae = load_vae(vae_model) if vae_model else AutoencoderKL.from_pretrained(model, subfolder="vae", **kw)
     # diffusers' default attention processor is torch SDPA (memory-efficient attention, no xformers).
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **kw)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **kw, **dtype_kw(dtypes, "unet"))
     # Training noise comes from DDPM with the model's own schedule and prediction_type (eps or v).
     noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **kw)
     return vae, unet, noise_scheduler
+
+
+def dtype_kw(dtypes: dict | None, part: str) -> dict:
+    """from_pretrained's dtype argument for `part` when dtypes names one (diffusers and transformers: dtype=)."""
+    return {"dtype": dtypes[part]} if dtypes and dtypes.get(part) is not None else {}
 
 
 def load_vae(vae_model: str) -> AutoencoderKL:

@@ -7,7 +7,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from transformers import CLIPTextModel
 
-from . import CLIP_ATTENTION, Models, load_denoiser_parts
+from . import CLIP_ATTENTION, Models, dtype_kw, load_denoiser_parts
 
 NAME = "sd"
 PIPELINE_CLASS_NAMES = ("StableDiffusionPipeline",)
@@ -26,9 +26,10 @@ def check_config(cfg, vae_config: dict, warn) -> None:
     """Nothing beyond data.validate_config's model-free checks."""
 
 
-def load_models(model: str, revision: str | None = None, vae_model: str | None = None) -> Models:
-    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", revision=revision)
-    vae, unet, noise_scheduler = load_denoiser_parts(model, revision, vae_model)
+def load_models(model: str, revision: str | None = None, vae_model: str | None = None, dtypes: dict | None = None) -> Models:
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", revision=revision,
+                                                 **dtype_kw(dtypes, "text_encoder"))
+    vae, unet, noise_scheduler = load_denoiser_parts(model, revision, vae_model, dtypes)
     return Models(text_encoder, vae, unet, noise_scheduler, family=NAME)
 
 

@@ -15,7 +15,7 @@ from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..data import InputError
-from . import CLIP_ATTENTION, Models, load_denoiser_parts, vae_scale_factor
+from . import CLIP_ATTENTION, Models, dtype_kw, load_denoiser_parts, vae_scale_factor
 
 NAME = "sdxl"
 PIPELINE_CLASS_NAMES = ("StableDiffusionXLPipeline",)
@@ -44,12 +44,13 @@ def check_config(cfg, vae_config: dict, warn) -> None:
              "vae_precision='auto' to run this VAE in fp32")
 
 
-def load_models(model: str, revision: str | None = None, vae_model: str | None = None) -> Models:
+def load_models(model: str, revision: str | None = None, vae_model: str | None = None, dtypes: dict | None = None) -> Models:
     kw = dict(revision=revision)
-    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **kw)
-    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", **kw)
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **kw, **dtype_kw(dtypes, "text_encoder"))
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2", **kw,
+                                                                 **dtype_kw(dtypes, "text_encoder_2"))
     tokenizer_2 = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer_2", **kw)
-    vae, unet, noise_scheduler = load_denoiser_parts(model, revision, vae_model)
+    vae, unet, noise_scheduler = load_denoiser_parts(model, revision, vae_model, dtypes)
     return Models(text_encoder, vae, unet, noise_scheduler, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
                   family=NAME)
 
