@@ -16,7 +16,7 @@ export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo figures test unit notebooks ablations pretrain bench clean
+.PHONY: install demo figures test unit notebooks ablations pretrain bench train-2proc clean
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,18 @@ ablations: install
 pretrain: install
 	$(PY) -m dreambooth_lib.toyworld pretrain --out runs/toy_model_cycle1
 	$(PY) -m dreambooth_lib.toyworld pretrain --init runs/toy_model_cycle1 --seed 1 --steps 3400 --lr 1.5e-4
+
+# Several processes on a CPU (README, "Scaling out"): the demo's fine-tune (4 instance + 4 class pictures
+# per step) as 2 gloo processes of 2 + 2 each. `accelerate launch --cpu --num_processes 2` would start ONE
+# process (accelerate's simple launcher; several CPU processes need MPI there); `--multi_gpu` starts them
+# with torchrun, and ACCELERATE_USE_CPU=true makes them gloo CPU processes. Extra flags: ARGS="--max_train_steps 20".
+train-2proc: install
+	ACCELERATE_USE_CPU=true OMP_NUM_THREADS=1 $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 \
+	  --num_machines 1 --mixed_precision no --dynamo_backend no -m dreambooth_lib train \
+	  --instance_dir data/subjects/marked_star --class_noun star --resolution 32 --num_class_images 100 \
+	  --class_batch_size 50 --class_inference_steps 25 --class_guidance_scale 7 --max_train_steps 400 \
+	  --learning_rate 1e-4 --train_text_encoder --text_encoder_lr 3e-5 --train_batch_size 2 \
+	  --checkpointing_steps 200 --validation_steps 0 --output_dir runs/two_processes $(ARGS)
 
 bench: install
 	$(PY) benchmarks/bench_train.py --smoke

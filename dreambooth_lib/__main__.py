@@ -90,25 +90,32 @@ def peak_memory() -> dict:
 
 
 def cmd_train(args) -> int:
+    from .distributed import process_state
     from .train import train
     summary = train(config_from_args(args))
-    print(f"summary: {Path(summary['config']['output_dir']) / 'summary.json'}")
+    if process_state().is_main_process:  # several processes (accelerate launch): one summary, one line
+        print(f"summary: {Path(summary['config']['output_dir']) / 'summary.json'}")
     return 0
 
 
 def cmd_class_images(args) -> int:
-    from . import data, families
+    from . import data, distributed, families
     from .train import class_image_paths
     cfg = families.with_native_resolution(config_from_args(args))
     class_prompt = data.validate_class_image_config(cfg)  # no subject photos needed, unlike train
     families.check(cfg)
     started = time.time()
-    paths = class_image_paths(cfg, class_prompt)
+    main = distributed.process_state().is_main_process
+    info = print if main else (lambda *a, **k: None)
+    state = distributed.check_launch(info)  # several processes share the images out (each has its own seed)
+    paths = class_image_paths(cfg, class_prompt, log=info)
     folder = paths[0].parent
-    summary = dict(config=cfg.to_dict(), class_prompt=class_prompt, class_dir=str(folder), num_images=len(paths),
-                   wall_time_s=time.time() - started, device=_device(), **peak_memory())
-    (folder / "class_images_summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"{len(paths)} class images in {folder}")
+    if main:
+        summary = dict(config=cfg.to_dict(), class_prompt=class_prompt, class_dir=str(folder), num_images=len(paths),
+                       wall_time_s=time.time() - started, device=_device(), num_processes=state.num_processes,
+                       **peak_memory())
+        (folder / "class_images_summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"{len(paths)} class images in {folder}")
     return 0
 
 

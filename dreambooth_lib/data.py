@@ -550,9 +550,9 @@ def ensure_class_images(
     The pipeline runs in `class_image_dtype(precision, device)` (recorded in the manifest); load it in
     that dtype to skip a cast. batch_size "auto": memory.class_batch_size for the free device memory.
     """
-    from accelerate import PartialState
+    from .distributed import process_state  # imported here: distributed imports this module
 
-    state = PartialState()
+    state = process_state()  # several processes (accelerate launch): each generates every N-th missing image
     dtype = class_image_dtype(precision, torch.device(device or state.device))
     manifest = dataclasses.replace(manifest, dtype=str(dtype).removeprefix("torch."))
     class_dir = Path(class_dir)

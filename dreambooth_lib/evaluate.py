@@ -5,7 +5,8 @@ The paper renders 25 prompts per subject, 4 images each: objects get 20 recontex
 and 5 property modification. The prompt lists below follow that structure with our own wording.
 Each category gets DINO, CLIP-I, CLIP-T and DIV; the overall row adds PRES, computed on the
 fine-tuned model's plain "a [class noun]" images. Results are written as JSON + CSV next to the
-paper's Table 1 rows, with one example grid per category.
+paper's Table 1 rows, with one example grid per category. Under `accelerate launch --num_processes N`
+the prompts are dealt to the processes and their images gathered: the table equals one process's.
 
     python -m dreambooth_lib evaluate --model runs/dog --subject-dir data/dog --class-noun dog --identifier sks --live
 """
@@ -23,6 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import distributed
 from .data import InputError, load_instance_images
 from .metrics import (
     CLIP_ID,
@@ -171,6 +173,8 @@ def evaluate_run(
     {row: {column: value}}, merged into the table. With `out_dir`: results.json, results.csv,
     grid_<category>.png and every image under images/<category>/.
     Returns {"columns", "rows", "paper", "prompts", "missing", "settings", "files"}.
+    Several processes (accelerate launch): each renders its share of the prompts (every prompt's seeds in
+    one batch, as one process would), all get every image and the same table; the main one writes files.
     """
     seeds = list(range(n_per_prompt)) if seeds is None else [int(s) for s in seeds]
     check_inputs(class_noun, identifier, n_per_prompt, seeds)
@@ -182,9 +186,12 @@ def evaluate_run(
     templates = prompt_set(live, prompt_limit)
     jobs = [(cat, fill(t, identifier, class_noun)) for cat, ts in templates.items() for t in ts]
     jobs.append((CLASS_CATEGORY, CLASS_PROMPT.format(class_noun=class_noun)))
+    main = distributed.process_state().is_main_process
+    mine = distributed.my_share(jobs)
+    done = [(i, generate(pipe, prompt, seeds, guidance_scale, num_inference_steps, batch_size=len(seeds), progress=False))
+            for i, (cat, prompt) in tqdm(mine, desc="evaluate: generating", unit="prompt", disable=not main)]
     groups: dict[str, list[tuple[str, list[Image.Image]]]] = {}
-    for cat, prompt in tqdm(jobs, desc="evaluate: generating", unit="prompt"):
-        images = generate(pipe, prompt, seeds, guidance_scale, num_inference_steps, batch_size=len(seeds), progress=False)
+    for (cat, prompt), images in zip(jobs, distributed.gather_results(done, len(jobs))):
         groups.setdefault(cat, []).append((prompt, images))
     images_by_cat = {cat: [im for _, ims in g for im in ims] for cat, g in groups.items()}
 
@@ -244,7 +251,7 @@ def evaluate_run(
         ),
         "files": {},
     }
-    if out_dir is not None:
+    if out_dir is not None and main:
         result["files"] = save_results(result, groups, Path(out_dir), seeds, grid_prompts)
     return result
 
@@ -342,9 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for flag, value in (("--model", args.model), ("--lora", args.lora)):
         if value and value.startswith(("/", ".", "~")) and not Path(value).expanduser().exists():
             raise InputError(f"{flag} {value} does not exist: pass the training output folder or a hub id")
-    device = default_device()
+    state = distributed.process_state()
+    main = state.is_main_process
+    distributed.check_launch(lambda line: print(f"[evaluate] {line}", file=sys.stderr) if main else None)
+    device = state.device if state.num_processes > 1 else default_device()  # several: each process its own GPU
     encoders, notes = load_encoders_for_cli(args.dino, args.clip, device)
-    for note in notes:
+    for note in notes if main else []:
         print(f"[evaluate] {note}", file=sys.stderr)
     pipe = load_pipeline(args.model, lora_dir=args.lora, device=device)
     result = evaluate_run(
@@ -353,8 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
         prompt_limit=args.prompt_limit, out_dir=args.out, batch_size=args.batch_size,
     )
-    print(format_table(result))
-    print(f"[evaluate] wrote {result['files']['json']}, {result['files']['csv']} and grids in {args.out}")
+    if main:
+        print(format_table(result))
+        print(f"[evaluate] wrote {result['files']['json']}, {result['files']['csv']} and grids in {args.out}")
     return 0
 
 

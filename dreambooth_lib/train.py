@@ -10,8 +10,8 @@ summary.json. Every piece is a function that notebooks and benchmarks call on th
 
 Exact resume: each random draw of a micro-step (data order, VAE sample, noise, timesteps) comes from a
 generator seeded by (seed, micro-step, rank), so a run resumed from checkpoint-N makes the same draws as
-an uninterrupted run; the checkpoint stores the rest (weights, optimizer, lr schedule, global RNG states
-used by LoRA dropout, loss history).
+an uninterrupted run; the checkpoint stores the rest (weights, optimizer, lr schedule, every process's
+global RNG states used by LoRA dropout, loss history). Several processes: see distributed.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import itertools
 import json
 import math
 import os
-import random
 import resource
 import shutil
 import time
@@ -33,7 +32,7 @@ from typing import Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
@@ -46,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
-from . import data, families, loss, memory
+from . import data, distributed, families, loss, memory
 from .config import TrainConfig
 from .families import Models  # noqa: F401  (train.Models: what load_models returns and prepare_training takes)
 from .sample import LORA_WEIGHTS, generate
@@ -195,7 +194,7 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Pa
         scheduler=data.sampler_name(class_sampler_config(cfg)), num_inference_steps=cfg.class_inference_steps,
         guidance_scale=cfg.class_guidance_scale, seed=cfg.seed, family=family.NAME, vae_model=cfg.vae_model)
 
-    device = PartialState().device
+    device = distributed.process_state().device
     dtype = data.class_image_dtype(cfg.prior_generation_precision, device)
 
     def make_pipeline():  # loaded in the sampling dtype: no cast afterwards
@@ -279,18 +278,21 @@ def step_generator(seed: int, micro_step: int, rank: int, device) -> torch.Gener
 
 
 def latents_and_conditioning(batch: dict, models: Models, tokenizer, text_cache: dict | None, latents_cached: bool,
-                             generator: torch.Generator, device) -> tuple[torch.Tensor, object]:
+                             generator: torch.Generator, device, text_encoders=None) -> tuple[torch.Tensor, object]:
     """(z, c) for a collated batch, row i of both describing batch["prompts"][i] (instances, then classes).
 
     c is what the family's UNet takes besides (x_t, t): SD's text hidden states, or a dict of UNet keyword
-    arguments (families/<family>.py, unet_conditioning)."""
+    arguments (families/<family>.py, unet_conditioning). text_encoders: the trained ones as accelerate
+    prepared them (several processes: DDP wrappers, whose backward averages their gradients across
+    processes); None = the models' own."""
     values = batch["values"].to(device)
     latents = values if latents_cached else vae_latents(models.vae, values, generator)
     if text_cache is not None:
         text = stack_rows([text_cache[p] for p in batch["prompts"]])
         text = {k: v.to(device) for k, v in text.items()} if isinstance(text, dict) else text.to(device)
     else:
-        text = encode_prompts(*text_stack(models, tokenizer), batch["prompts"])
+        tokenizers, encoders = text_stack(models, tokenizer)
+        text = encode_prompts(tokenizers, encoders if text_encoders is None else text_encoders, batch["prompts"])
     return latents, families.get(models.family).unet_conditioning(text, batch.get("sizes"))
 
 
@@ -406,18 +408,21 @@ def _decode(obj, tensors: dict):
     return obj
 
 
-def save_training_state(folder: Path, step: int, optimizer, lr_scheduler, history: list[dict], cfg: TrainConfig) -> None:
-    """Optimizer + lr schedule + RNG states as safetensors + JSON (no pickles, so nothing runs on load)."""
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    np_state = np.random.get_state()
+def save_training_state(folder: Path, step: int, optimizer, lr_scheduler, history: list[dict], cfg: TrainConfig,
+                        rng_states: list[dict] | None = None) -> None:
+    """Optimizer + lr schedule + RNG states as safetensors + JSON (no pickles, so nothing runs on load).
+
+    rng_states: every process's distributed.rng_state() in rank order (distributed.gather_rng_states);
+    None = this process's only (one process). Optimizer and schedule are the same on every process.
+    """
+    rng_states = [distributed.rng_state()] if rng_states is None else rng_states
+    tensors = {}
     state = dict(
         global_step=step,
+        num_processes=len(rng_states),
         optimizer=_encode(optimizer.state_dict(), "optimizer", tensors),
         lr_scheduler=_encode(lr_scheduler.state_dict(), "lr_scheduler", tensors),
-        rng_python=list(random.getstate()),
-        rng_numpy=[np_state[0], np_state[1].tolist(), *np_state[2:]],
+        rng=_encode(rng_states, "rng", tensors),  # rng[r] = process r's python / numpy / torch / cuda states
         history=history,
         config=cfg.to_dict(),  # sample.load_pipeline finds the base model here
     )
@@ -425,19 +430,33 @@ def save_training_state(folder: Path, step: int, optimizer, lr_scheduler, histor
     (folder / STATE_JSON).write_text(json.dumps(state))
 
 
-def load_training_state(folder: Path, optimizer, lr_scheduler) -> tuple[int, list[dict]]:
+def checkpoint_processes(folder: Path) -> int:
+    """How many processes wrote checkpoint `folder` (each process's RNG state is in it)."""
+    return json.loads((folder / STATE_JSON).read_text()).get("num_processes", 1)  # 1: before several were stored
+
+
+def check_processes(folder: Path, num_processes: int) -> None:
+    written = checkpoint_processes(folder)
+    if written != num_processes:
+        raise data.InputError(
+            f"{folder} was written by a run of {written} process(es) and this run has {num_processes}: the data "
+            "each process sees and its random draws depend on the number of processes, so the resumed run would "
+            f"not continue the same training. Resume with {written} process(es) (accelerate launch --num_processes "
+            f"{written}), or start a new run (resume=None) and load the weights yourself")
+
+
+def load_training_state(folder: Path, optimizer, lr_scheduler, rank: int = 0, num_processes: int = 1) -> tuple[int, list[dict]]:
+    """Restore optimizer, lr schedule and process `rank`'s RNG states; returns (step, history)."""
+    check_processes(folder, num_processes)
     tensors = load_file(folder / STATE_TENSORS)
     state = json.loads((folder / STATE_JSON).read_text())
     optimizer.load_state_dict(_decode(state["optimizer"], tensors))
     lr_scheduler.load_state_dict(_decode(state["lr_scheduler"], tensors))
-    version, internal, gauss = state["rng_python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["rng_numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    if "rng" in state:
+        distributed.set_rng_state(_decode(state["rng"], tensors)[rank])
+    else:  # written before every process's state was stored: one process, flat keys
+        distributed.set_rng_state(dict(python=state["rng_python"], numpy=state["rng_numpy"], torch=tensors["rng.torch"],
+                                       cuda=[tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]))
     return state["global_step"], state["history"]
 
 
@@ -451,17 +470,19 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(done, key=checkpoint_step, default=None)
 
 
-def resolve_resume(cfg: TrainConfig, log=print) -> Path | None:
+def resolve_resume(cfg: TrainConfig, log=print, num_processes: int = 1) -> Path | None:
     if cfg.resume is None:
         return None
     if cfg.resume == "latest":
-        found = latest_checkpoint(cfg.output_dir)
-        if found is None:
+        path = latest_checkpoint(cfg.output_dir)
+        if path is None:
             log(f"resume='latest': no checkpoint in {cfg.output_dir}; starting a new run")
-        return found
-    path = Path(cfg.resume)
-    if not (path / STATE_JSON).is_file():
-        raise data.InputError(f"resume={cfg.resume!r}: no {STATE_JSON} there; pass a checkpoint-N folder or 'latest'")
+            return None
+    else:
+        path = Path(cfg.resume)
+        if not (path / STATE_JSON).is_file():
+            raise data.InputError(f"resume={cfg.resume!r}: no {STATE_JSON} there; pass a checkpoint-N folder or 'latest'")
+    check_processes(path, num_processes)  # before anything is loaded
     return path
 
 
@@ -503,14 +524,15 @@ def write_text_durably(path: Path, text: str) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, unet, text_encoder, optimizer, lr_scheduler,
-                    history: list[dict], cfg: TrainConfig) -> Path:
-    """Write checkpoint-N durably (temp folder, fsync, rename, fsync), then prune to checkpoints_total_limit."""
+                    history: list[dict], cfg: TrainConfig, rng_states: list[dict] | None = None) -> Path:
+    """Write checkpoint-N durably (temp folder, fsync, rename, fsync), then prune to checkpoints_total_limit.
+    Called by the main process only, with every process's rng_states (see save_training_state)."""
     output_dir = Path(output_dir)
     tmp, final = output_dir / f".tmp-checkpoint-{step}", output_dir / f"checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_weights(tmp, unet, text_encoder, cfg)
-    save_training_state(tmp, step, optimizer, lr_scheduler, history, cfg)
+    save_training_state(tmp, step, optimizer, lr_scheduler, history, cfg, rng_states)
     old = output_dir / f".old-checkpoint-{step}"
     shutil.rmtree(old, ignore_errors=True)  # left by a crash during an earlier re-save
     if final.exists():  # re-saving a step after resuming from an earlier checkpoint
@@ -644,6 +666,12 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps)
 
 
+def effective_batch_size(cfg: TrainConfig, num_processes: int) -> int:
+    """Images per optimizer step: instances x accumulation x processes, doubled by the class half (prior)."""
+    prior = 2 if cfg.with_prior_preservation else 1
+    return cfg.train_batch_size * cfg.gradient_accumulation_steps * num_processes * prior
+
+
 # --- one optimizer step ---------------------------------------------------------------------------
 
 @dataclass
@@ -727,6 +755,10 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
     *trained, optimizer = accelerator.prepare(*trained_modules(models, cfg), optimizer)
     for module in trained:
         module.train()  # from_pretrained gives eval mode, while new LoRA dropout layers start in train mode
+    if accelerator.process_index > 0:
+        # LoRA dropout draws from the global RNG: seeded alike (for the same LoRA init), every process would
+        # drop the same units; from here each has its own stream (seed + rank; rank 0 keeps the one-process one).
+        set_seed(cfg.seed, device_specific=True)
     # Compiled after prepare (it wraps whatever prepare returned); checkpoints unwrap trained[0], not this.
     unet, loss_fn = trained[0], noised_loss
     compile_kw = dict(backend=cfg.compile_backend, **({"mode": cfg.compile_mode} if cfg.compile_backend == "inductor" else {}))
@@ -754,7 +786,8 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
                           last_checkpoint=resume_from, loss_fn=loss_fn, memory_plan=plan,
                           phase_s={"cache": time.perf_counter() - cache_started})
     if resume_from is not None:  # last: restores the global RNG exactly as it was after the checkpoint's step
-        state.start_step, state.history = load_training_state(resume_from, optimizer, lr_scheduler)
+        state.start_step, state.history = load_training_state(resume_from, optimizer, lr_scheduler,
+                                                              accelerator.process_index, accelerator.num_processes)
     return state
 
 
@@ -792,7 +825,7 @@ def train_step(state: TrainingState, step: int) -> dict:
         batch = data.collate_examples([state.dataset[i] for i in idx], with_prior)
         with acc.accumulate(*state.trained):
             latents, hidden = latents_and_conditioning(batch, state.models, state.tokenizer, state.text_cache,
-                                                       cfg.cache_latents, gen, device)
+                                                       cfg.cache_latents, gen, device, state.trained[1:] or None)
             step_loss, parts = diffusion_loss(state.unet, state.models.noise_scheduler, latents, hidden, cfg,
                                               with_prior, gen, loss_fn=state.loss_fn)
             acc.backward(step_loss)
@@ -831,11 +864,12 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
     info = log if main else (lambda *a, **k: None)
+    distributed.check_launch(info)  # logs the number of processes; refuses N processes that each run alone
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     set_seed(cfg.seed)  # LoRA init and dropout; per-step draws use step_generator
     output_dir = Path(cfg.output_dir)
-    resume_from = resolve_resume(cfg, info)
+    resume_from = resolve_resume(cfg, info, accelerator.num_processes)
 
     # 1. prompts and data: "a [V] dog" for the subject, "a dog" for the prior; pixels in [-1, 1].
     tokenizer = load_tokenizer(cfg)
@@ -870,6 +904,10 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
         info(f"resumed from {resume_from} at step {step}")
     info(f"training {family.NAME} {'LoRA' if cfg.use_lora else 'full UNet'}{' + text encoder' if cfg.train_text_encoder else ''}: "
          f"{n_params:,} parameters, {len(state.dataset)} items, steps {step}->{cfg.max_train_steps}")
+    effective_batch = effective_batch_size(cfg, accelerator.num_processes)
+    per_micro = f"({cfg.train_batch_size} instance + {cfg.train_batch_size} class)" if with_prior else f"{cfg.train_batch_size}"
+    info(f"effective batch {effective_batch} images per optimizer step = {per_micro} x {cfg.gradient_accumulation_steps} "
+         f"accumulation x {accelerator.num_processes} processes (learning_rate {cfg.learning_rate:g} is not scaled by it)")
 
     # 3. the loop: one optimizer step, then checkpoint / validation at their multiples.
     step_seconds = []
@@ -883,10 +921,11 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             bar.update()
             if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
+                rng_states = distributed.gather_rng_states()  # every process's, so each resumes its own stream
                 if main:
                     state.last_checkpoint = save_checkpoint(
                         output_dir, step, accelerator.unwrap_model(unet), unwrap_all(accelerator, text_encoders),
-                        state.optimizer, state.lr_scheduler, state.history, cfg)
+                        state.optimizer, state.lr_scheduler, state.history, cfg, rng_states)
                 accelerator.wait_for_everyone()
             if cfg.validation_steps and step % cfg.validation_steps == 0:
                 if main:
@@ -910,7 +949,8 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
         optimizer=optimizer_name(state.optimizer), memory_plan=state.memory_plan.to_dict(),
         gradient_checkpointing=state.memory_plan.gradient_checkpointing,
         trainable_parameters=n_params, device=str(accelerator.device),
-        num_processes=accelerator.num_processes, **peak_memory(), phase_s=phase_s)
+        num_processes=accelerator.num_processes, effective_batch_size=effective_batch, **peak_memory(),
+        phase_s=phase_s)
     if main:
         summary["weights"] = str(save_final(output_dir, accelerator.unwrap_model(unet),
                                             unwrap_all(accelerator, text_encoders), cfg))

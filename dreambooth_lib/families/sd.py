@@ -38,7 +38,7 @@ def encode_prompts(tokenizers, text_encoders, prompts: list[str]) -> torch.Tenso
     (tokenizer,), (text_encoder,) = tokenizers, text_encoders
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
-    return text_encoder(ids.to(text_encoder.device))[0]
+    return text_encoder(ids.to(next(text_encoder.parameters()).device))[0]  # also through a DDP wrapper
 
 
 def unet_conditioning(text: torch.Tensor, sizes: torch.Tensor | None) -> torch.Tensor:

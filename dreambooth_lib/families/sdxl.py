@@ -63,7 +63,7 @@ def encode_prompts(tokenizers, text_encoders, prompts: list[str]) -> dict[str, t
     for tokenizer, text_encoder in zip(tokenizers, text_encoders):
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
-        out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
+        out = text_encoder(ids.to(next(text_encoder.parameters()).device), output_hidden_states=True)  # DDP wrapper too
         hidden.append(out.hidden_states[-2])  # penultimate layer, as SDXL was trained
     # out[0] of the last (projection) encoder: its pooled, projected embedding.
     return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": out[0]}

@@ -1,0 +1,96 @@
+"""Several processes, one result: what `accelerate launch --num_processes N` changes.
+
+accelerate runs one copy of the program per process (one per GPU; gloo processes on a CPU). Every copy
+loads the models and runs the same code; what differs per process is which items it works on:
+class images (data.ensure_class_images: image i by index, each with its own seed), training batches
+(train.batch_indices: one data stream dealt to the processes; DDP averages the gradients) and the
+evaluation prompts (evaluate.evaluate_run). The main process alone writes checkpoints, weights and
+tables. This module holds the small pieces that are about processes rather than DreamBooth: checking
+that the launch gave the processes that were asked for, every process's RNG state for an exact resume,
+and dealing out / gathering work.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Callable
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object, parse_flag_from_env
+
+from .data import InputError
+
+CPU_LAUNCH = "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m dreambooth_lib train ..."
+
+
+def process_state() -> PartialState:
+    """accelerate's process state (rank, number of processes, device), shared by the whole program.
+
+    Accelerator() reads ACCELERATE_USE_CPU (gloo processes on CPUs); PartialState() alone does not, so code
+    that runs before any Accelerator (class-images, evaluate) would see one process per copy without this.
+    """
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def check_launch(log: Callable[[str], None] = print) -> PartialState:
+    """Log how many processes this run got; stop a launch where each process would run alone.
+
+    torchrun (what `accelerate launch --multi_gpu` calls) sets WORLD_SIZE=N in every process it starts;
+    if accelerate then sets up a single process (no GPU visible, ACCELERATE_USE_CPU unset), N copies would
+    each train alone and overwrite each other's files: refused. accelerate's simple launcher (chosen for
+    `--cpu`, or for `--num_processes N` without `--multi_gpu` on a machine with < 2 GPUs) starts ONE
+    process and sets MASTER_ADDR only when N > 1 was asked for: a loud warning, since the run is correct,
+    just N times slower than intended.
+    """
+    state = process_state()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes == 1 and world > 1:
+        raise InputError(
+            f"this process is one of WORLD_SIZE={world} started by the launcher, but accelerate set up a single "
+            "process (no GPU visible and ACCELERATE_USE_CPU unset), so each would train alone and write the same "
+            f"files. On CPUs launch with: {CPU_LAUNCH}; on GPUs check that every process sees its GPU (nvidia-smi)")
+    if state.num_processes == 1 and "MASTER_ADDR" in os.environ and "ACCELERATE_MIXED_PRECISION" in os.environ:
+        log("WARNING: `accelerate launch` was asked for several processes but started ONE (its simple launcher: "
+            "`--cpu`, or no `--multi_gpu` with fewer than 2 GPUs). Running on 1 process. For N CPU processes: "
+            f"{CPU_LAUNCH}")
+    log(f"processes: {state.num_processes} ({state.distributed_type.value}, device {state.device})")
+    return state
+
+
+def rng_state() -> dict:
+    """This process's global RNG states (python, numpy, torch CPU, CUDA): what LoRA dropout draws from."""
+    np_state = np.random.get_state()
+    return dict(python=list(random.getstate()), numpy=[np_state[0], np_state[1].tolist(), *np_state[2:]],
+                torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states() -> list[dict]:
+    """Every process's rng_state(), in rank order, on every process (a collective: all must call it)."""
+    return gather_object([rng_state()])
+
+
+def my_share(items: list) -> list[tuple[int, object]]:
+    """(index, item) pairs this process works on: items dealt round-robin by rank."""
+    state = process_state()
+    return list(enumerate(items))[state.process_index::state.num_processes]
+
+
+def gather_results(done: list[tuple[int, object]], n: int) -> list:
+    """Inverse of my_share: every process's (index, result) pairs -> the n results in index order, everywhere."""
+    by_index = dict(gather_object(done))
+    if sorted(by_index) != list(range(n)):
+        raise RuntimeError(f"gathered results for indices {sorted(by_index)}, expected 0..{n - 1}")
+    return [by_index[i] for i in range(n)]
