@@ -186,10 +186,10 @@ def evaluate_run(
     templates = prompt_set(live, prompt_limit)
     jobs = [(cat, fill(t, identifier, class_noun)) for cat, ts in templates.items() for t in ts]
     jobs.append((CLASS_CATEGORY, CLASS_PROMPT.format(class_noun=class_noun)))
-    main = distributed.process_state().is_main_process
+    is_main = distributed.process_state().is_main_process
     mine = distributed.my_share(jobs)
     done = [(i, generate(pipe, prompt, seeds, guidance_scale, num_inference_steps, batch_size=len(seeds), progress=False))
-            for i, (cat, prompt) in tqdm(mine, desc="evaluate: generating", unit="prompt", disable=not main)]
+            for i, (cat, prompt) in tqdm(mine, desc="evaluate: generating", unit="prompt", disable=not is_main)]
     groups: dict[str, list[tuple[str, list[Image.Image]]]] = {}
     for (cat, prompt), images in zip(jobs, distributed.gather_results(done, len(jobs))):
         groups.setdefault(cat, []).append((prompt, images))
@@ -251,7 +251,7 @@ def evaluate_run(
         ),
         "files": {},
     }
-    if out_dir is not None and main:
+    if out_dir is not None and is_main:
         result["files"] = save_results(result, groups, Path(out_dir), seeds, grid_prompts)
     return result
 
@@ -350,11 +350,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value and value.startswith(("/", ".", "~")) and not Path(value).expanduser().exists():
             raise InputError(f"{flag} {value} does not exist: pass the training output folder or a hub id")
     state = distributed.process_state()
-    main = state.is_main_process
-    distributed.check_launch(lambda line: print(f"[evaluate] {line}", file=sys.stderr) if main else None)
+    is_main = state.is_main_process
+    distributed.check_launch(lambda line: print(f"[evaluate] {line}", file=sys.stderr) if is_main else None)
     device = state.device if state.num_processes > 1 else default_device()  # several: each process its own GPU
     encoders, notes = load_encoders_for_cli(args.dino, args.clip, device)
-    for note in notes if main else []:
+    for note in notes if is_main else []:
         print(f"[evaluate] {note}", file=sys.stderr)
     pipe = load_pipeline(args.model, lora_dir=args.lora, device=device)
     result = evaluate_run(
@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
         prompt_limit=args.prompt_limit, out_dir=args.out, batch_size=args.batch_size,
     )
-    if main:
+    if is_main:
         print(format_table(result))
         print(f"[evaluate] wrote {result['files']['json']}, {result['files']['csv']} and grids in {args.out}")
     return 0

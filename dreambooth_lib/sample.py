@@ -66,6 +66,9 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
     pipe = family.PIPELINE.from_pretrained(model, revision=revision, dtype=dtype, **family.PIPELINE_EXTRAS, **parts)
     if lora_dir is not None:
         pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHTS, adapter_name=adapter_name)
+    for component in pipe.components.values():  # the LoRA layers just added start in train mode: with the
+        if isinstance(component, torch.nn.Module):  # file's lora_dropout > 0 every image would drop random units
+            component.eval()
     pipe.set_progress_bar_config(disable=True)  # generate() shows one bar over all images instead
     return pipe.to(device)
 

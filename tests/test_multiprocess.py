@@ -151,3 +151,35 @@ def test_a_launch_that_runs_processes_alone_is_caught(monkeypatch):
     with pytest.raises(data.InputError, match="ACCELERATE_USE_CPU=true accelerate launch --multi_gpu"):
         distributed.check_launch(lines.append)
     assert PartialState().num_processes == 1
+
+
+def test_training_state_holds_every_process_rng_and_reads_the_older_format(tmp_path):
+    from safetensors.torch import save_file
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    saved = distributed.rng_state()
+    try:
+        states = []
+        for seed in (1, 2):
+            torch.manual_seed(seed)
+            states.append(distributed.rng_state())
+        T.save_training_state(tmp_path, 5, opt, sched, [], T.TrainConfig(), states)
+        for rank in (0, 1):  # each process gets its own state back
+            torch.manual_seed(99)
+            assert T.load_training_state(tmp_path, opt, sched, rank, num_processes=2)[0] == 5
+            assert torch.equal(torch.get_rng_state(), states[rank]["torch"])
+        with pytest.raises(data.InputError, match="written by a run of 2 process"):
+            T.load_training_state(tmp_path, opt, sched)
+        # A checkpoint written before several processes were stored: flat keys, one process.
+        state = json.loads((tmp_path / T.STATE_JSON).read_text())
+        del state["rng"], state["num_processes"]
+        state |= dict(rng_python=states[1]["python"], rng_numpy=states[1]["numpy"])
+        tensors = {k: v for k, v in load_file(tmp_path / T.STATE_TENSORS).items() if not k.startswith("rng.")}
+        save_file(tensors | {"rng.torch": states[1]["torch"]}, tmp_path / T.STATE_TENSORS)
+        (tmp_path / T.STATE_JSON).write_text(json.dumps(state))
+        torch.manual_seed(99)
+        assert T.checkpoint_processes(tmp_path) == 1 and T.load_training_state(tmp_path, opt, sched)[0] == 5
+        assert torch.equal(torch.get_rng_state(), states[1]["torch"])
+    finally:
+        distributed.set_rng_state(saved)

@@ -79,3 +79,16 @@ def test_grids_are_written_with_their_parameters(tiny_model_dir, lora_dir, tmp_p
     assert plain.size == (64, 32) and labelled.size == (256, 128)
     # the enlargement is nearest-neighbour: away from the label, each picture pixel becomes a 4x4 block
     assert labelled.crop((0, 124, 128, 128)).resize((32, 1), Image.NEAREST).tobytes() == plain.crop((0, 31, 32, 32)).tobytes()
+
+
+def test_a_lora_trained_with_dropout_samples_without_it(tiny_model_dir, tmp_path):
+    # The LoRA file records its LoraConfig (dropout included); load_lora_weights adds layers in train mode.
+    cfg = TrainConfig(pretrained_model=str(tiny_model_dir), use_lora=True, train_text_encoder=True, lora_dropout=0.5)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    T.add_lora(pipe.unet, pipe.text_encoder, cfg)
+    T.save_weights(tmp_path, pipe.unet, pipe.text_encoder, cfg)
+    pipe = load_pipeline(tiny_model_dir, lora_dir=tmp_path, device="cpu")
+    dropouts = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Dropout) and m.p == 0.5]
+    assert dropouts and not any(m.training for c in (pipe.unet, pipe.text_encoder, pipe.vae) for m in c.modules())
+    first, again = (arrays(generate(pipe, PROMPT, [0, 1], num_inference_steps=2, progress=False)) for _ in range(2))
+    assert np.array_equal(first, again)
