@@ -82,11 +82,17 @@ def test_grids_are_written_with_their_parameters(tiny_model_dir, lora_dir, tmp_p
 
 
 def test_a_lora_trained_with_dropout_samples_without_it(tiny_model_dir, tmp_path):
-    # The LoRA file records its LoraConfig (dropout included); load_lora_weights adds layers in train mode.
+    # A file whose LoraConfig metadata carries the dropout (save_weights now writes 0, but older files and
+    # other tools' do not): load_lora_weights builds those Dropout layers in train mode.
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
     cfg = TrainConfig(pretrained_model=str(tiny_model_dir), use_lora=True, train_text_encoder=True, lora_dropout=0.5)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
     T.add_lora(pipe.unet, pipe.text_encoder, cfg)
-    T.save_weights(tmp_path, pipe.unet, pipe.text_encoder, cfg)
+    named = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    StableDiffusionLoraLoaderMixin.save_lora_weights(
+        tmp_path, **{f"{n}_lora_layers": T.lora_layers(m) for n, m in named.items()},
+        **{f"{n}_lora_adapter_metadata": m.peft_config["default"].to_dict() for n, m in named.items()})
     pipe = load_pipeline(tiny_model_dir, lora_dir=tmp_path, device="cpu")
     dropouts = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Dropout) and m.p == 0.5]
     assert dropouts and not any(m.training for c in (pipe.unet, pipe.text_encoder, pipe.vae) for m in c.modules())
