@@ -82,6 +82,14 @@ def write_clip_tokenizer(words: list[str], folder: str | Path, model_max_length:
     return tokenizer
 
 
+def tiny_vae(sample_size: int, **config) -> AutoencoderKL:
+    """A 2-level AutoencoderKL (2x downsampling, 4 latent channels) for images of 2 * sample_size pixels."""
+    return AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16),
+                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4,
+                         norm_num_groups=4, sample_size=sample_size * 2, **config)
+
+
 def build_tiny_components(
     seed: int = 0,
     sample_size: int = 16,
@@ -102,16 +110,7 @@ def build_tiny_components(
         attention_head_dim=4,
         norm_num_groups=4,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=sample_size * 2,
-    )
+    vae = tiny_vae(sample_size)
     if tokenizer_dir is None:
         raise ValueError("build_tiny_components needs tokenizer_dir (write_clip_tokenizer writes one)")
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
@@ -191,18 +190,8 @@ def build_tiny_sdxl_components(seed: int = 0, sample_size: int = 16, tokenizer_d
         projection_class_embeddings_input_dim=6 * time_dim + projection,
         norm_num_groups=4,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=sample_size * 2,
-        scaling_factor=0.13025,  # SDXL's
-        force_upcast=True,  # SDXL's VAE config: fp16 overflows, pipelines decode in fp32
-    )
+    vae = tiny_vae(sample_size, scaling_factor=0.13025,  # SDXL's
+                   force_upcast=True)  # SDXL's VAE config: fp16 overflows, pipelines decode in fp32
     scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                        beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
