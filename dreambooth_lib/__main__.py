@@ -195,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_evaluate(argv[1:])
     args = build_parser().parse_args(argv)
     from .data import InputError
-    from .train import TrainingDiverged
+    from .train import SaveFailed, TrainingDiverged
     try:
         return {"train": cmd_train, "class-images": cmd_class_images, "sample": cmd_sample,
                 "export-lora": cmd_export_lora}[args.command](args)
-    except (InputError, TrainingDiverged) as err:
+    except (InputError, TrainingDiverged, SaveFailed) as err:  # the message says what to do; no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2 if isinstance(err, InputError) else 1
 

@@ -17,10 +17,12 @@ global RNG states used by LoRA dropout, loss history). Several processes: see di
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import time
@@ -41,6 +43,7 @@ from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
@@ -56,6 +59,11 @@ STATE_JSON, STATE_TENSORS = "training_state.json", "training_state.safetensors"
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; nothing of the diverged step was saved."""
+
+
+class SaveFailed(OSError):
+    """Writing a checkpoint or the final weights failed (full disk, quota, I/O error). Its half-written
+    temp folder is removed; the message names the checkpoint that is intact and how to resume."""
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -471,6 +479,11 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def resolve_resume(cfg: TrainConfig, log=print, num_processes: int = 1) -> Path | None:
+    """The checkpoint to resume from (None: a new run), checked before any model is loaded: its files
+    are whole (check_checkpoint), it was written by as many processes, it holds the weights cfg trains.
+
+    resume="latest" never skips a damaged newest checkpoint on its own: the error names it and the
+    newest earlier complete one, so the user decides to go back (and lose those steps) knowingly."""
     if cfg.resume is None:
         return None
     if cfg.resume == "latest":
@@ -482,8 +495,62 @@ def resolve_resume(cfg: TrainConfig, log=print, num_processes: int = 1) -> Path 
         path = Path(cfg.resume)
         if not (path / STATE_JSON).is_file():
             raise data.InputError(f"resume={cfg.resume!r}: no {STATE_JSON} there; pass a checkpoint-N folder or 'latest'")
+    check_checkpoint(path)
     check_processes(path, num_processes)  # before anything is loaded
+    weights = path / LORA_WEIGHTS if cfg.use_lora else path / "unet"
+    if not weights.exists():
+        raise data.InputError(f"{path} holds no {weights.name} (use_lora={cfg.use_lora} needs it): it was saved by a "
+                              f"{'full fine-tune' if cfg.use_lora else 'LoRA run'}; resume with the use_lora it was trained with")
     return path
+
+
+def checkpoint_damage(folder: Path) -> str | None:
+    """Why checkpoint `folder` cannot be read whole ("<file>: <reason>"), or None. Every .json must parse
+    and every .safetensors header must describe exactly the file's bytes (safetensors checks that when
+    opening), which a truncated, emptied or overwritten file fails. Headers only: seconds for several GB.
+    Flipped bits inside tensor data of the right length are not found (checkpoints store no checksums)."""
+    required = [folder / STATE_JSON, folder / STATE_TENSORS]
+    for path in required + sorted(p for p in folder.rglob("*") if p.suffix in (".json", ".safetensors") and p not in required):
+        try:
+            if path.suffix == ".json":
+                json.loads(path.read_text())
+            else:
+                with safe_open(path, "pt"):
+                    pass
+        except FileNotFoundError:
+            return f"{path} is missing"
+        except (ValueError, SafetensorError, OSError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            return f"{path} is cut short or corrupt: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+    return None
+
+
+def earlier_intact_checkpoint(folder: Path) -> Path | None:
+    """The newest complete, undamaged checkpoint-N beside `folder` with a smaller step, or None."""
+    try:
+        below = checkpoint_step(folder)
+    except (IndexError, ValueError):  # a folder not named checkpoint-N: any checkpoint beside it
+        below = math.inf
+    done = [p for p in folder.parent.glob("checkpoint-*") if (p / STATE_JSON).is_file() and p != folder]
+    for path in sorted((p for p in done if checkpoint_step(p) < below), key=checkpoint_step, reverse=True):
+        if checkpoint_damage(path) is None:
+            return path
+    return None
+
+
+def check_checkpoint(folder: Path) -> None:
+    """InputError naming the damaged file of checkpoint `folder` and what to resume from instead."""
+    damage = checkpoint_damage(folder)
+    if damage is None:
+        return
+    earlier = earlier_intact_checkpoint(folder)
+    if earlier is not None:
+        instead = (f"The newest earlier complete checkpoint is {earlier}: resume from it with resume={str(earlier)!r} "
+                   f"(CLI: --resume {earlier}), or delete {folder} and resume='latest' will pick it")
+    else:
+        instead = (f"No earlier complete checkpoint is in {folder.parent}: delete {folder} and start a new run "
+                   "(resume=None)")
+    raise data.InputError(f"checkpoint {folder} is damaged and cannot be resumed ({damage}); a disk that filled up "
+                          f"or a copy that stopped early leaves files like this. {instead}.")
 
 
 def fsync(path: Path) -> None:
@@ -508,6 +575,7 @@ def fsync_tree(folder: Path) -> None:
 def publish(tmp: Path, final: Path) -> None:
     """Durable atomic publish, as databases do: fsync what tmp holds, rename it to final (a file or a
     folder that does not exist yet), fsync the parent folder so that the rename itself is on disk."""
+    follow_umask(tmp)
     if tmp.is_dir():
         fsync_tree(tmp)
     else:
@@ -519,8 +587,58 @@ def publish(tmp: Path, final: Path) -> None:
 def write_text_durably(path: Path, text: str) -> None:
     """A small file (summary, manifest) written whole or not at all."""
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    publish(tmp, path)
+    try:
+        tmp.write_text(text)
+        publish(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: the half-written copy only takes what space is left
+        raise
+
+
+def follow_umask(path: Path) -> None:
+    """Give the file `path`, or every file under the folder `path`, the mode open() gives a new file
+    (0o666 less the process umask). safetensors >= 0.8 writes each file as a temp file created 0600 and
+    renames it (safetensors issue #782), so weights were readable by their owner only: on a shared
+    machine nobody else could sample them, unlike every other file of the run."""
+    mask = os.umask(0o022)  # reading the umask means setting it: put back at once
+    os.umask(mask)
+    for file in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        os.chmod(file, 0o666 & ~mask)
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """An error of the disk rather than of the program: an OSError, or safetensors' I/O error (its own
+    exception type, e.g. "I/O error: No space left on device (os error 28)")."""
+    return isinstance(err, OSError) or (isinstance(err, SafetensorError) and "I/O error" in str(err))
+
+
+def write_failure_reason(err: BaseException) -> str:
+    """"No space left on device (ENOSPC)" and the like, from an OSError or safetensors' message."""
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None and (found := re.search(r"os error (\d+)", str(err))):
+        code = int(found.group(1))
+    if code is None:
+        return str(err) or type(err).__name__
+    return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+
+
+def save_failed(what: str, path: Path, output_dir: Path, err: BaseException, left: str = "") -> SaveFailed:
+    """The error a failed write raises: what and where, why, which checkpoint is intact, how to go on."""
+    intact = latest_checkpoint(output_dir)
+    if intact is not None:
+        resume = (f"{intact} is intact: free space (or move output_dir to a bigger disk), then rerun with "
+                  f"resume='latest' (CLI: --resume latest) to continue from step {checkpoint_step(intact)}")
+    else:
+        resume = "no checkpoint was written before: free space (or pick another output_dir) and start the run again"
+    room = ""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) or re.search(r"os error (28|122)\b", str(err)):
+        room = (" Less to write: checkpoints_total_limit=1 keeps one checkpoint, use_lora=True saves megabytes "
+                "instead of gigabytes, save_precision='fp16' halves a full fine-tune's final pipeline.")
+    left = left or "what was half-written was removed"
+    failure = SaveFailed(f"could not write {what} {path}: {write_failure_reason(err)}. {left[0].upper() + left[1:]}; "
+                         f"{resume}.{room}")
+    failure.errno = err.errno if isinstance(err, OSError) else None
+    return failure
 
 
 def save_checkpoint(output_dir: str | Path, step: int, unet, text_encoder, optimizer, lr_scheduler,
@@ -529,15 +647,23 @@ def save_checkpoint(output_dir: str | Path, step: int, unet, text_encoder, optim
     Called by the main process only, with every process's rng_states (see save_training_state)."""
     output_dir = Path(output_dir)
     tmp, final = output_dir / f".tmp-checkpoint-{step}", output_dir / f"checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_weights(tmp, unet, text_encoder, cfg)
-    save_training_state(tmp, step, optimizer, lr_scheduler, history, cfg, rng_states)
     old = output_dir / f".old-checkpoint-{step}"
-    shutil.rmtree(old, ignore_errors=True)  # left by a crash during an earlier re-save
-    if final.exists():  # re-saving a step after resuming from an earlier checkpoint
-        os.replace(final, old)
-    publish(tmp, final)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_weights(tmp, unet, text_encoder, cfg)
+        save_training_state(tmp, step, optimizer, lr_scheduler, history, cfg, rng_states)
+        shutil.rmtree(old, ignore_errors=True)  # left by a crash during an earlier re-save
+        if final.exists():  # re-saving a step after resuming from an earlier checkpoint
+            os.replace(final, old)
+        publish(tmp, final)
+    except (OSError, SafetensorError) as err:
+        if not is_write_failure(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: the half-written folder only takes what is left
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        raise save_failed(f"checkpoint-{step}", tmp, output_dir, err) from err
     shutil.rmtree(old, ignore_errors=True)
     if cfg.checkpoints_total_limit is not None:
         done = sorted(output_dir.glob("checkpoint-*"), key=checkpoint_step)
@@ -550,6 +676,19 @@ def save_final(output_dir: str | Path, unet, text_encoder, cfg: TrainConfig) -> 
     """LoRA: output_dir/pytorch_lora_weights.safetensors. Full: a complete diffusers pipeline folder.
     Both fsynced; the LoRA file replaces an older one atomically (written beside it, then renamed)."""
     output_dir = Path(output_dir)
+    try:
+        return _save_final(output_dir, unet, text_encoder, cfg)
+    except (OSError, SafetensorError) as err:
+        if not is_write_failure(err):
+            raise
+        shutil.rmtree(output_dir / ".tmp-final", ignore_errors=True)
+        if cfg.use_lora:
+            raise save_failed("the final LoRA weights", output_dir / LORA_WEIGHTS, output_dir, err) from err
+        raise save_failed("the final pipeline into", output_dir, output_dir, err,
+                          left="its files there are incomplete until it is written again") from err
+
+
+def _save_final(output_dir: Path, unet, text_encoder, cfg: TrainConfig) -> Path:
     if cfg.use_lora:
         tmp = output_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -574,12 +713,155 @@ def save_final(output_dir: str | Path, unet, text_encoder, cfg: TrainConfig) -> 
             getattr(pipe, name).load_state_dict({k: v.to("cpu", dtype) for k, v in module.state_dict().items()})
     pipe.save_pretrained(output_dir, safe_serialization=True)
     for name in [*pipe.components, "model_index.json"]:  # what save_pretrained wrote (not checkpoints, grids)
+        if (output_dir / name).exists():
+            follow_umask(output_dir / name)
         if (output_dir / name).is_dir():
             fsync_tree(output_dir / name)
         elif (output_dir / name).is_file():
             fsync(output_dir / name)
     fsync(output_dir)
     return output_dir
+
+
+# --- disk space -----------------------------------------------------------------------------------
+# A full SD1.5 fine-tune's checkpoint is ~5 GB (fp32 UNet + 8-bit Adam states) and its final pipeline
+# ~4-5 GB more: on a Colab disk the run would die at its first checkpoint, hours in. So the sizes are
+# estimated once the models and optimizer exist (before the first step) and compared with the free space.
+
+def safetensors_bytes(tensors: dict) -> int:
+    """Size of a safetensors file of `tensors`: their bytes, plus a header entry each (name, dtype,
+    shape, offsets: ~ the name + 80 bytes of JSON)."""
+    return 8 + sum(t.numel() * t.element_size() + len(name) + 80 for name, t in tensors.items())
+
+
+def weights_bytes(trained: list[torch.nn.Module], cfg: TrainConfig) -> int:
+    """What save_weights writes for the (unwrapped) trained modules: the LoRA layers in one file with
+    each module's LoraConfig as metadata, or each module's state dict + config.json (save_pretrained)."""
+    if cfg.use_lora:
+        return sum(safetensors_bytes(lora_layers(m)) + 2048 for m in trained)
+    return sum(safetensors_bytes(m.state_dict()) + 4096 for m in trained)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """What save_training_state writes for the optimizer, known before its first step creates the state.
+
+    torch AdamW: exp_avg, exp_avg_sq in the parameter's dtype and a step. The 8-bit AdamWs (bitsandbytes,
+    torchao): a tensor of >= 4096 values keeps each state in 1 byte per value + an fp32 scale per block
+    of 256 values + its 256-entry fp32 quantization map; smaller tensors keep fp32 states. Each stored
+    tensor also costs a safetensors header entry and a JSON reference (~200 bytes)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    eight_bit = "8bit" in type(inner).__name__
+    total = 0
+    for group in inner.param_groups:
+        for p in group["params"]:
+            n = p.numel()
+            if eight_bit and n >= 4096:
+                states = [n, n, 4 * math.ceil(n / 256), 4 * math.ceil(n / 256), 4 * 256, 4 * 256]
+            elif eight_bit:
+                states = [4 * n, 4 * n]  # bitsandbytes keeps its step as a JSON number
+            else:
+                states = [n * p.element_size(), n * p.element_size(), 4]
+            total += sum(states) + 200 * len(states)
+    return total
+
+
+def checkpoint_bytes(trained: list[torch.nn.Module], optimizer, cfg: TrainConfig, num_processes: int = 1) -> int:
+    """Estimated size of one checkpoint-N: weights + optimizer + lr schedule, every process's RNG states,
+    loss history (at most max_train_steps records) and config."""
+    rng_tensors = {}
+    rng_json = len(json.dumps(_encode(distributed.rng_state(), "rng", rng_tensors)))
+    rng = num_processes * (rng_json + safetensors_bytes(rng_tensors))
+    return (weights_bytes(trained, cfg) + optimizer_state_bytes(optimizer) + rng + 160 * cfg.max_train_steps
+            + len(json.dumps(cfg.to_dict())) + 1024)
+
+
+def final_bytes(models: Models, cfg: TrainConfig, lora_bytes: int) -> int:
+    """Estimated size of what save_final writes: the LoRA file, or a whole pipeline in save_precision:
+    every module (trained or frozen) at that dtype, plus the base model's parts this run did not load
+    (e.g. SD1.5's safety_checker, counted from its safetensors headers) and small files (tokenizers,
+    configs) as they are in the base model's folder (a hub model's: from the local cache when there)."""
+    if cfg.use_lora:
+        return lora_bytes
+    size = {"fp32": 4, "fp16": 2, "bf16": 2}[cfg.save_precision]
+    loaded = {"unet": models.unet, "vae": models.vae, **dict(zip(families.of(cfg).TEXT_ENCODERS, models.text_encoders))}
+    total = sum(t.numel() * size + len(k) + 80 for m in loaded.values() for k, t in m.state_dict().items())
+    base = base_model_folder(cfg.pretrained_model, cfg.revision)
+    if base is None:
+        return total + 4 * 2**20  # tokenizer files and configs
+    parts = [k for k, v in families.model_index(str(base)).items() if isinstance(v, list) and v[0] is not None]
+    for path in [base / "model_index.json", *(p for part in parts for p in (base / part).rglob("*") if p.is_file())]:
+        if path.suffix not in (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx"):
+            total += path.stat().st_size
+        elif path.suffix == ".safetensors" and "." not in path.stem and path.relative_to(base).parts[0] not in loaded:
+            with safe_open(path, "pt") as f:  # a part this run did not load ("model.fp16.safetensors": a variant it skips)
+                total += sum(math.prod(f.get_slice(k).get_shape()) * size for k in f.keys())
+    return total
+
+
+def base_model_folder(model: str, revision: str | None) -> Path | None:
+    """A local pipeline folder, or a hub model's cached snapshot; None when it is not on this machine."""
+    if Path(model).is_dir():
+        return Path(model)
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(model, revision=revision, local_files_only=True))
+    except Exception:  # not cached (yet): the estimate then leaves out the parts this run did not load
+        return None
+
+
+def human_bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def check_disk_space(cfg: TrainConfig, checkpoint: int, final: int, start_step: int, log=print, free: int | None = None) -> dict:
+    """Refuse a run whose first checkpoint + final weights cannot fit on output_dir's disk; warn when
+    all the checkpoints it keeps would not. Returns the numbers (summary["disk"]).
+
+    Checkpoints kept: checkpoints_total_limit (None = all of them), and one more while a new one is
+    written before the oldest is pruned. Checkpoints already in output_dir (a resumed run) are in the
+    disk's used space; pruning frees them as new ones are written."""
+    output_dir = Path(cfg.output_dir).absolute()
+    existing_dir = next(p for p in (output_dir, *output_dir.parents) if p.exists())
+    free = shutil.disk_usage(existing_dir).free if free is None else free
+    every, limit = cfg.checkpointing_steps, cfg.checkpoints_total_limit
+    to_write = cfg.max_train_steps // every - start_step // every if every else 0
+    old = len([p for p in output_dir.glob("checkpoint-*") if (p / STATE_JSON).is_file()])
+
+    def needed(n: int, keep: int | None) -> int:  # the most new bytes at once: n checkpoints, then the final weights
+        if keep is None:
+            return n * checkpoint + final
+        while_writing = max(0, min(keep + 1, old + n) - old) * checkpoint if n else 0
+        return max(while_writing, max(0, min(keep, old + n) - old) * checkpoint + final)
+
+    first, everything = needed(min(to_write, 1), limit), needed(to_write, limit)
+    what = "LoRA file" if cfg.use_lora else f"{cfg.save_precision} pipeline"
+    numbers = dict(checkpoint_bytes=checkpoint, final_bytes=final, free_bytes=free, needed_bytes=everything)
+    if first > free:
+        todo = ["free space on that disk", "set output_dir to a disk with more room"]
+        if not cfg.use_lora:
+            todo.append("train LoRA (use_lora=True: megabytes instead of gigabytes)")
+            if cfg.save_precision == "fp32":
+                todo.append("save_precision='fp16' (half the final pipeline)")
+        if to_write:
+            todo.append("checkpointing_steps=0 (no checkpoints; a crash then loses the run)")
+        ckpt = f"one checkpoint ({human_bytes(checkpoint)}) + " if to_write else ""
+        raise data.InputError(
+            f"not enough disk space in output_dir {output_dir}: {ckpt}the final {what} ({human_bytes(final)}) need "
+            f"{human_bytes(first)}, {human_bytes(free)} is free (shutil.disk_usage of {existing_dir}). No training "
+            "step was run. Do one of: " + "; ".join(todo) + ".")
+    if everything > free:
+        kept = ("all are kept" if limit is None else
+                f"checkpoints_total_limit={limit} keeps {limit}, and {limit + 1} exist while the next is written")
+        fits = [k for k in range(1, (limit or to_write) + 1) if needed(to_write, k) <= free]
+        hint = f"Set checkpoints_total_limit={fits[-1]}" if fits else "Write fewer checkpoints (checkpointing_steps)"
+        log(f"warning: disk space: the {to_write} checkpoints of this run ({human_bytes(checkpoint)} each; {kept}) and "
+            f"the final {what} ({human_bytes(final)}) need up to {human_bytes(everything)} in {output_dir}, and "
+            f"{human_bytes(free)} is free: the run would stop with an error when the disk fills (earlier checkpoints "
+            f"stay intact). {hint}, free space, or move output_dir.")
+    return numbers
 
 
 # --- validation -----------------------------------------------------------------------------------
@@ -893,6 +1175,11 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     state = prepare_training(cfg, models, accelerator, tokenizer, inst_values, inst_prompts,
                              cls_values if with_prior else None, class_prompt if with_prior else None, resume_from, info,
                              inst_sizes, cls_sizes if with_prior else None)
+    trained = list(unwrap_all(accelerator, state.trained))  # before the first step: the checkpoint and final sizes
+    disk = check_disk_space(cfg, checkpoint_bytes(trained, state.optimizer, cfg, accelerator.num_processes),
+                            final_bytes(state.models, cfg, weights_bytes(trained, cfg)), state.start_step, info)
+    info(f"disk: a checkpoint ~{human_bytes(disk['checkpoint_bytes'])}, the final weights ~{human_bytes(disk['final_bytes'])}, "
+         f"{human_bytes(disk['free_bytes'])} free for {cfg.output_dir}")
     phase("setup")
     phase_s["setup"] -= state.phase_s["cache"]  # placement, LoRA, optimizer, accelerate.prepare, resume
     phase_s["cache"] = state.phase_s["cache"]
@@ -950,7 +1237,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
         gradient_checkpointing=state.memory_plan.gradient_checkpointing,
         trainable_parameters=n_params, device=str(accelerator.device),
         num_processes=accelerator.num_processes, effective_batch_size=effective_batch, **peak_memory(),
-        phase_s=phase_s)
+        phase_s=phase_s, disk=disk)
     if main:
         summary["weights"] = str(save_final(output_dir, accelerator.unwrap_model(unet),
                                             unwrap_all(accelerator, text_encoders), cfg))

@@ -86,3 +86,21 @@ def test_class_images_needs_no_photos_and_train_reuses_them(tiny_model_dir, inst
 
     assert cli.main(["class-images", "--num_class_images", "2"]) == 2  # still refuses what it cannot do
     assert "class_noun" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_a_message_not_a_traceback(tiny_model_dir, instance_dir, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import dreambooth_lib.train as T
+
+    def full_disk(folder, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(T, "save_weights", full_disk)
+    rc = cli.main(["train", "--pretrained_model", str(tiny_model_dir), "--instance_dir", str(instance_dir),
+                   "--class_noun", "dog", "--resolution", "32", "--use_lora", "--no-with_prior_preservation",
+                   "--max_train_steps", "1", "--validation_steps", "0", "--checkpointing_steps", "1",
+                   "--output_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "error: could not write checkpoint-1" in err and "No space left on device (ENOSPC)" in err
+    assert "no checkpoint was written before" in err and "Traceback" not in err

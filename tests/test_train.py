@@ -525,3 +525,197 @@ def test_frozen_parts_load_straight_in_the_mixed_precision_dtype(tiny_model_dir,
     # the same values as loading in fp32 and casting, as prepare_training did before
     for a, b in [(fp32.unet, lora.unet), (fp32.text_encoder, lora.text_encoder)]:
         assert all(torch.equal(x.to(torch.bfloat16), y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+# --- a bad day: a full disk, a damaged checkpoint -------------------------------------------------
+
+def folder_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_disk_estimate_is_within_15_percent_of_what_is_written(mode, tiny_model_dir, instance_dir, tmp_path):
+    kw = dict(use_lora=True, train_text_encoder=True) if mode == "lora" else dict(train_text_encoder=True)
+    out = tmp_path / "run"
+    summary = T.train(make_cfg(tiny_model_dir, instance_dir, out, checkpointing_steps=2, **kw), progress=False)
+    disk = summary["disk"]
+    final = folder_bytes(out / T.LORA_WEIGHTS) if mode == "lora" else sum(
+        folder_bytes(out / name) for name in ("unet", "text_encoder", "vae", "tokenizer", "scheduler", "model_index.json"))
+    assert disk["checkpoint_bytes"] == pytest.approx(folder_bytes(out / "checkpoint-2"), rel=0.15)
+    assert disk["final_bytes"] == pytest.approx(final, rel=0.15)
+    assert disk["free_bytes"] > 0 and disk["needed_bytes"] == disk["checkpoint_bytes"] + disk["final_bytes"]
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "adamw"])
+def test_optimizer_state_estimate_matches_the_saved_state(name, tmp_path):
+    # 8-bit AdamW: tensors of >= 4096 values keep 1-byte states + block scales, smaller ones fp32 states.
+    params = [torch.nn.Parameter(torch.randn(100, 100)), torch.nn.Parameter(torch.randn(300)),
+              torch.nn.Parameter(torch.randn(64, 80))]
+    cfg = TrainConfig(optimizer=name)
+    opt = T.make_optimizer([{"params": params, "lr": 1e-3}], cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    estimate = T.optimizer_state_bytes(opt)  # before the first step creates the state
+    (tmp_path / "before").mkdir(), (tmp_path / "after").mkdir()
+    T.save_training_state(tmp_path / "before", 0, opt, sched, [], cfg)
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    T.save_training_state(tmp_path / "after", 1, opt, sched, [], cfg)
+    grown = folder_bytes(tmp_path / "after") - folder_bytes(tmp_path / "before")
+    assert estimate == pytest.approx(grown, rel=0.1)
+    fp32 = 2 * 4 * sum(p.numel() for p in params)
+    assert (estimate < fp32 / 2) == (name == "adamw8bit")  # so the 8-bit case was really measured as 8-bit
+
+
+def test_disk_space_check_counts_kept_checkpoints(tmp_path):
+    # A checkpoint of 100 bytes, final weights of 50, 4 checkpoints to write (steps 1-4).
+    logs = []
+    cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2)
+    check = lambda free, start=0, **kw: T.check_disk_space(dataclasses.replace(cfg, **kw), 100, 50, start,  # noqa: E731
+                                                         logs.append, free=free)
+    with pytest.raises(data.InputError) as err:
+        check(149)  # the first checkpoint + the final weights: 150
+    message = str(err.value)
+    assert str(tmp_path / "run") in message and "150 bytes" in message and "149 bytes is free" in message
+    assert all(hint in message for hint in ("free space", "output_dir", "use_lora=True", "checkpointing_steps=0"))
+    # Fits at first, not when 2 are kept + 1 written (3 x 100) or 2 kept + the final (250): a warning.
+    assert check(150)["needed_bytes"] == 300 and "Write fewer checkpoints" in logs[-1] and "300 bytes" in logs[-1]
+    check(200)
+    assert "checkpoints_total_limit=1" in logs[-1]  # 1 kept: 2 x 100 while writing, 100 + 50 at the end
+    n = len(logs)
+    assert check(300)["needed_bytes"] == 300 and len(logs) == n  # everything fits: no warning
+    assert check(1000, checkpoints_total_limit=None)["needed_bytes"] == 4 * 100 + 50
+    assert check(50, checkpointing_steps=0)["needed_bytes"] == 50  # no checkpoints: the final weights only
+    # Resumed at step 2 with 2 checkpoints on disk: the next write needs one more, pruning frees the oldest.
+    for step in (1, 2):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+        (tmp_path / "run" / f"checkpoint-{step}" / T.STATE_JSON).write_text("{}")
+    assert check(100, start=2)["needed_bytes"] == 100
+
+
+def test_a_full_disk_is_refused_before_the_first_step(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
+    steps = []
+    monkeypatch.setattr(T, "train_step", lambda *a: steps.append(1))
+    monkeypatch.setattr(T.shutil, "disk_usage", lambda path: T.shutil._ntuple_diskusage(10**12, 10**12 - 10**4, 10**4))
+    cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / "run", checkpointing_steps=1)
+    with pytest.raises(data.InputError, match="not enough disk space in output_dir") as err:
+        T.train(cfg, progress=False)
+    assert "10.0 kB is free" in str(err.value) and not steps
+    assert not list((tmp_path / "run").glob("*checkpoint*")) and not (tmp_path / "run" / "summary.json").exists()
+
+
+def small_run(tiny_model_dir, instance_dir, out, **kw) -> TrainConfig:
+    """A LoRA run of 3 steps that keeps a checkpoint of every step."""
+    return make_cfg(tiny_model_dir, instance_dir, out, **{**dict(use_lora=True, optimizer="adamw", max_train_steps=3,
+                    checkpointing_steps=1, checkpoints_total_limit=None), **kw})
+
+
+def test_a_disk_that_fills_up_mid_save_loses_nothing_and_says_how_to_resume(tiny_model_dir, instance_dir, tmp_path,
+                                                                            monkeypatch):
+    import errno
+    out = tmp_path / "run"
+    cfg = small_run(tiny_model_dir, instance_dir, out)
+    real_state = T.save_training_state
+
+    def fill_up(folder, step, *a, **k):  # writes the real files, then the disk is full (mid-checkpoint)
+        real_state(folder, step, *a, **k)
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / T.STATE_JSON))
+
+    monkeypatch.setattr(T, "save_training_state", fill_up)
+    with pytest.raises(T.SaveFailed) as err:
+        T.train(cfg, progress=False)
+    message = str(err.value)
+    assert f"checkpoint-2 {out / '.tmp-checkpoint-2'}" in message and "No space left on device (ENOSPC)" in message
+    assert f"{out / 'checkpoint-1'} is intact" in message and "resume='latest'" in message and "--resume latest" in message
+    assert err.value.errno == errno.ENOSPC and isinstance(err.value, OSError)
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]  # no .tmp-checkpoint-2
+    monkeypatch.undo()
+    # The intact checkpoint resumes: the run ends as an uninterrupted one would.
+    resumed = T.train(dataclasses.replace(cfg, resume="latest"), progress=False)
+    assert resumed["resumed_from"] == str(out / "checkpoint-1") and resumed["steps"] == 3
+
+    # The final LoRA file: its temp folder goes too, the message names the file and the last checkpoint.
+    monkeypatch.setattr(T, "publish", lambda tmp, final: (_ for _ in ()).throw(OSError(errno.EDQUOT, "Disk quota exceeded")))
+    models = T.load_models(cfg)
+    T.add_lora(models.unet, models.text_encoder, cfg)
+    with pytest.raises(T.SaveFailed, match="Disk quota exceeded") as err:
+        T.save_final(out, models.unet, models.text_encoder, cfg)
+    assert str(out / T.LORA_WEIGHTS) in str(err.value) and f"{out / 'checkpoint-3'} is intact" in str(err.value)
+    assert not (out / ".tmp-final").exists()
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGXFSZ"), reason="RLIMIT_FSIZE (POSIX)")
+def test_the_real_writers_failing_give_the_same_clear_error(tiny_model_dir, instance_dir, tmp_path):
+    # No monkeypatch: a file-size limit makes safetensors' own writer fail (its error is no OSError).
+    import resource
+    import signal
+    out = tmp_path / "run"
+    cfg = make_cfg(tiny_model_dir, instance_dir, out, checkpoints_total_limit=None)
+    models = T.load_models(cfg)
+    opt = torch.optim.AdamW(models.unet.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    T.save_checkpoint(out, 1, models.unet, models.text_encoder, opt, sched, [], cfg)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))  # the tiny UNet's weights are ~230 kB
+    try:
+        with pytest.raises(T.SaveFailed) as err:
+            T.save_checkpoint(out, 2, models.unet, models.text_encoder, opt, sched, [], cfg)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert "File too large (EFBIG)" in str(err.value) and f"{out / 'checkpoint-1'} is intact" in str(err.value)
+    assert isinstance(err.value.__cause__, T.SafetensorError)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
+
+
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_instead(mode, tiny_model_dir, instance_dir, tmp_path,
+                                                                      monkeypatch):
+    out = tmp_path / "run"
+    cfg = small_run(tiny_model_dir, instance_dir, out, max_train_steps=2, use_lora=mode == "lora")
+    T.train(cfg, progress=False)
+    latest = dataclasses.replace(cfg, resume="latest")
+    weights = T.LORA_WEIGHTS if mode == "lora" else "unet/diffusion_pytorch_model.safetensors"
+    files = [T.STATE_TENSORS, T.STATE_JSON, weights] + (["unet/config.json"] if mode == "full" else [])
+    for name in files:
+        path = out / "checkpoint-2" / name
+        whole = path.read_bytes()
+        for damaged in (whole[:len(whole) // 2], b"", b"\x00" * len(whole)):  # truncated, emptied, overwritten
+            path.write_bytes(damaged)
+            with pytest.raises(data.InputError) as err:
+                T.resolve_resume(latest)
+            message = str(err.value)
+            assert f"({path} is cut short or corrupt: " in message and f"is {out / 'checkpoint-1'}: resume from it with resume='{out / 'checkpoint-1'}'" in message
+        path.write_bytes(whole)
+    assert T.resolve_resume(latest) == out / "checkpoint-2"
+    # Both damaged: no alternative; and train() says so before loading any model.
+    for step in (1, 2):
+        (out / f"checkpoint-{step}" / T.STATE_TENSORS).write_bytes(b"")
+    monkeypatch.setattr(T, "load_models", lambda cfg: pytest.fail("loaded models for a damaged checkpoint"))
+    with pytest.raises(data.InputError, match=f"No earlier complete checkpoint is in {out}"):
+        T.train(latest, progress=False)
+    with pytest.raises(data.InputError, match="checkpoint-1 is damaged"):
+        T.resolve_resume(dataclasses.replace(cfg, resume=str(out / "checkpoint-1")))
+
+
+def test_weights_are_readable_by_others_as_the_umask_says(tiny_model_dir, instance_dir, tmp_path):
+    import os
+    for mode in ("lora", "full"):
+        cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / mode, use_lora=mode == "lora", optimizer="adamw")
+        models = T.load_models(cfg)
+        if cfg.use_lora:
+            T.add_lora(models.unet, models.text_encoder, cfg)
+        opt = torch.optim.AdamW([p for p in models.unet.parameters() if p.requires_grad])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        for umask in (0o022, 0o027):
+            old = os.umask(umask)
+            try:
+                out = tmp_path / mode / oct(umask)
+                T.save_checkpoint(out, 1, models.unet, models.text_encoder, opt, sched, [], cfg)
+                T.save_final(out, models.unet, models.text_encoder, cfg)
+            finally:
+                os.umask(old)
+            files = [p for p in out.rglob("*") if p.is_file()]
+            assert any(p.suffix == ".safetensors" for p in files) and any(p.suffix == ".json" for p in files)
+            assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~umask)}, mode
