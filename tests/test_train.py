@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -595,7 +596,7 @@ def test_disk_space_check_counts_kept_checkpoints(tmp_path):
 def test_a_full_disk_is_refused_before_the_first_step(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
     steps = []
     monkeypatch.setattr(T, "train_step", lambda *a: steps.append(1))
-    monkeypatch.setattr(T.shutil, "disk_usage", lambda path: T.shutil._ntuple_diskusage(10**12, 10**12 - 10**4, 10**4))
+    monkeypatch.setattr(T.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=10**12, free=10**4))
     cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / "run", checkpointing_steps=1)
     with pytest.raises(data.InputError, match="not enough disk space in output_dir") as err:
         T.train(cfg, progress=False)
