@@ -62,8 +62,13 @@ MODES = {
                  compile_mode="reduce-overhead"),
     # low-memory: what "auto" picks where the fast plan does not fit (a 16 GB T4): checkpointing + 8-bit AdamW
     "lowmem": dict(optimizer="adamw8bit", gradient_checkpointing=True, channels_last="auto"),
+    # the optimizers side by side, no checkpointing, eager ("auto" on a >= 24 GB GPU = fused torch AdamW):
+    # bitsandbytes' 8-bit AdamW (one call per tensor) and torchao's (compiled per parameter shape on first use)
+    "bnb8": dict(optimizer="adamw8bit", gradient_checkpointing=False, channels_last="auto"),
+    "torchao8": dict(optimizer="adamw8bit-torchao", gradient_checkpointing=False, channels_last="auto"),
 }
-MODE_CONFIGS = [f"{m}-fp16-cached-{mode}" for mode in ("fast", "lowmem", "auto") for m in ("full", "lora4")]
+MODE_CONFIGS = [f"{m}-fp16-cached-{mode}" for mode in ("fast", "lowmem", "auto") for m in ("full", "lora4")] + \
+    [f"full-fp16-cached-{mode}" for mode in ("bnb8", "torchao8")]
 PRECISIONS = {"full": ("fp16", "bf16")}  # the rest: fp16 only
 # SDXL base 1.0's architecture at 1024 px (issue 13): LoRA r4 and the full UNet (8-bit AdamW), fp16 and bf16, cached.
 SDXL = "sdxl-"

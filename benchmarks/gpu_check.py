@@ -37,6 +37,8 @@ REPO = BENCH.parent
 TRAIN_SD15 = ["full-fp16-cached-fast", "lora4-fp16-cached-fast", "full-fp16-cached-lowmem", "lora4-fp16-cached-lowmem",
               "full-fp16-cached", "lora4-fp16-cached"]
 TRAIN_SMOKE = ["full-fp16-cached-lowmem", "lora4-fp16-cached-fast", "full-fp16-cached"]
+# The optimizers for "auto" (issue 11): fused torch AdamW vs bitsandbytes' and torchao's 8-bit AdamW, full UNet.
+OPTIMIZERS = ["full-fp16-cached-auto", "full-fp16-cached-bnb8", "full-fp16-cached-torchao8"]
 E2E_CONFIG = "full-fp16-cached-fast"  # the issue's "full DreamBooth under 60 s" is for the fast mode
 # Ours, SDXL architecture at 1024 px (issue 13): LoRA r4 and full with 8-bit AdamW, fp16 first.
 TRAIN_SDXL = ["sdxl-lora4-fp16-cached", "sdxl-full-fp16-cached", "sdxl-lora4-bf16-cached", "sdxl-full-bf16-cached"]
@@ -103,6 +105,9 @@ def parts(py: str, out: Path, work: Path, anchors: Path, smoke: bool) -> list[Pa
         Part("e2e", 150, 300, [[py, str(BENCH / "bench_e2e.py"), *smoke_flag, "--config", E2E_CONFIG,
                                 "--results", str(out / "e2e.json")] + ([] if smoke else ["--model-dir",
                                                                                          str(inputs / "model")])]),
+        # Lowest priority: torchao compiles its step per parameter shape (minutes on the first run?).
+        Part("optimizers", 120, 300, [[py, str(BENCH / "bench_train.py"), *smoke_flag, *train_args,
+                                       "--results", str(out / "train_optimizers.json"), "--configs", *OPTIMIZERS]]),
     ]
 
 
@@ -162,7 +167,7 @@ def side_by_side(out: Path) -> list[dict]:
     anchors = {"full": load(out / "diffusers_full.json"), "lora": load(out / "diffusers_lora.json"),
                "sdxl-lora": load(out / "diffusers_sdxl_lora.json"), "sdxl-full": None}  # diffusers has no full SDXL script
     rows = []
-    for r in (load(out / "train.json") or []) + (load(out / "train_sdxl.json") or []):
+    for r in [r for name in ("train", "train_sdxl", "train_optimizers") for r in load(out / f"{name}.json") or []]:
         if r.get("status") != "ok":
             rows.append(dict(ours=r["config"], status=r.get("status")))
             continue

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import importlib
 import itertools
 import json
 import math
@@ -392,8 +393,23 @@ def load_weights(folder: Path, unet, text_encoder, cfg: TrainConfig) -> None:
                                   "it was trained with")
 
 
+# Optimizer states that are tensor subclasses: torchao's low-bit AdamW keeps each state as codes + scales (+ a
+# quantisation map). They are stored as those plain tensors plus their flat attributes and rebuilt on load;
+# a file can name only these classes (nothing else named in a checkpoint is ever imported).
+STATE_SUBCLASSES = ("torchao.optim.subclass_8bit.OptimState8bit", "torchao.optim.subclass_4bit.OptimState4bit",
+                    "torchao.optim.subclass_fp8.OptimStateFp8")
+
+
 def _encode(obj, key: str, tensors: dict):
     """JSON-able copy of a state dict; tensors go to `tensors` (safetensors) and leave a reference."""
+    if isinstance(obj, torch.Tensor) and type(obj) is not torch.Tensor:
+        name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+        if name not in STATE_SUBCLASSES:
+            raise TypeError(f"cannot store a {name} at {key} in a training state (known subclasses: {STATE_SUBCLASSES})")
+        inner, attrs = obj.__tensor_flatten__()
+        return {"__subclass__": name, "tensors": {n: _encode(getattr(obj, n), f"{key}.{n}", tensors) for n in inner},
+                "attrs": [{"__dtype__": str(a).removeprefix("torch.")} if isinstance(a, torch.dtype)
+                          else list(a) if isinstance(a, torch.Size) else a for a in attrs]}
     if isinstance(obj, torch.Tensor):
         tensors[key] = obj.detach().cpu().clone()  # clone: bnb shares its quantization maps between params
         return {"__tensor__": key}
@@ -409,6 +425,14 @@ def _encode(obj, key: str, tensors: dict):
 def _decode(obj, tensors: dict):
     if isinstance(obj, dict) and "__tensor__" in obj:
         return tensors[obj["__tensor__"]]
+    if isinstance(obj, dict) and "__subclass__" in obj:
+        if obj["__subclass__"] not in STATE_SUBCLASSES:
+            raise data.InputError(f"the training state names an unknown tensor class {obj['__subclass__']!r}; "
+                                  f"only {STATE_SUBCLASSES} are rebuilt")
+        module, _, name = obj["__subclass__"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        attrs = [getattr(torch, a["__dtype__"]) if isinstance(a, dict) else a for a in obj["attrs"]]
+        return cls.__tensor_unflatten__({n: _decode(v, tensors) for n, v in obj["tensors"].items()}, attrs, None, None)
     if isinstance(obj, dict):
         return {k: _decode(v, tensors) for k, v in obj["__dict__"]}
     if isinstance(obj, list):
@@ -1121,7 +1145,7 @@ def train_step(state: TrainingState, step: int) -> dict:
             state.optimizer.zero_grad(set_to_none=True)
     state.lr_scheduler.step()
     return {"step": step + 1, "loss": loss_value, "instance_loss": instance_value, "prior_loss": prior_value,
-            "lr": state.lr_scheduler.get_last_lr()[0]}
+            "lr": float(state.lr_scheduler.get_last_lr()[0])}  # float: torchao keeps lr as a tensor
 
 
 # --- the run --------------------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def test_markdown_table(bench):
 def test_config_matrix_and_names(bench):
     _, bench_train = bench
     names = bench_train.config_names()
-    assert len(names) == len(set(names)) == (6 + 1) * 2 * 2 + 6 + 4  # methods (+ bf16 full) x cache x compile + modes + SDXL
+    assert len(names) == len(set(names)) == (6 + 1) * 2 * 2 + 6 + 2 + 4  # methods (+ bf16 full) x cache x compile + modes + optimizers + SDXL
     base, *_ = bench_train.parse_name("full-fp16-cached", smoke=False)  # the H200 table's baseline, levers off
     assert (base.optimizer, base.gradient_checkpointing, base.channels_last, base.compile) == ("adamw8bit", True, False, "off")
     fast, _, compiled, _, note = bench_train.parse_name("lora4-fp16-cached-fast", smoke=False)
@@ -136,6 +136,10 @@ def test_config_matrix_and_names(bench):
     assert (fast.compile, fast.compile_mode, fast.compile_backend, note) == ("step", "reduce-overhead", "inductor", "")
     low, *_ = bench_train.parse_name("full-fp16-cached-lowmem", smoke=False)
     assert (low.optimizer, low.gradient_checkpointing, low.compile) == ("adamw8bit", True, "off")
+    for mode, optimizer in (("auto", "auto"), ("bnb8", "adamw8bit"), ("torchao8", "adamw8bit-torchao")):  # side by side
+        opt_cfg, *_ = bench_train.parse_name(f"full-fp16-cached-{mode}", smoke=False)
+        assert (opt_cfg.optimizer, opt_cfg.gradient_checkpointing, opt_cfg.compile) == \
+            (optimizer, "auto" if mode == "auto" else False, "off")
     assert bench_train.parse_name("full-fp16-cached-fast", smoke=True)[0].compile_backend == "aot_eager"  # CPU
     xl, method, *_ = bench_train.parse_name("sdxl-full-bf16-cached", smoke=False)
     assert (xl.model_family, xl.resolution, xl.optimizer, xl.mixed_precision, xl.use_lora, method) == \
@@ -238,6 +242,7 @@ def test_gpu_check_sets_ours_beside_diffusers_from_one_run(monkeypatch, tmp_path
     assert {"--gradient_checkpointing", "--use_8bit_adam", "--mixed_precision=fp16", "--resolution=512",
             "--max_train_steps=25", "--with_prior_preservation", "--learning_rate=5e-6"} <= set(full)
     assert "--rank=4" in parts["diffusers_lora"].commands[0]
+    assert list(parts)[-1] == "optimizers" and parts["optimizers"].commands[0][-3:] == gpu_check.OPTIMIZERS
 
 
 def test_sdxl_bench_configs_train_the_tiny_sdxl_model_through_the_library(bench, tmp_path):
