@@ -334,7 +334,9 @@ def append_results(path: str | Path, records: list[dict]) -> Path:
 
 
 def default_results(name: str, smoke: bool) -> Path:
-    return RESULTS_DIR / f"{name}{'_smoke' if smoke else ''}.json"
+    """GPU records go to benchmarks/results/ (committed); CPU smoke records to runs/bench/ (git-ignored: their
+    numbers mean nothing, and `make bench` must not dirty the checkout)."""
+    return REPO / "runs" / "bench" / f"{name}_smoke.json" if smoke else RESULTS_DIR / f"{name}.json"
 
 
 def _cell(value) -> str:
