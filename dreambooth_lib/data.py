@@ -9,6 +9,7 @@ model is checked by `validate_config` before any expensive work starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -476,17 +477,26 @@ def sampler_name(scheduler_config: dict) -> str:
 
 def weights_fingerprint(model: str, revision: str | None = None) -> str:
     """What identifies the weights behind `model`: for a local folder, a SHA-256 over its weight files'
-    names and bytes (a few seconds for SD's 4 GB, once per run); for a hub id, the revision asked for
-    (the hub's cache keeps one snapshot per commit)."""
+    names and bytes (a few seconds for SD's 4 GB, once per process and state of the files); for a hub id,
+    the revision asked for (the hub's cache keeps one snapshot per commit)."""
     folder = Path(model)
     if not folder.is_dir():
         return f"{model}@{revision or 'main'}"
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".ckpt", ".pt"))
+    stats = tuple((p.relative_to(folder).as_posix(), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                  for p in files for st in [p.stat()])
+    return _hash_weight_files(str(folder.resolve()), stats)
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_weight_files(folder: str, stats: tuple) -> str:
+    """Keyed by the files' (name, inode, size, mtime, ctime): validation and class-image generation ask for
+    the same folder's fingerprint and hash it once, and a file rewritten since is hashed again."""
     digest = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.suffix in (".safetensors", ".bin", ".ckpt", ".pt"):
-            digest.update(path.relative_to(folder).as_posix().encode())
-            with path.open("rb") as f:
-                digest.update(hashlib.file_digest(f, "sha256").digest())
+    for name, *_ in stats:
+        digest.update(name.encode())
+        with open(Path(folder) / name, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()[:16]
 
 

@@ -454,6 +454,24 @@ def test_weights_fingerprint_changes_with_the_weights_not_the_folder(tiny_model_
     assert weights_fingerprint("org/model") == "org/model@main" and weights_fingerprint("org/model", "v2") == "org/model@v2"
 
 
+def test_weights_fingerprint_reads_the_weights_once_until_they_change(tiny_model_dir, tmp_path, monkeypatch):
+    # A run asks twice (validating a user's class_dir, then generating class images): SD's 4 GB once.
+    import hashlib
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model_dir, copy)
+    reads, real_digest = [], hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda f, algo: reads.append(f.name) or real_digest(f, algo))
+    first = weights_fingerprint(str(copy))
+    n_files = len(reads)
+    assert n_files >= 3 and weights_fingerprint(str(copy)) == first and len(reads) == n_files
+    vae_file = next((copy / "vae").glob("*.safetensors"))
+    data = vae_file.read_bytes()
+    vae_file.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # rewritten in place, same size
+    assert weights_fingerprint(str(copy)) != first and len(reads) == 2 * n_files
+
+
 @pytest.mark.parametrize("user_supplied", [False, True])
 def test_class_images_follow_the_model_weights_not_its_path(user_supplied, tiny_model_dir, tmp_path, monkeypatch):
     import shutil
