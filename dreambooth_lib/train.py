@@ -775,51 +775,86 @@ def optimizer_state_bytes(optimizer) -> int:
     tensor also costs a safetensors header entry and a JSON reference (~200 bytes)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
     eight_bit = "8bit" in type(inner).__name__
-    total = 0
-    for group in inner.param_groups:
-        for p in group["params"]:
-            n = p.numel()
-            if eight_bit and n >= 4096:
-                states = [n, n, 4 * math.ceil(n / 256), 4 * math.ceil(n / 256), 4 * 256, 4 * 256]
-            elif eight_bit:
-                states = [4 * n, 4 * n]  # bitsandbytes keeps its step as a JSON number
-            else:
-                states = [n * p.element_size(), n * p.element_size(), 4]
-            total += sum(states) + 200 * len(states)
-    return total
+    return sum(adam_state_bytes(p.numel(), p.element_size(), eight_bit) for g in inner.param_groups for p in g["params"])
+
+
+def adam_state_bytes(n: int, element_size: int, eight_bit: bool) -> int:
+    """Saved AdamW state of one parameter tensor of n values (see optimizer_state_bytes)."""
+    if eight_bit and n >= 4096:
+        states = [n, n, 4 * math.ceil(n / 256), 4 * math.ceil(n / 256), 4 * 256, 4 * 256]
+    elif eight_bit:
+        states = [4 * n, 4 * n]  # bitsandbytes keeps its step as a JSON number
+    else:
+        states = [n * element_size, n * element_size, 4]
+    return sum(states) + 200 * len(states)
 
 
 def checkpoint_bytes(trained: list[torch.nn.Module], optimizer, cfg: TrainConfig, num_processes: int = 1) -> int:
     """Estimated size of one checkpoint-N: weights + optimizer + lr schedule, every process's RNG states,
     loss history (at most max_train_steps records) and config."""
-    rng_tensors = {}
-    rng_json = len(json.dumps(_encode(distributed.rng_state(), "rng", rng_tensors)))
-    rng = num_processes * (rng_json + safetensors_bytes(rng_tensors))
-    return (weights_bytes(trained, cfg) + optimizer_state_bytes(optimizer) + rng + 160 * cfg.max_train_steps
-            + len(json.dumps(cfg.to_dict())) + 1024)
+    return (weights_bytes(trained, cfg) + optimizer_state_bytes(optimizer) + rng_bytes(num_processes)
+            + 160 * cfg.max_train_steps + len(json.dumps(cfg.to_dict())) + 1024)
 
 
-def final_bytes(models: Models, cfg: TrainConfig, lora_bytes: int) -> int:
+def rng_bytes(num_processes: int) -> int:
+    """The RNG states a checkpoint stores: this process's, encoded as save_training_state does, per process."""
+    tensors = {}
+    encoded = len(json.dumps(_encode(distributed.rng_state(), "rng", tensors)))
+    return num_processes * (encoded + safetensors_bytes(tensors))
+
+
+def final_bytes(models: Models | None, cfg: TrainConfig, lora_bytes: int = 0) -> int | None:
     """Estimated size of what save_final writes: the LoRA file, or a whole pipeline in save_precision:
     every module (trained or frozen) at that dtype, plus the base model's parts this run did not load
     (e.g. SD1.5's safety_checker, counted from its safetensors headers) and small files (tokenizers,
-    configs) as they are in the base model's folder (a hub model's: from the local cache when there)."""
+    configs) as they are in the base model's folder (a hub model's: from the local cache when there).
+    models=None: every part from the base model's headers (None when they are not on this machine)."""
     if cfg.use_lora:
         return lora_bytes
     size = {"fp32": 4, "fp16": 2, "bf16": 2}[cfg.save_precision]
-    loaded = {"unet": models.unet, "vae": models.vae, **dict(zip(families.of(cfg).TEXT_ENCODERS, models.text_encoders))}
+    loaded = {} if models is None else {"unet": models.unet, "vae": models.vae,
+                                         **dict(zip(families.of(cfg).TEXT_ENCODERS, models.text_encoders))}
     total = sum(t.numel() * size + len(k) + 80 for m in loaded.values() for k, t in m.state_dict().items())
     base = base_model_folder(cfg.pretrained_model, cfg.revision)
     if base is None:
-        return total + 4 * 2**20  # tokenizer files and configs
+        return None if models is None else total + 4 * 2**20  # tokenizer files and configs
     parts = [k for k, v in families.model_index(str(base)).items() if isinstance(v, list) and v[0] is not None]
     for path in [base / "model_index.json", *(p for part in parts for p in (base / part).rglob("*") if p.is_file())]:
         if path.suffix not in (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".msgpack", ".h5", ".onnx"):
             total += path.stat().st_size
         elif path.suffix == ".safetensors" and "." not in path.stem and path.relative_to(base).parts[0] not in loaded:
-            with safe_open(path, "pt") as f:  # a part this run did not load ("model.fp16.safetensors": a variant it skips)
-                total += sum(math.prod(f.get_slice(k).get_shape()) * size for k in f.keys())
+            # a part this run did not load ("model.fp16.safetensors": a variant from_pretrained skips)
+            total += sum(n * size + 100 for n in safetensors_numels(path))  # + its header entry
     return total
+
+
+def safetensors_numels(path: Path) -> list[int]:
+    """The number of values of each tensor in a safetensors file, from its header (no data read)."""
+    with safe_open(path, "pt") as f:
+        return [math.prod(f.get_slice(k).get_shape()) for k in f.keys()]
+
+
+def early_disk_check(cfg: TrainConfig, resume_from: Path | None = None, num_processes: int = 1) -> dict | None:
+    """Before class images and models: a full fine-tune's check_disk_space from the base model's
+    safetensors headers (fp32 trained weights, 8-bit optimizer states unless optimizer='adamw': the
+    smallest the run can write), so a disk that cannot even hold that is refused in seconds. LoRA
+    files are megabytes: their exact check comes once the adapters exist (train, check_disk_space).
+    Returns check_disk_space's numbers; None where there is nothing to estimate from (LoRA, weights not
+    on this machine or not as safetensors)."""
+    base = base_model_folder(cfg.pretrained_model, cfg.revision) if not cfg.use_lora else None
+    final = final_bytes(None, cfg) if base is not None else None
+    if final is None:
+        return None
+    trained = ["unet", *(families.of(cfg).TEXT_ENCODERS if cfg.train_text_encoder else ())]
+    files = [p for part in trained for p in (base / part).glob("*.safetensors") if "." not in p.stem]
+    if len({p.parent.name for p in files}) < len(trained):  # weights of a variant or a .bin only: no estimate
+        return None
+    numels = [n for path in files for n in safetensors_numels(path)]
+    eight_bit = cfg.optimizer != "adamw"
+    checkpoint = (sum(4 * n + 100 for n in numels) + sum(adam_state_bytes(n, 4, eight_bit) for n in numels)
+                  + rng_bytes(num_processes) + 160 * cfg.max_train_steps)
+    start_step = json.loads((resume_from / STATE_JSON).read_text())["global_step"] if resume_from else 0
+    return check_disk_space(cfg, checkpoint, final, start_step, log=lambda *_: None)  # the warning: once, later
 
 
 def base_model_folder(model: str, revision: str | None) -> Path | None:
@@ -1176,6 +1211,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     set_seed(cfg.seed)  # LoRA init and dropout; per-step draws use step_generator
     output_dir = Path(cfg.output_dir)
     resume_from = resolve_resume(cfg, info, accelerator.num_processes)
+    early_disk_check(cfg, resume_from, accelerator.num_processes)  # a full fine-tune's, before class images
 
     # 1. prompts and data: "a [V] dog" for the subject, "a dog" for the prior; pixels in [-1, 1].
     tokenizer = load_tokenizer(cfg)

@@ -614,6 +614,12 @@ def test_disk_estimate_is_within_15_percent_of_what_is_written(mode, tiny_model_
         folder_bytes(out / name) for name in ("unet", "text_encoder", "vae", "tokenizer", "scheduler", "model_index.json"))
     assert disk["checkpoint_bytes"] == pytest.approx(folder_bytes(out / "checkpoint-2"), rel=0.15)
     assert disk["final_bytes"] == pytest.approx(final, rel=0.15)
+    early = T.early_disk_check(make_cfg(tiny_model_dir, instance_dir, tmp_path / "new", checkpointing_steps=2, **kw))
+    if mode == "full":  # before models load, from the base model's headers
+        assert early["checkpoint_bytes"] == pytest.approx(folder_bytes(out / "checkpoint-2"), rel=0.15)
+        assert early["final_bytes"] == pytest.approx(final, rel=0.15)
+    else:
+        assert early is None
     assert disk["free_bytes"] > 0 and disk["needed_bytes"] == disk["checkpoint_bytes"] + disk["final_bytes"]
 
 
@@ -663,14 +669,20 @@ def test_disk_space_check_counts_kept_checkpoints(tmp_path):
     assert check(100, start=2)["needed_bytes"] == 100
 
 
-def test_a_full_disk_is_refused_before_the_first_step(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
-    steps = []
-    monkeypatch.setattr(T, "train_step", lambda *a: steps.append(1))
+@pytest.mark.parametrize("mode", ["full", "lora"])
+def test_a_full_disk_is_refused_before_the_first_step(mode, tiny_model_dir, instance_dir, tmp_path, monkeypatch):
+    # A full fine-tune is refused before class images are made or models load (from the base model's
+    # headers); a LoRA run once its adapters and optimizer exist, before the first step.
+    monkeypatch.setattr(T, "train_step", lambda *a: pytest.fail("trained on a full disk"))
+    if mode == "full":
+        monkeypatch.setattr(T, "class_image_paths", lambda *a, **k: pytest.fail("made class images on a full disk"))
+        monkeypatch.setattr(T, "load_models", lambda *a: pytest.fail("loaded models for a full disk"))
     monkeypatch.setattr(T.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=10**12, free=10**4))
-    cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / "run", checkpointing_steps=1)
+    cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / "run", checkpointing_steps=1, use_lora=mode == "lora",
+                   with_prior_preservation=mode == "full", num_class_images=2)
     with pytest.raises(data.InputError, match="not enough disk space in output_dir") as err:
         T.train(cfg, progress=False)
-    assert "10.0 kB is free" in str(err.value) and not steps
+    assert "10.0 kB is free" in str(err.value) and ("use_lora=True" in str(err.value)) == (mode == "full")
     assert not list((tmp_path / "run").glob("*checkpoint*")) and not (tmp_path / "run" / "summary.json").exists()
 
 
