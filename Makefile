@@ -12,6 +12,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
+# torchao only for the tests of optimizer="adamw8bit-torchao", in a folder of its own (on PYTHONPATH in `make
+# unit`): installed in the venv, diffusers and transformers would import it, with warnings, in every demo run.
+TORCHAO_SITE := $(VENV)/extras/torchao
 export OMP_NUM_THREADS ?= 2
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
@@ -24,6 +27,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --target $(TORCHAO_SITE) "torchao==0.18.0"
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	touch $@
 
@@ -40,7 +44,7 @@ figures: install
 test: unit notebooks
 
 unit: install
-	$(PY) -m pytest -q tests
+	PYTHONPATH=$(TORCHAO_SITE) $(PY) -m pytest -q tests
 
 notebooks: install
 	$(PY) .ci/run_notebooks.py --smoke

@@ -17,7 +17,7 @@ import transformers
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from . import families
@@ -43,6 +43,8 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
     parts, revision, folder = {}, None, Path(model)
     checkpoint = (folder / "training_state.json").is_file()
     if checkpoint:  # checkpoint-N: trained parts here, the rest from the base model it was trained from
+        from .train import check_checkpoint  # (train imports this module)
+        check_checkpoint(folder)  # a damaged file is named, with the checkpoint to use instead
         config = json.loads((folder / "training_state.json").read_text())["config"]
         model, revision = config["pretrained_model"], config.get("revision")
         model_family = config.get("model_family", model_family)
@@ -94,10 +96,14 @@ def check_lora_fits(lora_file: str | Path, model: str, family, revision: str | N
     reverse): its text-encoder parts or the width of its UNet cross-attention inputs give it away."""
     unet_config = UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision)
     width = unet_config.get("cross_attention_dim")
-    with safe_open(str(lora_file), framework="pt") as f:
-        keys = list(f.keys())
-        widths = {f.get_slice(k).get_shape()[1] for k in keys
-                  if k.startswith("unet.") and "attn2.to_k" in k and ("lora_A" in k or "lora.down" in k)}
+    try:
+        with safe_open(str(lora_file), framework="pt") as f:
+            keys = list(f.keys())
+            widths = {f.get_slice(k).get_shape()[1] for k in keys
+                      if k.startswith("unet.") and "attn2.to_k" in k and ("lora_A" in k or "lora.down" in k)}
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"LoRA {lora_file} is cut short or corrupt ({str(err).splitlines()[0]}): copy it again, or "
+                         "use a checkpoint-N folder of its run (sample / load_pipeline take those too)") from err
     parts = {k.split(".")[0] for k in keys if k.startswith("text_encoder")}  # diffusers-format keys only
     problem = None
     if parts - set(family.TEXT_ENCODERS):

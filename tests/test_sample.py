@@ -98,3 +98,24 @@ def test_a_lora_trained_with_dropout_samples_without_it(tiny_model_dir, tmp_path
     assert dropouts and not any(m.training for c in (pipe.unet, pipe.text_encoder, pipe.vae) for m in c.modules())
     first, again = (arrays(generate(pipe, PROMPT, [0, 1], num_inference_steps=2, progress=False)) for _ in range(2))
     assert np.array_equal(first, again)
+
+
+def test_a_damaged_lora_file_or_checkpoint_is_named_before_sampling(tiny_model_dir, tmp_path):
+    # A copy that stopped early: the file is named, not a safetensors traceback from deep in diffusers.
+    from dreambooth_lib.data import InputError
+    from test_train import make_cfg
+    from conftest import write_photos
+
+    write_photos(tmp_path / "photos")
+    cfg = make_cfg(tiny_model_dir, tmp_path / "photos", tmp_path / "run", use_lora=True, max_train_steps=2,
+                   checkpointing_steps=1)
+    T.train(cfg, progress=False)
+    lora_file = tmp_path / "run" / T.LORA_WEIGHTS
+    lora_file.write_bytes(lora_file.read_bytes()[:100])
+    with pytest.raises(InputError, match=f"LoRA {lora_file} is cut short or corrupt"):
+        load_pipeline(tiny_model_dir, lora_dir=tmp_path / "run", device="cpu")
+    state = tmp_path / "run" / "checkpoint-2" / T.STATE_TENSORS
+    state.write_bytes(b"")
+    with pytest.raises(InputError, match=f"checkpoint {state.parent} is damaged.*checkpoint-1"):
+        load_pipeline(state.parent, device="cpu")
+    assert load_pipeline(tmp_path / "run" / "checkpoint-1", device="cpu") is not None  # the one it names works

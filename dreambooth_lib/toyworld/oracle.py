@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dreambooth_lib.toyworld import render
+from dreambooth_lib.train import follow_umask
 
 ORACLE_DIR = str(Path(__file__).resolve().parents[2] / "data" / "oracle")
 LABELS = {
@@ -300,6 +301,7 @@ def train_oracle(out: str | Path = ORACLE_DIR, vae_path: str | Path | None = Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / "oracle.safetensors")
+    follow_umask(out / "oracle.safetensors")  # safetensors writes 0600 files
     (out / "oracle.json").write_text(json.dumps(info, indent=1))
     oracle.info = info
     return info

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from dreambooth_lib.config import TOY_MODEL_DIR
+from dreambooth_lib.train import follow_umask
 from dreambooth_lib.toyworld import render
 from dreambooth_lib.toyworld.tokenizer import build_tokenizer
 
@@ -133,6 +134,7 @@ def save_pipeline(folder: Path, vae, unet, text_encoder, tokenizer) -> None:
     # vocab.json + merges.txt besides tokenizer.json: the files CLIP's tokenizer has always shipped, so
     # the slow CLIPTokenizer (and older transformers) load the model too
     tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))
+    follow_umask(tmp)  # safetensors writes 0600 files
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         folder.rename(old)
