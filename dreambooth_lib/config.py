@@ -75,6 +75,7 @@ class TrainConfig:
     compile: str = "off"  # torch.compile: "off"; "step" = the step's forward + loss (backward compiled by AOTAutograd); "unet" = the UNet's forward; "blocks" = each transformer block (regional: compiles fastest)
     compile_mode: str = "default"  # torch.compile mode: "default", "reduce-overhead" (CUDA graphs: no per-kernel launch cost, shapes are static), "max-autotune-no-cudagraphs"
     compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" traces the same graphs without generating kernels (debugging, CPU tests)
+    compile_check: bool = True  # before training, compare the compiled step's loss and gradients with the eager step's (one extra forward + backward) and stop if they differ: torch 2.13's inductor zeroed the gradients below the UNet's upsamplers with channels-last activations
     save_precision: str = "fp32"  # dtype of a full fine-tune's saved pipeline: "fp32" (lossless), "fp16" or "bf16" (half the size; frozen parts read straight in it, no fp32 copy)
     # --- reproducibility and outputs ---------------------------------------------------------
     seed: int = 0  # seeds data order, noise, timesteps and class images

@@ -318,13 +318,14 @@ def test_train_step_syncs_once_per_optimizer_step_and_stops_before_a_nan_update(
 
 
 def test_prepare_training_takes_in_memory_models_and_compiles_the_unet(tiny_model_dir, instance_dir, tmp_path):
-    cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, compile="unet")
+    cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, compile="unet", compile_check=False)
     models = T.load_models(cfg)
     models.unet.requires_grad_(True)  # whatever state they come in, LoRA trains only its adapters
     state = prepared(cfg, models)
     assert isinstance(state.unet, torch._dynamo.eval_frame.OptimizedModule) and state.unet._orig_mod is state.trained[0]
     # "blocks": each transformer block compiled in place (regional compilation); the UNet itself stays eager
-    blocks = prepared(make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, compile="blocks")).models.unet
+    blocks = prepared(make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, compile="blocks",
+                               compile_check=False)).models.unet
     compiled = [type(m).__name__ for m in blocks.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert compiled and set(compiled) == {"BasicTransformerBlock"}
     assert state.trained[0] is models.unet and all("lora" in n for n, p in models.unet.named_parameters() if p.requires_grad)
@@ -525,6 +526,36 @@ def test_compiled_step_resumes_an_eager_run_exactly(tiny_model_dir, instance_dir
     a, b = unet_weights(tmp_path / "eager"), unet_weights(tmp_path / "compiled")
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=0)
+
+
+def test_compile_check_stops_a_compiled_step_whose_gradients_differ(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
+    # torch 2.13's inductor (CPU, channels-last activations) zeroed every gradient below the UNet's upsamplers
+    # while the loss stayed exact (benchmarks/README.md). A backend with the same kind of bug: its backward
+    # returns zeros for the first gradient. prepare_training must refuse it before anything is trained.
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def zeroing_backward(gm, example_inputs):
+        def run(args):
+            grads = list(gm(*args))
+            first = next(i for i, g in enumerate(grads) if g is not None)
+            grads[first] = torch.zeros_like(grads[first])
+            return grads
+        run._boxed_call = True
+        return run
+
+    buggy = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=zeroing_backward)
+    monkeypatch.setattr(T, "compile_options", lambda cfg, device: {"backend": buggy})
+    cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, compile="blocks", optimizer="adamw")  # blocks: traced fastest
+    with pytest.raises(T.CompiledStepMismatch, match=r"gradient norms of \d+ of 208 tensors differ.*Nothing was trained.*compile='off'"):
+        prepared(cfg)
+    monkeypatch.undo()
+    # The CPU workaround: inductor without its layout optimization (mode options kept); CUDA and other backends as asked.
+    fast = dataclasses.replace(cfg, compile_mode="reduce-overhead")
+    assert T.compile_options(fast, "cpu") == {"backend": "inductor", "options": {"triton.cudagraphs": True,
+                                                                                 "layout_optimization": False}}
+    assert T.compile_options(fast, "cuda") == {"backend": "inductor", "mode": "reduce-overhead"}
+    assert T.compile_options(dataclasses.replace(cfg, compile_backend="aot_eager"), "cpu") == {"backend": "aot_eager"}
 
 
 def test_frozen_parts_load_straight_in_the_mixed_precision_dtype(tiny_model_dir, instance_dir, tmp_path):

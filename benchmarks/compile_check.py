@@ -1,0 +1,164 @@
+"""Compiled step vs eager step on the CPU with the real inductor backend: same loss, gradients, weights?
+
+    python benchmarks/compile_check.py                          # CONFIGS, 1 thread -> results/compile_check.json
+    python benchmarks/compile_check.py --threads 2 --configs step-adamw unet-adamw blocks-adamw
+
+The tests hold the compiled step with the `aot_eager` backend (same graphs, no generated kernels), because
+inductor takes minutes to compile the tiny model's step on this 2-core CPU. This script runs inductor itself.
+Each config trains the tiny model (`dreambooth_lib.tiny`, 32 px, fp32, lr 1e-3, no prior) for 3 steps through
+`train.prepare_training` + `train.train_step` in a fresh process with an empty inductor cache, and is compared
+with the eager run of the same optimizer / checkpointing / layout:
+
+- `loss_rel_diff`: |compiled - eager| / eager per step;
+- `grad_max_diff`: largest |compiled - eager| over the first step's gradients (as the optimizer gets them, after
+  clipping), over the largest eager gradient; `zero_grad_tensors`: tensors whose compiled gradient is all zero;
+- `weights_max_diff`, `weights_moved`: after 3 steps, largest weight difference and elements apart by > 1e-4;
+- `compile_s`: first step's wall time minus the median of the later (compiled, warm) steps.
+
+Config names: `{off|step|unet|blocks}-{adamw|adamw8bit}[-gc][-cl][-unfixed]`: `gc` = gradient checkpointing,
+`cl` = channels_last=True, `unfixed` = without `train.compile_options`' CPU workaround (inductor's layout
+optimization left on, as before the fix): reproduces the bug the workaround avoids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import numpy as np
+import torch
+from PIL import Image
+
+from dreambooth_lib import data, train
+from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.tiny import save_tiny_pipeline
+
+RESULTS = common.RESULTS_DIR / "compile_check.json"
+STEPS = 3
+CONFIGS = ["step-adamw-unfixed", "step-adamw", "step-adamw8bit", "step-adamw-gc", "step-adamw8bit-gc",
+           "unet-adamw", "unet-adamw-gc", "blocks-adamw", "blocks-adamw-gc", "step-adamw-cl"]
+
+
+def parse(name: str) -> dict:
+    mode, optimizer, *flags = name.split("-")
+    unknown = set(flags) - {"gc", "cl", "unfixed"}
+    if mode not in ("off", "step", "unet", "blocks") or optimizer not in ("adamw", "adamw8bit") or unknown:
+        raise SystemExit(f"unknown config {name!r}: {{off|step|unet|blocks}}-{{adamw|adamw8bit}}[-gc][-cl][-unfixed]")
+    return dict(compile=mode, optimizer=optimizer, gradient_checkpointing="gc" in flags,
+                channels_last="cl" in flags, unfixed="unfixed" in flags)
+
+
+def reference(name: str) -> str:
+    """The eager config a compiled one is compared with."""
+    p = parse(name)
+    return "-".join(["off", p["optimizer"]] + (["gc"] if p["gradient_checkpointing"] else [])
+                    + (["cl"] if p["channels_last"] else []))
+
+
+def make_assets(folder: Path) -> None:
+    save_tiny_pipeline(folder / "model")
+    rng = np.random.default_rng(0)
+    (folder / "photos").mkdir()
+    for i in range(4):
+        pixels = np.clip(rng.integers(0, 256, 3) + rng.integers(-30, 31, (40, 48, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, "RGB").save(folder / "photos" / f"photo{i}.png")
+
+
+def child(name: str, assets: Path, out: Path) -> None:
+    """One config: 3 steps; losses, first-step gradients, weights and step times into `out` (torch.save)."""
+    p = parse(name)
+    if p["unfixed"]:  # the compile arguments as before the CPU workaround
+        train.compile_options = lambda cfg, device: dict(backend=cfg.compile_backend, mode=cfg.compile_mode)
+    cfg = TrainConfig(pretrained_model=str(assets / "model"), instance_dir=str(assets / "photos"), class_noun="dog",
+                      identifier="sks", resolution=32, with_prior_preservation=False, max_train_steps=STEPS,
+                      learning_rate=1e-3, mixed_precision="no", optimizer=p["optimizer"],
+                      gradient_checkpointing=p["gradient_checkpointing"], channels_last=p["channels_last"],
+                      compile=p["compile"], compile_backend="inductor", compile_check=False,
+                      output_dir=str(out.parent / "run"))
+    tokenizer = train.load_tokenizer(cfg)
+    images = data.load_instance_images(cfg.instance_dir, cfg.resolution)
+    values = train.pixel_values([im.image for im in images], cfg, torch.Generator().manual_seed(0))
+    state = train.prepare_training(cfg, train.load_models(cfg), train.make_accelerator(cfg), tokenizer, values,
+                                   ["a photo of sks dog"] * len(values), log=lambda _: None)
+    grads, real_step = [], state.optimizer.step
+    state.optimizer.step = lambda *a, **k: grads.append([q.grad.clone() for q in state.params]) or real_step(*a, **k)
+    losses, times = [], []
+    for step in range(STEPS):
+        started = time.perf_counter()
+        losses.append(train.train_step(state, step)["loss"])
+        times.append(time.perf_counter() - started)
+    names = {id(q): n for n, q in state.models.unet.named_parameters()}
+    torch.save(dict(losses=losses, times=times, grads=grads[0], names=[names[id(q)] for q in state.params],
+                    weights=[q.detach().clone() for q in state.params]), out)
+
+
+def run(name: str, assets: Path, workdir: Path, threads: int) -> dict:
+    out = workdir / f"{name}.pt"
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TORCHINDUCTOR_CACHE_DIR=str(workdir / f"inductor-{name}"),
+               HF_HUB_OFFLINE="1")
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child", name, "--assets", str(assets), "--out", str(out)],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return {"process_s": round(time.perf_counter() - started, 1), **torch.load(out)}
+
+
+def compare(eager: dict, compiled: dict) -> dict:
+    scale = max(g.abs().max().item() for g in eager["grads"])
+    grad_diff = max((c - e).abs().max().item() for e, c in zip(eager["grads"], compiled["grads"]))
+    zeroed = [n for n, e, c in zip(eager["names"], eager["grads"], compiled["grads"])
+              if c.abs().max() == 0 and e.abs().max() > 0]
+    weight_diff = [(c - e).abs() for e, c in zip(eager["weights"], compiled["weights"])]
+    return dict(loss_rel_diff=[abs(c - e) / abs(e) for e, c in zip(eager["losses"], compiled["losses"])],
+                grad_max_diff=grad_diff / scale, zero_grad_tensors=len(zeroed), zero_grad_examples=zeroed[:3],
+                weights_max_diff=max(d.max().item() for d in weight_diff),
+                weights_moved=sum(d.gt(1e-4).sum().item() for d in weight_diff),
+                weights=sum(d.numel() for d in weight_diff), tensors=len(weight_diff))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=CONFIGS)
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each config's process")
+    ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--child"), ap.add_argument("--assets"), ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child, Path(args.assets), Path(args.out))
+    for name in args.configs:
+        parse(name)
+    env = common.environment("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        make_assets(workdir / "assets")
+        runs = {}
+        for name in args.configs:
+            for needed in (reference(name), name):
+                if needed not in runs:
+                    runs[needed] = run(needed, workdir / "assets", workdir, args.threads)
+                    print(needed, [round(x, 7) for x in runs[needed]["losses"]],
+                          "step s:", [round(t, 2) for t in runs[needed]["times"]], flush=True)
+            eager, compiled = runs[reference(name)], runs[name]
+            warm = statistics.median(compiled["times"][1:])
+            record = dict(config=name, reference=reference(name), threads=args.threads, steps=STEPS,
+                          losses=compiled["losses"], eager_losses=eager["losses"], **compare(eager, compiled),
+                          first_step_s=round(compiled["times"][0], 2), warm_step_s=round(warm, 3),
+                          eager_step_s=round(statistics.median(eager["times"][1:]), 3),
+                          compile_s=round(compiled["times"][0] - warm, 1), process_s=compiled["process_s"],
+                          device_note="CPU (2 cores, shared with other jobs: times are loaded-machine figures)", **env)
+            print(json.dumps({k: record[k] for k in ("config", "loss_rel_diff", "grad_max_diff", "zero_grad_tensors",
+                                                     "weights_moved", "compile_s")}), flush=True)
+            common.append_results(args.results, [record])
+
+
+if __name__ == "__main__":
+    main()
