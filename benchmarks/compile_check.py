@@ -18,6 +18,12 @@ with the eager run of the same optimizer / checkpointing / layout:
 Config names: `{off|step|unet|blocks}-{adamw|adamw8bit}[-gc][-cl][-unfixed]`: `gc` = gradient checkpointing,
 `cl` = channels_last=True, `unfixed` = without `train.compile_options`' CPU workaround (inductor's layout
 optimization left on, as before the fix): reproduces the bug the workaround avoids.
+
+`--minimal nchw` (or `nchw-no-layout-opt`, `channels-last-no-layout-opt`) runs the bug's five-block reproduction
+without the library (diffusers blocks only; ~1 min to compile here).
+
+On a machine with CUDA the runs go to the GPU (accelerate's choice), e.g. to check the compiled step there:
+`python benchmarks/compile_check.py --configs step-adamw step-adamw-cl unet-adamw-cl blocks-adamw-cl`.
 """
 
 from __future__ import annotations
@@ -125,18 +131,68 @@ def compare(eager: dict, compiled: dict) -> dict:
                 weights=sum(d.numel() for d in weight_diff), tensors=len(weight_diff))
 
 
+def minimal(channels_last: bool, layout_optimization: bool) -> dict:
+    """The bug without the library: five diffusers blocks (resnet, downsampler, resnet, upsampler, resnet on the
+    skip concatenation), inductor vs eager gradients. Prints and returns the tensors whose gradient differs."""
+    from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_in, self.temb = torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Linear(8, 16)
+            self.res0 = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=4)
+            self.down = Downsample2D(8, use_conv=True, out_channels=8, padding=1, name="op")
+            self.res1 = ResnetBlock2D(in_channels=8, out_channels=16, temb_channels=16, groups=4)
+            self.up = Upsample2D(16, use_conv=True, out_channels=16)
+            self.res2 = ResnetBlock2D(in_channels=24, out_channels=8, temb_channels=16, groups=4)
+            self.conv_out = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+        def forward(self, x, emb):
+            emb = torch.nn.functional.silu(self.temb(emb))
+            skip = self.res0(self.conv_in(x), emb)
+            h = self.up(self.res1(self.down(skip), emb))
+            return self.conv_out(self.res2(torch.cat([h, skip], 1), emb))
+
+    torch.manual_seed(0)
+    net, x, emb = Net(), torch.randn(2, 4, 16, 16), torch.randn(2, 8)
+    if channels_last:
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+
+    def grads(model):
+        net.zero_grad(set_to_none=True)
+        model(x, emb).pow(2).mean().backward()
+        return {n: q.grad.clone() for n, q in net.named_parameters()}
+
+    eager = grads(net)
+    compiled = grads(torch.compile(net, options={"layout_optimization": layout_optimization}))
+    scale = max(g.abs().max().item() for g in eager.values())
+    differ = [n for n in eager if (compiled[n] - eager[n]).abs().max().item() > 1e-4 * scale]
+    zeroed = [n for n in differ if compiled[n].abs().max() == 0]
+    result = dict(channels_last=channels_last, layout_optimization=layout_optimization, tensors=len(eager),
+                  differ=len(differ), zeroed=zeroed)
+    print(json.dumps(result))
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=CONFIGS)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each config's process")
     ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--minimal", choices=["nchw", "nchw-no-layout-opt", "channels-last-no-layout-opt"],
+                    help="only the five-block reproduction of the bug, without the library (prints, records nothing)")
     ap.add_argument("--child"), ap.add_argument("--assets"), ap.add_argument("--out")
     args = ap.parse_args()
+    if args.minimal:
+        return minimal(args.minimal.startswith("channels-last"), not args.minimal.endswith("no-layout-opt"))
     if args.child:
         return child(args.child, Path(args.assets), Path(args.out))
     for name in args.configs:
         parse(name)
-    env = common.environment("cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where accelerate puts the run
+    env = common.environment(device)
+    note = ("CPU (2 cores, shared with other jobs: times are loaded-machine figures)" if device == "cpu" else
+            "CUDA: fp32 convolutions may use TF32 (eager and compiled alike); '-unfixed' = fixed (the workaround is CPU-only)")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         make_assets(workdir / "assets")
@@ -154,7 +210,7 @@ def main() -> None:
                           first_step_s=round(compiled["times"][0], 2), warm_step_s=round(warm, 3),
                           eager_step_s=round(statistics.median(eager["times"][1:]), 3),
                           compile_s=round(compiled["times"][0] - warm, 1), process_s=compiled["process_s"],
-                          device_note="CPU (2 cores, shared with other jobs: times are loaded-machine figures)", **env)
+                          device_note=note, **env)
             print(json.dumps({k: record[k] for k in ("config", "loss_rel_diff", "grad_max_diff", "zero_grad_tensors",
                                                      "weights_moved", "compile_s")}), flush=True)
             common.append_results(args.results, [record])
