@@ -1181,7 +1181,7 @@ def check_compiled_gradients(state: TrainingState, log=print, rtol: float = 0.05
                                                  cfg.cache_latents, gen, acc.device, state.trained[1:] or None)
         loss_value, _ = diffusion_loss(state.unet, state.models.noise_scheduler, latents, cond, cfg,
                                        cfg.with_prior_preservation, gen, loss_fn=state.loss_fn)
-        acc.backward(loss_value)
+        loss_value.backward()  # unscaled (no fp16 GradScaler): the check never steps the optimizer
         norms = torch.stack([p.grad.detach().float().norm() if p.grad is not None else loss_value.new_zeros(())
                              for p in state.params] + [loss_value.detach().float()])
         for p in state.params:
@@ -1194,6 +1194,9 @@ def check_compiled_gradients(state: TrainingState, log=print, rtol: float = 0.05
             *eager, eager_loss = loss_and_norms()
     with torch.random.fork_rng(devices=devices):
         *compiled, compiled_loss = loss_and_norms()
+    if not all(map(math.isfinite, eager + [eager_loss])):
+        log("compile check skipped: the eager step's loss or gradients are not finite")
+        return {}
     names = {id(p): n for module in state.trained for n, p in acc.unwrap_model(module).named_parameters()}
     floor = 1e-3 * max(eager)
     off = [(names.get(id(p), "?"), e, c) for p, e, c in zip(state.params, eager, compiled)
