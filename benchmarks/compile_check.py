@@ -154,7 +154,8 @@ def minimal(channels_last: bool, layout_optimization: bool) -> dict:
             return self.conv_out(self.res2(torch.cat([h, skip], 1), emb))
 
     torch.manual_seed(0)
-    net, x, emb = Net(), torch.randn(2, 4, 16, 16), torch.randn(2, 8)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # does CUDA's inductor have the bug too? (gpu_check)
+    net, x, emb = Net().to(device), torch.randn(2, 4, 16, 16, device=device), torch.randn(2, 8, device=device)
     if channels_last:
         net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
 
@@ -168,7 +169,8 @@ def minimal(channels_last: bool, layout_optimization: bool) -> dict:
     scale = max(g.abs().max().item() for g in eager.values())
     differ = [n for n in eager if (compiled[n] - eager[n]).abs().max().item() > 1e-4 * scale]
     zeroed = [n for n in differ if compiled[n].abs().max() == 0]
-    result = dict(channels_last=channels_last, layout_optimization=layout_optimization, tensors=len(eager),
+    result = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
+                  channels_last=channels_last, layout_optimization=layout_optimization, tensors=len(eager),
                   differ=len(differ), zeroed=zeroed)
     print(json.dumps(result))
     return result
@@ -179,12 +181,16 @@ def main() -> None:
     ap.add_argument("--configs", nargs="+", default=CONFIGS)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each config's process")
     ap.add_argument("--results", default=str(RESULTS))
-    ap.add_argument("--minimal", choices=["nchw", "nchw-no-layout-opt", "channels-last-no-layout-opt"],
-                    help="only the five-block reproduction of the bug, without the library (prints, records nothing)")
+    ap.add_argument("--minimal", choices=["nchw", "nchw-no-layout-opt", "channels-last", "channels-last-no-layout-opt"],
+                    help="only the five-block reproduction of the bug, without the library, on CUDA when there is "
+                         "one (prints; with --out, appends the record to that JSON list)")
     ap.add_argument("--child"), ap.add_argument("--assets"), ap.add_argument("--out")
     args = ap.parse_args()
     if args.minimal:
-        return minimal(args.minimal.startswith("channels-last"), not args.minimal.endswith("no-layout-opt"))
+        result = minimal(args.minimal.startswith("channels-last"), not args.minimal.endswith("no-layout-opt"))
+        if args.out:
+            common.append_results(args.out, [result])
+        return
     if args.child:
         return child(args.child, Path(args.assets), Path(args.out))
     for name in args.configs:

@@ -105,6 +105,12 @@ def parts(py: str, out: Path, work: Path, anchors: Path, smoke: bool) -> list[Pa
         Part("e2e", 150, 300, [[py, str(BENCH / "bench_e2e.py"), *smoke_flag, "--config", E2E_CONFIG,
                                 "--results", str(out / "e2e.json")] + ([] if smoke else ["--model-dir",
                                                                                          str(inputs / "model")])]),
+        # Does CUDA's inductor zero the gradients below an upsampler as the CPU's did (benchmarks/README.md,
+        # "Compiled step")? Five diffusers blocks, a few seconds of compiling each; the fast configs' compile_check
+        # would also stop on it (recorded as failed: CompiledStepMismatch).
+        Part("compile_bug", 60, 300, [[py, str(BENCH / "compile_check.py"), "--minimal", variant, "--out",
+                                       str(out / "compile_bug.json")]
+                                      for variant in ("nchw", "channels-last", "nchw-no-layout-opt")]),
         # Lowest priority: torchao compiles its step per parameter shape (minutes on the first run?).
         Part("optimizers", 120, 300, [[py, str(BENCH / "bench_train.py"), *smoke_flag, *train_args,
                                        "--results", str(out / "train_optimizers.json"), "--configs", *OPTIMIZERS]]),

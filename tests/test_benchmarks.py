@@ -243,6 +243,7 @@ def test_gpu_check_sets_ours_beside_diffusers_from_one_run(monkeypatch, tmp_path
             "--max_train_steps=25", "--with_prior_preservation", "--learning_rate=5e-6"} <= set(full)
     assert "--rank=4" in parts["diffusers_lora"].commands[0]
     assert list(parts)[-1] == "optimizers" and parts["optimizers"].commands[0][-3:] == gpu_check.OPTIMIZERS
+    assert [c[3] for c in parts["compile_bug"].commands] == ["nchw", "channels-last", "nchw-no-layout-opt"]
 
 
 def test_sdxl_bench_configs_train_the_tiny_sdxl_model_through_the_library(bench, tmp_path):
