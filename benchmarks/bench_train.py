@@ -141,9 +141,15 @@ def count_flops(state: train.TrainingState) -> float:
         if cfg.train_text_encoder:
             text_encoder.activation_checkpointing_disable()
     counter = FlopCounterMode(display=False)
-    with counter:
-        # eager, even when timing a compiled unet or step
-        train.train_step(dataclasses.replace(state, unet=state.trained[0], loss_fn=train.noised_loss), step=0)
+    # Not the optimizer step: FlopCounterMode counts matmuls and convolutions only (none there), and torchao's
+    # AdamW8bit compiles its step, which torch.compile refuses under a dispatch mode such as the counter.
+    state.optimizer.step = lambda *args, **kwargs: None
+    try:
+        with counter:
+            # eager, even when timing a compiled unet or step
+            train.train_step(dataclasses.replace(state, unet=state.trained[0], loss_fn=train.noised_loss), step=0)
+    finally:
+        del state.optimizer.step  # the instance attribute shadowed the method
     if checkpointing:
         unet.enable_gradient_checkpointing()
         if cfg.train_text_encoder:
