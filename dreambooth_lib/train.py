@@ -1171,16 +1171,9 @@ def check_compiled_gradients(state: TrainingState, log=print, rtol: float = 0.05
         log("compile check skipped: lora_dropout > 0 (compiled dropout draws other masks than eager)")
         return {}
     micro_step = state.start_step * cfg.gradient_accumulation_steps
-    idx = batch_indices(len(state.dataset), cfg.train_batch_size, cfg.seed, micro_step, acc.process_index,
-                        acc.num_processes)
-    batch = data.collate_examples([state.dataset[i] for i in idx], cfg.with_prior_preservation)
 
     def loss_and_norms():
-        gen = step_generator(cfg.seed, micro_step, acc.process_index, acc.device)
-        latents, cond = latents_and_conditioning(batch, state.models, state.tokenizer, state.text_cache,
-                                                 cfg.cache_latents, gen, acc.device, state.trained[1:] or None)
-        loss_value, _ = diffusion_loss(state.unet, state.models.noise_scheduler, latents, cond, cfg,
-                                       cfg.with_prior_preservation, gen, loss_fn=state.loss_fn)
+        loss_value, _ = micro_step_loss(state, micro_step)
         loss_value.backward()  # unscaled (no fp16 GradScaler): the check never steps the optimizer
         norms = torch.stack([p.grad.detach().float().norm() if p.grad is not None else loss_value.new_zeros(())
                              for p in state.params] + [loss_value.detach().float()])
@@ -1232,6 +1225,20 @@ def vae_precision(cfg: TrainConfig, family, vae: AutoencoderKL, weight_dtype: to
     return weight_dtype, f"mixed_precision={cfg.mixed_precision!r}"
 
 
+def micro_step_loss(state: TrainingState, micro_step: int) -> tuple[torch.Tensor, dict]:
+    """The forward of one micro-batch: its items and its draws (VAE sample, noise, timesteps) come from
+    (seed, micro_step, rank). Returns diffusion_loss's (loss, parts)."""
+    cfg, acc = state.cfg, state.accelerator
+    gen = step_generator(cfg.seed, micro_step, acc.process_index, acc.device)
+    idx = batch_indices(len(state.dataset), cfg.train_batch_size, cfg.seed, micro_step, acc.process_index,
+                        acc.num_processes)
+    batch = data.collate_examples([state.dataset[i] for i in idx], cfg.with_prior_preservation)
+    latents, cond = latents_and_conditioning(batch, state.models, state.tokenizer, state.text_cache,
+                                             cfg.cache_latents, gen, acc.device, state.trained[1:] or None)
+    return diffusion_loss(state.unet, state.models.noise_scheduler, latents, cond, cfg, cfg.with_prior_preservation,
+                          gen, loss_fn=state.loss_fn)
+
+
 def train_step(state: TrainingState, step: int) -> dict:
     """Optimizer step number `step` (0-based): accumulate -> NaN check -> clip -> optimizer and lr step.
 
@@ -1240,19 +1247,11 @@ def train_step(state: TrainingState, step: int) -> dict:
     the optimizer changes any weight, so a NaN/inf stops training with nothing of this step applied.
     """
     cfg, acc = state.cfg, state.accelerator
-    accum, rank, world, device = cfg.gradient_accumulation_steps, acc.process_index, acc.num_processes, acc.device
-    with_prior = cfg.with_prior_preservation
-    total = torch.zeros(3, device=device)  # loss, instance_loss, prior_loss (detached)
+    accum = cfg.gradient_accumulation_steps
+    total = torch.zeros(3, device=acc.device)  # loss, instance_loss, prior_loss (detached)
     for micro in range(accum):
-        micro_step = step * accum + micro
-        gen = step_generator(cfg.seed, micro_step, rank, device)
-        idx = batch_indices(len(state.dataset), cfg.train_batch_size, cfg.seed, micro_step, rank, world)
-        batch = data.collate_examples([state.dataset[i] for i in idx], with_prior)
         with acc.accumulate(*state.trained):
-            latents, hidden = latents_and_conditioning(batch, state.models, state.tokenizer, state.text_cache,
-                                                       cfg.cache_latents, gen, device, state.trained[1:] or None)
-            step_loss, parts = diffusion_loss(state.unet, state.models.noise_scheduler, latents, hidden, cfg,
-                                              with_prior, gen, loss_fn=state.loss_fn)
+            step_loss, parts = micro_step_loss(state, step * accum + micro)
             acc.backward(step_loss)
             total += torch.stack([step_loss.detach(), parts["instance_loss"], parts["prior_loss"]]) / accum
             if acc.sync_gradients:  # the last micro-step: gradients are complete, weights not yet changed
