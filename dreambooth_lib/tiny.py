@@ -90,6 +90,12 @@ def tiny_vae(sample_size: int, **config) -> AutoencoderKL:
                          norm_num_groups=4, sample_size=sample_size * 2, **config)
 
 
+def tiny_unet(sample_size: int, **config) -> UNet2DConditionModel:
+    """A 2-level UNet2DConditionModel on 4 latent channels (widths 8, 16); config: blocks and conditioning."""
+    return UNet2DConditionModel(sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, attention_head_dim=4, norm_num_groups=4, **config)
+
+
 def build_tiny_components(
     seed: int = 0,
     sample_size: int = 16,
@@ -98,18 +104,8 @@ def build_tiny_components(
 ) -> dict:
     """Random tiny UNet/VAE/CLIP text encoder with SD's architecture (8x downsampling off: 2x)."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
+    unet = tiny_unet(sample_size, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16)
     vae = tiny_vae(sample_size)
     if tokenizer_dir is None:
         raise ValueError("build_tiny_components needs tokenizer_dir (write_clip_tokenizer writes one)")
@@ -173,22 +169,16 @@ def build_tiny_sdxl_components(seed: int = 0, sample_size: int = 16, tokenizer_d
 
     text_encoder = CLIPTextModel(text_config(hidden))
     text_encoder_2 = CLIPTextModelWithProjection(text_config(hidden_2, projection_dim=projection))
-    unet = UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
+    unet = tiny_unet(
+        sample_size,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # SDXL: no attention at the top level
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=hidden + hidden_2,  # both encoders' hidden states, concatenated
-        attention_head_dim=4,
         use_linear_projection=True,
         transformer_layers_per_block=(1, 2),
         addition_embed_type="text_time",
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=6 * time_dim + projection,
-        norm_num_groups=4,
     )
     vae = tiny_vae(sample_size, scaling_factor=0.13025,  # SDXL's
                    force_upcast=True)  # SDXL's VAE config: fp16 overflows, pipelines decode in fp32
