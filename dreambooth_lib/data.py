@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,26 +275,35 @@ def resolve_identifier(tokenizer, identifier: str | None, log: Callable[[str], N
     return identifier
 
 
-def _fill(template: str, setting: str, **values) -> str:
-    try:
-        text = template.format(**values)
-    except (KeyError, IndexError, ValueError) as err:
-        raise InputError(
-            f"{setting} {template!r} is not a valid template ({err!r}): use only " + ", ".join("{" + k + "}" for k in values)
-        ) from err
-    return " ".join(text.split())
+PLACEHOLDERS = ("identifier", "class_noun")
+
+
+def fill_prompt(template: str, identifier: str | None = None, class_noun: str | None = None,
+                setting: str | None = None) -> str:
+    """The one prompt filler: {identifier} and {class_noun} of a prompt template, caption, validation or
+    sampling prompt filled in, spaces collapsed. str.replace, not format: captions are free text and may
+    hold other braces. A placeholder without a value is an InputError naming `setting`; with `setting`
+    (a template the user configured) any other {name} left is one too (a typo such as {identifer})."""
+    values = {"identifier": identifier, "class_noun": class_noun}
+    for name, value in values.items():
+        if "{" + name + "}" in template:
+            if value is None:
+                known = ", ".join("{" + k + "}" for k, v in values.items() if v is not None) or "none"
+                raise InputError(f"{setting or 'prompt'} {template!r} uses {{{name}}}, which has no value here "
+                                 f"(placeholders known: {known})")
+            template = template.replace("{" + name + "}", value)
+    rest = functools.reduce(lambda text, name: text.replace("{" + name + "}", ""), PLACEHOLDERS, template)
+    if setting and ("{" in rest or "}" in rest):
+        raise InputError(f"{setting} {template!r} has a brace that is not a placeholder: use only "
+                         + ", ".join("{" + k + "}" for k, v in values.items() if v is not None))
+    return " ".join(template.split())
 
 
 def build_prompts(cfg, identifier: str) -> tuple[str, str]:
     """(instance prompt "a photo of [V] dog", class prompt "a photo of a dog") from cfg's templates."""
-    instance = _fill(cfg.instance_prompt_template, "instance_prompt_template", identifier=identifier, class_noun=cfg.class_noun)
-    klass = _fill(cfg.class_prompt_template, "class_prompt_template", class_noun=cfg.class_noun)
+    instance = fill_prompt(cfg.instance_prompt_template, identifier, cfg.class_noun, "instance_prompt_template")
+    klass = fill_prompt(cfg.class_prompt_template, class_noun=cfg.class_noun, setting="class_prompt_template")
     return instance, klass
-
-
-def _fill_caption(caption: str, identifier: str, class_noun: str) -> str:
-    # str.replace, not format: captions are free text and may contain braces.
-    return caption.replace("{identifier}", identifier).replace("{class_noun}", class_noun)
 
 
 def _has_word(text: str, word: str) -> bool:
@@ -308,7 +318,7 @@ def instance_prompts_for(images: list[InstanceImage], cfg, identifier: str) -> l
     for image in images:
         if image.caption is None:
             raise InputError(f"use_captions is on but {image.path} has no caption: write {image.path.with_suffix('.txt')}")
-        prompt = _fill_caption(image.caption, identifier, cfg.class_noun)
+        prompt = fill_prompt(image.caption, identifier, cfg.class_noun)
         if not _has_word(prompt, identifier):
             raise InputError(
                 f"caption of {image.path} does not mention the identifier {identifier!r}: "
@@ -339,19 +349,24 @@ def validate_config(cfg) -> None:
     """Every check that needs no model, so bad input fails in seconds, not after loading SD."""
     from diffusers.optimization import SchedulerType  # names only: no model code runs
 
-    _check_ranges(cfg, positive=["max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps",
+    _check_ranges(cfg, positive=["max_train_steps", "train_batch_size", "gradient_accumulation_steps",
                                  "adam_epsilon", "max_grad_norm", "validation_inference_steps",
                                  "num_validation_images"],
                   non_negative=["prior_loss_weight", "lr_warmup_steps", "adam_weight_decay", "offset_noise",
                                 "checkpointing_steps", "validation_steps", "seed", "validation_guidance_scale"])
-    for name in ("text_encoder_lr", "snr_gamma", "lora_alpha"):
+    for name in ("learning_rate", "text_encoder_lr"):  # "auto": config.resolve_auto sets them by method and model
+        value = getattr(cfg, name)
+        _check(value == "auto" or (name == "text_encoder_lr" and value is None)
+               or (isinstance(value, (int, float)) and value > 0), f"{name} = {value!r} must be > 0 (or 'auto')")
+    for name in ("snr_gamma", "lora_alpha"):
         value = getattr(cfg, name)
         _check(value is None or value > 0, f"{name} = {value} must be > 0 (or None)")
     _check_resolution(cfg)
     for name in ("adam_beta1", "adam_beta2"):
         _check(0 <= getattr(cfg, name) < 1, f"{name} = {getattr(cfg, name)} must be in [0, 1)")
     if cfg.use_lora:
-        _check(cfg.lora_rank > 0, f"lora_rank = {cfg.lora_rank} must be > 0 (4-64 is usual)")
+        _check(cfg.lora_rank == "auto" or (isinstance(cfg.lora_rank, int) and cfg.lora_rank > 0),
+               f"lora_rank = {cfg.lora_rank!r} must be > 0 (4-64 is usual) or 'auto'")
         _check(0 <= cfg.lora_dropout < 1, f"lora_dropout = {cfg.lora_dropout} must be in [0, 1)")
         _check(len(cfg.lora_unet_modules) > 0, "lora_unet_modules is empty: name the UNet layers to adapt, e.g. to_q to_k to_v to_out.0")
     limit = cfg.checkpoints_total_limit
@@ -417,12 +432,12 @@ def validate_class_image_config(cfg) -> str:
     _check(bool(cfg.class_noun.strip()), "class images need class_noun (e.g. 'dog'): it fills {class_noun} of the class prompt")
     _check(cfg.prior_generation_precision == "auto" or cfg.prior_generation_precision in PRIOR_PRECISIONS,
            f"prior_generation_precision = {cfg.prior_generation_precision!r}: use 'auto' or one of {tuple(PRIOR_PRECISIONS)}")
-    class_prompt = _fill(cfg.class_prompt_template, "class_prompt_template", class_noun=cfg.class_noun)
+    class_prompt = fill_prompt(cfg.class_prompt_template, class_noun=cfg.class_noun, setting="class_prompt_template")
     manifest_path = Path(cfg.class_dir or ".") / MANIFEST_NAME
     if cfg.class_dir and manifest_path.is_file():
         made = json.loads(manifest_path.read_text())
-        wanted = {"model_weights": weights_fingerprint(cfg.pretrained_model, cfg.revision), "vae_model": cfg.vae_model,
-                  "class_prompt": class_prompt}
+        wanted = {"model_weights": weights_fingerprint(cfg.pretrained_model, cfg.revision),
+                  "vae_weights": vae_fingerprint(cfg.vae_model), "class_prompt": class_prompt}
         if "family" in made:  # manifests written before model families were all SD's
             from .families import of
             wanted["family"] = of(cfg).NAME
@@ -466,7 +481,8 @@ class ClassImageManifest:
     seed: int
     dtype: str = ""  # sampling dtype ("float16"...); ensure_class_images fills it in from its precision and device
     family: str = "sd"  # families.FAMILIES key of the model: a class folder of another family is refused
-    vae_model: str | None = None  # the separate VAE that decoded them (None = the model's own)
+    vae_model: str | None = None  # the separate VAE that decoded them as it was named (None = the model's own): recorded
+    vae_weights: str | None = None  # vae_fingerprint(vae_model), its identity (compared, like model_weights)
 
 
 def sampler_name(scheduler_config: dict) -> str:
@@ -488,6 +504,15 @@ def weights_fingerprint(model: str, revision: str | None = None) -> str:
     return _hash_weight_files(str(folder.resolve()), stats)
 
 
+def vae_fingerprint(vae_model: str | None) -> str | None:
+    """weights_fingerprint of a separate VAE: of the files families.load_vae reads (a pipeline folder's vae/,
+    or the folder itself), so a relative or absolute path, or a copy, is the same VAE; None = the model's own."""
+    if not vae_model:
+        return None
+    nested = Path(vae_model) / "vae"
+    return weights_fingerprint(str(nested) if nested.is_dir() else vae_model)
+
+
 @functools.lru_cache(maxsize=8)
 def _hash_weight_files(folder: str, stats: tuple) -> str:
     """Keyed by the files' (name, inode, size, mtime, ctime): validation and class-image generation ask for
@@ -500,7 +525,7 @@ def _hash_weight_files(folder: str, stats: tuple) -> str:
     return digest.hexdigest()[:16]
 
 
-RECORDED_ONLY = ("model",)  # manifest fields that describe the images but do not change them
+RECORDED_ONLY = ("model", "vae_model")  # manifest fields that describe the images but do not change them
 
 
 def manifest_differences(made: dict, wanted: dict) -> dict:
@@ -598,15 +623,14 @@ def ensure_class_images(
         log(f"generating {len(missing)} class images '{manifest.class_prompt}' in {class_dir}")
         device = torch.device(device or state.device)
         _generate(missing[state.process_index :: state.num_processes], paths, manifest, make_pipeline,
-                  batch_size, device, dtype, channels_last, show=state.is_local_main_process)
+                  batch_size, device, dtype, channels_last, show=state.is_local_main_process,
+                  log=log if state.is_main_process else (lambda *a: None))
     state.wait_for_everyone()
     return paths
 
 
 @torch.no_grad()
-def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype, channels_last, show) -> None:
-    from . import memory
-
+def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype, channels_last, show, log=print) -> None:
     pipe = make_pipeline()
     used = sampler_name({**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__})
     if used != manifest.scheduler:
@@ -617,18 +641,15 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
     if channels_last:  # NHWC: cuDNN's native layout, no conversion kernels around each convolution
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-    if device.type == "cuda":  # decode one image at a time: VAE memory does not grow with the batch
-        pipe.vae.enable_slicing()
+    pipe.vae.enable_slicing()  # decode one image at a time: VAE memory does not grow with the batch
     pipe.set_progress_bar_config(disable=True)
     if batch_size == "auto":
-        weights = sum(t.numel() * t.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
-                      for t in m.parameters())
-        free = torch.cuda.mem_get_info(device)[0] + weights if device.type == "cuda" else None
-        batch_size = memory.class_batch_size(free, pipe.unet.config, manifest.resolution, dtype.itemsize, weights,
-                                             guidance=manifest.guidance_scale > 1, vae_factor=pipe.vae_scale_factor)
-    rate = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"  # img/s, even below 1
-    with tqdm(total=len(indices), desc=f"class images (batch {batch_size})", unit="img", disable=not show,
+        batch_size = auto_class_batch_size(pipe, device, manifest, dtype, len(indices), log)
+    calls, steps = -(-len(indices) // batch_size), manifest.num_inference_steps
+    rate = "{l_bar}{bar}| {n_fmt}/{total_fmt} sampler steps [{elapsed}<{remaining}]"
+    with tqdm(total=calls * steps, desc=f"class images ({len(indices)}, {batch_size} per call)", disable=not show,
               bar_format=rate) as bar:
+        progress = step_progress(bar, log, "class images", steps, calls)  # one call can be every image: per step
         for start in range(0, len(indices), batch_size):
             batch = indices[start : start + batch_size]
             # CPU generators: the same seed gives the same image on any device.
@@ -637,18 +658,58 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
                 [manifest.class_prompt] * len(batch),
                 height=manifest.resolution,
                 width=manifest.resolution,
-                num_inference_steps=manifest.num_inference_steps,
+                num_inference_steps=steps,
                 guidance_scale=manifest.guidance_scale,
                 generator=generators,
+                callback_on_step_end=progress,
             ).images
             for i, image in zip(batch, images):
                 tmp = paths[i].with_suffix(".png.tmp")
                 image.save(tmp, format="PNG")
                 os.replace(tmp, paths[i])  # atomic: a killed run never leaves a half-written image
-            bar.update(len(batch))
     del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def auto_class_batch_size(pipe, device: torch.device, manifest: ClassImageManifest, dtype: torch.dtype, count: int,
+                          log: Callable[[str], None] = print) -> int:
+    """class_batch_size "auto": what memory.class_batch_size fits in free CUDA memory (at most 32), or on a CPU
+    in the available RAM (at most the `count` images to make: one call for all when they fit)."""
+    import psutil  # an accelerate dependency
+
+    from . import memory
+
+    weights = sum(t.numel() * t.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+                  for t in m.parameters())
+    kw = dict(guidance=manifest.guidance_scale > 1, vae_factor=pipe.vae_scale_factor)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0] + weights
+        size = memory.class_batch_size(free, pipe.unet.config, manifest.resolution, dtype.itemsize, weights, **kw)
+    else:
+        free = psutil.virtual_memory().available
+        size = memory.class_batch_size(free, pipe.unet.config, manifest.resolution, dtype.itemsize, 0, most=count, **kw)
+    log(f"class images: {size} per sampler call (auto: {free / 1e9:.1f} GB free {'CUDA memory' if device.type == 'cuda' else 'RAM'}, "
+        f"{count} to make)")
+    return size
+
+
+def step_progress(bar, log: Callable[[str], None], what: str, steps: int, calls: int):
+    """A pipeline callback_on_step_end that moves `bar` one sampler step and logs once, after the first call's
+    third step, how long `calls` calls of `steps` steps should take (from its 2nd and 3rd steps: the 1st
+    carries the warm-up)."""
+    marks = []
+
+    def callback(pipe, step, timestep, kwargs):
+        bar.update()
+        if len(marks) < 3:
+            marks.append(time.perf_counter())
+            if len(marks) == 3 and steps > 3:
+                seconds = (marks[2] - marks[0]) / 2 * steps * calls
+                when = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+                log(f"{what}: about {when} in all ({calls} sampler call(s) of {steps} steps; from the first steps)")
+        return kwargs
+    return callback
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,9 @@ SD.Next and InvokeAI load.
 
     python -m dreambooth_lib export-lora runs/dog --format kohya     # -> runs/dog/dog_kohya.safetensors
 
+From a run folder (or checkpoint-N), the file's kohya header also names the base model and the trigger
+words ([V] and the class noun) that the run's summary.json records, for the tools' info panels.
+
 The keys are converted by diffusers' own utilities (`convert_unet_state_dict_to_peft`,
 `convert_state_dict_to_peft`, `convert_state_dict_to_kohya`), the same ones its training scripts use,
 for every component in the file (unet, text_encoder, text_encoder_2), so SD 1.x/2.x and SDXL LoRAs
@@ -24,6 +27,7 @@ from diffusers.utils import convert_state_dict_to_kohya, convert_state_dict_to_p
 from safetensors.torch import save_file
 
 from .data import InputError
+from .sample import is_run, read_run
 from .train import LORA_WEIGHTS, publish
 
 FORMATS = ("kohya",)
@@ -104,6 +108,10 @@ def export_lora(path: str | Path, out: str | Path | None = None, format: str = "
     alphas = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
     if len(ranks) == len(alphas) == 1:
         metadata |= {"ss_network_dim": str(ranks.pop()), "ss_network_alpha": f"{alphas.pop():g}"}
+    if Path(path).is_dir() and is_run(path):
+        run = read_run(path, check_sources=False)  # the base model is not needed to export
+        trigger = " ".join(w for w in (run.identifier, run.class_noun) if w)
+        metadata |= {"ss_sd_model_name": run.base_model, "ss_training_comment": f"DreamBooth; prompt it with '{trigger}'"}
     tmp = out.with_name(f".tmp-{out.name}")
     save_file({k: v.contiguous() for k, v in kohya.items()}, tmp, metadata=metadata)
     publish(tmp, out)

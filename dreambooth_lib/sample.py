@@ -1,15 +1,18 @@
 """Sampling from a trained DreamBooth model: load, set LoRA scales, generate with per-image seeds, grids.
 
-    pipe = load_pipeline("runs/dog")                                  # full fine-tune (a pipeline folder)
-    pipe = load_pipeline(base_model, lora_dir="runs/dog-lora")        # LoRA on top of the base model
+    pipe = load_pipeline("runs/dog")                                  # a run: full fine-tune or LoRA (+ its base model)
+    pipe = load_pipeline(base_model, lora_dir="runs/dog-lora")        # LoRA on another base model
     pipe = load_pipeline("runs/dog/checkpoint-200")                   # any training checkpoint
+    run = read_run("runs/dog")                                        # its base model, family, VAE, identifier, class noun
     set_lora_scales(pipe, unet=1.0, text_encoder=0.5)
-    save_grid(generate(pipe, "a photo of sks dog", seeds=[0, 1, 2, 3]), 1, 4, "grid.png")
+    prompt = fill_prompt("a photo of {identifier} {class_noun}", run.identifier, run.class_noun)
+    save_grid(generate(pipe, prompt, seeds=[0, 1, 2, 3]), 1, 4, "grid.png")
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,18 +24,86 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from . import families
-from .data import InputError
+from .data import InputError, fill_prompt  # noqa: F401  (fill_prompt: for the prompts of a run, as above)
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file train.py writes and load_lora_weights reads
+SUMMARY, STATE = "summary.json", "training_state.json"  # what a finished run / a checkpoint-N folder holds
+
+
+@dataclass
+class Run:
+    """What a training run's folder says about itself (read_run): enough to load and prompt it again."""
+    folder: Path  # the run's output_dir, or one of its checkpoint-N folders
+    base_model: str  # pretrained_model it was trained from (a local folder as an absolute path in new runs)
+    revision: str | None
+    family: str  # families.FAMILIES key, or "auto" (runs from before summaries named it)
+    vae_model: str | None  # the separate VAE it was trained with (None = the model's own)
+    lora: bool  # LoRA weights on base_model; else the folder is a full pipeline
+    identifier: str | None  # the rare token [V] (None: a checkpoint of a run that never finished and picked it)
+    class_noun: str
+    instance_dir: str  # the subject photos, as the run named them
+
+
+def is_run(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / SUMMARY).is_file() or (folder / STATE).is_file()
+
+
+def read_run(folder: str | Path, check_sources: bool = True) -> Run:
+    """The Run of a train output_dir (its summary.json) or checkpoint-N folder (training_state.json, the
+    identifier from the run's summary when there is one). Anything else is an InputError saying what it
+    expected; so is (check_sources) a LoRA run whose local base model, or a run whose local VAE, is gone."""
+    folder = Path(folder)
+    if (folder / SUMMARY).is_file():
+        summary = json.loads((folder / SUMMARY).read_text())
+    elif (folder / STATE).is_file():
+        parent = folder.parent / SUMMARY
+        summary = {"config": json.loads((folder / STATE).read_text())["config"],
+                   **({"identifier": json.loads(parent.read_text()).get("identifier")} if parent.is_file() else {})}
+    else:
+        what = ("does not exist" if not folder.exists() else
+                "is a diffusers pipeline, not a run: pass it with --model (load_pipeline takes it as it is)"
+                if (folder / "model_index.json").is_file() else f"has neither {SUMMARY} nor {STATE}")
+        raise InputError(f"{folder} is not a training run: expected train's output_dir (it writes {SUMMARY} when it "
+                         f"ends) or one of its checkpoint-N folders; {folder} {what}")
+    cfg = summary["config"]
+    model = summary.get("model") or {}  # written since runs record it; older runs: the config as typed
+    run = Run(folder=folder, base_model=model.get("pretrained_model", cfg["pretrained_model"]),
+              revision=model.get("revision", cfg.get("revision")), family=model.get("family", cfg.get("model_family", "auto")),
+              vae_model=model.get("vae_model", cfg.get("vae_model")), lora=bool(cfg.get("use_lora")),
+              identifier=summary.get("identifier", cfg.get("identifier")), class_noun=cfg.get("class_noun", ""),
+              instance_dir=cfg.get("instance_dir", ""))
+    sources = [("base model", "model", run.base_model), ("VAE", "vae_model", run.vae_model)] if run.lora else []
+    for what, flag, path in sources if check_sources else []:  # a full fine-tune's folder holds both
+        if path and Path(path).is_absolute() and not Path(path).exists():
+            raise InputError(f"run {folder} was trained on the {what} {path}, which is not there any more: "
+                             f"pass where it is now with --{flag} (load_pipeline's {flag})")
+    return run
+
+
+def run_sources(run: Run | None, model: str | None = None, lora_dir: str | Path | None = None,
+                vae_model: str | None = None) -> dict:
+    """load_pipeline's model, lora_dir and vae_model for a run with a command's flags on top (a flag wins):
+    a LoRA run's base model, weights and VAE, or a full fine-tune's folder."""
+    if run is None:
+        if model is None:
+            raise InputError("no model: pass a run folder (train's output_dir) or --model")
+        return dict(model=model, lora_dir=lora_dir, vae_model=vae_model)
+    if model is None:  # load_pipeline reads the rest from the run
+        return dict(model=run.folder, lora_dir=lora_dir, vae_model=vae_model)
+    return dict(model=model, lora_dir=lora_dir or (run.folder if run.lora else None),
+                vae_model=vae_model or (run.vae_model if run.lora else None))
 
 
 def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=None, dtype=None,
                   adapter_name: str = "subject", model_family: str = "auto", vae_model: str | None = None,
                   ) -> DiffusionPipeline:
-    """A pipeline folder / hub id, optionally + LoRA weights, or a train.py checkpoint-N folder.
+    """A run folder (train's output_dir: a LoRA run is loaded on the base model its summary.json names), a
+    train.py checkpoint-N folder, or a pipeline folder / hub id, optionally + LoRA weights.
 
     The pipeline class is the model family's (families.detect: StableDiffusionPipeline for SD 1.x/2.x,
-    StableDiffusionXLPipeline for SDXL); vae_model replaces its VAE (a checkpoint's run's vae_model is used).
+    StableDiffusionXLPipeline for SDXL); vae_model replaces its VAE (a LoRA run's or a checkpoint's run's
+    vae_model is used).
     A LoRA of another family is refused before any weights load (check_lora_fits).
     Default device: CUDA when present; default dtype: fp16 on CUDA, fp32 on CPU. The NSFW safety
     checker is not loaded (as in diffusers' DreamBooth scripts): it blacks out false positives,
@@ -41,11 +112,16 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     parts, revision, folder = {}, None, Path(model)
-    checkpoint = (folder / "training_state.json").is_file()
+    if (folder / SUMMARY).is_file():  # a finished run
+        run = read_run(folder)
+        model_family = run.family
+        if run.lora:
+            model, revision, lora_dir, vae_model = run.base_model, run.revision, lora_dir or folder, vae_model or run.vae_model
+    checkpoint = (folder / STATE).is_file()
     if checkpoint:  # checkpoint-N: trained parts here, the rest from the base model it was trained from
         from .train import check_checkpoint  # (train imports this module)
         check_checkpoint(folder)  # a damaged file is named, with the checkpoint to use instead
-        config = json.loads((folder / "training_state.json").read_text())["config"]
+        config = json.loads((folder / STATE).read_text())["config"]
         model, revision = config["pretrained_model"], config.get("revision")
         model_family = config.get("model_family", model_family)
         vae_model = vae_model or config.get("vae_model")

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
 from . import data, distributed, families, loss, memory
-from .config import TrainConfig
+from .config import TrainConfig, resolve_auto
 from .families import Models  # noqa: F401  (train.Models: what load_models returns and prepare_training takes)
 from .sample import LORA_WEIGHTS, generate
 
@@ -114,6 +114,8 @@ def place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
 def add_lora(unet: UNet2DConditionModel, text_encoder, cfg: TrainConfig) -> None:
     """Attach trainable LoRA adapters ("default") to cfg.lora_unet_modules (and, when they are trained,
     to the attention of the text encoder, or of each in a tuple); base weights stay frozen."""
+    cfg = resolve_auto(cfg)[0]  # lora_rank "auto"
+
     def lora_config(targets):
         return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=cfg.lora_dropout,
                           init_lora_weights="gaussian", target_modules=targets)
@@ -145,6 +147,7 @@ def make_optimizer(param_groups: list[dict], cfg: TrainConfig, log=print, name: 
     still steps each tensor with its own Python call and kernel (~690 for SD1.5's UNet).
     """
     name = name or cfg.optimizer
+    cfg = resolve_auto(cfg)[0]  # learning_rate "auto"
     kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
               eps=cfg.adam_epsilon)
     if name in ("adamw8bit", "auto"):
@@ -201,7 +204,8 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Pa
         model=cfg.pretrained_model, model_weights=data.weights_fingerprint(cfg.pretrained_model, cfg.revision),
         class_prompt=class_prompt, resolution=cfg.resolution,
         scheduler=data.sampler_name(class_sampler_config(cfg)), num_inference_steps=cfg.class_inference_steps,
-        guidance_scale=cfg.class_guidance_scale, seed=cfg.seed, family=family.NAME, vae_model=cfg.vae_model)
+        guidance_scale=cfg.class_guidance_scale, seed=cfg.seed, family=family.NAME, vae_model=cfg.vae_model,
+        vae_weights=data.vae_fingerprint(cfg.vae_model))
 
     device = distributed.process_state().device
     dtype = data.class_image_dtype(cfg.prior_generation_precision, device)
@@ -925,10 +929,6 @@ def check_disk_space(cfg: TrainConfig, checkpoint: int, final: int, start_step: 
 
 # --- validation -----------------------------------------------------------------------------------
 
-def fill_prompt(template: str, identifier: str, class_noun: str) -> str:
-    return template.replace("{identifier}", identifier).replace("{class_noun}", class_noun)
-
-
 @torch.no_grad()
 def render_validation(models: Models, unet, text_encoder, tokenizer, prompts: list[str], cfg: TrainConfig,
                       path: Path, autocast) -> Path:
@@ -1060,6 +1060,7 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
         raise ValueError("with_prior_preservation needs class_values and class_prompt (see class_image_paths)")
     if cfg.resolution is None and instance_values:  # the pixels given are the resolution (memory plan)
         cfg = dataclasses.replace(cfg, resolution=instance_values[0].shape[-1])
+    cfg = resolve_auto(cfg)[0]  # "auto" learning rates and LoRA rank (train() logs why)
     family = families.of(cfg)
     if models.family != family.NAME:
         raise data.InputError(f"the models are {models.family!r} components but the config's model is {family.NAME!r} "
@@ -1276,6 +1277,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     for a full fine-tune, the untrained parts of the saved pipeline.
     """
     cfg = families.with_native_resolution(cfg)  # resolution=None: the model's own size (read from its configs)
+    cfg, auto_lines = resolve_auto(cfg)  # "auto" learning rates and LoRA rank for this method and model
     data.validate_config(cfg)  # every model-free check, before anything slow
     family = families.check(cfg)  # an unknown model or a setting it cannot take fails here, before any weights load
     started = time.time()
@@ -1289,6 +1291,8 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     main = accelerator.is_main_process
     info = log if main else (lambda *a, **k: None)
     distributed.check_launch(info)  # logs the number of processes; refuses N processes that each run alone
+    for line in auto_lines:
+        info(line)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     set_seed(cfg.seed)  # LoRA init and dropout; per-step draws use step_generator
@@ -1303,6 +1307,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     instances = data.load_instance_images(cfg.instance_dir, cfg.resolution, cfg.use_captions)
     instance_prompts = data.instance_prompts_for(instances, cfg, identifier)
     with_prior = cfg.with_prior_preservation
+    info(run_plan(cfg, family.NAME, len(instances), instance_prompts[0], class_prompt))
     phase("data")
     class_paths = class_image_paths(cfg, class_prompt, log=info) if with_prior else []
     phase("class_images")
@@ -1328,7 +1333,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     phase_s["cache"] = state.phase_s["cache"]
     unet = state.trained[0]  # uncompiled: what checkpoints unwrap and save
     text_encoders = tuple(state.trained[1:]) if cfg.train_text_encoder else state.models.text_encoders
-    val_prompts = [fill_prompt(p, identifier, cfg.class_noun) for p in cfg.validation_prompts] or [instance_prompt]
+    val_prompts = [data.fill_prompt(p, identifier, cfg.class_noun, "validation_prompts") for p in cfg.validation_prompts] or [instance_prompt]
     step, n_params = state.start_step, sum(p.numel() for p in state.params)
     if resume_from is not None:
         info(f"resumed from {resume_from} at step {step}")
@@ -1347,6 +1352,10 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
             record = train_step(state, step)
             step_seconds.append(time.perf_counter() - t0)
             step += 1
+            if len(step_seconds) == 3 and step < cfg.max_train_steps:  # from steps 2-3: the 1st carries the warm-up
+                left = (cfg.max_train_steps - step) * sum(step_seconds[1:]) / 2
+                info(f"training: about {f'{left / 60:.0f} min' if left >= 120 else f'{left:.0f} s'} to go "
+                     f"({sum(step_seconds[1:]) / 2:.2f} s per step; checkpoints and validation grids come on top)")
             state.history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             bar.update()
@@ -1380,7 +1389,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
         gradient_checkpointing=state.memory_plan.gradient_checkpointing,
         trainable_parameters=n_params, device=str(accelerator.device),
         num_processes=accelerator.num_processes, effective_batch_size=effective_batch, **peak_memory(),
-        phase_s=phase_s, disk=disk)
+        phase_s=phase_s, disk=disk, model=run_model(cfg, family.NAME))
     if main:
         summary["weights"] = str(save_final(output_dir, accelerator.unwrap_model(unet),
                                             unwrap_all(accelerator, text_encoders), cfg))
@@ -1389,6 +1398,24 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
         info(f"done: {step} steps, final loss {summary['final_loss']}, weights in {summary['weights']}")
     accelerator.wait_for_everyone()
     return summary
+
+
+def run_plan(cfg: TrainConfig, family: str, n_photos: int, instance_prompt: str, class_prompt: str) -> str:
+    """The first line of a run: what it will do, in one sentence."""
+    what = f"LoRA rank {cfg.lora_rank}" if cfg.use_lora else "full fine-tune"
+    pictures = f"{cfg.train_batch_size} + {cfg.train_batch_size} class" if cfg.with_prior_preservation else f"{cfg.train_batch_size}"
+    prior = (f"; first {cfg.num_class_images} class images '{class_prompt}' (reused when already made)"
+             if cfg.with_prior_preservation else "; no prior preservation")
+    return (f"plan: {what} of {cfg.pretrained_model} ({family}) on {n_photos} photos '{instance_prompt}', "
+            f"{cfg.max_train_steps} steps of {pictures} pictures at {cfg.resolution} px{prior}; output in {cfg.output_dir}")
+
+
+def run_model(cfg: TrainConfig, family: str) -> dict:
+    """What summary.json records to load the run again (sample.read_run): local folders as absolute paths."""
+    def where(name):
+        return str(Path(name).resolve()) if name and Path(name).is_dir() else name
+    return dict(pretrained_model=where(cfg.pretrained_model), revision=cfg.revision, family=family,
+                vae_model=where(cfg.vae_model))
 
 
 def finished_or_train(cfg: TrainConfig, log=print) -> dict:

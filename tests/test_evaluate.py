@@ -10,7 +10,7 @@ from PIL import Image
 from dreambooth_lib.tiny import save_tiny_clip, save_tiny_dino
 
 from dreambooth_lib import evaluate, metrics
-from dreambooth_lib.data import InputError
+from dreambooth_lib.data import InputError, fill_prompt
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_prompt_lists_follow_the_paper_counts():
         assert len(set(templates)) == len(templates)
         assert all("{identifier} {class_noun}" in t for t in templates)
     assert evaluate.prompt_set(live=True, prompt_limit=2)["accessorization"] == live["accessorization"][:2]
-    assert evaluate.fill(live["property"][0], "sks", "dog") == "a green sks dog"
+    assert fill_prompt(live["property"][0], "sks", "dog") == "a green sks dog"
 
 
 
