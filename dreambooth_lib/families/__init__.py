@@ -17,7 +17,7 @@ caching, checkpoints, resume and `train_step` stay one code path for every famil
     unet_conditioning(text, sizes) -> what the UNet takes besides (x_t, t), from stacked text conditioning
 
 The family of a model is read from its model_index.json (`_class_name`), or named by the user
-(TrainConfig.model_family). See the README's "Adding a family" for what SD3 / FLUX would have to answer.
+(TrainConfig.model_family). See docs/families.md, "Adding a family", for what SD3 / FLUX would have to answer.
 """
 
 from __future__ import annotations
