@@ -129,7 +129,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def peak_memory() -> dict:
-    from .train import peak_memory as measure  # imported late: keeps `--help` fast
+    from .memory import peak_memory as measure  # imported late: keeps `--help` fast
     return measure()
 
 
@@ -170,11 +170,12 @@ def quiet_loading() -> None:
 
 
 def cmd_class_images(args) -> int:
-    from . import data, distributed, families
-    from .train import class_image_paths
+    from . import distributed, families
+    from .class_images import class_image_paths
+    from .validate import validate_class_image_config
     quiet_loading()
     cfg = families.with_native_resolution(config_from_args(args))
-    class_prompt = data.validate_class_image_config(cfg)  # no subject photos needed, unlike train
+    class_prompt = validate_class_image_config(cfg)  # no subject photos needed, unlike train
     families.check(cfg)
     started = time.time()
     main = distributed.process_state().is_main_process
@@ -275,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     evaluate = argv[:1] == ["evaluate"]  # the evaluate module owns its own flags
     args = None if evaluate else build_parser().parse_args(argv)
-    from .data import InputError
-    from .train import SaveFailed, TrainingDiverged
+    from .errors import InputError, SaveFailed, TrainingDiverged
     try:
         if evaluate:
             return cmd_evaluate(argv[1:])

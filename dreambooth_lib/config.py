@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-# The project's own pretrained toy base model: the embedded default (see README, "toy world").
+# The project's own pretrained toy base model: the embedded default (see docs/toy_world.md).
 TOY_MODEL_DIR = str(Path(__file__).resolve().parent.parent / "data" / "toy_model")
 
 
@@ -112,8 +112,8 @@ class TrainConfig:
 # Stable Diffusion (any model but the toy one): a full fine-tune at 5e-6 as the paper and diffusers'
 # train_dreambooth.py; LoRA at 1e-4, rank 4, as diffusers' DreamBooth-LoRA README example and its rank
 # default (its SD script defaults to 5e-4). The text encoder at the UNet's rate (None): both scripts use one.
-# The toy model (6M parameters pretrained from scratch, 32 px): what the toy-world sweeps chose (README, "How
-# the defaults were chosen"; images/toy_recipe_sweep_cycle2.json): full UNet 1e-4 + text encoder 3e-5 (run
+# The toy model (6M parameters pretrained from scratch, 32 px): what the toy-world sweeps chose (docs/toy_world.md,
+# "Sweeps: how the defaults were chosen"; images/toy_recipe_sweep_cycle2.json): full UNet 1e-4 + text encoder 3e-5 (run
 # cf_te3e5, the demo's recipe), LoRA rank 32 at 1e-3 + text encoder 1e-4 (run cl_s1600; SD's rank 4 at 1e-4
 # learnt almost nothing there). Both toy recipes also trained the text encoder.
 AUTO_RECIPES = {

@@ -17,17 +17,21 @@ from pathlib import Path
 
 import torch
 import transformers
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from . import families
-from .data import InputError, fill_prompt  # noqa: F401  (fill_prompt: for the prompts of a run, as above)
+from .checkpoint import STATE_JSON, check_checkpoint
+from .config import TrainConfig
+from .data import fill_prompt  # noqa: F401  (for the prompts of a run, as above)
+from .errors import InputError
+from .families import Models, as_tuple
+from .weights import LORA_WEIGHTS
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file train.py writes and load_lora_weights reads
-SUMMARY, STATE = "summary.json", "training_state.json"  # what a finished run / a checkpoint-N folder holds
+SUMMARY = "summary.json"  # what train writes into a finished run's output_dir
 
 
 @dataclass
@@ -46,7 +50,7 @@ class Run:
 
 def is_run(folder: str | Path) -> bool:
     folder = Path(folder)
-    return (folder / SUMMARY).is_file() or (folder / STATE).is_file()
+    return (folder / SUMMARY).is_file() or (folder / STATE_JSON).is_file()
 
 
 def read_run(folder: str | Path, check_sources: bool = True) -> Run:
@@ -56,14 +60,14 @@ def read_run(folder: str | Path, check_sources: bool = True) -> Run:
     folder = Path(folder)
     if (folder / SUMMARY).is_file():
         summary = json.loads((folder / SUMMARY).read_text())
-    elif (folder / STATE).is_file():
+    elif (folder / STATE_JSON).is_file():
         parent = folder.parent / SUMMARY
-        summary = {"config": json.loads((folder / STATE).read_text())["config"],
+        summary = {"config": json.loads((folder / STATE_JSON).read_text())["config"],
                    **({"identifier": json.loads(parent.read_text()).get("identifier")} if parent.is_file() else {})}
     else:
         what = ("does not exist" if not folder.exists() else
                 "is a diffusers pipeline, not a run: pass it with --model (load_pipeline takes it as it is)"
-                if (folder / "model_index.json").is_file() else f"has neither {SUMMARY} nor {STATE}")
+                if (folder / "model_index.json").is_file() else f"has neither {SUMMARY} nor {STATE_JSON}")
         raise InputError(f"{folder} is not a training run: expected train's output_dir (it writes {SUMMARY} when it "
                          f"ends) or one of its checkpoint-N folders; {folder} {what}")
     cfg = summary["config"]
@@ -117,11 +121,10 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
         model_family = run.family
         if run.lora:
             model, revision, lora_dir, vae_model = run.base_model, run.revision, lora_dir or folder, vae_model or run.vae_model
-    checkpoint = (folder / STATE).is_file()
+    checkpoint = (folder / STATE_JSON).is_file()
     if checkpoint:  # checkpoint-N: trained parts here, the rest from the base model it was trained from
-        from .train import check_checkpoint  # (train imports this module)
         check_checkpoint(folder)  # a damaged file is named, with the checkpoint to use instead
-        config = json.loads((folder / STATE).read_text())["config"]
+        config = json.loads((folder / STATE_JSON).read_text())["config"]
         model, revision = config["pretrained_model"], config.get("revision")
         model_family = config.get("model_family", model_family)
         vae_model = vae_model or config.get("vae_model")
@@ -285,3 +288,31 @@ def _grid(images, rows, cols, labels, path):
     if path is not None:
         return save_grid(images, rows, cols, path, labels)
     return make_image_grid([_label(im, t) for im, t in zip(images, labels)], rows=rows, cols=cols)
+
+
+@torch.no_grad()
+def render_validation(models: Models, unet, text_encoder, tokenizer, prompts: list[str], cfg: TrainConfig,
+                      path: Path, autocast) -> Path:
+    """Grid (one row per prompt, seeds 0..n-1) from the in-memory models: no reload, no weight copy.
+    text_encoder: the (unwrapped) text encoder, or a tuple of the family's."""
+    family, encoders = families.get(models.family), as_tuple(text_encoder)
+    tokenizers = (tokenizer, models.tokenizer_2)[:len(encoders)]
+    pipe = family.PIPELINE(
+        vae=models.vae, unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
+        **dict(zip(family.TEXT_ENCODERS, encoders)), **dict(zip(family.TOKENIZERS, tokenizers)), **family.PIPELINE_EXTRAS)
+    pipe.set_progress_bar_config(disable=True)
+    n = cfg.num_validation_images
+    modules = (unet, *encoders)
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    # fork_rng: rendering must not move the global RNG that LoRA dropout draws from (exact resume).
+    with autocast, torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        images = generate(pipe, [p for p in prompts for _ in range(n)], list(range(n)) * len(prompts),
+                          guidance_scale=cfg.validation_guidance_scale,
+                          num_inference_steps=cfg.validation_inference_steps, progress=False)
+    for m, flag in zip(modules, was_training):
+        m.train(flag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_image_grid(images, rows=len(prompts), cols=n).save(path)
+    return path

@@ -92,12 +92,12 @@ def test_class_images_needs_no_photos_and_train_reuses_them(tiny_model_dir, inst
 def test_a_full_disk_is_a_message_not_a_traceback(tiny_model_dir, instance_dir, tmp_path, capsys, monkeypatch):
     import errno
 
-    import dreambooth_lib.train as T
+    import dreambooth_lib.checkpoint as CK
 
     def full_disk(folder, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(T, "save_weights", full_disk)
+    monkeypatch.setattr(CK, "save_weights", full_disk)
     rc = cli.main(["train", "--pretrained_model", str(tiny_model_dir), "--instance_dir", str(instance_dir),
                    "--class_noun", "dog", "--resolution", "32", "--use_lora", "--no-with_prior_preservation",
                    "--max_train_steps", "1", "--validation_steps", "0", "--checkpointing_steps", "1",
