@@ -205,15 +205,19 @@ def test_sample_refuses_what_is_not_a_run(tiny_model_dir, instance_dir, tmp_path
 
 
 def test_a_cli_run_prints_no_third_party_warning_and_says_what_comes(tiny_model_dir, instance_dir, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "dreambooth_lib",
-                           *quick_train(tiny_model_dir, instance_dir, tmp_path / "run", "--use_lora")],
+    done = subprocess.run([sys.executable, "-m", "dreambooth_lib",  # 4 sampler and training steps: time estimates
+                           *quick_train(tiny_model_dir, instance_dir, tmp_path / "run", "--use_lora",
+                                        "--class_inference_steps", "4", "--max_train_steps", "4")],
                           capture_output=True, text=True, check=True)
     output = done.stdout + done.stderr
     for noise in ("[transformers]", "torchvision", "kernels-community", "Loading pipeline components", "Loading weights"):
         assert noise not in output, noise
-    lines = done.stdout.splitlines()
-    assert next(i for i, line in enumerate(lines) if line.startswith("plan: LoRA rank 4")) < \
-        next(i for i, line in enumerate(lines) if line.startswith("generating 2 class images"))
+    lines = [line.split("\r")[-1] for line in done.stdout.splitlines()]
+    order = [next(i for i, line in enumerate(lines) if line.startswith(start)) for start in (
+        "plan: LoRA rank 4", "generating 2 class images", "class images: 2 per sampler call (auto:",
+        "training: about")]
+    assert order == sorted(order)
+    assert "class images: about" in done.stdout  # after the first sampler steps (printed inside the progress bar)
     assert lines[-1].startswith(f"next: python -m dreambooth_lib sample {tmp_path / 'run'} --prompt")
     assert lines[-2].startswith(f"run folder: weights {tmp_path / 'run' / 'pytorch_lora_weights.safetensors'}")
 
