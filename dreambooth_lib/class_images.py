@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from . import distributed, families, memory
@@ -192,8 +192,9 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
     if pipe.dtype != dtype:  # casting warns in diffusers (modules kept in fp32), so only when needed
         pipe.to(dtype=dtype)
     pipe.to(device)
+    denoiser = getattr(pipe, families.get(manifest.family).DENOISER)
     if channels_last:  # NHWC: cuDNN's native layout, no conversion kernels around each convolution
-        pipe.unet.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if device.type == "cuda":  # decode one image at a time: VAE memory does not grow with the batch
         pipe.vae.enable_slicing()
@@ -202,7 +203,7 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
         weights = sum(t.numel() * t.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
                       for t in m.parameters())
         free = torch.cuda.mem_get_info(device)[0] + weights if device.type == "cuda" else None
-        batch_size = memory.class_batch_size(free, pipe.unet.config, manifest.resolution, dtype.itemsize, weights,
+        batch_size = memory.class_batch_size(free, denoiser.config, manifest.resolution, dtype.itemsize, weights,
                                              guidance=manifest.guidance_scale > 1, vae_factor=pipe.vae_scale_factor)
     rate = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"  # img/s, even below 1
     with tqdm(total=len(indices), desc=f"class images (batch {batch_size})", unit="img", disable=not show,
@@ -229,15 +230,16 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
         torch.cuda.empty_cache()
 
 
-def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Path]:
+def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print, family=None) -> list[Path]:
     """Generate (or reuse) the prior images x_pr = x_hat(z, c_pr) with the frozen base model (paper Sec. 3.3)."""
     cfg = families.with_native_resolution(cfg)
     class_dir = Path(cfg.class_dir) if cfg.class_dir else Path(cfg.output_dir) / "class_images"
-    family = families.of(cfg)
+    family = family or families.of(cfg)
+    sampler = family.class_sampler_config(cfg.pretrained_model, cfg.revision, cfg.class_sampler)
     manifest = ClassImageManifest(
         model=cfg.pretrained_model, model_weights=weights_fingerprint(cfg.pretrained_model, cfg.revision),
         class_prompt=class_prompt, resolution=cfg.resolution,
-        scheduler=sampler_name(class_sampler_config(cfg)), num_inference_steps=cfg.class_inference_steps,
+        scheduler=sampler_name(sampler), num_inference_steps=cfg.class_inference_steps,
         guidance_scale=cfg.class_guidance_scale, seed=cfg.seed, family=family.NAME, vae_model=cfg.vae_model)
 
     device = distributed.process_state().device
@@ -248,7 +250,7 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Pa
         pipe = family.PIPELINE.from_pretrained(cfg.pretrained_model, revision=cfg.revision, dtype=dtype,
                                                **family.PIPELINE_EXTRAS, **vae)
         if cfg.class_sampler == "dpmsolver++":
-            pipe.scheduler = DPMSolverMultistepScheduler.from_config(class_sampler_config(cfg))
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(sampler)
         return pipe
 
     return ensure_class_images(class_dir, manifest, cfg.num_class_images, make_pipeline,
@@ -256,14 +258,3 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Pa
                                     user_supplied=cfg.class_dir is not None, log=log,
                                     precision=cfg.prior_generation_precision,
                                     channels_last=use_channels_last(cfg.channels_last, device))
-
-
-def class_sampler_config(cfg: TrainConfig) -> dict:
-    """Config of the class-image sampler: the base model's scheduler ("model"), or DPM-Solver++ on the
-    model's noise schedule and prediction type ("dpmsolver++": 25 steps ~ 50 of SD1.5's PNDM)."""
-    config = dict(DDPMScheduler.load_config(cfg.pretrained_model, subfolder="scheduler", revision=cfg.revision))
-    config["_class_name"] = families.model_index(cfg.pretrained_model, cfg.revision)["scheduler"][1]  # what the pipeline loads
-    if cfg.class_sampler == "dpmsolver++":
-        config = dict(DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++").config)
-        config["_class_name"] = DPMSolverMultistepScheduler.__name__
-    return config

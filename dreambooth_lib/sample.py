@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 from safetensors import SafetensorError, safe_open
@@ -52,8 +52,8 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
         vae_model = vae_model or config.get("vae_model")
     family = families.resolve(model_family, str(model), revision)
     if checkpoint:
-        if (folder / "unet").is_dir():
-            parts["unet"] = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype)
+        if (folder / family.DENOISER).is_dir():
+            parts[family.DENOISER] = family.DENOISER_CLASS.from_pretrained(folder / family.DENOISER, dtype=dtype)
         index = families.model_index(model, revision)
         for name in family.TEXT_ENCODERS:
             if (folder / name).is_dir():  # of the class the base model's model_index.json names
@@ -213,18 +213,18 @@ def _grid(images, rows, cols, labels, path):
 
 
 @torch.no_grad()
-def render_validation(models: Models, unet, text_encoder, tokenizer, prompts: list[str], cfg: TrainConfig,
+def render_validation(models: Models, denoiser, text_encoder, prompts: list[str], cfg: TrainConfig,
                       path: Path, autocast) -> Path:
     """Grid (one row per prompt, seeds 0..n-1) from the in-memory models: no reload, no weight copy.
     text_encoder: the (unwrapped) text encoder, or a tuple of the family's."""
-    family, encoders = families.get(models.family), as_tuple(text_encoder)
-    tokenizers = (tokenizer, models.tokenizer_2)[:len(encoders)]
+    family, encoders = models.family, as_tuple(text_encoder)
     pipe = family.PIPELINE(
-        vae=models.vae, unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
-        **dict(zip(family.TEXT_ENCODERS, encoders)), **dict(zip(family.TOKENIZERS, tokenizers)), **family.PIPELINE_EXTRAS)
+        vae=models.vae, scheduler=family.validation_scheduler(models.noise_scheduler), **{family.DENOISER: denoiser},
+        **dict(zip(family.TEXT_ENCODERS, encoders)), **dict(zip(family.TOKENIZERS, models.tokenizers)),
+        **family.PIPELINE_EXTRAS)
     pipe.set_progress_bar_config(disable=True)
     n = cfg.num_validation_images
-    modules = (unet, *encoders)
+    modules = (denoiser, *encoders)
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()

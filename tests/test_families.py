@@ -43,10 +43,10 @@ def test_prepare_training_refuses_models_of_another_family(tiny_model_dir, tmp_p
     cfg = TrainConfig(pretrained_model=str(tiny_model_dir), instance_dir=str(instance_dir), resolution=32,
                       with_prior_preservation=False)
     models = M.load_models(cfg)
-    assert models.family == "sd" and models.text_encoders == (models.text_encoder,)
-    models.family = "sdxl"  # as if built by another family's loader
+    assert models.family is families.sd and isinstance(models.text_encoders, tuple) and len(models.text_encoders) == 1
+    models.family = families.sdxl  # as if built by another family's loader
     with pytest.raises(data.InputError, match="set model_family"):
-        T.prepare_training(cfg, models, T.make_accelerator(cfg), M.load_tokenizer(cfg), [], [])
+        T.prepare_training(cfg, models, T.make_accelerator(cfg), [], [])
 
 
 def test_resolution_follows_the_model_unless_set(tmp_path, instance_dir):
