@@ -116,10 +116,11 @@ def _move_aside(class_dir: Path) -> Path:
     return aside
 
 
-def class_image_dtype(precision: str, device) -> torch.dtype:
-    """Sampling dtype of the class images: "auto" is fp16 on CUDA and fp32 elsewhere (CPU fp16 is slow or missing)."""
+def class_image_dtype(precision: str, device, half: str = "fp16") -> torch.dtype:
+    """Sampling dtype of the class images: "auto" is the family's half precision on CUDA (fp16; FLUX bf16)
+    and fp32 elsewhere (CPU fp16 is slow or missing)."""
     if precision == "auto":
-        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        return torch_dtype(half) if torch.device(device).type == "cuda" else torch.float32
     return torch_dtype(precision)
 
 
@@ -143,7 +144,8 @@ def ensure_class_images(
     that dtype to skip a cast. batch_size "auto": memory.class_batch_size for the free device memory.
     """
     state = distributed.process_state()  # several processes (accelerate launch): each generates every N-th missing image
-    dtype = class_image_dtype(precision, torch.device(device or state.device))
+    family = families.get(manifest.family)
+    dtype = class_image_dtype(precision, torch.device(device or state.device), family.HALF_DTYPE)
     manifest = dataclasses.replace(manifest, dtype=str(dtype).removeprefix("torch."))
     class_dir = Path(class_dir)
     manifest_path = class_dir / MANIFEST_NAME
@@ -192,7 +194,8 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
     if pipe.dtype != dtype:  # casting warns in diffusers (modules kept in fp32), so only when needed
         pipe.to(dtype=dtype)
     pipe.to(device)
-    denoiser = getattr(pipe, families.get(manifest.family).DENOISER)
+    family = families.get(manifest.family)
+    denoiser = getattr(pipe, family.DENOISER)
     if channels_last:  # NHWC: cuDNN's native layout, no conversion kernels around each convolution
         denoiser.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -204,7 +207,8 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
                       for t in m.parameters())
         free = torch.cuda.mem_get_info(device)[0] + weights if device.type == "cuda" else None
         batch_size = memory.class_batch_size(free, denoiser.config, manifest.resolution, dtype.itemsize, weights,
-                                             guidance=manifest.guidance_scale > 1, vae_factor=pipe.vae_scale_factor)
+                                             guidance=manifest.guidance_scale > 1, vae_factor=pipe.vae_scale_factor,
+                                             activation_bytes=family.activation_bytes)
     rate = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"  # img/s, even below 1
     with tqdm(total=len(indices), desc=f"class images (batch {batch_size})", unit="img", disable=not show,
               bar_format=rate) as bar:
@@ -232,7 +236,7 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
 
 def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print, family=None) -> list[Path]:
     """Generate (or reuse) the prior images x_pr = x_hat(z, c_pr) with the frozen base model (paper Sec. 3.3)."""
-    cfg = families.with_native_resolution(cfg)
+    cfg = families.with_family_defaults(cfg)
     class_dir = Path(cfg.class_dir) if cfg.class_dir else Path(cfg.output_dir) / "class_images"
     family = family or families.of(cfg)
     sampler = family.class_sampler_config(cfg.pretrained_model, cfg.revision, cfg.class_sampler)
@@ -243,7 +247,7 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print, family=Non
         guidance_scale=cfg.class_guidance_scale, seed=cfg.seed, family=family.NAME, vae_model=cfg.vae_model)
 
     device = distributed.process_state().device
-    dtype = class_image_dtype(cfg.prior_generation_precision, device)
+    dtype = class_image_dtype(cfg.prior_generation_precision, device, family.HALF_DTYPE)
 
     def make_pipeline():  # loaded in the sampling dtype: no cast afterwards
         vae = dict(vae=families.load_vae(cfg.vae_model).to(dtype=dtype)) if cfg.vae_model else {}

@@ -7,7 +7,9 @@ c_pr = "a dog", and lambda = prior_loss_weight:
                         + lambda * w_t' || x_hat(alpha_t' x' + sigma_t' eps', c_pr) - x' ||^2 ]
 
 Stable Diffusion predicts eps (or v) instead of x, so the squared error is taken against
-`diffusion_target` (the usual eps-parameterisation of the same objective).
+`diffusion_target` (the usual eps-parameterisation of the same objective). Flow-matching families
+(FLUX.1) noise along a straight line, x_s = (1 - s) x + s eps, and predict the velocity eps - x
+(`flow_matching_pair`); the loss keeps the same two halves.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor
     if prediction_type == "v_prediction":
         return noise_scheduler.get_velocity(latents, noise, timesteps)
     raise ValueError(f"prediction_type {prediction_type!r} is not supported: use 'epsilon' or 'v_prediction'")
+
+
+def flow_matching_pair(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_s = (1 - s) x + s eps, target eps - x) for one sigma s per row (rectified flow, as FLUX.1 was trained)."""
+    s = sigmas.to(latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
+    return (1 - s) * latents + s * noise, noise - latents
 
 
 def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:

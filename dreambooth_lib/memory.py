@@ -110,12 +110,13 @@ CLASS_BATCH_MAX = 32  # past this, a bigger batch only delays the first finished
 
 
 def class_batch_size(free_bytes: float | None, unet_config: dict, resolution: int, dtype_bytes: int,
-                     weight_bytes: float, guidance: bool = True, vae_factor: int = 8) -> int:
+                     weight_bytes: float, guidance: bool = True, vae_factor: int = 8, activation_bytes=activation_bytes) -> int:
     """Images per sampler call that fit HEADROOM x free_bytes (None: CPU -> CLASS_BATCH_CPU).
 
     Per image: the UNet's inference working set, bounded by its checkpointed training activations
     (block inputs plus one block's temporaries), twice under classifier-free guidance; the VAE decodes
-    one image at a time (vae slicing), so it does not grow with the batch.
+    one image at a time (vae slicing), so it does not grow with the batch. activation_bytes: the
+    family's estimate (a transformer's: families/flux.py), called as this module's.
     """
     if free_bytes is None:
         return CLASS_BATCH_CPU

@@ -64,15 +64,15 @@ def place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
 
 
 def add_lora(denoiser: torch.nn.Module, text_encoder, cfg: TrainConfig, family=None) -> None:
-    """Attach trainable LoRA adapters ("default") to cfg.lora_unet_modules of the denoiser (and, when they
-    are trained, to the attention of the text encoder, or of each in a tuple: the family's trained ones);
-    base weights stay frozen."""
+    """Attach trainable LoRA adapters ("default") to cfg.lora_modules of the denoiser (a family preset or
+    layer names: families.lora_targets) and, when they are trained, to the attention of the text encoder,
+    or of each in a tuple (the family's trained ones); base weights stay frozen."""
     family = family or families.of(cfg)
 
     def lora_config(targets):
         return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=cfg.lora_dropout,
                           init_lora_weights="gaussian", target_modules=targets)
-    denoiser.add_adapter(lora_config(list(cfg.lora_unet_modules)))
+    denoiser.add_adapter(lora_config(families.lora_targets(family, cfg.lora_modules)))
     if cfg.train_text_encoder:
         for encoder in as_tuple(text_encoder)[:len(family.TRAINED_TEXT_ENCODERS)]:
             encoder.add_adapter(lora_config(family.TEXT_LORA_TARGETS))
@@ -134,9 +134,8 @@ def memory_plan(cfg: TrainConfig, models: Models, device) -> memory.MemoryPlan:
     images = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
     half = 0 if cfg.mixed_precision == "no" else 2
     vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
-    text_tokens = getattr(cfg, "max_sequence_length", 0)
     acts = {c: models.family.activation_bytes(models.denoiser.config, images, cfg.resolution, half or 4, c, vae_factor,
-                                              text_tokens) for c in (False, True)}
+                                              cfg.max_sequence_length) for c in (False, True)}  # text tokens: FLUX's T5
     return memory.plan_memory(free, weight_bytes, trainable, acts, half, cfg.gradient_checkpointing, cfg.optimizer)
 
 

@@ -31,7 +31,6 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import CLIPTokenizer
 
 from . import data, distributed, families
 from .checkpoint import load_training_state, resolve_resume, save_checkpoint, save_final
@@ -147,7 +146,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     modified in place. cfg.pretrained_model still supplies the tokenizer, the class-image sampler and,
     for a full fine-tune, the untrained parts of the saved pipeline.
     """
-    cfg = families.with_native_resolution(cfg)  # resolution=None: the model's own size (read from its configs)
+    cfg = families.with_family_defaults(cfg)  # resolution, guidance, class sampler left to the model: its own (configs only)
     validate_config(cfg)  # every model-free check, before anything slow
     family = families.check(cfg)  # an unknown model or a setting it cannot take fails here, before any weights load
     started = time.time()

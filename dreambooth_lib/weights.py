@@ -17,8 +17,10 @@ from .families import as_tuple
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file training writes and load_lora_weights reads
 
 
-def lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, save_embedding_layers=False))
+def lora_layers(model: torch.nn.Module, key_format: str = "diffusers") -> dict[str, torch.Tensor]:
+    """The adapter weights of `model`, keyed as the family's loader writes them (family.LORA_KEY_FORMAT)."""
+    layers = get_peft_model_state_dict(model, save_embedding_layers=False)
+    return convert_state_dict_to_diffusers(layers) if key_format == "diffusers" else layers
 
 
 def save_weights(folder: Path, denoiser, text_encoder, cfg: TrainConfig, family=None) -> None:
@@ -34,7 +36,7 @@ def save_weights(folder: Path, denoiser, text_encoder, cfg: TrainConfig, family=
         # would make sampling random for a run trained with lora_dropout > 0.
         named = [(family.DENOISER, denoiser)] + (list(zip(family.TEXT_ENCODERS, encoders)) if cfg.train_text_encoder else [])
         family.LORA_LOADER.save_lora_weights(
-            folder, **{f"{name}_lora_layers": lora_layers(module) for name, module in named},
+            folder, **{f"{name}_lora_layers": lora_layers(module, family.LORA_KEY_FORMAT) for name, module in named},
             **{f"{name}_lora_adapter_metadata": {**module.peft_config["default"].to_dict(), "lora_dropout": 0.0}
                for name, module in named})
     else:

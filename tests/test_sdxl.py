@@ -142,10 +142,10 @@ def test_lora_run_resumes_exactly_and_loads_in_stock_sdxl_pipeline(tiny_sdxl_dir
     pipe.load_lora_weights(tmp_path / "whole", adapter_name="subject")
     assert {c: v for c, v in pipe.get_list_adapters().items()} == {c: ["subject"] for c in ("unet", "text_encoder", "text_encoder_2")}
     tuned = generate(pipe, PROMPTS[0], [0], num_inference_steps=2, progress=False)
-    set_lora_scales(pipe, unet=0.0, text_encoder=0.0)  # text_encoder_2 follows text_encoder
+    set_lora_scales(pipe, denoiser=0.0, text_encoder=0.0)  # text_encoder_2 follows text_encoder
     off = generate(pipe, PROMPTS[0], [0], num_inference_steps=2, progress=False)
     assert np.array_equal(np.asarray(off[0]), np.asarray(base[0])) and not np.array_equal(np.asarray(tuned[0]), np.asarray(base[0]))
-    set_lora_scales(pipe, unet=0.0, text_encoder=0.0, text_encoder_2=1.0)  # a separate knob when set
+    set_lora_scales(pipe, denoiser=0.0, text_encoder=0.0, text_encoder_2=1.0)  # a separate knob when set
     assert not np.array_equal(np.asarray(generate(pipe, PROMPTS[0], [0], num_inference_steps=2, progress=False)[0]),
                               np.asarray(base[0]))
     # The library's loader, from the run folder and from a checkpoint.

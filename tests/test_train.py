@@ -25,7 +25,7 @@ import dreambooth_lib.models as M
 import dreambooth_lib.step as S
 import dreambooth_lib.weights as W
 import dreambooth_lib.train as T
-from dreambooth_lib import data, memory
+from dreambooth_lib import data, families, memory
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.sample import load_pipeline
 
@@ -508,7 +508,7 @@ def test_class_images_regenerate_when_the_sampler_or_dtype_changes(tiny_model_di
         paths = CI.class_image_paths(cfg, "a photo of a dog", log=lambda _: None)
         return json.loads((paths[0].parent / "manifest.json").read_text())
 
-    assert TrainConfig().class_sampler == "dpmsolver++" and TrainConfig().class_inference_steps == 25
+    assert families.with_family_defaults(TrainConfig()).class_sampler == "dpmsolver++" and TrainConfig().class_inference_steps == 25
     first = made(class_sampler="model")
     assert (first["scheduler"], first["dtype"], first["num_inference_steps"]) == ("PNDMScheduler", "float32", 2)
     second = made()

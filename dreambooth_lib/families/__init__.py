@@ -1,4 +1,4 @@
-"""Model families: what differs between Stable Diffusion 1.x/2.x and its successors, one module each.
+"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL and FLUX.1, one module each.
 
 A family module answers the same questions; train.py, step.py and sample.py ask only these, so the
 loss, caching, checkpoints, resume and `train_step` stay one code path for every family. The family is
@@ -7,7 +7,9 @@ resolved once per run (`of(cfg)`) and travels with the components (`Models.famil
     NAME, LABEL, PIPELINE_CLASS_NAMES   its name, how messages name it, the model_index.json classes it reads
     PIPELINE, PIPELINE_EXTRAS           the diffusers pipeline class (sampling, class images, full fine-tune
                                         folder) and the constructor arguments it needs beyond the components
-    LORA_LOADER                         the loader mixin that saves / loads pytorch_lora_weights.safetensors
+    LORA_LOADER, LORA_KEY_FORMAT        the loader mixin that saves / loads pytorch_lora_weights.safetensors,
+                                        and its keys' format ("diffusers": lora.down / up; "peft": lora_A / B)
+    LORA_PRESETS                        {"default": [...], "attention": [...]}: TrainConfig.lora_modules presets
     DENOISER, DENOISER_CLASS            the denoiser's component name ("unet", "transformer") and class
     TEXT_ENCODERS, TOKENIZERS           component names of the text encoders and their tokenizers, in order
     TRAINED_TEXT_ENCODERS               the encoders train_text_encoder trains (FLUX: CLIP, never T5)
@@ -32,6 +34,7 @@ resolved once per run (`of(cfg)`) and travels with the components (`Models.famil
     activation_bytes(denoiser_config, images, resolution, dtype_bytes, checkpointing, vae_factor, text_tokens)
     class_sampler_config(model, revision, sampler)      the class-image sampler's config (manifest, pipeline)
     validation_scheduler(noise_scheduler)               the sampler of in-training validation grids
+    lora_fit_problem(shapes, model, revision)           why a LoRA file ({key: shape}) cannot be this model's
 
 The family of a model is read from its model_index.json (`_class_name`), or named by the user
 (TrainConfig.model_family). See docs/families.md, "Adding a family".
@@ -42,13 +45,13 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-from . import sd, sdxl
+from . import flux, sd, sdxl
 from .base import (CLIP_ATTENTION, Models, as_tuple, dtype_kw, encode_latents, load_vae,  # noqa: F401  (the seam's API)
                    model_index, vae_config, vae_scale_factor)
 from .unet import native_resolution  # noqa: F401  (a UNet model's native side, read from configs only)
 from ..errors import InputError
 
-FAMILIES = {sd.NAME: sd, sdxl.NAME: sdxl}
+FAMILIES = {sd.NAME: sd, sdxl.NAME: sdxl, flux.NAME: flux}
 
 
 def detect(model: str, revision: str | None = None) -> str:
@@ -79,6 +82,30 @@ def of(cfg):
     return resolve(cfg.model_family, cfg.pretrained_model, cfg.revision)
 
 
+def of_pipeline(pipe):
+    """The family module of a loaded diffusers pipeline (by its class)."""
+    return next(f for f in FAMILIES.values() if isinstance(pipe, f.PIPELINE))
+
+
+def lora_targets(family, names: list[str]) -> list[str]:
+    """TrainConfig.lora_modules resolved: one preset name of the family, or layer names as given."""
+    if len(names) == 1 and names[0] in family.LORA_PRESETS:
+        return list(family.LORA_PRESETS[names[0]])
+    return list(names)
+
+
+def with_family_defaults(cfg):
+    """cfg with what "the family's" settings leave open filled in: resolution (with_native_resolution),
+    class and validation guidance, class-image sampler."""
+    cfg = with_native_resolution(cfg)
+    family = of(cfg)
+    return dataclasses.replace(
+        cfg, class_sampler=family.CLASS_SAMPLERS[0] if cfg.class_sampler == "auto" else cfg.class_sampler,
+        class_guidance_scale=family.DEFAULT_GUIDANCE if cfg.class_guidance_scale is None else cfg.class_guidance_scale,
+        validation_guidance_scale=(family.DEFAULT_GUIDANCE if cfg.validation_guidance_scale is None
+                                   else cfg.validation_guidance_scale))
+
+
 def with_native_resolution(cfg):
     """cfg with its resolution set: the user's, or (None) the model's native size."""
     if cfg.resolution is not None:
@@ -95,5 +122,8 @@ def check(cfg, warn=warnings.warn):
     if cfg.resolution % step:
         raise InputError(f"resolution = {cfg.resolution}: {family.LABEL} needs a multiple of {step} ({why}), "
                          f"e.g. {max(step, cfg.resolution // step * step)}")
+    if cfg.class_sampler not in ("auto", *family.CLASS_SAMPLERS):
+        raise InputError(f"class_sampler = {cfg.class_sampler!r}: {family.LABEL} samples with one of "
+                         f"{family.CLASS_SAMPLERS} (or 'auto')")
     family.check_config(cfg, vae, warn)
     return family

@@ -11,8 +11,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .base import CLIP_ATTENTION, Models, dtype_kw, vae_scale_factor
 from .unet import (CLASS_SAMPLERS, DEFAULT_GUIDANCE, DENOISER, DENOISER_CLASS, HALF_DTYPE,  # noqa: F401  (the UNet families' answers)
-                   activation_bytes, class_sampler_config, draw_timesteps, encode_latents, load_denoiser_parts,
-                   loss_weighting, native_resolution, noisy_and_target, predict, validation_scheduler)
+                   LORA_KEY_FORMAT, LORA_PRESETS, activation_bytes, check_objective, class_sampler_config,
+                   draw_timesteps, encode_latents, load_denoiser_parts, lora_fit_problem, loss_weighting,
+                   native_resolution, noisy_and_target, predict, validation_scheduler)
 
 NAME = "sd"
 LABEL = "SD"  # how messages name it
@@ -30,7 +31,8 @@ FIXED_VAE_HINT = None
 
 
 def check_config(cfg, vae_config: dict, warn) -> None:
-    """Nothing beyond validate.validate_config's model-free checks."""
+    """Only the UNet families' check of flow-matching settings (validate.validate_config did the rest)."""
+    check_objective(cfg, warn)
 
 
 def resolution_multiple(vae_config: dict) -> tuple[int, str]:

@@ -18,8 +18,9 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from .base import CLIP_ATTENTION, Models, dtype_kw, vae_scale_factor
 from .unet import (CLASS_SAMPLERS, DEFAULT_GUIDANCE, DENOISER, DENOISER_CLASS, HALF_DTYPE,  # noqa: F401  (the UNet families' answers)
-                   activation_bytes, class_sampler_config, draw_timesteps, encode_latents, load_denoiser_parts,
-                   loss_weighting, native_resolution, noisy_and_target, predict, validation_scheduler)
+                   LORA_KEY_FORMAT, LORA_PRESETS, activation_bytes, check_objective, class_sampler_config,
+                   draw_timesteps, encode_latents, load_denoiser_parts, lora_fit_problem, loss_weighting,
+                   native_resolution, noisy_and_target, predict, validation_scheduler)
 
 NAME = "sdxl"
 LABEL = "SDXL"  # how messages name it
@@ -37,7 +38,8 @@ FIXED_VAE_HINT = "madebyollin/sdxl-vae-fp16-fix"  # the community's fp16-safe SD
 
 
 def check_config(cfg, vae_config: dict, warn) -> None:
-    """An fp16 VAE only when it is one fixed for fp16."""
+    """An fp16 VAE only when it is one fixed for fp16; no flow-matching settings."""
+    check_objective(cfg, warn)
     if cfg.vae_precision == "fp16" and vae_config.get("force_upcast", True):
         vae = f"vae_model {cfg.vae_model!r}" if cfg.vae_model else "the model's own VAE"
         warn(f"vae_precision='fp16' with {vae}, whose config says force_upcast: SDXL's VAE overflows in fp16 "

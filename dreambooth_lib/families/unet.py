@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DConditionModel
 
 from .. import loss, memory
+from ..errors import InputError
 from .base import dtype_kw, encode_latents, load_vae, model_index, vae_config, vae_scale_factor  # noqa: F401  (encode_latents: answered alike)
 
 DENOISER = "unet"  # the pipeline component (and folder) that denoises
@@ -16,6 +17,19 @@ DENOISER_CLASS = UNet2DConditionModel
 HALF_DTYPE = "fp16"  # half precision of sampling on CUDA (class images, load_pipeline)
 DEFAULT_GUIDANCE = 7.5  # classifier-free guidance of class images and validation grids
 CLASS_SAMPLERS = ("dpmsolver++", "model")  # DPM-Solver++ on the model's schedule (25 steps ~ 50 PNDM), or its own
+# LoRA target presets of TrainConfig.lora_modules: the UNet's attention projections, as diffusers' scripts.
+LORA_PRESETS = {"default": ["to_q", "to_k", "to_v", "to_out.0"], "attention": ["to_q", "to_k", "to_v", "to_out.0"]}
+LORA_KEY_FORMAT = "diffusers"  # LoRA file keys as diffusers' SD scripts write them (lora.down / lora.up)
+
+
+def check_objective(cfg, warn) -> None:
+    """Flow-matching settings mean nothing to DDPM: refuse a sigma density, warn about a guidance value."""
+    if cfg.weighting_scheme != "none":
+        raise InputError(f"weighting_scheme = {cfg.weighting_scheme!r} draws flow-matching sigmas (FLUX); SD and SDXL "
+                         "draw DDPM timesteps uniformly: leave it 'none' (snr_gamma weights their loss)")
+    if cfg.training_guidance is not None:
+        warn(f"training_guidance = {cfg.training_guidance}: this model has no guidance embedding (only FLUX.1 [dev] "
+             "has one); it is ignored")
 
 
 def load_denoiser_parts(model: str, revision: str | None, vae_model: str | None = None, dtypes: dict | None = None,
@@ -62,6 +76,18 @@ def activation_bytes(denoiser_config: dict, images: int, resolution: int, dtype_
                      vae_factor: int, text_tokens: int = 0) -> float:
     """What the UNet's forward keeps for backward (memory.activation_bytes, calibrated on SD1.5)."""
     return memory.activation_bytes(denoiser_config, images, resolution, dtype_bytes, checkpointing, vae_factor)
+
+
+def lora_fit_problem(shapes: dict[str, list[int]], model: str, revision: str | None) -> str | None:
+    """Why a LoRA file (its {key: shape}) cannot be this UNet's: the width of its cross-attention inputs
+    (SD 1.x: 768, SD 2.x: 1024, SDXL: 2048); None when it fits."""
+    width = UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision).get("cross_attention_dim")
+    widths = {shape[1] for k, shape in shapes.items()
+              if k.startswith("unet.") and "attn2.to_k" in k and ("lora_A" in k or "lora.down" in k)}
+    if isinstance(width, int) and widths and widths != {width}:
+        return (f"its UNet cross-attention takes {sorted(widths)}-wide text features, this model's {width} "
+                "(SD 1.x: 768, SD 2.x: 1024, SDXL: 2048)")
+    return None
 
 
 def class_sampler_config(model: str, revision: str | None, sampler: str) -> dict:
