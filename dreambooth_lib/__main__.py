@@ -174,7 +174,7 @@ def cmd_class_images(args) -> int:
     from .class_images import class_image_paths
     from .validate import validate_class_image_config
     quiet_loading()
-    cfg = families.with_native_resolution(config_from_args(args))
+    cfg = families.with_family_defaults(config_from_args(args))
     class_prompt = validate_class_image_config(cfg)  # no subject photos needed, unlike train
     families.check(cfg)
     started = time.time()

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from . import distributed, families, memory
@@ -127,10 +127,11 @@ def _move_aside(class_dir: Path) -> Path:
     return aside
 
 
-def class_image_dtype(precision: str, device) -> torch.dtype:
-    """Sampling dtype of the class images: "auto" is fp16 on CUDA and fp32 elsewhere (CPU fp16 is slow or missing)."""
+def class_image_dtype(precision: str, device, half: str = "fp16") -> torch.dtype:
+    """Sampling dtype of the class images: "auto" is the family's half precision on CUDA (fp16; FLUX bf16)
+    and fp32 elsewhere (CPU fp16 is slow or missing)."""
     if precision == "auto":
-        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        return torch_dtype(half) if torch.device(device).type == "cuda" else torch.float32
     return torch_dtype(precision)
 
 
@@ -154,7 +155,8 @@ def ensure_class_images(
     that dtype to skip a cast. batch_size "auto": memory.class_batch_size for the free device memory.
     """
     state = distributed.process_state()  # several processes (accelerate launch): each generates every N-th missing image
-    dtype = class_image_dtype(precision, torch.device(device or state.device))
+    family = families.get(manifest.family)
+    dtype = class_image_dtype(precision, torch.device(device or state.device), family.HALF_DTYPE)
     manifest = dataclasses.replace(manifest, dtype=str(dtype).removeprefix("torch."))
     class_dir = Path(class_dir)
     manifest_path = class_dir / MANIFEST_NAME
@@ -204,13 +206,15 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
     if pipe.dtype != dtype:  # casting warns in diffusers (modules kept in fp32), so only when needed
         pipe.to(dtype=dtype)
     pipe.to(device)
+    family = families.get(manifest.family)
+    denoiser = getattr(pipe, family.DENOISER)
     if channels_last:  # NHWC: cuDNN's native layout, no conversion kernels around each convolution
-        pipe.unet.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     pipe.vae.enable_slicing()  # decode one image at a time: VAE memory does not grow with the batch
     pipe.set_progress_bar_config(disable=True)
     if batch_size == "auto":
-        batch_size = auto_class_batch_size(pipe, device, manifest, dtype, len(indices), log)
+        batch_size = auto_class_batch_size(pipe, denoiser, family, device, manifest, dtype, len(indices), log)
     calls, steps = -(-len(indices) // batch_size), manifest.num_inference_steps
     rate = "{l_bar}{bar}| {n_fmt}/{total_fmt} sampler steps [{elapsed}<{remaining}]"
     with tqdm(total=calls * steps, desc=f"class images ({len(indices)}, {batch_size} per call)", disable=not show,
@@ -238,21 +242,21 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
         torch.cuda.empty_cache()
 
 
-def auto_class_batch_size(pipe, device: torch.device, manifest: ClassImageManifest, dtype: torch.dtype, count: int,
-                          log: Callable[[str], None] = print) -> int:
+def auto_class_batch_size(pipe, denoiser, family, device: torch.device, manifest: ClassImageManifest, dtype: torch.dtype,
+                          count: int, log: Callable[[str], None] = print) -> int:
     """class_batch_size "auto": what memory.class_batch_size fits in free CUDA memory (at most 32), or on a CPU
     in the available RAM (at most the `count` images to make: one call for all when they fit)."""
     import psutil  # an accelerate dependency
 
     weights = sum(t.numel() * t.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
                   for t in m.parameters())
-    kw = dict(guidance=manifest.guidance_scale > 1, vae_factor=pipe.vae_scale_factor)
+    kw = dict(guidance=manifest.guidance_scale > 1, vae_factor=pipe.vae_scale_factor, activation_bytes=family.activation_bytes)
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0] + weights
-        size = memory.class_batch_size(free, pipe.unet.config, manifest.resolution, dtype.itemsize, weights, **kw)
+        size = memory.class_batch_size(free, denoiser.config, manifest.resolution, dtype.itemsize, weights, **kw)
     else:
         free = psutil.virtual_memory().available
-        size = memory.class_batch_size(free, pipe.unet.config, manifest.resolution, dtype.itemsize, 0, most=count, **kw)
+        size = memory.class_batch_size(free, denoiser.config, manifest.resolution, dtype.itemsize, 0, most=count, **kw)
     log(f"class images: {size} per sampler call (auto: {free / 1e9:.1f} GB free {'CUDA memory' if device.type == 'cuda' else 'RAM'}, "
         f"{count} to make)")
     return size
@@ -276,27 +280,28 @@ def step_progress(bar, log: Callable[[str], None], what: str, steps: int, calls:
     return callback
 
 
-def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Path]:
+def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print, family=None) -> list[Path]:
     """Generate (or reuse) the prior images x_pr = x_hat(z, c_pr) with the frozen base model (paper Sec. 3.3)."""
-    cfg = families.with_native_resolution(cfg)
+    cfg = families.with_family_defaults(cfg)
     class_dir = Path(cfg.class_dir) if cfg.class_dir else Path(cfg.output_dir) / "class_images"
-    family = families.of(cfg)
+    family = family or families.of(cfg)
+    sampler = family.class_sampler_config(cfg.pretrained_model, cfg.revision, cfg.class_sampler)
     manifest = ClassImageManifest(
         model=cfg.pretrained_model, model_weights=weights_fingerprint(cfg.pretrained_model, cfg.revision),
         class_prompt=class_prompt, resolution=cfg.resolution,
-        scheduler=sampler_name(class_sampler_config(cfg)), num_inference_steps=cfg.class_inference_steps,
+        scheduler=sampler_name(sampler), num_inference_steps=cfg.class_inference_steps,
         guidance_scale=cfg.class_guidance_scale, seed=cfg.seed, family=family.NAME, vae_model=cfg.vae_model,
         vae_weights=vae_fingerprint(cfg.vae_model))
 
     device = distributed.process_state().device
-    dtype = class_image_dtype(cfg.prior_generation_precision, device)
+    dtype = class_image_dtype(cfg.prior_generation_precision, device, family.HALF_DTYPE)
 
     def make_pipeline():  # loaded in the sampling dtype: no cast afterwards
         vae = dict(vae=families.load_vae(cfg.vae_model).to(dtype=dtype)) if cfg.vae_model else {}
         pipe = family.PIPELINE.from_pretrained(cfg.pretrained_model, revision=cfg.revision, dtype=dtype,
                                                **family.PIPELINE_EXTRAS, **vae)
         if cfg.class_sampler == "dpmsolver++":
-            pipe.scheduler = DPMSolverMultistepScheduler.from_config(class_sampler_config(cfg))
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(sampler)
         return pipe
 
     return ensure_class_images(class_dir, manifest, cfg.num_class_images, make_pipeline,
@@ -304,14 +309,3 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Pa
                                     user_supplied=cfg.class_dir is not None, log=log,
                                     precision=cfg.prior_generation_precision,
                                     channels_last=use_channels_last(cfg.channels_last, device))
-
-
-def class_sampler_config(cfg: TrainConfig) -> dict:
-    """Config of the class-image sampler: the base model's scheduler ("model"), or DPM-Solver++ on the
-    model's noise schedule and prediction type ("dpmsolver++": 25 steps ~ 50 of SD1.5's PNDM)."""
-    config = dict(DDPMScheduler.load_config(cfg.pretrained_model, subfolder="scheduler", revision=cfg.revision))
-    config["_class_name"] = families.model_index(cfg.pretrained_model, cfg.revision)["scheduler"][1]  # what the pipeline loads
-    if cfg.class_sampler == "dpmsolver++":
-        config = dict(DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++").config)
-        config["_class_name"] = DPMSolverMultistepScheduler.__name__
-    return config

@@ -14,7 +14,6 @@ the prompts are dealt to the processes and their images gathered: the table equa
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys

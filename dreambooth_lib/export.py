@@ -42,14 +42,18 @@ def read_lora(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
         raise InputError(f"{path} does not exist: pass the output_dir (or checkpoint-N folder) of a LoRA run")
     file = path / LORA_WEIGHTS if path.is_dir() else path
     if not file.is_file():
-        hint = (" It holds a full fine-tune (unet/ folder), a diffusers pipeline: load it with from_pretrained; "
-                "only LoRA runs (use_lora=True) export to LoRA formats." if (path / "unet").is_dir() else
+        hint = (" It holds a full fine-tune (unet/ or transformer/ folder), a diffusers pipeline: load it with "
+                "from_pretrained; only LoRA runs (use_lora=True) export to LoRA formats."
+                if (path / "unet").is_dir() or (path / "transformer").is_dir() else
                 " Pass the output_dir (or checkpoint-N folder) of a LoRA run, or its .safetensors file.")
         raise InputError(f"{path} has no LoRA weights ({file.name} not found).{hint}")
     state, network_alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
         str(file.parent), weight_name=file.name, return_lora_metadata=True)
     if network_alphas is not None:  # diffusers converted it on reading: a kohya / A1111 file already
         raise InputError(f"{file} is already in the kohya / A1111 format: nothing to export")
+    if any(k.startswith("transformer.") for k in state):
+        raise InputError(f"{file} is a FLUX LoRA (transformer.* keys): export-lora converts SD / SDXL LoRAs only; "
+                         "FluxPipeline.load_lora_weights reads the file as it is (a kohya export for FLUX is not written yet)")
     if not any(".lora" in k for k in state):
         raise InputError(f"{file} holds no LoRA tensors (no '.lora' keys): is it a LoRA file written by train?")
     components = {}

@@ -110,7 +110,7 @@ CLASS_BATCH_MAX = 32  # CUDA: past this, a bigger batch only delays the first fi
 
 def class_batch_size(free_bytes: float, unet_config: dict, resolution: int, dtype_bytes: int,
                      weight_bytes: float, guidance: bool = True, vae_factor: int = 8,
-                     most: int = CLASS_BATCH_MAX) -> int:
+                     most: int = CLASS_BATCH_MAX, activation_bytes=activation_bytes) -> int:
     """Images per sampler call that fit HEADROOM x free_bytes, a power of two (or `most`), 1 to `most`.
 
     CUDA: free_bytes = free device memory + weight_bytes (the pipeline already placed), most =
@@ -119,7 +119,8 @@ def class_batch_size(free_bytes: float, unet_config: dict, resolution: int, dtyp
     model at 32 px, 2 busy cores: 0.7 img/s in calls of 4, 1.3 of 16, 1.4 of 48), and RAM is the limit.
     Per image: the UNet's inference working set, bounded by its checkpointed training activations
     (block inputs plus one block's temporaries), twice under classifier-free guidance; the VAE decodes
-    one image at a time (vae slicing), so it does not grow with the batch.
+    one image at a time (vae slicing), so it does not grow with the batch. activation_bytes: the
+    family's estimate (a transformer's: families/flux.py), called as this module's.
     """
     per_image = activation_bytes(unet_config, 2 if guidance else 1, resolution, dtype_bytes, True, vae_factor)
     fit = math.floor((HEADROOM * free_bytes - weight_bytes) / per_image)

@@ -4,7 +4,7 @@
     pipe = load_pipeline(base_model, lora_dir="runs/dog-lora")        # LoRA on another base model
     pipe = load_pipeline("runs/dog/checkpoint-200")                   # any training checkpoint
     run = read_run("runs/dog")                                        # its base model, family, VAE, identifier, class noun
-    set_lora_scales(pipe, unet=1.0, text_encoder=0.5)
+    set_lora_scales(pipe, denoiser=1.0, text_encoder=0.5)
     prompt = fill_prompt("a photo of {identifier} {class_noun}", run.identifier, run.class_noun)
     save_grid(generate(pipe, prompt, seeds=[0, 1, 2, 3]), 1, 4, "grid.png")
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import DiffusionPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 from safetensors import SafetensorError, safe_open
@@ -31,6 +31,7 @@ from .config import TrainConfig
 from .data import fill_prompt  # noqa: F401  (for the prompts of a run, as above)
 from .errors import InputError
 from .families import Models, as_tuple
+from .memory import torch_dtype
 from .weights import LORA_WEIGHTS
 
 SUMMARY = "summary.json"  # what train writes into a finished run's output_dir
@@ -108,15 +109,14 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
     train.py checkpoint-N folder, or a pipeline folder / hub id, optionally + LoRA weights.
 
     The pipeline class is the model family's (families.detect: StableDiffusionPipeline for SD 1.x/2.x,
-    StableDiffusionXLPipeline for SDXL); vae_model replaces its VAE (a LoRA run's or a checkpoint's run's
-    vae_model is used).
-    A LoRA of another family is refused before any weights load (check_lora_fits).
-    Default device: CUDA when present; default dtype: fp16 on CUDA, fp32 on CPU. The NSFW safety
+    StableDiffusionXLPipeline for SDXL, FluxPipeline for FLUX.1); vae_model replaces its VAE (a LoRA run's or a
+    checkpoint's run's vae_model is used). A LoRA of another family is refused before any weights load (check_lora_fits).
+    Default device: CUDA when present; default dtype: the family's half precision on CUDA (fp16; FLUX
+    bf16), fp32 on CPU. Per-component LoRA scales: set_lora_scales. The NSFW safety
     checker is not loaded (as in diffusers' DreamBooth scripts): it blacks out false positives,
     which would corrupt the metrics.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     parts, revision, folder = {}, None, Path(model)
     if (folder / SUMMARY).is_file():  # a finished run
         run = read_run(folder)
@@ -131,9 +131,10 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
         model_family = config.get("model_family", model_family)
         vae_model = vae_model or config.get("vae_model")
     family = families.resolve(model_family, str(model), revision)
+    dtype = dtype or (torch_dtype(family.HALF_DTYPE) if device.type == "cuda" else torch.float32)
     if checkpoint:
-        if (folder / "unet").is_dir():
-            parts["unet"] = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype)
+        if (folder / family.DENOISER).is_dir():
+            parts[family.DENOISER] = family.DENOISER_CLASS.from_pretrained(folder / family.DENOISER, dtype=dtype)
         index = families.model_index(model, revision)
         for name in family.TEXT_ENCODERS:
             if (folder / name).is_dir():  # of the class the base model's model_index.json names
@@ -158,15 +159,16 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
     return pipe.to(device)
 
 
-def set_lora_scales(pipe, unet: float, text_encoder: float, adapter_name: str = "subject",
+def set_lora_scales(pipe, denoiser: float, text_encoder: float, adapter_name: str = "subject",
                     text_encoder_2: float | None = None) -> None:
-    """Absolute per-component LoRA scales (0 = base model, 1 = as trained).
+    """Absolute per-component LoRA scales (0 = base model, 1 = as trained): the denoiser (UNet or FLUX's
+    transformer) and the text encoder(s).
 
     text_encoder_2: SDXL's second encoder; None = the text_encoder scale (one knob drives both).
     Uses set_adapters only: cross_attention_kwargs={"scale": s} would multiply both components on top.
-    A text-encoder scale is ignored when the adapter has no weights for that encoder.
+    A text-encoder scale is ignored when the adapter has no weights for that encoder (FLUX's T5 never has).
     """
-    weights = {"unet": unet}
+    weights = {families.of_pipeline(pipe).DENOISER: denoiser}
     adapters = pipe.get_list_adapters()
     for name, scale in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder if text_encoder_2 is None else text_encoder_2)):
         if adapter_name in adapters.get(name, []):
@@ -175,30 +177,24 @@ def set_lora_scales(pipe, unet: float, text_encoder: float, adapter_name: str = 
 
 
 def check_lora_fits(lora_file: str | Path, model: str, family, revision: str | None = None) -> set[str]:
-    """Refuse, before any weights load, a LoRA trained for another family (an SD 1.5 LoRA on SDXL or the
-    reverse): its text-encoder parts or the width of its UNet cross-attention inputs give it away.
-    Returns the text encoders the file has weights for."""
-    unet_config = UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision)
-    width = unet_config.get("cross_attention_dim")
+    """Refuse, before any weights load, a LoRA trained for another family (an SD 1.5 LoRA on SDXL or FLUX,
+    or the reverse): components the family lacks (unet / transformer / text_encoder_2 keys) or, within
+    the UNet families, the width of its cross-attention inputs give it away. Returns the text encoders the
+    file has weights for."""
     try:
         with safe_open(str(lora_file), framework="pt") as f:
-            keys = list(f.keys())
-            widths = {f.get_slice(k).get_shape()[1] for k in keys
-                      if k.startswith("unet.") and "attn2.to_k" in k and ("lora_A" in k or "lora.down" in k)}
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise InputError(f"LoRA {lora_file} is cut short or corrupt ({str(err).splitlines()[0]}): copy it again, or "
                          "use a checkpoint-N folder of its run (sample / load_pipeline take those too)") from err
-    parts = {k.split(".")[0] for k in keys if k.startswith("text_encoder")}  # diffusers-format keys only
-    problem = None
-    if parts - set(family.TEXT_ENCODERS):
-        problem = f"it has weights for {sorted(parts - set(family.TEXT_ENCODERS))}, which {family.NAME} models lack"
-    elif isinstance(width, int) and widths and widths != {width}:
-        problem = (f"its UNet cross-attention takes {sorted(widths)}-wide text features, this model's {width} "
-                   "(SD 1.x: 768, SD 2.x: 1024, SDXL: 2048)")
+    known = {name for f in families.FAMILIES.values() for name in (f.DENOISER, *f.TEXT_ENCODERS)}
+    foreign = ({k.split(".")[0] for k in shapes} & known) - {family.DENOISER, *family.TEXT_ENCODERS}  # diffusers-format keys
+    problem = (f"it has weights for {sorted(foreign)}, which {family.NAME} models lack" if foreign
+               else family.lora_fit_problem(shapes, model, revision))
     if problem:
         raise InputError(f"LoRA {lora_file} was not trained on {model} ({family.NAME}): {problem}. Load it on the base "
                          "model it was trained from (its run's summary.json names pretrained_model)")
-    return parts
+    return {k.split(".")[0] for k in shapes} & set(family.TEXT_ENCODERS)
 
 
 @contextmanager
@@ -311,18 +307,18 @@ def _grid(images, rows, cols, labels, path):
 
 
 @torch.no_grad()
-def render_validation(models: Models, unet, text_encoder, tokenizer, prompts: list[str], cfg: TrainConfig,
+def render_validation(models: Models, denoiser, text_encoder, prompts: list[str], cfg: TrainConfig,
                       path: Path, autocast) -> Path:
     """Grid (one row per prompt, seeds 0..n-1) from the in-memory models: no reload, no weight copy.
     text_encoder: the (unwrapped) text encoder, or a tuple of the family's."""
-    family, encoders = families.get(models.family), as_tuple(text_encoder)
-    tokenizers = (tokenizer, models.tokenizer_2)[:len(encoders)]
+    family, encoders = models.family, as_tuple(text_encoder)
     pipe = family.PIPELINE(
-        vae=models.vae, unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
-        **dict(zip(family.TEXT_ENCODERS, encoders)), **dict(zip(family.TOKENIZERS, tokenizers)), **family.PIPELINE_EXTRAS)
+        vae=models.vae, scheduler=family.validation_scheduler(models.noise_scheduler), **{family.DENOISER: denoiser},
+        **dict(zip(family.TEXT_ENCODERS, encoders)), **dict(zip(family.TOKENIZERS, models.tokenizers)),
+        **family.PIPELINE_EXTRAS)
     pipe.set_progress_bar_config(disable=True)
     n = cfg.num_validation_images
-    modules = (unet, *encoders)
+    modules = (denoiser, *encoders)
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()
