@@ -215,7 +215,7 @@ def test_pretraining_is_reproducible_from_its_seed(tmp_path):
     def weights(name, seed):
         out = tmp_path / name / "model"
         pretrain(out=out, seed=seed, num_images=16, vae_steps=2, steps=2, batch_size=4, images_dir=tmp_path / name,
-                 log=lambda *_: None)
+                 vae_images=16, log=lambda *_: None)
         return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
                 if p.suffix == ".safetensors" or p.parent.name == "tokenizer"}
 
