@@ -41,7 +41,7 @@ demo: install
 # Refresh the README's figures in images/: the demo's, then the notebooks' from a full (non-smoke)
 # run, which writes them to runs/images/ (2-core CPU: the demo ~2 min, the notebooks ~5 min).
 figures: install
-	$(PY) -m dreambooth_lib.toyworld demo --images-dir images
+	$(PY) -m dreambooth_lib.toyworld demo --images_dir images
 	$(PY) .ci/run_notebooks.py
 	cp runs/images/*.png images/
 
@@ -56,14 +56,14 @@ notebooks: install
 	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) .ci/run_notebooks.py --smoke -p LORA_RANK=8 -p LEARNING_RATE=0.002 02_train
 
 ablations: install
-	$(PY) -m dreambooth_lib.toyworld ablate --images-dir images
+	$(PY) -m dreambooth_lib.toyworld ablate --images_dir images
 
 # data/toy_model in two cycles (81 min on the 2-core CPU): 7,000 steps from scratch, then 3,400 more
 pretrain: install
 	$(PY) -m dreambooth_lib.toyworld pretrain --out runs/toy_model_cycle1
-	$(PY) -m dreambooth_lib.toyworld pretrain --init runs/toy_model_cycle1 --seed 1 --steps 3400 --lr 1.5e-4
+	$(PY) -m dreambooth_lib.toyworld pretrain --init runs/toy_model_cycle1 --seed 1 --steps 3400 --learning_rate 1.5e-4
 
-# Several processes on a CPU (README, "Scaling out"): the demo's fine-tune (4 instance + 4 class pictures
+# Several processes on a CPU (docs/scaling_out.md): the demo's fine-tune (4 instance + 4 class pictures
 # per step) as 2 gloo processes of 2 + 2 each. `accelerate launch --cpu --num_processes 2` would start ONE
 # process (accelerate's simple launcher; several CPU processes need MPI there); `--multi_gpu` starts them
 # with torchrun, and ACCELERATE_USE_CPU=true makes them gloo CPU processes. Extra flags: ARGS="--max_train_steps 20".

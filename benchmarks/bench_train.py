@@ -127,14 +127,14 @@ def build_state(cfg: TrainConfig, smoke: bool, workdir: Path, n_images: int = 4)
     side = cfg.resolution
     inst = [torch.rand(3, side, side, generator=gen) * 2 - 1 for _ in range(n_images)]
     cls = [torch.rand(3, side, side, generator=gen) * 2 - 1 for _ in range(n_images)]
-    return train.prepare_training(cfg, common.training_models(parts), accelerator, parts["tokenizer"], inst,
+    return train.prepare_training(cfg, common.training_models(parts), accelerator, inst,
                                   ["a photo of sks dog"] * n_images, cls, "a photo of a dog")
 
 
 def count_flops(state: step.TrainingState) -> float:
     """FLOPs of one step as the model defines them: checkpointing is switched off while counting, so
     recomputed forwards are not counted (MFU, not hardware utilisation)."""
-    cfg, unet, text_encoder = state.cfg, state.models.unet, state.models.text_encoder
+    cfg, unet, text_encoder = state.cfg, state.models.denoiser, state.models.text_encoders[0]
     checkpointing = state.memory_plan.gradient_checkpointing  # "auto" resolved
     if checkpointing:
         unet.disable_gradient_checkpointing()
@@ -147,7 +147,7 @@ def count_flops(state: step.TrainingState) -> float:
     try:
         with counter:
             # eager, even when timing a compiled unet or step
-            step.train_step(dataclasses.replace(state, unet=state.trained[0], loss_fn=step.noised_loss), step=0)
+            step.train_step(dataclasses.replace(state, denoiser=state.trained[0], loss_fn=step.noised_loss), step=0)
     finally:
         del state.optimizer.step  # the instance attribute shadowed the method
     if checkpointing:

@@ -38,6 +38,7 @@ from diffusers import (  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from dreambooth_lib.tiny import TINY_WORDS, build_tiny_components, write_clip_tokenizer  # noqa: E402
+from dreambooth_lib import families  # noqa: E402
 from dreambooth_lib.families import Models  # noqa: E402
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
@@ -146,9 +147,9 @@ def training_models(parts: dict) -> Models:
     for name in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if sdxl else ()):
         parts[name].requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
-    return Models(parts["text_encoder"], parts["vae"], parts["unet"], noise_scheduler,
-                  text_encoder_2=parts.get("text_encoder_2"), tokenizer_2=parts.get("tokenizer_2"),
-                  family="sdxl" if sdxl else "sd")
+    family = families.sdxl if sdxl else families.sd
+    return Models(family, parts["unet"], parts["vae"], noise_scheduler,
+                  tuple(parts[name] for name in family.TEXT_ENCODERS), tuple(parts[name] for name in family.TOKENIZERS))
 
 
 def pipeline(parts: dict) -> DiffusionPipeline:

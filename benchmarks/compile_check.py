@@ -89,10 +89,9 @@ def child(name: str, assets: Path, out: Path) -> None:
                       gradient_checkpointing=p["gradient_checkpointing"], channels_last=p["channels_last"],
                       compile=p["compile"], compile_backend="inductor", compile_check=False,
                       output_dir=str(out.parent / "run"))
-    tokenizer = models.load_tokenizer(cfg)
     images = data.load_instance_images(cfg.instance_dir, cfg.resolution)
     values = data.pixel_values([im.image for im in images], cfg, torch.Generator().manual_seed(0))
-    state = train.prepare_training(cfg, models.load_models(cfg), train.make_accelerator(cfg), tokenizer, values,
+    state = train.prepare_training(cfg, models.load_models(cfg), train.make_accelerator(cfg), values,
                                    ["a photo of sks dog"] * len(values), log=lambda _: None)
     grads, real_step = [], state.optimizer.step
     state.optimizer.step = lambda *a, **k: grads.append([q.grad.clone() for q in state.params]) or real_step(*a, **k)
@@ -101,7 +100,7 @@ def child(name: str, assets: Path, out: Path) -> None:
         started = time.perf_counter()
         losses.append(step.train_step(state, i)["loss"])
         times.append(time.perf_counter() - started)
-    names = {id(q): n for n, q in state.models.unet.named_parameters()}
+    names = {id(q): n for n, q in state.models.denoiser.named_parameters()}
     torch.save(dict(losses=losses, times=times, grads=grads[0], names=[names[id(q)] for q in state.params],
                     weights=[q.detach().clone() for q in state.params]), out)
 

@@ -1,7 +1,15 @@
 """Command line: python -m dreambooth_lib {train, class-images, sample, export-lora, evaluate} --help
 
+    python -m dreambooth_lib train --instance_dir photos/ --class_noun dog --use_lora --output_dir runs/dog
+    python -m dreambooth_lib sample runs/dog --prompt "a photo of {identifier} {class_noun} on the beach"
+    python -m dreambooth_lib evaluate runs/dog
+    python -m dreambooth_lib export-lora runs/dog
+
 Every TrainConfig field is a flag (generated from the dataclass, help = the field's comment);
-`--config run.json` supplies a base, and flags given on the command line override it.
+`--config run.json` supplies a base, and flags given on the command line override it. A run folder
+(train's output_dir) is the handle of everything after training: its summary.json names the base
+model, family, VAE, identifier and class noun. Flags are snake_case in every sub-command (and in
+`python -m dreambooth_lib.toyworld`); the same flag with dashes (--class-noun) is accepted too.
 Each command writes a JSON summary next to its outputs.
 """
 
@@ -13,12 +21,48 @@ import importlib
 import inspect
 import json
 import re
+import shlex
 import sys
 import time
 import typing
 from pathlib import Path
 
 from .config import TrainConfig
+
+
+def _flag_key(option: str) -> str:
+    return option.lstrip("-").replace("-", "_")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one flag style: snake_case, as TrainConfig's fields; the same flag with dashes
+    (--class-noun, --no-center-crop) is accepted as an alias. Sub-command parsers are of this class too
+    (add_subparsers makes them of the parent's class), so each rewrites the flags it knows."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        known = {_flag_key(o): o for o in self._option_string_actions if o.startswith("--")}
+        canonical = []
+        for i, arg in enumerate(args):
+            if arg == "--":  # what follows is not flags
+                canonical += args[i:]
+                break
+            name, eq, value = arg.partition("=")
+            if arg.startswith("--") and name not in self._option_string_actions and _flag_key(name) in known:
+                arg = known[_flag_key(name)] + eq + value
+            canonical.append(arg)
+        return super().parse_known_args(canonical, namespace)
+
+
+class BoolFlag(argparse.BooleanOptionalAction):
+    """--x / --no_x (argparse's own spells the negative --no-x, which Parser still accepts)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.option_strings = [o.replace("--no-", "--no_", 1) for o in self.option_strings]
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith("--no_"))
 
 
 def _field_comments() -> dict[str, str]:
@@ -65,7 +109,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         kw = dict(default=argparse.SUPPRESS, help=f"{comments.get(f.name, '')} (default: {default!r})")
         args = typing.get_args(hint)
         if hint is bool:
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, **kw)
+            parser.add_argument(f"--{f.name}", action=BoolFlag, **kw)
         elif typing.get_origin(hint) is list:
             parser.add_argument(f"--{f.name}", nargs="*", type=args[0], metavar=args[0].__name__.upper(), **kw)
         elif args and type(None) not in args:  # bool | str, int | str: "auto" or a value
@@ -92,17 +136,45 @@ def peak_memory() -> dict:
 def cmd_train(args) -> int:
     from .distributed import process_state
     from .train import train
+    quiet_loading()
     summary = train(config_from_args(args))
-    if process_state().is_main_process:  # several processes (accelerate launch): one summary, one line
-        print(f"summary: {Path(summary['config']['output_dir']) / 'summary.json'}")
+    if process_state().is_main_process:  # several processes (accelerate launch): one summary, one block
+        print("\n".join(closing_lines(summary)))
     return 0
+
+
+def closing_lines(summary: dict) -> list[str]:
+    """The last lines of a train run: where everything is, and the next command."""
+    cfg = summary["config"]
+    out = Path(cfg["output_dir"])
+    parts = [f"weights {summary['weights']}"]
+    if summary.get("num_class_images"):
+        parts.append(f"class images {cfg['class_dir'] or out / 'class_images'}")
+    parts += [f"{what} {out / name}" for what, name in (("validation grids", "validation"), ("checkpoints", "checkpoint-*"))
+              if list(out.glob(name))]
+    noun = cfg["class_noun"] or "subject"
+    return [f"summary: {out / 'summary.json'}", "run folder: " + "; ".join(parts),
+            f"next: python -m dreambooth_lib sample {shlex.quote(str(out))} --prompt \"a photo of {{identifier}} "
+            f"{{class_noun}} on the beach\"   ({{identifier}} = {summary['identifier']}, {{class_noun}} = {noun}; "
+            "also: evaluate RUN, export-lora RUN)"]
+
+
+def quiet_loading() -> None:
+    """No "Loading pipeline components" / "Loading weights" bars for reading local models (hub downloads keep theirs)."""
+    import diffusers
+    import huggingface_hub
+    import transformers
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # also turns off the hub's bars: turned back on below
+    huggingface_hub.utils.enable_progress_bars()
 
 
 def cmd_class_images(args) -> int:
     from . import distributed, families
     from .class_images import class_image_paths
     from .validate import validate_class_image_config
-    cfg = families.with_native_resolution(config_from_args(args))
+    quiet_loading()
+    cfg = families.with_family_defaults(config_from_args(args))
     class_prompt = validate_class_image_config(cfg)  # no subject photos needed, unlike train
     families.check(cfg)
     started = time.time()
@@ -121,32 +193,42 @@ def cmd_class_images(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from .sample import generate, load_pipeline, save_grid, set_lora_scales
+    from .data import fill_prompt
+    from .sample import generate, load_pipeline, read_run, run_sources, save_grid, set_lora_scales
     started = time.time()
-    pipe = load_pipeline(args.model, lora_dir=args.lora_dir, vae_model=args.vae_model)
-    if args.lora_dir is not None or pipe.get_list_adapters():
+    quiet_loading()
+    run = read_run(args.run, check_sources=args.model is None) if args.run else None  # a bad folder fails here
+    identifier = args.identifier or (run.identifier if run else None)
+    class_noun = args.class_noun or (run.class_noun if run else None)
+    given = "a run folder" if run is None else f"run {run.folder}"
+    prompts = [fill_prompt(p, identifier, class_noun, f"--prompt (with {given}, or --identifier / --class_noun)")
+               for p in args.prompt]
+    sources = run_sources(run, args.model, args.lora_dir, args.vae_model)
+    pipe = load_pipeline(**sources)
+    if sources["lora_dir"] is not None or pipe.get_list_adapters():
         set_lora_scales(pipe, args.unet_scale, args.text_encoder_scale, text_encoder_2=args.text_encoder_2_scale)
-    prompts = [p for p in args.prompt for _ in args.seeds]
-    images = generate(pipe, prompts, list(args.seeds) * len(args.prompt), guidance_scale=args.guidance_scale,
+    rows = [p for p in prompts for _ in args.seeds]
+    images = generate(pipe, rows, list(args.seeds) * len(prompts), guidance_scale=args.guidance_scale,
                       num_inference_steps=args.num_inference_steps)
-    save_grid(images, rows=len(args.prompt), cols=len(args.seeds), path=args.out)
-    summary = dict(vars(args) | {"out": str(args.out), "model": str(args.model),
-                                 "lora_dir": str(args.lora_dir) if args.lora_dir else None},
+    save_grid(images, rows=len(prompts), cols=len(args.seeds), path=args.out)
+    summary = dict({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                   prompts=prompts, **{k: str(v) if v is not None else None for k, v in sources.items()},
                    num_images=len(images), wall_time_s=time.time() - started, device=str(pipe.device), **peak_memory())
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    print(f"grid: {args.out}")
+    print(f"grid: {args.out} ({len(prompts)} prompt(s) x {len(args.seeds)} seeds: {'; '.join(prompts)})")
     return 0
 
 
 def cmd_export_lora(args) -> int:
     from .export import export_lora
-    out = export_lora(args.lora_dir, args.out, args.format)
+    out = export_lora(args.run, args.out, args.format)
     print(f"{args.format} LoRA: {out}")
     return 0
 
 
 def cmd_evaluate(argv: list[str]) -> int:
-    evaluate = importlib.import_module(f"{__package__}.evaluate")  # imported late: heavy imports
+    evaluate = importlib.import_module(f"{__package__}.evaluate")  # its own flags (evaluate --help); heavy imports
+    quiet_loading()
     return evaluate.main(argv) or 0
 
 
@@ -156,17 +238,23 @@ def _device() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dreambooth_lib", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m dreambooth_lib", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="fine-tune; writes weights, checkpoints and summary.json to --output_dir")
     add_config_flags(train)
     classes = commands.add_parser("class-images", help="only generate/reuse the prior-preservation class images (needs "
                                   "--class_noun and the model; train reuses them from the same class_dir / output_dir)")
     add_config_flags(classes)
-    sample = commands.add_parser("sample", help="images from a trained model as a grid PNG (+ .json)")
-    sample.add_argument("--model", required=True, help="pipeline folder, hub id, or a checkpoint-N folder")
-    sample.add_argument("--lora_dir", type=Path, help="folder with pytorch_lora_weights.safetensors")
-    sample.add_argument("--prompt", nargs="+", required=True, help="one grid row per prompt")
+    sample = commands.add_parser("sample", help="images from a trained run (or any model) as a grid PNG (+ .json)")
+    sample.add_argument("run", nargs="?", help="train's output_dir (or a checkpoint-N folder in it): base model, "
+                        "LoRA, VAE, identifier and class noun come from it; the flags below override them")
+    sample.add_argument("--model", default=None, help="pipeline folder or hub id (without RUN: required; with a LoRA "
+                        "RUN: another base model for its LoRA)")
+    sample.add_argument("--lora_dir", type=Path, help="folder with pytorch_lora_weights.safetensors (default: a LoRA RUN)")
+    sample.add_argument("--prompt", nargs="+", required=True,
+                        help="one grid row per prompt; {identifier} and {class_noun} are filled in from RUN")
+    sample.add_argument("--identifier", default=None, help="fills {identifier} (default: RUN's)")
+    sample.add_argument("--class_noun", default=None, help="fills {class_noun} (default: RUN's)")
     sample.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="one grid column per seed")
     sample.add_argument("--guidance_scale", type=float, default=7.5)
     sample.add_argument("--num_inference_steps", type=int, default=25)
@@ -174,23 +262,24 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--text_encoder_scale", type=float, default=1.0, help="LoRA scale of the text encoder(s)")
     sample.add_argument("--text_encoder_2_scale", type=float, default=None,
                         help="LoRA scale of SDXL's second text encoder (default: --text_encoder_scale)")
-    sample.add_argument("--vae_model", default=None, help="a separate VAE (folder or hub id) to decode with")
+    sample.add_argument("--vae_model", default=None, help="a separate VAE (folder or hub id) to decode with (default: RUN's)")
     sample.add_argument("--out", type=Path, default=Path("samples/grid.png"), help="grid PNG path")
     export = commands.add_parser("export-lora", help="a LoRA run's weights in another tool's format (kohya: A1111, ComfyUI)")
-    export.add_argument("lora_dir", type=Path, help="LoRA run folder or checkpoint-N (or its .safetensors file)")
+    export.add_argument("run", type=Path, help="LoRA run folder or checkpoint-N (or its .safetensors file)")
     export.add_argument("--format", choices=["kohya"], default="kohya", help="kohya: lora_unet_* / lora_te1_* keys with alphas")
-    export.add_argument("--out", type=Path, help="file to write (default: <lora_dir>/<its name>_kohya.safetensors)")
-    commands.add_parser("evaluate", help="metrics of a trained model (see: evaluate --help)", add_help=False)
+    export.add_argument("--out", type=Path, help="file to write (default: <run>/<its name>_kohya.safetensors)")
+    commands.add_parser("evaluate", help="metrics of a trained run (see: evaluate --help)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["evaluate"]:  # the evaluate module owns its own flags
-        return cmd_evaluate(argv[1:])
-    args = build_parser().parse_args(argv)
+    evaluate = argv[:1] == ["evaluate"]  # the evaluate module owns its own flags
+    args = None if evaluate else build_parser().parse_args(argv)
     from .errors import InputError, SaveFailed, TrainingDiverged
     try:
+        if evaluate:
+            return cmd_evaluate(argv[1:])
         return {"train": cmd_train, "class-images": cmd_class_images, "sample": cmd_sample,
                 "export-lora": cmd_export_lora}[args.command](args)
     except (InputError, TrainingDiverged, SaveFailed) as err:  # the message says what to do; no traceback

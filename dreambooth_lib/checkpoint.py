@@ -148,7 +148,7 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def resolve_resume(cfg: TrainConfig, log=print, num_processes: int = 1) -> Path | None:
+def resolve_resume(cfg: TrainConfig, log=print, num_processes: int = 1, family=None) -> Path | None:
     """The checkpoint to resume from (None: a new run), checked before any model is loaded: its files
     are whole (check_checkpoint), it was written by as many processes, it holds the weights cfg trains.
 
@@ -167,7 +167,7 @@ def resolve_resume(cfg: TrainConfig, log=print, num_processes: int = 1) -> Path 
             raise InputError(f"resume={cfg.resume!r}: no {STATE_JSON} there; pass a checkpoint-N folder or 'latest'")
     check_checkpoint(path)
     check_processes(path, num_processes)  # before anything is loaded
-    weights = path / LORA_WEIGHTS if cfg.use_lora else path / "unet"
+    weights = path / LORA_WEIGHTS if cfg.use_lora else path / (family or families.of(cfg)).DENOISER
     if not weights.exists():
         raise InputError(f"{path} holds no {weights.name} (use_lora={cfg.use_lora} needs it): it was saved by a "
                               f"{'full fine-tune' if cfg.use_lora else 'LoRA run'}; resume with the use_lora it was trained with")
@@ -241,8 +241,8 @@ def save_failed(what: str, path: Path, output_dir: Path, err: BaseException, lef
     return failure
 
 
-def save_checkpoint(output_dir: str | Path, step: int, unet, text_encoder, optimizer, lr_scheduler,
-                    history: list[dict], cfg: TrainConfig, rng_states: list[dict] | None = None) -> Path:
+def save_checkpoint(output_dir: str | Path, step: int, denoiser, text_encoder, optimizer, lr_scheduler,
+                    history: list[dict], cfg: TrainConfig, rng_states: list[dict] | None = None, family=None) -> Path:
     """Write checkpoint-N durably (temp folder, fsync, rename, fsync), then prune to checkpoints_total_limit.
     Called by the main process only, with every process's rng_states (see save_training_state)."""
     output_dir = Path(output_dir)
@@ -251,7 +251,7 @@ def save_checkpoint(output_dir: str | Path, step: int, unet, text_encoder, optim
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_weights(tmp, unet, text_encoder, cfg)
+        save_weights(tmp, denoiser, text_encoder, cfg, family)
         save_training_state(tmp, step, optimizer, lr_scheduler, history, cfg, rng_states)
         shutil.rmtree(old, ignore_errors=True)  # left by a crash during an earlier re-save
         if final.exists():  # re-saving a step after resuming from an earlier checkpoint
@@ -272,12 +272,12 @@ def save_checkpoint(output_dir: str | Path, step: int, unet, text_encoder, optim
     return final
 
 
-def save_final(output_dir: str | Path, unet, text_encoder, cfg: TrainConfig) -> Path:
+def save_final(output_dir: str | Path, denoiser, text_encoder, cfg: TrainConfig, family=None) -> Path:
     """LoRA: output_dir/pytorch_lora_weights.safetensors. Full: a complete diffusers pipeline folder.
     Both fsynced; the LoRA file replaces an older one atomically (written beside it, then renamed)."""
     output_dir = Path(output_dir)
     try:
-        return _save_final(output_dir, unet, text_encoder, cfg)
+        return _save_final(output_dir, denoiser, text_encoder, cfg, family or families.of(cfg))
     except (OSError, SafetensorError) as err:
         if not is_write_failure(err):
             raise
@@ -288,19 +288,18 @@ def save_final(output_dir: str | Path, unet, text_encoder, cfg: TrainConfig) -> 
                           left="its files there are incomplete until it is written again") from err
 
 
-def _save_final(output_dir: Path, unet, text_encoder, cfg: TrainConfig) -> Path:
+def _save_final(output_dir: Path, denoiser, text_encoder, cfg: TrainConfig, family) -> Path:
     if cfg.use_lora:
         tmp = output_dir / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_weights(tmp, unet, text_encoder, cfg)
+        save_weights(tmp, denoiser, text_encoder, cfg, family)
         publish(tmp / LORA_WEIGHTS, output_dir / LORA_WEIGHTS)
         tmp.rmdir()
         return output_dir / LORA_WEIGHTS
-    family = families.of(cfg)
-    trained = dict(unet=unet)
+    trained = {family.DENOISER: denoiser}
     if cfg.train_text_encoder:
-        trained.update(zip(family.TEXT_ENCODERS, as_tuple(text_encoder)))
+        trained.update(zip(family.TRAINED_TEXT_ENCODERS, as_tuple(text_encoder)))
     if cfg.vae_model:  # the VAE trained with goes with the weights
         trained["vae"] = families.load_vae(cfg.vae_model)
     if cfg.save_precision == "fp32":

@@ -14,12 +14,13 @@ import functools
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler
 from tqdm.auto import tqdm
 
 from . import distributed, families, memory
@@ -48,7 +49,8 @@ class ClassImageManifest:
     seed: int
     dtype: str = ""  # sampling dtype ("float16"...); ensure_class_images fills it in from its precision and device
     family: str = "sd"  # families.FAMILIES key of the model: a class folder of another family is refused
-    vae_model: str | None = None  # the separate VAE that decoded them (None = the model's own)
+    vae_model: str | None = None  # the separate VAE that decoded them as it was named (None = the model's own): recorded
+    vae_weights: str | None = None  # vae_fingerprint(vae_model), its identity (compared, like model_weights)
 
 
 def sampler_name(scheduler_config: dict) -> str:
@@ -70,6 +72,15 @@ def weights_fingerprint(model: str, revision: str | None = None) -> str:
     return _hash_weight_files(str(folder.resolve()), stats)
 
 
+def vae_fingerprint(vae_model: str | None) -> str | None:
+    """weights_fingerprint of a separate VAE: of the files families.load_vae reads (a pipeline folder's vae/,
+    or the folder itself), so a relative or absolute path, or a copy, is the same VAE; None = the model's own."""
+    if not vae_model:
+        return None
+    nested = Path(vae_model) / "vae"
+    return weights_fingerprint(str(nested) if nested.is_dir() else vae_model)
+
+
 @functools.lru_cache(maxsize=8)
 def _hash_weight_files(folder: str, stats: tuple) -> str:
     """Keyed by the files' (name, inode, size, mtime, ctime): validation and class-image generation ask for
@@ -82,7 +93,7 @@ def _hash_weight_files(folder: str, stats: tuple) -> str:
     return digest.hexdigest()[:16]
 
 
-RECORDED_ONLY = ("model",)  # manifest fields that describe the images but do not change them
+RECORDED_ONLY = ("model", "vae_model")  # manifest fields that describe the images but do not change them
 
 
 def manifest_differences(made: dict, wanted: dict) -> dict:
@@ -116,10 +127,11 @@ def _move_aside(class_dir: Path) -> Path:
     return aside
 
 
-def class_image_dtype(precision: str, device) -> torch.dtype:
-    """Sampling dtype of the class images: "auto" is fp16 on CUDA and fp32 elsewhere (CPU fp16 is slow or missing)."""
+def class_image_dtype(precision: str, device, half: str = "fp16") -> torch.dtype:
+    """Sampling dtype of the class images: "auto" is the family's half precision on CUDA (fp16; FLUX bf16)
+    and fp32 elsewhere (CPU fp16 is slow or missing)."""
     if precision == "auto":
-        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+        return torch_dtype(half) if torch.device(device).type == "cuda" else torch.float32
     return torch_dtype(precision)
 
 
@@ -143,7 +155,8 @@ def ensure_class_images(
     that dtype to skip a cast. batch_size "auto": memory.class_batch_size for the free device memory.
     """
     state = distributed.process_state()  # several processes (accelerate launch): each generates every N-th missing image
-    dtype = class_image_dtype(precision, torch.device(device or state.device))
+    family = families.get(manifest.family)
+    dtype = class_image_dtype(precision, torch.device(device or state.device), family.HALF_DTYPE)
     manifest = dataclasses.replace(manifest, dtype=str(dtype).removeprefix("torch."))
     class_dir = Path(class_dir)
     manifest_path = class_dir / MANIFEST_NAME
@@ -178,13 +191,14 @@ def ensure_class_images(
         log(f"generating {len(missing)} class images '{manifest.class_prompt}' in {class_dir}")
         device = torch.device(device or state.device)
         _generate(missing[state.process_index :: state.num_processes], paths, manifest, make_pipeline,
-                  batch_size, device, dtype, channels_last, show=state.is_local_main_process)
+                  batch_size, device, dtype, channels_last, show=state.is_local_main_process,
+                  log=log if state.is_main_process else (lambda *a: None))
     state.wait_for_everyone()
     return paths
 
 
 @torch.no_grad()
-def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype, channels_last, show) -> None:
+def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype, channels_last, show, log=print) -> None:
     pipe = make_pipeline()
     used = sampler_name({**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__})
     if used != manifest.scheduler:
@@ -192,21 +206,20 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
     if pipe.dtype != dtype:  # casting warns in diffusers (modules kept in fp32), so only when needed
         pipe.to(dtype=dtype)
     pipe.to(device)
+    family = families.get(manifest.family)
+    denoiser = getattr(pipe, family.DENOISER)
     if channels_last:  # NHWC: cuDNN's native layout, no conversion kernels around each convolution
-        pipe.unet.to(memory_format=torch.channels_last)
+        denoiser.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
-    if device.type == "cuda":  # decode one image at a time: VAE memory does not grow with the batch
-        pipe.vae.enable_slicing()
+    pipe.vae.enable_slicing()  # decode one image at a time: VAE memory does not grow with the batch
     pipe.set_progress_bar_config(disable=True)
     if batch_size == "auto":
-        weights = sum(t.numel() * t.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
-                      for t in m.parameters())
-        free = torch.cuda.mem_get_info(device)[0] + weights if device.type == "cuda" else None
-        batch_size = memory.class_batch_size(free, pipe.unet.config, manifest.resolution, dtype.itemsize, weights,
-                                             guidance=manifest.guidance_scale > 1, vae_factor=pipe.vae_scale_factor)
-    rate = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]"  # img/s, even below 1
-    with tqdm(total=len(indices), desc=f"class images (batch {batch_size})", unit="img", disable=not show,
+        batch_size = auto_class_batch_size(pipe, denoiser, family, device, manifest, dtype, len(indices), log)
+    calls, steps = -(-len(indices) // batch_size), manifest.num_inference_steps
+    rate = "{l_bar}{bar}| {n_fmt}/{total_fmt} sampler steps [{elapsed}<{remaining}]"
+    with tqdm(total=calls * steps, desc=f"class images ({len(indices)}, {batch_size} per call)", disable=not show,
               bar_format=rate) as bar:
+        progress = step_progress(bar, log, "class images", steps, calls)  # one call can be every image: per step
         for start in range(0, len(indices), batch_size):
             batch = indices[start : start + batch_size]
             # CPU generators: the same seed gives the same image on any device.
@@ -215,40 +228,80 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
                 [manifest.class_prompt] * len(batch),
                 height=manifest.resolution,
                 width=manifest.resolution,
-                num_inference_steps=manifest.num_inference_steps,
+                num_inference_steps=steps,
                 guidance_scale=manifest.guidance_scale,
                 generator=generators,
+                callback_on_step_end=progress,
             ).images
             for i, image in zip(batch, images):
                 tmp = paths[i].with_suffix(".png.tmp")
                 image.save(tmp, format="PNG")
                 os.replace(tmp, paths[i])  # atomic: a killed run never leaves a half-written image
-            bar.update(len(batch))
     del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Path]:
+def auto_class_batch_size(pipe, denoiser, family, device: torch.device, manifest: ClassImageManifest, dtype: torch.dtype,
+                          count: int, log: Callable[[str], None] = print) -> int:
+    """class_batch_size "auto": what memory.class_batch_size fits in free CUDA memory (at most 32), or on a CPU
+    in the available RAM (at most the `count` images to make: one call for all when they fit)."""
+    import psutil  # an accelerate dependency
+
+    weights = sum(t.numel() * t.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
+                  for t in m.parameters())
+    kw = dict(guidance=manifest.guidance_scale > 1, vae_factor=pipe.vae_scale_factor, activation_bytes=family.activation_bytes)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0] + weights
+        size = memory.class_batch_size(free, denoiser.config, manifest.resolution, dtype.itemsize, weights, **kw)
+    else:
+        free = psutil.virtual_memory().available
+        size = memory.class_batch_size(free, denoiser.config, manifest.resolution, dtype.itemsize, 0, most=count, **kw)
+    log(f"class images: {size} per sampler call (auto: {free / 1e9:.1f} GB free {'CUDA memory' if device.type == 'cuda' else 'RAM'}, "
+        f"{count} to make)")
+    return size
+
+
+def step_progress(bar, log: Callable[[str], None], what: str, steps: int, calls: int):
+    """A pipeline callback_on_step_end that moves `bar` one sampler step and logs once, after the first call's
+    third step, how long `calls` calls of `steps` steps should take (from its 2nd and 3rd steps: the 1st
+    carries the warm-up)."""
+    marks = []
+
+    def callback(pipe, step, timestep, kwargs):
+        bar.update()
+        if len(marks) < 3:
+            marks.append(time.perf_counter())
+            if len(marks) == 3 and steps > 3:
+                seconds = (marks[2] - marks[0]) / 2 * steps * calls
+                when = f"{seconds / 60:.0f} min" if seconds >= 120 else f"{seconds:.0f} s"
+                log(f"{what}: about {when} in all ({calls} sampler call(s) of {steps} steps; from the first steps)")
+        return kwargs
+    return callback
+
+
+def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print, family=None) -> list[Path]:
     """Generate (or reuse) the prior images x_pr = x_hat(z, c_pr) with the frozen base model (paper Sec. 3.3)."""
-    cfg = families.with_native_resolution(cfg)
+    cfg = families.with_family_defaults(cfg)
     class_dir = Path(cfg.class_dir) if cfg.class_dir else Path(cfg.output_dir) / "class_images"
-    family = families.of(cfg)
+    family = family or families.of(cfg)
+    sampler = family.class_sampler_config(cfg.pretrained_model, cfg.revision, cfg.class_sampler)
     manifest = ClassImageManifest(
         model=cfg.pretrained_model, model_weights=weights_fingerprint(cfg.pretrained_model, cfg.revision),
         class_prompt=class_prompt, resolution=cfg.resolution,
-        scheduler=sampler_name(class_sampler_config(cfg)), num_inference_steps=cfg.class_inference_steps,
-        guidance_scale=cfg.class_guidance_scale, seed=cfg.seed, family=family.NAME, vae_model=cfg.vae_model)
+        scheduler=sampler_name(sampler), num_inference_steps=cfg.class_inference_steps,
+        guidance_scale=cfg.class_guidance_scale, seed=cfg.seed, family=family.NAME, vae_model=cfg.vae_model,
+        vae_weights=vae_fingerprint(cfg.vae_model))
 
     device = distributed.process_state().device
-    dtype = class_image_dtype(cfg.prior_generation_precision, device)
+    dtype = class_image_dtype(cfg.prior_generation_precision, device, family.HALF_DTYPE)
 
     def make_pipeline():  # loaded in the sampling dtype: no cast afterwards
         vae = dict(vae=families.load_vae(cfg.vae_model).to(dtype=dtype)) if cfg.vae_model else {}
         pipe = family.PIPELINE.from_pretrained(cfg.pretrained_model, revision=cfg.revision, dtype=dtype,
                                                **family.PIPELINE_EXTRAS, **vae)
         if cfg.class_sampler == "dpmsolver++":
-            pipe.scheduler = DPMSolverMultistepScheduler.from_config(class_sampler_config(cfg))
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(sampler)
         return pipe
 
     return ensure_class_images(class_dir, manifest, cfg.num_class_images, make_pipeline,
@@ -256,14 +309,3 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print) -> list[Pa
                                     user_supplied=cfg.class_dir is not None, log=log,
                                     precision=cfg.prior_generation_precision,
                                     channels_last=use_channels_last(cfg.channels_last, device))
-
-
-def class_sampler_config(cfg: TrainConfig) -> dict:
-    """Config of the class-image sampler: the base model's scheduler ("model"), or DPM-Solver++ on the
-    model's noise schedule and prediction type ("dpmsolver++": 25 steps ~ 50 of SD1.5's PNDM)."""
-    config = dict(DDPMScheduler.load_config(cfg.pretrained_model, subfolder="scheduler", revision=cfg.revision))
-    config["_class_name"] = families.model_index(cfg.pretrained_model, cfg.revision)["scheduler"][1]  # what the pipeline loads
-    if cfg.class_sampler == "dpmsolver++":
-        config = dict(DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++").config)
-        config["_class_name"] = DPMSolverMultistepScheduler.__name__
-    return config

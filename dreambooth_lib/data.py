@@ -10,6 +10,7 @@ made and cached by class_images.py.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import warnings
@@ -285,26 +286,35 @@ def resolve_identifier(tokenizer, identifier: str | None, log: Callable[[str], N
     return identifier
 
 
-def _fill(template: str, setting: str, **values) -> str:
-    try:
-        text = template.format(**values)
-    except (KeyError, IndexError, ValueError) as err:
-        raise InputError(
-            f"{setting} {template!r} is not a valid template ({err!r}): use only " + ", ".join("{" + k + "}" for k in values)
-        ) from err
-    return " ".join(text.split())
+PLACEHOLDERS = ("identifier", "class_noun")
+
+
+def fill_prompt(template: str, identifier: str | None = None, class_noun: str | None = None,
+                setting: str | None = None) -> str:
+    """The one prompt filler: {identifier} and {class_noun} of a prompt template, caption, validation or
+    sampling prompt filled in, spaces collapsed. str.replace, not format: captions are free text and may
+    hold other braces. A placeholder without a value is an InputError naming `setting`; with `setting`
+    (a template the user configured) any other {name} left is one too (a typo such as {identifer})."""
+    values = {"identifier": identifier, "class_noun": class_noun}
+    for name, value in values.items():
+        if "{" + name + "}" in template:
+            if value is None:
+                known = ", ".join("{" + k + "}" for k, v in values.items() if v is not None) or "none"
+                raise InputError(f"{setting or 'prompt'} {template!r} uses {{{name}}}, which has no value here "
+                                 f"(placeholders known: {known})")
+            template = template.replace("{" + name + "}", value)
+    rest = functools.reduce(lambda text, name: text.replace("{" + name + "}", ""), PLACEHOLDERS, template)
+    if setting and ("{" in rest or "}" in rest):
+        raise InputError(f"{setting} {template!r} has a brace that is not a placeholder: use only "
+                         + ", ".join("{" + k + "}" for k, v in values.items() if v is not None))
+    return " ".join(template.split())
 
 
 def build_prompts(cfg, identifier: str) -> tuple[str, str]:
     """(instance prompt "a photo of [V] dog", class prompt "a photo of a dog") from cfg's templates."""
-    instance = _fill(cfg.instance_prompt_template, "instance_prompt_template", identifier=identifier, class_noun=cfg.class_noun)
-    klass = _fill(cfg.class_prompt_template, "class_prompt_template", class_noun=cfg.class_noun)
+    instance = fill_prompt(cfg.instance_prompt_template, identifier, cfg.class_noun, "instance_prompt_template")
+    klass = fill_prompt(cfg.class_prompt_template, class_noun=cfg.class_noun, setting="class_prompt_template")
     return instance, klass
-
-
-def _fill_caption(caption: str, identifier: str, class_noun: str) -> str:
-    # str.replace, not format: captions are free text and may contain braces.
-    return caption.replace("{identifier}", identifier).replace("{class_noun}", class_noun)
 
 
 def _has_word(text: str, word: str) -> bool:
@@ -319,7 +329,7 @@ def instance_prompts_for(images: list[InstanceImage], cfg, identifier: str) -> l
     for image in images:
         if image.caption is None:
             raise InputError(f"use_captions is on but {image.path} has no caption: write {image.path.with_suffix('.txt')}")
-        prompt = _fill_caption(image.caption, identifier, cfg.class_noun)
+        prompt = fill_prompt(image.caption, identifier, cfg.class_noun)
         if not _has_word(prompt, identifier):
             raise InputError(
                 f"caption of {image.path} does not mention the identifier {identifier!r}: "

@@ -75,7 +75,7 @@ def rng_bytes(num_processes: int) -> int:
     return num_processes * (encoded + safetensors_bytes(tensors))
 
 
-def final_bytes(models: Models | None, cfg: TrainConfig, lora_bytes: int = 0) -> int | None:
+def final_bytes(models: Models | None, cfg: TrainConfig, lora_bytes: int = 0, family=None) -> int | None:
     """Estimated size of what save_final writes: the LoRA file, or a whole pipeline in save_precision:
     every module (trained or frozen) at that dtype, plus the base model's parts this run did not load
     (e.g. SD1.5's safety_checker, counted from its safetensors headers) and small files (tokenizers,
@@ -84,8 +84,9 @@ def final_bytes(models: Models | None, cfg: TrainConfig, lora_bytes: int = 0) ->
     if cfg.use_lora:
         return lora_bytes
     size = {"fp32": 4, "fp16": 2, "bf16": 2}[cfg.save_precision]
-    loaded = {} if models is None else {"unet": models.unet, "vae": models.vae,
-                                         **dict(zip(families.of(cfg).TEXT_ENCODERS, models.text_encoders))}
+    family = models.family if models is not None else family or families.of(cfg)
+    loaded = {} if models is None else {family.DENOISER: models.denoiser, "vae": models.vae,
+                                         **dict(zip(family.TEXT_ENCODERS, models.text_encoders))}
     total = sum(t.numel() * size + len(k) + 80 for m in loaded.values() for k, t in m.state_dict().items())
     base = base_model_folder(cfg.pretrained_model, cfg.revision)
     if base is None:
@@ -106,7 +107,7 @@ def safetensors_numels(path: Path) -> list[int]:
         return [math.prod(f.get_slice(k).get_shape()) for k in f.keys()]
 
 
-def early_disk_check(cfg: TrainConfig, resume_from: Path | None = None, num_processes: int = 1) -> dict | None:
+def early_disk_check(cfg: TrainConfig, resume_from: Path | None = None, num_processes: int = 1, family=None) -> dict | None:
     """Before class images and models: a full fine-tune's check_disk_space from the base model's
     safetensors headers (fp32 trained weights, 8-bit optimizer states unless optimizer='adamw': the
     smallest the run can write), so a disk that cannot even hold that is refused in seconds. LoRA
@@ -114,10 +115,11 @@ def early_disk_check(cfg: TrainConfig, resume_from: Path | None = None, num_proc
     Returns check_disk_space's numbers; None where there is nothing to estimate from (LoRA, weights not
     on this machine or not as safetensors)."""
     base = base_model_folder(cfg.pretrained_model, cfg.revision) if not cfg.use_lora else None
-    final = final_bytes(None, cfg) if base is not None else None
+    family = family or families.of(cfg)
+    final = final_bytes(None, cfg, family=family) if base is not None else None
     if final is None:
         return None
-    trained = ["unet", *(families.of(cfg).TEXT_ENCODERS if cfg.train_text_encoder else ())]
+    trained = [family.DENOISER, *(family.TRAINED_TEXT_ENCODERS if cfg.train_text_encoder else ())]
     files = [p for part in trained for p in (base / part).glob("*.safetensors") if "." not in p.stem]
     if len({p.parent.name for p in files}) < len(trained):  # weights of a variant or a .bin only: no estimate
         return None

@@ -8,12 +8,12 @@ fine-tuned model's plain "a [class noun]" images. Results are written as JSON + 
 paper's Table 1 rows, with one example grid per category. Under `accelerate launch --num_processes N`
 the prompts are dealt to the processes and their images gathered: the table equals one process's.
 
-    python -m dreambooth_lib evaluate --model runs/dog --subject-dir data/dog --class-noun dog --identifier sks --live
+    python -m dreambooth_lib evaluate runs/dog --live          # model, photos, class noun, identifier from the run
+    python -m dreambooth_lib evaluate --model runs/dog --instance_dir data/dog --class_noun dog --identifier sks --live
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import load_instance_images
+from .data import fill_prompt, load_instance_images
 from .errors import InputError
 from .metrics import (
     CLIP_ID,
@@ -41,7 +41,7 @@ from .metrics import (
     pres_score,
     strip_identifier,
 )
-from .sample import generate, load_pipeline, save_grid
+from .sample import generate, load_pipeline, read_run, run_sources, save_grid
 
 _RECONTEXT = [
     "a {identifier} {class_noun} on a wooden pier at sunset",
@@ -117,10 +117,6 @@ def prompt_set(live: bool, prompt_limit: int | None = None) -> dict[str, list[st
     return {cat: list(templates[:prompt_limit]) for cat, templates in prompts.items()}
 
 
-def fill(template: str, identifier: str, class_noun: str) -> str:
-    return template.format(identifier=identifier, class_noun=class_noun)
-
-
 def check_inputs(class_noun: str, identifier: str, n_per_prompt: int, seeds: Sequence[int]) -> None:
     if not class_noun.strip() or not identifier.strip():
         raise InputError("class_noun and identifier must be set (e.g. 'dog' and 'sks', as in training)")
@@ -185,8 +181,8 @@ def evaluate_run(
         raise TypeError("extra_metrics must be a callable(images_by_category) -> {row: {column: value}}")
 
     templates = prompt_set(live, prompt_limit)
-    jobs = [(cat, fill(t, identifier, class_noun)) for cat, ts in templates.items() for t in ts]
-    jobs.append((CLASS_CATEGORY, CLASS_PROMPT.format(class_noun=class_noun)))
+    jobs = [(cat, fill_prompt(t, identifier, class_noun)) for cat, ts in templates.items() for t in ts]
+    jobs.append((CLASS_CATEGORY, fill_prompt(CLASS_PROMPT, class_noun=class_noun)))
     is_main = distributed.process_state().is_main_process
     mine = distributed.my_share(jobs)
     done = [(i, generate(pipe, prompt, seeds, guidance_scale, num_inference_steps, batch_size=len(seeds), progress=False))
@@ -321,35 +317,53 @@ def load_encoders_for_cli(dino: str | None, clip: str | None, device) -> tuple[E
     return encoders, notes
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dreambooth_lib evaluate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="diffusers pipeline folder or hub id (fine-tuned, or base with --lora)")
-    ap.add_argument("--lora", default=None, help="folder with LoRA weights to load into --model")
-    ap.add_argument("--subject-dir", required=True, help="folder with the real subject photos")
-    ap.add_argument("--class-noun", required=True)
-    ap.add_argument("--identifier", required=True)
+def build_parser():
+    from .__main__ import Parser  # snake_case flags, dashed spellings accepted (as every sub-command)
+
+    ap = Parser(prog="python -m dreambooth_lib evaluate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", nargs="?", help="train's output_dir (or a checkpoint-N folder in it): model, LoRA, VAE, "
+                    "subject photos, class noun and identifier come from it; the flags below override them")
+    ap.add_argument("--model", default=None, help="diffusers pipeline folder or hub id (fine-tuned, or base with "
+                    "--lora_dir); without RUN: required")
+    ap.add_argument("--lora_dir", "--lora", default=None, help="folder with LoRA weights to load into --model")
+    ap.add_argument("--vae_model", default=None, help="a separate VAE to decode with (default: RUN's)")
+    ap.add_argument("--instance_dir", "--subject_dir", default=None, help="folder with the real subject photos (default: RUN's)")
+    ap.add_argument("--class_noun", default=None, help="default: RUN's")
+    ap.add_argument("--identifier", default=None, help="default: RUN's")
     ap.add_argument("--live", action="store_true", help="live subject (pet): adds accessorization prompts")
     ap.add_argument("--dino", default=None, help=f"DINO hub id or local folder (default {DINO_ID})")
     ap.add_argument("--clip", default=None, help=f"CLIP hub id or local folder (default {CLIP_ID})")
-    ap.add_argument("--n-per-prompt", type=int, default=4)
+    ap.add_argument("--n_per_prompt", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
-    ap.add_argument("--guidance-scale", type=float, default=7.5)
-    ap.add_argument("--num-inference-steps", type=int, default=50)
-    ap.add_argument("--prompt-limit", type=int, default=None, help="first N prompts per category")
-    ap.add_argument("--batch-size", type=int, default=32, help="encoder batch size")
-    ap.add_argument("--out", default="runs/evaluate")
+    ap.add_argument("--guidance_scale", type=float, default=7.5)
+    ap.add_argument("--num_inference_steps", type=int, default=50)
+    ap.add_argument("--prompt_limit", type=int, default=None, help="first N prompts per category")
+    ap.add_argument("--batch_size", type=int, default=32, help="encoder batch size")
+    ap.add_argument("--out", default=None, help="results folder (default: <RUN>/evaluation, else runs/evaluate)")
     ap.add_argument("--smoke", action="store_true", help="1 prompt per category, 2 images, 2 steps: plumbing check")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.smoke:
         args.prompt_limit, args.n_per_prompt, args.num_inference_steps = 1, 2, 2
 
-    # Cheap checks first: subject photos, model folder, encoders; then the pipeline.
+    # Cheap checks first: the run, subject photos, model folder, encoders; then the pipeline.
+    run = read_run(args.run, check_sources=args.model is None) if args.run else None
+    subject_dir = args.instance_dir or (run.instance_dir if run else None)
+    class_noun = args.class_noun or (run.class_noun if run else "")
+    identifier = args.identifier or (run.identifier if run else None) or ""
+    out = args.out or (str(Path(run.folder) / "evaluation") if run else "runs/evaluate")
+    if not subject_dir:
+        raise InputError("no subject photos: pass a run folder (train's output_dir) or --instance_dir")
     seeds = list(range(args.seed, args.seed + args.n_per_prompt))
-    check_inputs(args.class_noun, args.identifier, args.n_per_prompt, seeds)
-    real = [im.image for im in load_instance_images(args.subject_dir, resolution=0)]
-    for flag, value in (("--model", args.model), ("--lora", args.lora)):
+    check_inputs(class_noun, identifier, args.n_per_prompt, seeds)
+    real = [im.image for im in load_instance_images(subject_dir, resolution=0)]
+    for flag, value in (("--model", args.model), ("--lora_dir", args.lora_dir)):
         if value and value.startswith(("/", ".", "~")) and not Path(value).expanduser().exists():
             raise InputError(f"{flag} {value} does not exist: pass the training output folder or a hub id")
+    sources = run_sources(run, args.model, args.lora_dir, args.vae_model)
     state = distributed.process_state()
     is_main = state.is_main_process
     distributed.check_launch(lambda line: print(f"[evaluate] {line}", file=sys.stderr) if is_main else None)
@@ -357,16 +371,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     encoders, notes = load_encoders_for_cli(args.dino, args.clip, device)
     for note in notes if is_main else []:
         print(f"[evaluate] {note}", file=sys.stderr)
-    pipe = load_pipeline(args.model, lora_dir=args.lora, device=device)
+    pipe = load_pipeline(**sources, device=device)
     result = evaluate_run(
-        pipe, real, args.class_noun, args.identifier, args.live, encoders,
+        pipe, real, class_noun, identifier, args.live, encoders,
         n_per_prompt=args.n_per_prompt, seeds=seeds,
         guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
-        prompt_limit=args.prompt_limit, out_dir=args.out, batch_size=args.batch_size,
+        prompt_limit=args.prompt_limit, out_dir=out, batch_size=args.batch_size,
     )
     if is_main:
         print(format_table(result))
-        print(f"[evaluate] wrote {result['files']['json']}, {result['files']['csv']} and grids in {args.out}")
+        print(f"[evaluate] wrote {result['files']['json']}, {result['files']['csv']} and grids in {out}")
     return 0
 
 

@@ -3,6 +3,9 @@ SD.Next and InvokeAI load.
 
     python -m dreambooth_lib export-lora runs/dog --format kohya     # -> runs/dog/dog_kohya.safetensors
 
+From a run folder (or checkpoint-N), the file's kohya header also names the base model and the trigger
+words ([V] and the class noun) that the run's summary.json records, for the tools' info panels.
+
 The keys are converted by diffusers' own utilities (`convert_unet_state_dict_to_peft`,
 `convert_state_dict_to_peft`, `convert_state_dict_to_kohya`), the same ones its training scripts use,
 for every component in the file (unet, text_encoder, text_encoder_2), so SD 1.x/2.x and SDXL LoRAs
@@ -25,6 +28,7 @@ from safetensors.torch import save_file
 
 from .errors import InputError
 from .fsio import publish
+from .sample import is_run, read_run
 from .weights import LORA_WEIGHTS
 
 FORMATS = ("kohya",)
@@ -38,14 +42,18 @@ def read_lora(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
         raise InputError(f"{path} does not exist: pass the output_dir (or checkpoint-N folder) of a LoRA run")
     file = path / LORA_WEIGHTS if path.is_dir() else path
     if not file.is_file():
-        hint = (" It holds a full fine-tune (unet/ folder), a diffusers pipeline: load it with from_pretrained; "
-                "only LoRA runs (use_lora=True) export to LoRA formats." if (path / "unet").is_dir() else
+        hint = (" It holds a full fine-tune (unet/ or transformer/ folder), a diffusers pipeline: load it with "
+                "from_pretrained; only LoRA runs (use_lora=True) export to LoRA formats."
+                if (path / "unet").is_dir() or (path / "transformer").is_dir() else
                 " Pass the output_dir (or checkpoint-N folder) of a LoRA run, or its .safetensors file.")
         raise InputError(f"{path} has no LoRA weights ({file.name} not found).{hint}")
     state, network_alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
         str(file.parent), weight_name=file.name, return_lora_metadata=True)
     if network_alphas is not None:  # diffusers converted it on reading: a kohya / A1111 file already
         raise InputError(f"{file} is already in the kohya / A1111 format: nothing to export")
+    if any(k.startswith("transformer.") for k in state):
+        raise InputError(f"{file} is a FLUX LoRA (transformer.* keys): export-lora converts SD / SDXL LoRAs only; "
+                         "FluxPipeline.load_lora_weights reads the file as it is (a kohya export for FLUX is not written yet)")
     if not any(".lora" in k for k in state):
         raise InputError(f"{file} holds no LoRA tensors (no '.lora' keys): is it a LoRA file written by train?")
     components = {}
@@ -105,6 +113,10 @@ def export_lora(path: str | Path, out: str | Path | None = None, format: str = "
     alphas = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
     if len(ranks) == len(alphas) == 1:
         metadata |= {"ss_network_dim": str(ranks.pop()), "ss_network_alpha": f"{alphas.pop():g}"}
+    if Path(path).is_dir() and is_run(path):
+        run = read_run(path, check_sources=False)  # the base model is not needed to export
+        trigger = " ".join(w for w in (run.identifier, run.class_noun) if w)
+        metadata |= {"ss_sd_model_name": run.base_model, "ss_training_comment": f"DreamBooth; prompt it with '{trigger}'"}
     tmp = out.with_name(f".tmp-{out.name}")
     save_file({k: v.contiguous() for k, v in kohya.items()}, tmp, metadata=metadata)
     publish(tmp, out)

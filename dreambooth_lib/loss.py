@@ -7,7 +7,9 @@ c_pr = "a dog", and lambda = prior_loss_weight:
                         + lambda * w_t' || x_hat(alpha_t' x' + sigma_t' eps', c_pr) - x' ||^2 ]
 
 Stable Diffusion predicts eps (or v) instead of x, so the squared error is taken against
-`diffusion_target` (the usual eps-parameterisation of the same objective).
+`diffusion_target` (the usual eps-parameterisation of the same objective). Flow-matching families
+(FLUX.1) noise along a straight line, x_s = (1 - s) x + s eps, and predict the velocity eps - x
+(`flow_matching_pair`); the loss keeps the same two halves.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor
     raise ValueError(f"prediction_type {prediction_type!r} is not supported: use 'epsilon' or 'v_prediction'")
 
 
+def flow_matching_pair(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_s = (1 - s) x + s eps, target eps - x) for one sigma s per row (rectified flow, as FLUX.1 was trained)."""
+    s = sigmas.to(latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
+    return (1 - s) * latents + s * noise, noise - latents
+
+
 def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Min-SNR-gamma loss weights, one per timestep (Hang et al., ICCV 2023).
 
@@ -44,40 +52,46 @@ def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float, predicti
     raise ValueError(f"prediction_type {prediction_type!r} is not supported: use 'epsilon' or 'v_prediction'")
 
 
-def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, timesteps, noise_scheduler, snr_gamma) -> torch.Tensor:
+def _weighted_mse(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     per_example = F.mse_loss(pred, target, reduction="none").mean(dim=tuple(range(1, pred.ndim)))
-    if snr_gamma is not None:
-        per_example = per_example * snr_weights(noise_scheduler, timesteps, snr_gamma, noise_scheduler.config.prediction_type)
+    if weights is not None:
+        per_example = per_example * weights
     return per_example.mean()
 
 
 def dreambooth_loss(
     model_pred: torch.Tensor,
     target: torch.Tensor,
-    timesteps: torch.Tensor,
+    timesteps: torch.Tensor | None = None,
     *,
-    noise_scheduler,
+    noise_scheduler=None,
     with_prior: bool,
     prior_loss_weight: float,
     snr_gamma: float | None = None,
+    weighting: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Eq. 2 from one UNet pass over the batch [instance rows; class rows] (see collate_examples).
+    """Eq. 2 from one denoiser pass over the batch [instance rows; class rows] (see collate_examples).
 
-    Each half is weighted with its OWN timesteps: diffusers' scripts weight the instance half with
-    all 2B timesteps' Min-SNR weights, mixing in the class rows' noise levels. The logged parts are
-    detached tensors, not floats: reading a GPU value stalls the host, so the caller does it once per step.
+    Row weights w: Min-SNR-gamma of each row's DDPM timestep (snr_gamma), or the family's `weighting`
+    (flow matching: compute_loss_weighting_for_sd3 of each row's sigma), or none. Each half is weighted
+    with its OWN rows' weights: diffusers' scripts once weighted the instance half with all 2B timesteps'
+    Min-SNR weights, mixing in the class rows' noise levels (their flow-matching scripts chunked the
+    weighting only in 2026, PR #13743). The logged parts are detached tensors, not floats: reading a GPU
+    value stalls the host, so the caller does it once per step.
     """
     pred, target = model_pred.float(), target.float()  # fp32 loss even under fp16/bf16 autocast
+    if snr_gamma is not None:
+        weighting = snr_weights(noise_scheduler, timesteps, snr_gamma, noise_scheduler.config.prediction_type)
     if not with_prior:
-        loss = _weighted_mse(pred, target, timesteps, noise_scheduler, snr_gamma)
+        loss = _weighted_mse(pred, target, weighting)
         return loss, {"instance_loss": loss.detach(), "prior_loss": torch.zeros_like(loss.detach())}
     if pred.shape[0] % 2:
         raise ValueError(f"with_prior needs an even batch [instance; class], got {pred.shape[0]} rows")
     pred_inst, pred_prior = pred.chunk(2)
     target_inst, target_prior = target.chunk(2)
-    t_inst, t_prior = timesteps.chunk(2)
-    instance_loss = _weighted_mse(pred_inst, target_inst, t_inst, noise_scheduler, snr_gamma)
-    prior_loss = _weighted_mse(pred_prior, target_prior, t_prior, noise_scheduler, snr_gamma)
+    w_inst, w_prior = weighting.chunk(2) if weighting is not None else (None, None)
+    instance_loss = _weighted_mse(pred_inst, target_inst, w_inst)
+    prior_loss = _weighted_mse(pred_prior, target_prior, w_prior)
     loss = instance_loss + prior_loss_weight * prior_loss
     return loss, {"instance_loss": instance_loss.detach(), "prior_loss": prior_loss.detach()}
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 import itertools
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from transformers import CLIPTokenizer
 
 from . import families, memory
-from .config import TrainConfig
+from .config import TrainConfig, resolve_auto
 from .families import Models, as_tuple
 from .memory import torch_dtype, use_channels_last
 
@@ -22,31 +22,39 @@ def load_tokenizer(cfg: TrainConfig) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(cfg.pretrained_model, subfolder="tokenizer", revision=cfg.revision)
 
 
-def load_models(cfg: TrainConfig) -> Models:
-    """The base model's components (its family's: families.of), frozen except what cfg trains. What
-    training freezes in half precision (a LoRA run's UNet, a frozen text encoder) is read straight in
-    cfg.mixed_precision's dtype, without an fp32 copy first; the rest (trained weights, VAE) in fp32."""
-    models = families.of(cfg).load_models(cfg.pretrained_model, cfg.revision, cfg.vae_model,
-                                          dtypes=frozen_load_dtypes(cfg))
+def load_models(cfg: TrainConfig, family=None) -> Models:
+    """The base model's components (its family's: families.of unless given), frozen except what cfg trains.
+    What training freezes in half precision (a LoRA run's denoiser, a frozen text encoder) is read straight
+    in cfg.mixed_precision's dtype, without an fp32 copy first; the rest (trained weights, VAE) in fp32."""
+    family = family or families.of(cfg)
+    models = family.load_models(cfg.pretrained_model, cfg.revision, cfg.vae_model, dtypes=frozen_load_dtypes(cfg, family))
     set_trainable(models, cfg)
     return models
 
 
-def frozen_load_dtypes(cfg: TrainConfig) -> dict:
-    """{part: dtype} of the big frozen parts that prepare_training keeps in the mixed-precision dtype."""
+def frozen_load_dtypes(cfg: TrainConfig, family) -> dict:
+    """{part: dtype} of the big frozen parts that prepare_training keeps in the mixed-precision dtype.
+    A family whose encoders are not all trained (FLUX: T5) still reads them in fp32 here when CLIP is
+    fully trained; prepare_models casts the frozen one."""
     half = torch_dtype(cfg.mixed_precision)
     if half == torch.float32:
         return {}
     text = None if cfg.train_text_encoder and not cfg.use_lora else half
-    return {"unet": half if cfg.use_lora else None, "text_encoder": text, "text_encoder_2": text}
+    return {"denoiser": half if cfg.use_lora else None, "text_encoders": text}
+
+
+def trained_text_encoders(models: Models, cfg: TrainConfig) -> tuple[torch.nn.Module, ...]:
+    """The text encoders cfg trains (fully or with LoRA): the family's TRAINED_TEXT_ENCODERS, or none."""
+    return models.text_encoders[:len(models.family.TRAINED_TEXT_ENCODERS)] if cfg.train_text_encoder else ()
 
 
 def set_trainable(models: Models, cfg: TrainConfig) -> None:
     """requires_grad only on what a full fine-tune trains (LoRA adds its own trainable layers later)."""
     models.vae.requires_grad_(False)
-    models.unet.requires_grad_(not cfg.use_lora)
+    models.denoiser.requires_grad_(not cfg.use_lora)
+    trained = trained_text_encoders(models, cfg)
     for text_encoder in models.text_encoders:
-        text_encoder.requires_grad_(cfg.train_text_encoder and not cfg.use_lora)
+        text_encoder.requires_grad_(text_encoder in trained and not cfg.use_lora)
 
 
 def place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
@@ -55,27 +63,31 @@ def place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
         module.to(dtype)
 
 
-def add_lora(unet: UNet2DConditionModel, text_encoder, cfg: TrainConfig) -> None:
-    """Attach trainable LoRA adapters ("default") to cfg.lora_unet_modules (and, when they are trained,
-    to the attention of the text encoder, or of each in a tuple); base weights stay frozen."""
+def add_lora(denoiser: torch.nn.Module, text_encoder, cfg: TrainConfig, family=None) -> None:
+    """Attach trainable LoRA adapters ("default") to cfg.lora_modules of the denoiser (a family preset or
+    layer names: families.lora_targets) and, when they are trained, to the attention of the text encoder,
+    or of each in a tuple (the family's trained ones); base weights stay frozen."""
+    family = family or families.of(cfg)
+    cfg = resolve_auto(cfg)[0]  # lora_rank "auto"
+
     def lora_config(targets):
         return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=cfg.lora_dropout,
                           init_lora_weights="gaussian", target_modules=targets)
-    unet.add_adapter(lora_config(list(cfg.lora_unet_modules)))
+    denoiser.add_adapter(lora_config(families.lora_targets(family, cfg.lora_modules)))
     if cfg.train_text_encoder:
-        for encoder in as_tuple(text_encoder):
-            encoder.add_adapter(lora_config(families.of(cfg).TEXT_LORA_TARGETS))
+        for encoder in as_tuple(text_encoder)[:len(family.TRAINED_TEXT_ENCODERS)]:
+            encoder.add_adapter(lora_config(family.TEXT_LORA_TARGETS))
 
 
 def trained_modules(models: Models, cfg: TrainConfig) -> list[torch.nn.Module]:
-    """The UNet, then the text encoders when they are trained (the order of TrainingState.trained)."""
-    return [models.unet, *models.text_encoders] if cfg.train_text_encoder else [models.unet]
+    """The denoiser, then the trained text encoders (the order of TrainingState.trained)."""
+    return [models.denoiser, *trained_text_encoders(models, cfg)]
 
 
 def parameter_groups(models: Models, cfg: TrainConfig) -> list[dict]:
-    groups = [{"params": [p for p in models.unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+    groups = [{"params": [p for p in models.denoiser.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
     if cfg.train_text_encoder:
-        groups.append({"params": [p for m in models.text_encoders for p in m.parameters() if p.requires_grad],
+        groups.append({"params": [p for m in trained_text_encoders(models, cfg) for p in m.parameters() if p.requires_grad],
                        "lr": cfg.text_encoder_lr or cfg.learning_rate})
     return groups
 
@@ -89,6 +101,7 @@ def make_optimizer(param_groups: list[dict], cfg: TrainConfig, log=print, name: 
     still steps each tensor with its own Python call and kernel (~690 for SD1.5's UNet).
     """
     name = name or cfg.optimizer
+    cfg = resolve_auto(cfg)[0]  # learning_rate "auto"
     kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
               eps=cfg.adam_epsilon)
     if name in ("adamw8bit", "auto"):
@@ -113,7 +126,7 @@ def memory_plan(cfg: TrainConfig, models: Models, device) -> memory.MemoryPlan:
     """cfg's gradient checkpointing and optimizer with "auto" resolved for these models (weights already
     placed in their training dtypes, LoRA attached) on `device` (see memory.plan_memory)."""
     device = torch.device(device)
-    modules = (models.unet, *models.text_encoders, models.vae)
+    modules = (models.denoiser, *models.text_encoders, models.vae)
     tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
     weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
     free = None
@@ -123,8 +136,8 @@ def memory_plan(cfg: TrainConfig, models: Models, device) -> memory.MemoryPlan:
     images = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
     half = 0 if cfg.mixed_precision == "no" else 2
     vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
-    acts = {c: memory.activation_bytes(models.unet.config, images, cfg.resolution, half or 4, c, vae_factor)
-            for c in (False, True)}
+    acts = {c: models.family.activation_bytes(models.denoiser.config, images, cfg.resolution, half or 4, c, vae_factor,
+                                              cfg.max_sequence_length) for c in (False, True)}  # text tokens: FLUX's T5
     return memory.plan_memory(free, weight_bytes, trainable, acts, half, cfg.gradient_checkpointing, cfg.optimizer)
 
 
@@ -145,23 +158,23 @@ def prepare_models(models: Models, cfg: TrainConfig, device, log=print) -> memor
     chose. Returns the plan."""
     weight_dtype = torch_dtype(cfg.mixed_precision)
     set_trainable(models, cfg)
-    vae_dtype, why = vae_precision(cfg, families.get(models.family), models.vae, weight_dtype)
+    vae_dtype, why = vae_precision(cfg, models.family, models.vae, weight_dtype)
     log(f"VAE: {cfg.vae_model or 'the model' + chr(39) + 's own'} in {str(vae_dtype).removeprefix('torch.')} ({why})")
     place(models.vae, device, vae_dtype)
+    trained = trained_text_encoders(models, cfg)
     for text_encoder in models.text_encoders:
-        place(text_encoder, device, torch.float32 if cfg.train_text_encoder and not cfg.use_lora else weight_dtype)
-    place(models.unet, device, torch.float32 if not cfg.use_lora else weight_dtype)
+        place(text_encoder, device, torch.float32 if text_encoder in trained and not cfg.use_lora else weight_dtype)
+    place(models.denoiser, device, torch.float32 if not cfg.use_lora else weight_dtype)
     if cfg.use_lora:
-        add_lora(models.unet, models.text_encoders, cfg)
+        add_lora(models.denoiser, models.text_encoders, cfg, models.family)
         cast_training_params(trained_modules(models, cfg), dtype=torch.float32)
     if use_channels_last(cfg.channels_last, device):  # NHWC: cuDNN convolutions without layout conversions
-        models.unet.to(memory_format=torch.channels_last)
+        models.denoiser.to(memory_format=torch.channels_last)
         models.vae.to(memory_format=torch.channels_last)
     plan = memory_plan(cfg, models, device)
     log(f"memory plan: {plan.reason}")
     if plan.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            for text_encoder in models.text_encoders:
-                text_encoder.activation_checkpointing_enable()
+        models.denoiser.enable_gradient_checkpointing()
+        for text_encoder in trained:
+            text_encoder.activation_checkpointing_enable()
     return plan

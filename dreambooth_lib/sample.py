@@ -1,20 +1,23 @@
 """Sampling from a trained DreamBooth model: load, set LoRA scales, generate with per-image seeds, grids.
 
-    pipe = load_pipeline("runs/dog")                                  # full fine-tune (a pipeline folder)
-    pipe = load_pipeline(base_model, lora_dir="runs/dog-lora")        # LoRA on top of the base model
+    pipe = load_pipeline("runs/dog")                                  # a run: full fine-tune or LoRA (+ its base model)
+    pipe = load_pipeline(base_model, lora_dir="runs/dog-lora")        # LoRA on another base model
     pipe = load_pipeline("runs/dog/checkpoint-200")                   # any training checkpoint
-    set_lora_scales(pipe, unet=1.0, text_encoder=0.5)
-    save_grid(generate(pipe, "a photo of sks dog", seeds=[0, 1, 2, 3]), 1, 4, "grid.png")
+    run = read_run("runs/dog")                                        # its base model, family, VAE, identifier, class noun
+    set_lora_scales(pipe, denoiser=1.0, text_encoder=0.5)
+    prompt = fill_prompt("a photo of {identifier} {class_noun}", run.identifier, run.class_noun)
+    save_grid(generate(pipe, prompt, seeds=[0, 1, 2, 3]), 1, 4, "grid.png")
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
-from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DConditionModel
+from diffusers import DiffusionPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 from safetensors import SafetensorError, safe_open
@@ -23,26 +26,101 @@ from tqdm.auto import tqdm
 from . import families
 from .checkpoint import STATE_JSON, check_checkpoint
 from .config import TrainConfig
+from .data import fill_prompt  # noqa: F401  (for the prompts of a run, as above)
 from .errors import InputError
 from .families import Models, as_tuple
+from .memory import torch_dtype
 from .weights import LORA_WEIGHTS
+
+SUMMARY = "summary.json"  # what train writes into a finished run's output_dir
+
+
+@dataclass
+class Run:
+    """What a training run's folder says about itself (read_run): enough to load and prompt it again."""
+    folder: Path  # the run's output_dir, or one of its checkpoint-N folders
+    base_model: str  # pretrained_model it was trained from (a local folder as an absolute path in new runs)
+    revision: str | None
+    family: str  # families.FAMILIES key, or "auto" (runs from before summaries named it)
+    vae_model: str | None  # the separate VAE it was trained with (None = the model's own)
+    lora: bool  # LoRA weights on base_model; else the folder is a full pipeline
+    identifier: str | None  # the rare token [V] (None: a checkpoint of a run that never finished and picked it)
+    class_noun: str
+    instance_dir: str  # the subject photos, as the run named them
+
+
+def is_run(folder: str | Path) -> bool:
+    folder = Path(folder)
+    return (folder / SUMMARY).is_file() or (folder / STATE_JSON).is_file()
+
+
+def read_run(folder: str | Path, check_sources: bool = True) -> Run:
+    """The Run of a train output_dir (its summary.json) or checkpoint-N folder (training_state.json, the
+    identifier from the run's summary when there is one). Anything else is an InputError saying what it
+    expected; so is (check_sources) a LoRA run whose local base model, or a run whose local VAE, is gone."""
+    folder = Path(folder)
+    if (folder / SUMMARY).is_file():
+        summary = json.loads((folder / SUMMARY).read_text())
+    elif (folder / STATE_JSON).is_file():
+        parent = folder.parent / SUMMARY
+        summary = {"config": json.loads((folder / STATE_JSON).read_text())["config"],
+                   **({"identifier": json.loads(parent.read_text()).get("identifier")} if parent.is_file() else {})}
+    else:
+        what = ("does not exist" if not folder.exists() else
+                "is a diffusers pipeline, not a run: pass it with --model (load_pipeline takes it as it is)"
+                if (folder / "model_index.json").is_file() else f"has neither {SUMMARY} nor {STATE_JSON}")
+        raise InputError(f"{folder} is not a training run: expected train's output_dir (it writes {SUMMARY} when it "
+                         f"ends) or one of its checkpoint-N folders; {folder} {what}")
+    cfg = summary["config"]
+    model = summary.get("model") or {}  # written since runs record it; older runs: the config as typed
+    run = Run(folder=folder, base_model=model.get("pretrained_model", cfg["pretrained_model"]),
+              revision=model.get("revision", cfg.get("revision")), family=model.get("family", cfg.get("model_family", "auto")),
+              vae_model=model.get("vae_model", cfg.get("vae_model")), lora=bool(cfg.get("use_lora")),
+              identifier=summary.get("identifier", cfg.get("identifier")), class_noun=cfg.get("class_noun", ""),
+              instance_dir=cfg.get("instance_dir", ""))
+    sources = [("base model", "model", run.base_model), ("VAE", "vae_model", run.vae_model)] if run.lora else []
+    for what, flag, path in sources if check_sources else []:  # a full fine-tune's folder holds both
+        if path and Path(path).is_absolute() and not Path(path).exists():
+            raise InputError(f"run {folder} was trained on the {what} {path}, which is not there any more: "
+                             f"pass where it is now with --{flag} (load_pipeline's {flag})")
+    return run
+
+
+def run_sources(run: Run | None, model: str | None = None, lora_dir: str | Path | None = None,
+                vae_model: str | None = None) -> dict:
+    """load_pipeline's model, lora_dir and vae_model for a run with a command's flags on top (a flag wins):
+    a LoRA run's base model, weights and VAE, or a full fine-tune's folder."""
+    if run is None:
+        if model is None:
+            raise InputError("no model: pass a run folder (train's output_dir) or --model")
+        return dict(model=model, lora_dir=lora_dir, vae_model=vae_model)
+    if model is None:  # load_pipeline reads the rest from the run
+        return dict(model=run.folder, lora_dir=lora_dir, vae_model=vae_model)
+    return dict(model=model, lora_dir=lora_dir or (run.folder if run.lora else None),
+                vae_model=vae_model or (run.vae_model if run.lora else None))
 
 
 def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=None, dtype=None,
                   adapter_name: str = "subject", model_family: str = "auto", vae_model: str | None = None,
                   ) -> DiffusionPipeline:
-    """A pipeline folder / hub id, optionally + LoRA weights, or a train.py checkpoint-N folder.
+    """A run folder (train's output_dir: a LoRA run is loaded on the base model its summary.json names), a
+    train.py checkpoint-N folder, or a pipeline folder / hub id, optionally + LoRA weights.
 
     The pipeline class is the model family's (families.detect: StableDiffusionPipeline for SD 1.x/2.x,
-    StableDiffusionXLPipeline for SDXL); vae_model replaces its VAE (a checkpoint's run's vae_model is used).
-    A LoRA of another family is refused before any weights load (check_lora_fits).
-    Default device: CUDA when present; default dtype: fp16 on CUDA, fp32 on CPU. The NSFW safety
+    StableDiffusionXLPipeline for SDXL, FluxPipeline for FLUX.1); vae_model replaces its VAE (a LoRA run's or a
+    checkpoint's run's vae_model is used). A LoRA of another family is refused before any weights load (check_lora_fits).
+    Default device: CUDA when present; default dtype: the family's half precision on CUDA (fp16; FLUX
+    bf16), fp32 on CPU. Per-component LoRA scales: set_lora_scales. The NSFW safety
     checker is not loaded (as in diffusers' DreamBooth scripts): it blacks out false positives,
     which would corrupt the metrics.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     parts, revision, folder = {}, None, Path(model)
+    if (folder / SUMMARY).is_file():  # a finished run
+        run = read_run(folder)
+        model_family = run.family
+        if run.lora:
+            model, revision, lora_dir, vae_model = run.base_model, run.revision, lora_dir or folder, vae_model or run.vae_model
     checkpoint = (folder / STATE_JSON).is_file()
     if checkpoint:  # checkpoint-N: trained parts here, the rest from the base model it was trained from
         check_checkpoint(folder)  # a damaged file is named, with the checkpoint to use instead
@@ -51,9 +129,10 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
         model_family = config.get("model_family", model_family)
         vae_model = vae_model or config.get("vae_model")
     family = families.resolve(model_family, str(model), revision)
+    dtype = dtype or (torch_dtype(family.HALF_DTYPE) if device.type == "cuda" else torch.float32)
     if checkpoint:
-        if (folder / "unet").is_dir():
-            parts["unet"] = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype)
+        if (folder / family.DENOISER).is_dir():
+            parts[family.DENOISER] = family.DENOISER_CLASS.from_pretrained(folder / family.DENOISER, dtype=dtype)
         index = families.model_index(model, revision)
         for name in family.TEXT_ENCODERS:
             if (folder / name).is_dir():  # of the class the base model's model_index.json names
@@ -76,15 +155,16 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
     return pipe.to(device)
 
 
-def set_lora_scales(pipe, unet: float, text_encoder: float, adapter_name: str = "subject",
+def set_lora_scales(pipe, denoiser: float, text_encoder: float, adapter_name: str = "subject",
                     text_encoder_2: float | None = None) -> None:
-    """Absolute per-component LoRA scales (0 = base model, 1 = as trained).
+    """Absolute per-component LoRA scales (0 = base model, 1 = as trained): the denoiser (UNet or FLUX's
+    transformer) and the text encoder(s).
 
     text_encoder_2: SDXL's second encoder; None = the text_encoder scale (one knob drives both).
     Uses set_adapters only: cross_attention_kwargs={"scale": s} would multiply both components on top.
-    A text-encoder scale is ignored when the adapter has no weights for that encoder.
+    A text-encoder scale is ignored when the adapter has no weights for that encoder (FLUX's T5 never has).
     """
-    weights = {"unet": unet}
+    weights = {families.of_pipeline(pipe).DENOISER: denoiser}
     adapters = pipe.get_list_adapters()
     for name, scale in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder if text_encoder_2 is None else text_encoder_2)):
         if adapter_name in adapters.get(name, []):
@@ -93,25 +173,19 @@ def set_lora_scales(pipe, unet: float, text_encoder: float, adapter_name: str = 
 
 
 def check_lora_fits(lora_file: str | Path, model: str, family, revision: str | None = None) -> None:
-    """Refuse, before any weights load, a LoRA trained for another family (an SD 1.5 LoRA on SDXL or the
-    reverse): its text-encoder parts or the width of its UNet cross-attention inputs give it away."""
-    unet_config = UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision)
-    width = unet_config.get("cross_attention_dim")
+    """Refuse, before any weights load, a LoRA trained for another family (an SD 1.5 LoRA on SDXL or FLUX,
+    or the reverse): components the family lacks (unet / transformer / text_encoder_2 keys) or, within
+    the UNet families, the width of its cross-attention inputs give it away."""
     try:
         with safe_open(str(lora_file), framework="pt") as f:
-            keys = list(f.keys())
-            widths = {f.get_slice(k).get_shape()[1] for k in keys
-                      if k.startswith("unet.") and "attn2.to_k" in k and ("lora_A" in k or "lora.down" in k)}
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     except (SafetensorError, OSError) as err:
         raise InputError(f"LoRA {lora_file} is cut short or corrupt ({str(err).splitlines()[0]}): copy it again, or "
                          "use a checkpoint-N folder of its run (sample / load_pipeline take those too)") from err
-    parts = {k.split(".")[0] for k in keys if k.startswith("text_encoder")}  # diffusers-format keys only
-    problem = None
-    if parts - set(family.TEXT_ENCODERS):
-        problem = f"it has weights for {sorted(parts - set(family.TEXT_ENCODERS))}, which {family.NAME} models lack"
-    elif isinstance(width, int) and widths and widths != {width}:
-        problem = (f"its UNet cross-attention takes {sorted(widths)}-wide text features, this model's {width} "
-                   "(SD 1.x: 768, SD 2.x: 1024, SDXL: 2048)")
+    known = {name for f in families.FAMILIES.values() for name in (f.DENOISER, *f.TEXT_ENCODERS)}
+    foreign = ({k.split(".")[0] for k in shapes} & known) - {family.DENOISER, *family.TEXT_ENCODERS}  # diffusers-format keys
+    problem = (f"it has weights for {sorted(foreign)}, which {family.NAME} models lack" if foreign
+               else family.lora_fit_problem(shapes, model, revision))
     if problem:
         raise InputError(f"LoRA {lora_file} was not trained on {model} ({family.NAME}): {problem}. Load it on the base "
                          "model it was trained from (its run's summary.json names pretrained_model)")
@@ -213,18 +287,18 @@ def _grid(images, rows, cols, labels, path):
 
 
 @torch.no_grad()
-def render_validation(models: Models, unet, text_encoder, tokenizer, prompts: list[str], cfg: TrainConfig,
+def render_validation(models: Models, denoiser, text_encoder, prompts: list[str], cfg: TrainConfig,
                       path: Path, autocast) -> Path:
     """Grid (one row per prompt, seeds 0..n-1) from the in-memory models: no reload, no weight copy.
     text_encoder: the (unwrapped) text encoder, or a tuple of the family's."""
-    family, encoders = families.get(models.family), as_tuple(text_encoder)
-    tokenizers = (tokenizer, models.tokenizer_2)[:len(encoders)]
+    family, encoders = models.family, as_tuple(text_encoder)
     pipe = family.PIPELINE(
-        vae=models.vae, unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
-        **dict(zip(family.TEXT_ENCODERS, encoders)), **dict(zip(family.TOKENIZERS, tokenizers)), **family.PIPELINE_EXTRAS)
+        vae=models.vae, scheduler=family.validation_scheduler(models.noise_scheduler), **{family.DENOISER: denoiser},
+        **dict(zip(family.TEXT_ENCODERS, encoders)), **dict(zip(family.TOKENIZERS, models.tokenizers)),
+        **family.PIPELINE_EXTRAS)
     pipe.set_progress_bar_config(disable=True)
     n = cfg.num_validation_images
-    modules = (unet, *encoders)
+    modules = (denoiser, *encoders)
     was_training = [m.training for m in modules]
     for m in modules:
         m.eval()

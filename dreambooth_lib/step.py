@@ -1,4 +1,6 @@
 """One training step: conditioning, caches, the noised forward pass, the DreamBooth loss, the update.
+What differs per model family (latents, text, noising, timesteps, the denoiser's call) is asked of
+models.family (families/__init__.py lists the questions).
 
     train_step = for each micro-step: micro_step_loss (batch, z and c, diffusion_loss) -> backward;
                  then NaN check -> gradient clipping -> optimizer and lr step
@@ -18,28 +20,21 @@ from typing import Callable
 import numpy as np
 import torch
 from accelerate import Accelerator
-from diffusers import AutoencoderKL
-from transformers import CLIPTokenizer
 
-from . import data, families, loss, memory
+from . import data, loss, memory
 from .config import TrainConfig
 from .errors import TrainingDiverged
-from .families import Models, as_tuple
+from .families import Models
 
 
-def encode_prompts(tokenizer, text_encoder, prompts: list[str]):
+def encode_prompts(models: Models, prompts: list[str], cfg: TrainConfig, text_encoders=None):
     """Prompts -> the family's text conditioning, batch first, row i for prompts[i]: SD's is CLIP's last
-    hidden states [B, L, D]; a family with several encoders takes tuples of tokenizers and encoders
-    (text_stack) and may return a dict of tensors (families/<family>.py, encode_prompts)."""
-    tokenizers, encoders = as_tuple(tokenizer), as_tuple(text_encoder)
-    return families.by_text_encoder_count(len(encoders)).encode_prompts(tokenizers, encoders, prompts)
-
-
-def text_stack(models: Models, tokenizer) -> tuple:
-    """(tokenizer, text_encoder) as encode_prompts takes them: one each, or tuples for several encoders."""
-    if models.text_encoder_2 is None:
-        return tokenizer, models.text_encoder
-    return (tokenizer, models.tokenizer_2), models.text_encoders
+    hidden states [B, L, D]; other families return a dict of tensors (families/<family>.py, encode_prompts).
+    text_encoders: the trained ones (family.TRAINED_TEXT_ENCODERS, the first encoders) as accelerate
+    prepared them (DDP wrappers); the rest, and all when None, are the models' own."""
+    trained = tuple(text_encoders or ())
+    encoders = trained + models.text_encoders[len(trained):]
+    return models.family.encode_prompts(models.tokenizers, encoders, prompts, cfg)
 
 
 def stack_rows(rows: list):
@@ -57,29 +52,22 @@ def split_rows(batch) -> list:
     return list(batch)
 
 
-@torch.no_grad()
-def vae_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """z = E(x) * scaling_factor, one draw from the VAE posterior."""
-    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
-    return (dist.sample(generator) * vae.config.scaling_factor).float()
-
-
-def cache_latents(vae: AutoencoderKL, values: list[torch.Tensor], seed: int, batch_size: int = 8) -> list[torch.Tensor]:
-    """Encode every image once. We cache ONE posterior sample (not mean/std resampled each step): SD's
-    VAE posterior std is ~1e-3 of the latent scale, so resampling changes almost nothing and the cache
-    stays a plain tensor (the uncached path samples each step)."""
-    generator = torch.Generator(vae.device).manual_seed(seed)
+def cache_latents(models: Models, values: list[torch.Tensor], seed: int, batch_size: int = 8) -> list[torch.Tensor]:
+    """Encode every image once (the family's encode_latents). We cache ONE posterior sample (not mean/std
+    resampled each step): SD's VAE posterior std is ~1e-3 of the latent scale, so resampling changes
+    almost nothing and the cache stays a plain tensor (the uncached path samples each step)."""
+    generator = torch.Generator(models.vae.device).manual_seed(seed)
     out = []
     for i in range(0, len(values), batch_size):
-        out.extend(vae_latents(vae, torch.stack(values[i:i + batch_size]), generator).cpu())
+        out.extend(models.family.encode_latents(models.vae, torch.stack(values[i:i + batch_size]), generator).cpu())
     return out
 
 
 @torch.no_grad()
-def cache_text_embeddings(tokenizer, text_encoder, prompts: list[str]) -> dict:
+def cache_text_embeddings(models: Models, prompts: list[str], cfg: TrainConfig) -> dict:
     """Frozen text encoder(s): encode each distinct prompt once; prompt -> its row of encode_prompts."""
     unique = list(dict.fromkeys(prompts))
-    return dict(zip(unique, split_rows(encode_prompts(tokenizer, text_encoder, unique))))
+    return dict(zip(unique, split_rows(encode_prompts(models, unique, cfg))))
 
 
 def batch_indices(n_items: int, batch_size: int, seed: int, micro_step: int, rank: int = 0, world: int = 1) -> list[int]:
@@ -96,48 +84,47 @@ def step_generator(seed: int, micro_step: int, rank: int, device) -> torch.Gener
     return torch.Generator(device).manual_seed(int(np.random.SeedSequence([seed, micro_step, rank]).generate_state(1)[0]))
 
 
-def latents_and_conditioning(batch: dict, models: Models, tokenizer, text_cache: dict | None, latents_cached: bool,
-                             generator: torch.Generator, device, text_encoders=None) -> tuple[torch.Tensor, object]:
+def latents_and_conditioning(batch: dict, models: Models, text_cache: dict | None, latents_cached: bool,
+                             generator: torch.Generator, device, cfg: TrainConfig, text_encoders=None,
+                             ) -> tuple[torch.Tensor, object]:
     """(z, c) for a collated batch, row i of both describing batch["prompts"][i] (instances, then classes).
 
-    c is what the family's UNet takes besides (x_t, t): SD's text hidden states, or a dict of UNet keyword
-    arguments (families/<family>.py, unet_conditioning). text_encoders: the trained ones as accelerate
+    c is what the family's denoiser takes besides (x_t, t): SD's text hidden states, or a dict of keyword
+    arguments (families/<family>.py, denoiser_conditioning). text_encoders: the trained ones as accelerate
     prepared them (several processes: DDP wrappers, whose backward averages their gradients across
     processes); None = the models' own."""
     values = batch["values"].to(device)
-    latents = values if latents_cached else vae_latents(models.vae, values, generator)
+    latents = values if latents_cached else models.family.encode_latents(models.vae, values, generator)
     if text_cache is not None:
         text = stack_rows([text_cache[p] for p in batch["prompts"]])
         text = {k: v.to(device) for k, v in text.items()} if isinstance(text, dict) else text.to(device)
     else:
-        tokenizers, encoders = text_stack(models, tokenizer)
-        text = encode_prompts(tokenizers, encoders if text_encoders is None else text_encoders, batch["prompts"])
-    return latents, families.get(models.family).unet_conditioning(text, batch.get("sizes"))
+        text = encode_prompts(models, batch["prompts"], cfg, text_encoders)
+    return latents, models.family.denoiser_conditioning(text, batch.get("sizes"), cfg, models.denoiser.config)
 
 
-def diffusion_loss(unet, noise_scheduler, latents, cond, cfg: TrainConfig, with_prior: bool,
+def diffusion_loss(family, denoiser, noise_scheduler, latents, cond, cfg: TrainConfig, with_prior: bool,
                    generator: torch.Generator, loss_fn=None) -> tuple[torch.Tensor, dict]:
-    """One Monte-Carlo sample of the paper's Eq. 2: x_t = alpha_t x + sigma_t eps, t ~ U{0..T-1}.
+    """One Monte-Carlo sample of the paper's Eq. 2 with the family's noising: DDPM x_t = alpha_t x +
+    sigma_t eps, t ~ U{0..T-1}; flow matching x_t = (1 - s) x + s eps, s from its density.
 
-    cond: the UNet's conditioning from latents_and_conditioning (a tensor of text hidden states, or a
-    dict of UNet keyword arguments). The draws (eps, t) come from `generator` here, outside `loss_fn`
+    cond: the denoiser's conditioning from latents_and_conditioning (a tensor of text hidden states, or a
+    dict of keyword arguments). The draws (eps, t) come from `generator` here, outside `loss_fn`
     (noised_loss or its torch.compile'd form): a compiled or graph-captured step then makes exactly the
     eager step's draws, from (seed, step)."""
     noise = loss.sample_noise(latents, cfg.offset_noise, generator=generator)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator,
-                      device=latents.device)
-    return (loss_fn or noised_loss)(unet, noise_scheduler, latents, cond, noise, t, with_prior,
-                                    cfg.prior_loss_weight, cfg.snr_gamma)
+    t = family.draw_timesteps(noise_scheduler, latents, cfg, generator)
+    return (loss_fn or noised_loss)(family, denoiser, noise_scheduler, latents, cond, noise, t, with_prior, cfg)
 
 
-def noised_loss(unet, noise_scheduler, latents, cond, noise, t, with_prior: bool, prior_loss_weight: float,
-                snr_gamma: float | None) -> tuple[torch.Tensor, dict]:
-    """The deterministic rest of the step's forward: x_t, the UNet's prediction, the DreamBooth loss."""
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    pred = (unet(noisy, t, **cond) if isinstance(cond, dict) else unet(noisy, t, cond)).sample
-    target = loss.diffusion_target(noise_scheduler, latents, noise, t)
+def noised_loss(family, denoiser, noise_scheduler, latents, cond, noise, t, with_prior: bool,
+                cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """The deterministic rest of the step's forward: x_t, the denoiser's prediction, the DreamBooth loss."""
+    noisy, target = family.noisy_and_target(noise_scheduler, latents, noise, t)
+    pred = family.predict(denoiser, noisy, t, cond)
     return loss.dreambooth_loss(pred, target, t, noise_scheduler=noise_scheduler, with_prior=with_prior,
-                                prior_loss_weight=prior_loss_weight, snr_gamma=snr_gamma)
+                                prior_loss_weight=cfg.prior_loss_weight, snr_gamma=cfg.snr_gamma,
+                                weighting=family.loss_weighting(noise_scheduler, t, cfg))
 
 
 def divergence_message(value: float, step: int, cfg: TrainConfig, last_checkpoint: Path | None) -> str:
@@ -154,10 +141,9 @@ class TrainingState:
     """Everything one optimizer step touches, set up by prepare_training."""
     cfg: TrainConfig
     accelerator: Accelerator
-    models: Models  # the live modules (frozen parts cast to the mixed-precision dtype, LoRA attached)
-    tokenizer: CLIPTokenizer
-    trained: list[torch.nn.Module]  # accelerate-prepared trained modules: unet (, text encoder)
-    unet: torch.nn.Module  # trained[0], or its torch.compile wrapper; what the forward pass calls
+    models: Models  # the live modules (frozen parts cast to the mixed-precision dtype, LoRA attached); models.family
+    trained: list[torch.nn.Module]  # accelerate-prepared trained modules: the denoiser (, trained text encoders)
+    denoiser: torch.nn.Module  # trained[0], or its torch.compile wrapper; what the forward pass calls
     params: list[torch.nn.Parameter]  # trainable parameters (clipped together)
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -179,10 +165,10 @@ def micro_step_loss(state: TrainingState, micro_step: int) -> tuple[torch.Tensor
     idx = batch_indices(len(state.dataset), cfg.train_batch_size, cfg.seed, micro_step, acc.process_index,
                         acc.num_processes)
     batch = data.collate_examples([state.dataset[i] for i in idx], cfg.with_prior_preservation)
-    latents, cond = latents_and_conditioning(batch, state.models, state.tokenizer, state.text_cache,
-                                             cfg.cache_latents, gen, acc.device, state.trained[1:] or None)
-    return diffusion_loss(state.unet, state.models.noise_scheduler, latents, cond, cfg, cfg.with_prior_preservation,
-                          gen, loss_fn=state.loss_fn)
+    latents, cond = latents_and_conditioning(batch, state.models, state.text_cache, cfg.cache_latents, gen,
+                                             acc.device, cfg, state.trained[1:] or None)
+    return diffusion_loss(state.models.family, state.denoiser, state.models.noise_scheduler, latents, cond, cfg,
+                          cfg.with_prior_preservation, gen, loss_fn=state.loss_fn)
 
 
 def train_step(state: TrainingState, step: int) -> dict:

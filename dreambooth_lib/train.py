@@ -31,13 +31,12 @@ from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import CLIPTokenizer
 
 from . import data, distributed, families
 from .checkpoint import load_training_state, resolve_resume, save_checkpoint, save_final
 from .class_images import class_image_paths
 from .compiled import check_compiled_gradients, compile_step
-from .config import TrainConfig
+from .config import TrainConfig, resolve_auto
 from .disk import check_disk_space, checkpoint_bytes, early_disk_check, final_bytes, human_bytes, weights_bytes
 from .errors import InputError
 from .fsio import write_text_durably
@@ -46,7 +45,7 @@ from .memory import peak_memory
 from .models import (load_models, load_tokenizer, make_optimizer, optimizer_name, parameter_groups, prepare_models,
                      trained_modules)
 from .sample import render_validation
-from .step import TrainingState, cache_latents, cache_text_embeddings, noised_loss, text_stack, train_step
+from .step import TrainingState, cache_latents, cache_text_embeddings, noised_loss, train_step
 from .validate import validate_config
 from .weights import load_weights
 
@@ -69,11 +68,7 @@ def unwrap_all(accelerator: Accelerator, modules) -> tuple:
     return tuple(accelerator.unwrap_model(m) for m in modules)
 
 
-def fill_prompt(template: str, identifier: str, class_noun: str) -> str:
-    return template.replace("{identifier}", identifier).replace("{class_noun}", class_noun)
-
-
-def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator, tokenizer: CLIPTokenizer,
+def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
                      instance_values: list[torch.Tensor], instance_prompts: list[str],
                      class_values: list[torch.Tensor] | None = None, class_prompt: str | None = None,
                      resume_from: Path | None = None, log=print, instance_sizes: list[list[int]] | None = None,
@@ -95,15 +90,16 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
         raise ValueError("with_prior_preservation needs class_values and class_prompt (see class_image_paths)")
     if cfg.resolution is None and instance_values:  # the pixels given are the resolution (memory plan)
         cfg = dataclasses.replace(cfg, resolution=instance_values[0].shape[-1])
+    cfg = resolve_auto(cfg)[0]  # "auto" learning rates and LoRA rank (train() logs why)
     family = families.of(cfg)
-    if models.family != family.NAME:
-        raise InputError(f"the models are {models.family!r} components but the config's model is {family.NAME!r} "
+    if models.family is not family:
+        raise InputError(f"the models are {models.family.NAME!r} components but the config's model is {family.NAME!r} "
                          f"(pretrained_model {cfg.pretrained_model}, model_family {cfg.model_family!r}): "
                          "set model_family to the family of the models")
     device = accelerator.device
     plan = prepare_models(models, cfg, device, log)
     if resume_from is not None:
-        load_weights(resume_from, models.unet, models.text_encoders, cfg)
+        load_weights(resume_from, models.denoiser, models.text_encoders, cfg, family)
     groups = parameter_groups(models, cfg)
     optimizer = make_optimizer(groups, cfg, log, plan.optimizer)
     # Stepped once per optimizer step by train_step (not by accelerate), so warm-up counts optimizer steps.
@@ -116,20 +112,20 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
         # LoRA dropout draws from the global RNG: seeded alike (for the same LoRA init), every process would
         # drop the same units; from here each has its own stream (seed + rank; rank 0 keeps the one-process one).
         set_seed(cfg.seed, device_specific=True)
-    unet, loss_fn = compile_step(cfg, accelerator, trained[0], noised_loss)  # checkpoints unwrap trained[0], not unet
+    denoiser, loss_fn = compile_step(cfg, accelerator, trained[0], noised_loss)  # checkpoints unwrap trained[0]
 
     # Data: latents encoded once (cache_latents); text embeddings once when the text encoder is frozen.
     instance_sizes = instance_sizes or data.square_sizes(instance_values)
     class_sizes = (class_sizes or data.square_sizes(class_values)) if with_prior else None
     cache_started = time.perf_counter()
     if cfg.cache_latents:
-        instance_values = cache_latents(models.vae, instance_values, cfg.seed)
-        class_values = cache_latents(models.vae, class_values, cfg.seed + 1) if with_prior else None
+        instance_values = cache_latents(models, instance_values, cfg.seed)
+        class_values = cache_latents(models, class_values, cfg.seed + 1) if with_prior else None
     dataset = data.DreamBoothDataset(instance_values, instance_prompts, class_values if with_prior else None,
                                      class_prompt if with_prior else None, instance_sizes, class_sizes)
     text_cache = None if cfg.train_text_encoder else cache_text_embeddings(
-        *text_stack(models, tokenizer), instance_prompts + ([class_prompt] if with_prior else []))
-    state = TrainingState(cfg, accelerator, models, tokenizer, trained, unet, [p for g in groups for p in g["params"]],
+        models, instance_prompts + ([class_prompt] if with_prior else []), cfg)
+    state = TrainingState(cfg, accelerator, models, trained, denoiser, [p for g in groups for p in g["params"]],
                           optimizer, lr_scheduler, dataset, text_cache, last_checkpoint=resume_from, loss_fn=loss_fn,
                           memory_plan=plan, phase_s={"cache": time.perf_counter() - cache_started})
     if resume_from is not None:  # restores the global RNG exactly as it was after the checkpoint's step
@@ -147,7 +143,8 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     modified in place. cfg.pretrained_model still supplies the tokenizer, the class-image sampler and,
     for a full fine-tune, the untrained parts of the saved pipeline.
     """
-    cfg = families.with_native_resolution(cfg)  # resolution=None: the model's own size (read from its configs)
+    cfg = families.with_family_defaults(cfg)  # resolution, guidance, class sampler left to the model: its own (configs only)
+    cfg, auto_lines = resolve_auto(cfg)  # "auto" learning rates and LoRA rank for this method and model
     validate_config(cfg)  # every model-free check, before anything slow
     family = families.check(cfg)  # an unknown model or a setting it cannot take fails here, before any weights load
     started = time.time()
@@ -161,12 +158,14 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     main = accelerator.is_main_process
     info = log if main else (lambda *a, **k: None)
     distributed.check_launch(info)  # logs the number of processes; refuses N processes that each run alone
+    for line in auto_lines:
+        info(line)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     set_seed(cfg.seed)  # LoRA init and dropout; per-step draws use step_generator
     output_dir = Path(cfg.output_dir)
-    resume_from = resolve_resume(cfg, info, accelerator.num_processes)
-    early_disk_check(cfg, resume_from, accelerator.num_processes)  # a full fine-tune's, before class images
+    resume_from = resolve_resume(cfg, info, accelerator.num_processes, family)
+    early_disk_check(cfg, resume_from, accelerator.num_processes, family)  # a full fine-tune's, before class images
 
     # 1. prompts and data: "a [V] dog" for the subject, "a dog" for the prior; pixels in [-1, 1].
     tokenizer = load_tokenizer(cfg)
@@ -175,8 +174,9 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     instances = data.load_instance_images(cfg.instance_dir, cfg.resolution, cfg.use_captions)
     instance_prompts = data.instance_prompts_for(instances, cfg, identifier)
     with_prior = cfg.with_prior_preservation
+    info(run_plan(cfg, family.NAME, len(instances), instance_prompts[0], class_prompt))
     phase("data")
-    class_paths = class_image_paths(cfg, class_prompt, log=info) if with_prior else []
+    class_paths = class_image_paths(cfg, class_prompt, log=info, family=family) if with_prior else []
     phase("class_images")
     image_gen = torch.Generator().manual_seed(cfg.seed)  # random crops
     inst_values, inst_sizes = data.pixels_and_sizes([im.image for im in instances], cfg, image_gen)
@@ -185,9 +185,9 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
 
     phase("data")
     # 2. models, optimizer, caches (and the checkpoint when resuming).
-    models = models if models is not None else load_models(cfg)
+    models = models if models is not None else load_models(cfg, family)
     phase("load")
-    state = prepare_training(cfg, models, accelerator, tokenizer, inst_values, inst_prompts,
+    state = prepare_training(cfg, models, accelerator, inst_values, inst_prompts,
                              cls_values if with_prior else None, class_prompt if with_prior else None, resume_from, info,
                              inst_sizes, cls_sizes if with_prior else None)
     trained = list(unwrap_all(accelerator, state.trained))  # before the first step: the checkpoint and final sizes
@@ -198,13 +198,14 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     phase("setup")
     phase_s["setup"] -= state.phase_s["cache"]  # placement, LoRA, optimizer, accelerate.prepare, resume
     phase_s["cache"] = state.phase_s["cache"]
-    unet = state.trained[0]  # uncompiled: what checkpoints unwrap and save
-    text_encoders = tuple(state.trained[1:]) if cfg.train_text_encoder else state.models.text_encoders
-    val_prompts = [fill_prompt(p, identifier, cfg.class_noun) for p in cfg.validation_prompts] or [instance_prompt]
+    denoiser = state.trained[0]  # uncompiled: what checkpoints unwrap and save
+    # the text encoders as the pipeline takes them: the trained ones (accelerate-wrapped), then the frozen rest
+    text_encoders = tuple(state.trained[1:]) + state.models.text_encoders[len(state.trained) - 1:]
+    val_prompts = [data.fill_prompt(p, identifier, cfg.class_noun, "validation_prompts") for p in cfg.validation_prompts] or [instance_prompt]
     step, n_params = state.start_step, sum(p.numel() for p in state.params)
     if resume_from is not None:
         info(f"resumed from {resume_from} at step {step}")
-    info(f"training {family.NAME} {'LoRA' if cfg.use_lora else 'full UNet'}{' + text encoder' if cfg.train_text_encoder else ''}: "
+    info(f"training {family.NAME} {'LoRA' if cfg.use_lora else 'full ' + family.DENOISER}{' + text encoder' if cfg.train_text_encoder else ''}: "
          f"{n_params:,} parameters, {len(state.dataset)} items, steps {step}->{cfg.max_train_steps}")
     effective_batch = effective_batch_size(cfg, accelerator.num_processes)
     per_micro = f"({cfg.train_batch_size} instance + {cfg.train_batch_size} class)" if with_prior else f"{cfg.train_batch_size}"
@@ -219,6 +220,10 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
             record = train_step(state, step)
             step_seconds.append(time.perf_counter() - t0)
             step += 1
+            if len(step_seconds) == 3 and step < cfg.max_train_steps:  # from steps 2-3: the 1st carries the warm-up
+                left = (cfg.max_train_steps - step) * sum(step_seconds[1:]) / 2
+                info(f"training: about {f'{left / 60:.0f} min' if left >= 120 else f'{left:.0f} s'} to go "
+                     f"({sum(step_seconds[1:]) / 2:.2f} s per step; checkpoints and validation grids come on top)")
             state.history.append(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             bar.update()
@@ -226,13 +231,13 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
                 rng_states = distributed.gather_rng_states()  # every process's, so each resumes its own stream
                 if main:
                     state.last_checkpoint = save_checkpoint(
-                        output_dir, step, accelerator.unwrap_model(unet), unwrap_all(accelerator, text_encoders),
-                        state.optimizer, state.lr_scheduler, state.history, cfg, rng_states)
+                        output_dir, step, accelerator.unwrap_model(denoiser), unwrap_all(accelerator, text_encoders),
+                        state.optimizer, state.lr_scheduler, state.history, cfg, rng_states, family)
                 accelerator.wait_for_everyone()
             if cfg.validation_steps and step % cfg.validation_steps == 0:
                 if main:
-                    render_validation(state.models, accelerator.unwrap_model(unet),
-                                      unwrap_all(accelerator, text_encoders), tokenizer, val_prompts, cfg,
+                    render_validation(state.models, accelerator.unwrap_model(denoiser),
+                                      unwrap_all(accelerator, text_encoders), val_prompts, cfg,
                                       output_dir / "validation" / f"step-{step}.png",
                                       accelerator.autocast() if cfg.mixed_precision != "no" else nullcontext())
                 accelerator.wait_for_everyone()
@@ -252,15 +257,33 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
         gradient_checkpointing=state.memory_plan.gradient_checkpointing,
         trainable_parameters=n_params, device=str(accelerator.device),
         num_processes=accelerator.num_processes, effective_batch_size=effective_batch, **peak_memory(),
-        phase_s=phase_s, disk=disk)
+        phase_s=phase_s, disk=disk, model=run_model(cfg, family.NAME))
     if main:
-        summary["weights"] = str(save_final(output_dir, accelerator.unwrap_model(unet),
-                                            unwrap_all(accelerator, text_encoders), cfg))
+        summary["weights"] = str(save_final(output_dir, accelerator.unwrap_model(denoiser),
+                                            unwrap_all(accelerator, text_encoders), cfg, family))
         phase("save")
         write_text_durably(output_dir / "summary.json", json.dumps(summary, indent=2))
         info(f"done: {step} steps, final loss {summary['final_loss']}, weights in {summary['weights']}")
     accelerator.wait_for_everyone()
     return summary
+
+
+def run_plan(cfg: TrainConfig, family: str, n_photos: int, instance_prompt: str, class_prompt: str) -> str:
+    """The first line of a run: what it will do, in one sentence."""
+    what = f"LoRA rank {cfg.lora_rank}" if cfg.use_lora else "full fine-tune"
+    pictures = f"{cfg.train_batch_size} + {cfg.train_batch_size} class" if cfg.with_prior_preservation else f"{cfg.train_batch_size}"
+    prior = (f"; first {cfg.num_class_images} class images '{class_prompt}' (reused when already made)"
+             if cfg.with_prior_preservation else "; no prior preservation")
+    return (f"plan: {what} of {cfg.pretrained_model} ({family}) on {n_photos} photos '{instance_prompt}', "
+            f"{cfg.max_train_steps} steps of {pictures} pictures at {cfg.resolution} px{prior}; output in {cfg.output_dir}")
+
+
+def run_model(cfg: TrainConfig, family: str) -> dict:
+    """What summary.json records to load the run again (sample.read_run): local folders as absolute paths."""
+    def where(name):
+        return str(Path(name).resolve()) if name and Path(name).is_dir() else name
+    return dict(pretrained_model=where(cfg.pretrained_model), revision=cfg.revision, family=family,
+                vae_model=where(cfg.vae_model))
 
 
 def finished_or_train(cfg: TrainConfig, log=print) -> dict:

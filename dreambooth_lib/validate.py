@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 from . import families
-from .class_images import MANIFEST_NAME, manifest_differences, mismatch_message, weights_fingerprint
-from .data import _fill, _has_word, build_prompts, load_instance_images
+from .class_images import MANIFEST_NAME, manifest_differences, mismatch_message, vae_fingerprint, weights_fingerprint
+from .data import _has_word, build_prompts, fill_prompt, load_instance_images
 from .errors import InputError
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
@@ -17,7 +17,8 @@ PRECISIONS = ("fp32", "fp16", "bf16")  # of the VAE, the class images and the sa
 OPTIMIZERS = ("auto", "adamw", "adamw8bit", "adamw8bit-torchao")
 COMPILE_TARGETS = ("off", "step", "unet", "blocks")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-CLASS_SAMPLERS = ("dpmsolver++", "model")
+CLASS_SAMPLERS = ("auto", "dpmsolver++", "model")  # which a family offers: families.check
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")  # diffusers.training_utils' names
 
 
 def _check(ok: bool, message: str) -> None:
@@ -29,21 +30,32 @@ def validate_config(cfg) -> None:
     """Every check that needs no model, so bad input fails in seconds, not after loading SD."""
     from diffusers.optimization import SchedulerType  # names only: no model code runs
 
-    _check_ranges(cfg, positive=["max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps",
+    _check_ranges(cfg, positive=["max_train_steps", "train_batch_size", "gradient_accumulation_steps",
                                  "adam_epsilon", "max_grad_norm", "validation_inference_steps",
-                                 "num_validation_images"],
+                                 "num_validation_images", "max_sequence_length"],
                   non_negative=["prior_loss_weight", "lr_warmup_steps", "adam_weight_decay", "offset_noise",
-                                "checkpointing_steps", "validation_steps", "seed", "validation_guidance_scale"])
-    for name in ("text_encoder_lr", "snr_gamma", "lora_alpha"):
+                                "checkpointing_steps", "validation_steps", "seed"])
+    for name in ("learning_rate", "text_encoder_lr"):  # "auto": config.resolve_auto sets them by method and model
+        value = getattr(cfg, name)
+        _check(value == "auto" or (name == "text_encoder_lr" and value is None)
+               or (isinstance(value, (int, float)) and value > 0), f"{name} = {value!r} must be > 0 (or 'auto')")
+    for name in ("snr_gamma", "lora_alpha"):
         value = getattr(cfg, name)
         _check(value is None or value > 0, f"{name} = {value} must be > 0 (or None)")
+    for name in ("validation_guidance_scale", "training_guidance"):
+        value = getattr(cfg, name)
+        _check(value is None or value >= 0, f"{name} = {value} must be >= 0 (or None for the family's default)")
+    _check(cfg.weighting_scheme in WEIGHTING_SCHEMES,
+           f"weighting_scheme = {cfg.weighting_scheme!r}: use one of {WEIGHTING_SCHEMES}")
     _check_resolution(cfg)
     for name in ("adam_beta1", "adam_beta2"):
         _check(0 <= getattr(cfg, name) < 1, f"{name} = {getattr(cfg, name)} must be in [0, 1)")
     if cfg.use_lora:
-        _check(cfg.lora_rank > 0, f"lora_rank = {cfg.lora_rank} must be > 0 (4-64 is usual)")
+        _check(cfg.lora_rank == "auto" or (isinstance(cfg.lora_rank, int) and cfg.lora_rank > 0),
+               f"lora_rank = {cfg.lora_rank!r} must be > 0 (4-64 is usual) or 'auto'")
         _check(0 <= cfg.lora_dropout < 1, f"lora_dropout = {cfg.lora_dropout} must be in [0, 1)")
-        _check(len(cfg.lora_unet_modules) > 0, "lora_unet_modules is empty: name the UNet layers to adapt, e.g. to_q to_k to_v to_out.0")
+        _check(len(cfg.lora_modules) > 0, "lora_modules is empty: name a preset ('default', 'attention') or the "
+                                          "denoiser's layers to adapt, e.g. to_q to_k to_v to_out.0")
     limit = cfg.checkpoints_total_limit
     _check(limit is None or limit >= 1, f"checkpoints_total_limit = {limit} must be >= 1 (or None for all)")
     if cfg.with_prior_preservation:
@@ -97,7 +109,9 @@ def validate_class_image_config(cfg) -> str:
     photos): count, sampler settings, class prompt, and a user's class_dir made by another model or
     prompt. Returns the class prompt."""
     _check_ranges(cfg, positive=["num_class_images", "class_inference_steps"],
-                  non_negative=["class_guidance_scale", "seed"])
+                  non_negative=["seed"])
+    _check(cfg.class_guidance_scale is None or cfg.class_guidance_scale >= 0,
+           f"class_guidance_scale = {cfg.class_guidance_scale} must be >= 0 (or None for the family's default)")
     _check(cfg.class_batch_size == "auto" or (isinstance(cfg.class_batch_size, int) and cfg.class_batch_size > 0),
            f"class_batch_size = {cfg.class_batch_size!r}: use 'auto' or an integer > 0")
     _check(cfg.class_sampler in CLASS_SAMPLERS, f"class_sampler = {cfg.class_sampler!r}: use one of {CLASS_SAMPLERS}")
@@ -105,12 +119,12 @@ def validate_class_image_config(cfg) -> str:
     _check(bool(cfg.class_noun.strip()), "class images need class_noun (e.g. 'dog'): it fills {class_noun} of the class prompt")
     _check(cfg.prior_generation_precision == "auto" or cfg.prior_generation_precision in PRECISIONS,
            f"prior_generation_precision = {cfg.prior_generation_precision!r}: use 'auto' or one of {PRECISIONS}")
-    class_prompt = _fill(cfg.class_prompt_template, "class_prompt_template", class_noun=cfg.class_noun)
+    class_prompt = fill_prompt(cfg.class_prompt_template, class_noun=cfg.class_noun, setting="class_prompt_template")
     manifest_path = Path(cfg.class_dir or ".") / MANIFEST_NAME
     if cfg.class_dir and manifest_path.is_file():
         made = json.loads(manifest_path.read_text())
-        wanted = {"model_weights": weights_fingerprint(cfg.pretrained_model, cfg.revision), "vae_model": cfg.vae_model,
-                  "class_prompt": class_prompt}
+        wanted = {"model_weights": weights_fingerprint(cfg.pretrained_model, cfg.revision),
+                  "vae_weights": vae_fingerprint(cfg.vae_model), "class_prompt": class_prompt}
         if "family" in made:  # manifests written before model families were all SD's
             wanted["family"] = families.of(cfg).NAME
         differ = manifest_differences(made, wanted)

@@ -55,13 +55,14 @@ MODEL = ""  #@param {type:"string"}
 # (resolution follows the model; another model than notebook 01's gets its own class images)
 METHOD = "lora"  #@param ["lora", "full"]
 LORA_RANK = 0  #@param {type:"slider", min:0, max:64, step:1}
-# 0 = auto: 32 on the toy model (swept, see README), 4 on Stable Diffusion
+# 0 = auto, as TrainConfig's lora_rank="auto" (config.AUTO_RECIPES): 32 on the toy model (swept, see docs/toy_world.md), 4 on Stable Diffusion
 TRAIN_TEXT_ENCODER = True  #@param {type:"boolean"}
 # needed for the text-encoder LoRA scale of notebook 03
 MAX_TRAIN_STEPS = 0  #@param {type:"integer"}
 # 0 = auto: toy model LoRA 1600 / full 400; Stable Diffusion LoRA 400 / full 800
 LEARNING_RATE = 0.0  #@param {type:"number"}
-# 0 = auto: toy model LoRA 1e-3 / full 1e-4; Stable Diffusion LoRA 1e-4 / full 5e-6 (paper / diffusers recipe)
+# 0 = auto, as TrainConfig's learning_rate="auto" (config.AUTO_RECIPES): toy model LoRA 1e-3 / full 1e-4;
+# Stable Diffusion LoRA 1e-4 / full 5e-6 (paper / diffusers recipe). The text encoder's rate follows the same rule
 PRIOR_PRESERVATION = True  #@param {type:"boolean"}
 PRIOR_LOSS_WEIGHT = 1.0  #@param {type:"number"}
 # lambda in the objective above

@@ -252,7 +252,7 @@ def test_sdxl_bench_configs_train_the_tiny_sdxl_model_through_the_library(bench,
     from dreambooth_lib import train
     cfg, method, *_ = bench_train.parse_name("sdxl-lora4-fp16-cached", smoke=True)
     state = bench_train.build_state(cfg, True, tmp_path)
-    assert (state.models.family, method, cfg.resolution) == ("sdxl", "lora4", 32)
-    assert state.models.text_encoder_2 is not None and state.models.unet.config.addition_embed_type == "text_time"
+    assert (state.models.family.NAME, method, cfg.resolution) == ("sdxl", "lora4", 32)
+    assert len(state.models.text_encoders) == 2 and state.models.denoiser.config.addition_embed_type == "text_time"
     losses = [train.train_step(state, step)["loss"] for step in range(2)]
     assert all(map(math.isfinite, losses)) and train.optimizer_name(state.optimizer).endswith("AdamW8bit")

@@ -308,7 +308,7 @@ BAD_SETTINGS = [
     (dict(prior_loss_weight=-1.0), "prior_loss_weight"),
     (dict(use_lora=True, lora_rank=0), "lora_rank"),
     (dict(use_lora=True, lora_rank=-4), "lora_rank"),
-    (dict(use_lora=True, lora_unet_modules=[]), "lora_unet_modules"),
+    (dict(use_lora=True, lora_modules=[]), "lora_modules"),
     (dict(snr_gamma=0.0), "snr_gamma"),
     (dict(offset_noise=-0.1), "offset_noise"),
     (dict(resolution=30), "multiple of 8"),

@@ -10,7 +10,7 @@ from PIL import Image
 from dreambooth_lib.tiny import save_tiny_clip, save_tiny_dino
 
 from dreambooth_lib import evaluate, metrics
-from dreambooth_lib.data import InputError
+from dreambooth_lib.data import InputError, fill_prompt
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_prompt_lists_follow_the_paper_counts():
         assert len(set(templates)) == len(templates)
         assert all("{identifier} {class_noun}" in t for t in templates)
     assert evaluate.prompt_set(live=True, prompt_limit=2)["accessorization"] == live["accessorization"][:2]
-    assert evaluate.fill(live["property"][0], "sks", "dog") == "a green sks dog"
+    assert fill_prompt(live["property"][0], "sks", "dog") == "a green sks dog"
 
 
 
@@ -104,3 +104,24 @@ def test_main_bad_input_fails_before_generating(tiny_model_dir, instance_dir, tm
     with pytest.raises(InputError, match="does not exist"):
         evaluate.main(base + ["--subject-dir", str(tmp_path / "no_photos")])
     assert not (tmp_path / "results.json").exists()
+
+
+def test_main_on_a_run_folder_equals_the_explicit_flags(tiny_model_dir, instance_dir, encoder_dirs, tmp_path):
+    from dreambooth_lib.config import TrainConfig
+    from dreambooth_lib.train import train
+
+    run = tmp_path / "run"
+    train(TrainConfig(pretrained_model=str(tiny_model_dir), instance_dir=str(instance_dir), class_noun="dog",
+                      identifier="sks", resolution=32, with_prior_preservation=False, max_train_steps=2, use_lora=True,
+                      learning_rate=1e-2, checkpointing_steps=0, validation_steps=0, output_dir=str(run)),
+          log=lambda *a: None, progress=False)
+    encoders = ["--dino", encoder_dirs[0], "--clip", encoder_dirs[1], "--smoke"]
+    assert evaluate.main([str(run), *encoders]) == 0  # model, LoRA, photos, class noun, identifier: the run's
+    assert evaluate.main(["--model", str(tiny_model_dir), "--lora_dir", str(run), "--instance_dir", str(instance_dir),
+                          "--class_noun", "dog", "--identifier", "sks", "--out", str(tmp_path / "flags"), *encoders]) == 0
+    from_run = json.loads((run / "evaluation" / "results.json").read_text())  # default out: <run>/evaluation
+    flags = json.loads((tmp_path / "flags" / "results.json").read_text())
+    assert from_run["rows"] == flags["rows"] and from_run["settings"] == flags["settings"]
+    assert from_run["settings"]["identifier"] == "sks" and from_run["settings"]["class_noun"] == "dog"
+    with pytest.raises(InputError, match="is not a training run"):
+        evaluate.main([str(tmp_path / "flags"), *encoders])

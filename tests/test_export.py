@@ -48,7 +48,7 @@ def lora_run(tiny_model_dir, tmp_path_factory):
     return root / "dog"
 
 
-def test_kohya_file_holds_every_tensor_under_kohya_names_with_alphas(lora_run, capsys):
+def test_kohya_file_holds_every_tensor_under_kohya_names_with_alphas(lora_run, tiny_model_dir, capsys):
     assert cli.main(["export-lora", str(lora_run), "--format", "kohya"]) == 0
     out = lora_run / "dog_kohya.safetensors"
     assert str(out) in capsys.readouterr().out
@@ -66,6 +66,9 @@ def test_kohya_file_holds_every_tensor_under_kohya_names_with_alphas(lora_run, c
     assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight" in kohya
     with safe_open(str(out), "pt") as f:
         assert f.metadata()["ss_network_dim"] == "4" and f.metadata()["ss_network_alpha"] == "8"
+        # From the run folder: its base model and trigger words, as its summary.json records them.
+        assert f.metadata()["ss_sd_model_name"] == str(tiny_model_dir.resolve())
+        assert "'sks dog'" in f.metadata()["ss_training_comment"]
 
 
 def test_diffusers_loads_the_kohya_file_back_to_the_same_adapters_and_images(lora_run, tiny_model_dir, tmp_path):

@@ -83,5 +83,8 @@ def test_class_batch_size_from_free_memory():
     assert per_t4 == 16  # (13.5 - 2.1 GB) / 0.67 GB per image (2 UNet rows under guidance) = 16.9 -> 16
     assert memory.class_batch_size(GPU24, SD15_UNET, 512, 2, weights) == 16
     assert memory.class_batch_size(GPU80, SD15_UNET, 512, 2, weights) == memory.CLASS_BATCH_MAX == 32
-    assert memory.class_batch_size(None, SD15_UNET, 512, 2, weights) == memory.CLASS_BATCH_CPU == 4
+    # CPU: available RAM, the weights already counted as used, at most the images to make; fp32 there.
+    assert memory.class_batch_size(16 * GB, SD15_UNET, 512, 4, 0, most=200) == 8  # 14.4 GB / 1.35 GB per image = 10.7
+    assert memory.class_batch_size(16 * GB, SD15_UNET, 64, 4, 0, most=200) == 200  # 64 px: every image in one call
+    assert memory.class_batch_size(16 * GB, SD15_UNET, 64, 4, 0, most=3) == 3
     assert memory.class_batch_size(3 * GB, SD15_UNET, 512, 2, weights) == 1  # barely room for the weights: 1, not 0

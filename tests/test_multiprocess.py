@@ -1,6 +1,6 @@
 """Two gloo processes under `accelerate launch` give one process's results (one launch, several checks).
 
-The launch line is the one the README and `make train-2proc` give for CPUs:
+The launch line is the one docs/scaling_out.md and `make train-2proc` give for CPUs:
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 ...
 """
 

@@ -12,6 +12,7 @@ import dreambooth_lib.checkpoint as CK
 import dreambooth_lib.models as M
 import dreambooth_lib.weights as W
 import dreambooth_lib.train as T
+from dreambooth_lib import families
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.sample import generate, load_pipeline, lora_scale_grid, save_grid, scale_guidance_grid, set_lora_scales
 
@@ -22,7 +23,7 @@ def arrays(images) -> np.ndarray:
     return np.stack([np.asarray(im, dtype=np.int16) for im in images])
 
 
-ATTENTION = TrainConfig().lora_unet_modules
+ATTENTION = families.sd.LORA_PRESETS["default"]
 WITH_FF = [*ATTENTION, "ff.net.0.proj", "ff.net.2"]  # the transformer blocks' feed-forward layers too
 
 
@@ -30,7 +31,7 @@ WITH_FF = [*ATTENTION, "ff.net.0.proj", "ff.net.2"]  # the transformer blocks' f
 def lora_dir(tiny_model_dir, tmp_path, request):
     """A pipeline with trained-looking (non-zero B) UNet + text-encoder LoRA, saved like train.py does."""
     cfg = TrainConfig(pretrained_model=str(tiny_model_dir), use_lora=True, train_text_encoder=True,
-                      lora_unet_modules=request.param)
+                      lora_modules=request.param)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
     M.add_lora(pipe.unet, pipe.text_encoder, cfg)
     torch.manual_seed(1)
@@ -51,9 +52,9 @@ def test_lora_round_trip_and_zero_scales(tiny_model_dir, lora_dir):
     loaded = generate(pipe, PROMPT, [0, 1], num_inference_steps=2, progress=False)
     assert np.array_equal(arrays(loaded), arrays(in_memory))  # stock load_lora_weights gives the same model
     assert not np.array_equal(arrays(loaded), arrays(base))  # ... which is not the base model
-    set_lora_scales(pipe, unet=0.0, text_encoder=0.0)
+    set_lora_scales(pipe, denoiser=0.0, text_encoder=0.0)
     assert np.array_equal(arrays(generate(pipe, PROMPT, [0, 1], num_inference_steps=2, progress=False)), arrays(base))
-    set_lora_scales(pipe, unet=0.0, text_encoder=1.0)  # the components are separate knobs
+    set_lora_scales(pipe, denoiser=0.0, text_encoder=1.0)  # the components are separate knobs
     te_only = generate(pipe, PROMPT, [0, 1], num_inference_steps=2, progress=False)
     assert not np.array_equal(arrays(te_only), arrays(base)) and not np.array_equal(arrays(te_only), arrays(loaded))
 

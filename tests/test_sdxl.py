@@ -36,9 +36,9 @@ def make_cfg(model, instance_dir, out, **kw) -> TrainConfig:
 def test_conditioning_and_time_ids_are_what_the_sdxl_pipeline_builds(tiny_sdxl_dir, instance_dir):
     cfg = make_cfg(tiny_sdxl_dir, instance_dir, "unused")
     assert families.detect(str(tiny_sdxl_dir)) == "sdxl" and families.native_resolution(str(tiny_sdxl_dir)) == 32
-    models, tokenizer = M.load_models(cfg), M.load_tokenizer(cfg)
-    assert models.family == "sdxl" and models.tokenizer_2.pad_token == "!"
-    ours = S.encode_prompts(*S.text_stack(models, tokenizer), PROMPTS)
+    models = M.load_models(cfg)
+    assert models.family.NAME == "sdxl" and models.tokenizers[1].pad_token == "!"
+    ours = S.encode_prompts(models, PROMPTS, cfg)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
     assert ours["encoder_hidden_states"].shape == (3, 16, 16 + 24) and ours["text_embeds"].shape == (3, 20)
@@ -51,7 +51,8 @@ def test_conditioning_and_time_ids_are_what_the_sdxl_pipeline_builds(tiny_sdxl_d
     assert sizes == [[40, 48, 0, 3, 32, 32]]
     expected = pipe._get_add_time_ids((40, 48), (0, 3), (32, 32), torch.float32,
                                       text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
-    cond = families.sdxl.unet_conditioning({k: v[:1] for k, v in ours.items()}, torch.tensor(sizes, dtype=torch.float32))
+    cond = families.sdxl.denoiser_conditioning({k: v[:1] for k, v in ours.items()}, torch.tensor(sizes, dtype=torch.float32),
+                                               cfg, models.denoiser.config)
     torch.testing.assert_close(cond["added_cond_kwargs"]["time_ids"], expected, rtol=0, atol=0)
     # Mirrored pictures: SDXL flips before cropping, so the crop is measured from the other side.
     crop = data.Crop((40, 48), (32, 38), (0, 1), (32, 32))
@@ -60,18 +61,18 @@ def test_conditioning_and_time_ids_are_what_the_sdxl_pipeline_builds(tiny_sdxl_d
 
 def test_cached_conditioning_equals_uncached_and_rows_stay_paired(tiny_sdxl_dir, instance_dir):
     cfg = make_cfg(tiny_sdxl_dir, instance_dir, "unused", center_crop=False)
-    models, tokenizer = M.load_models(cfg), M.load_tokenizer(cfg)
+    models = M.load_models(cfg)
     images = [im.image for im in data.load_instance_images(instance_dir, 32)]
     images[1] = images[1].resize((32, 64))  # a tall one: its crop moves vertically
     pixels, sizes = data.pixels_and_sizes(images, cfg, torch.Generator().manual_seed(3))
     assert len({tuple(s) for s in sizes}) > 1  # the rows are told apart by their sizes too
     captions = ["a photo of sks dog", "sks dog on grass", "sks dog in snow", "sks dog at the beach"]
-    latents = S.cache_latents(models.vae, pixels, seed=0)
+    latents = S.cache_latents(models, pixels, seed=0)
     dataset = data.DreamBoothDataset(latents, captions, latents[:1], "a photo of a dog", sizes, [[32, 32, 0, 0, 32, 32]])
     batch = data.collate_examples([dataset[i] for i in (2, 1, 0)], with_prior=True)
-    cache = S.cache_text_embeddings(*S.text_stack(models, tokenizer), captions + ["a photo of a dog"])
-    z, cached = S.latents_and_conditioning(batch, models, tokenizer, cache, True, torch.Generator(), "cpu")
-    _, uncached = S.latents_and_conditioning(batch, models, tokenizer, None, True, torch.Generator(), "cpu")
+    cache = S.cache_text_embeddings(models, captions + ["a photo of a dog"], cfg)
+    z, cached = S.latents_and_conditioning(batch, models, cache, True, torch.Generator(), "cpu", cfg)
+    _, uncached = S.latents_and_conditioning(batch, models, None, True, torch.Generator(), "cpu", cfg)
     torch.testing.assert_close(cached["encoder_hidden_states"], uncached["encoder_hidden_states"])
     torch.testing.assert_close(cached["added_cond_kwargs"], uncached["added_cond_kwargs"])
     assert batch["prompts"] == [captions[2], captions[1], captions[0]] + ["a photo of a dog"] * 3
@@ -87,16 +88,15 @@ def test_cached_conditioning_equals_uncached_and_rows_stay_paired(tiny_sdxl_dir,
 def test_short_runs_lower_the_loss_on_a_fixed_batch(mode, tiny_sdxl_dir, instance_dir, tmp_path):
     extra = dict(learning_rate=2e-3) if mode == "full" else dict(use_lora=True, lora_rank=8, learning_rate=2e-2)
     cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, train_text_encoder=True, **extra)
-    tokenizer = M.load_tokenizer(cfg)
     pixels, sizes = data.pixels_and_sizes([im.image for im in data.load_instance_images(instance_dir, 32)], cfg, None)
-    state = T.prepare_training(cfg, M.load_models(cfg), T.make_accelerator(cfg), tokenizer, pixels,
+    state = T.prepare_training(cfg, M.load_models(cfg), T.make_accelerator(cfg), pixels,
                                ["a photo of sks dog"] * 4, log=lambda _: None, instance_sizes=sizes)
     batch = data.collate_examples([state.dataset[i] for i in range(4)], with_prior=False)
 
     def fixed_loss() -> float:  # the same 4 items, noise draws and timesteps every time
         with torch.no_grad():
-            z, c = S.latents_and_conditioning(batch, state.models, tokenizer, None, True, torch.Generator(), "cpu")
-            return sum(float(S.diffusion_loss(state.unet, state.models.noise_scheduler, z, c, cfg, False,
+            z, c = S.latents_and_conditioning(batch, state.models, None, True, torch.Generator(), "cpu", cfg)
+            return sum(float(S.diffusion_loss(state.models.family, state.denoiser, state.models.noise_scheduler, z, c, cfg, False,
                                               torch.Generator().manual_seed(seed))[0]) for seed in range(4)) / 4
 
     losses = [fixed_loss()]
@@ -142,10 +142,10 @@ def test_lora_run_resumes_exactly_and_loads_in_stock_sdxl_pipeline(tiny_sdxl_dir
     pipe.load_lora_weights(tmp_path / "whole", adapter_name="subject")
     assert {c: v for c, v in pipe.get_list_adapters().items()} == {c: ["subject"] for c in ("unet", "text_encoder", "text_encoder_2")}
     tuned = generate(pipe, PROMPTS[0], [0], num_inference_steps=2, progress=False)
-    set_lora_scales(pipe, unet=0.0, text_encoder=0.0)  # text_encoder_2 follows text_encoder
+    set_lora_scales(pipe, denoiser=0.0, text_encoder=0.0)  # text_encoder_2 follows text_encoder
     off = generate(pipe, PROMPTS[0], [0], num_inference_steps=2, progress=False)
     assert np.array_equal(np.asarray(off[0]), np.asarray(base[0])) and not np.array_equal(np.asarray(tuned[0]), np.asarray(base[0]))
-    set_lora_scales(pipe, unet=0.0, text_encoder=0.0, text_encoder_2=1.0)  # a separate knob when set
+    set_lora_scales(pipe, denoiser=0.0, text_encoder=0.0, text_encoder_2=1.0)  # a separate knob when set
     assert not np.array_equal(np.asarray(generate(pipe, PROMPTS[0], [0], num_inference_steps=2, progress=False)[0]),
                               np.asarray(base[0]))
     # The library's loader, from the run folder and from a checkpoint.
@@ -189,12 +189,12 @@ def test_sdxl_bad_input_fails_before_model_work(tiny_sdxl_dir, tiny_model_dir, i
     # A LoRA of one family on the other's base model, either way round.
     sd_cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, train_text_encoder=True)
     sd_models = M.load_models(sd_cfg)
-    M.add_lora(sd_models.unet, sd_models.text_encoders, sd_cfg)
-    W.save_weights(tmp_path / "sd_lora", sd_models.unet, sd_models.text_encoders, sd_cfg)
+    M.add_lora(sd_models.denoiser, sd_models.text_encoders, sd_cfg)
+    W.save_weights(tmp_path / "sd_lora", sd_models.denoiser, sd_models.text_encoders, sd_cfg)
     xl_cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, use_lora=True)
     xl_models = M.load_models(xl_cfg)
-    M.add_lora(xl_models.unet, xl_models.text_encoders, xl_cfg)
-    W.save_weights(tmp_path / "xl_lora", xl_models.unet, xl_models.text_encoders, xl_cfg)
+    M.add_lora(xl_models.denoiser, xl_models.text_encoders, xl_cfg)
+    W.save_weights(tmp_path / "xl_lora", xl_models.denoiser, xl_models.text_encoders, xl_cfg)
     with pytest.raises(data.InputError, match=r"not trained on .*\(sdxl\): its UNet cross-attention takes \[16\]-wide"):
         load_pipeline(tiny_sdxl_dir, lora_dir=tmp_path / "sd_lora", device="cpu")
     with pytest.raises(data.InputError, match=r"\(sd\): its UNet cross-attention takes \[40\]-wide"):
@@ -232,14 +232,14 @@ def test_sample_cli_scales_and_evaluate_on_an_sdxl_lora(tiny_sdxl_dir, instance_
 
     cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, use_lora=True, train_text_encoder=True)
     models = M.load_models(cfg)
-    M.add_lora(models.unet, models.text_encoders, cfg)
+    M.add_lora(models.denoiser, models.text_encoders, cfg)
     torch.manual_seed(1)
     with torch.no_grad():
-        for module in (models.unet, *models.text_encoders):
+        for module in (models.denoiser, *models.text_encoders):
             for name, p in module.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.5)  # as if trained (gaussian init leaves B = 0)
-    W.save_weights(tmp_path / "lora", models.unet, models.text_encoders, cfg)
+    W.save_weights(tmp_path / "lora", models.denoiser, models.text_encoders, cfg)
 
     def grid(name: str, *scales: str) -> np.ndarray:
         argv = ["sample", "--model", str(tiny_sdxl_dir), "--lora_dir", str(tmp_path / "lora"), "--prompt", PROMPTS[0],

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from dreambooth_lib.config import TOY_MODEL_DIR
+from dreambooth_lib.config import TOY_MODEL_DIR, TrainConfig, resolve_auto
 from dreambooth_lib.toyworld import oracle as orc
 from dreambooth_lib.toyworld import render
 from dreambooth_lib.toyworld.tokenizer import all_captions, build_tokenizer, rare_tokens
@@ -196,11 +196,15 @@ def test_ablation_report_shows_recontextualization_and_reloads_from_its_json(tmp
 def test_recipe_gives_the_swept_toy_settings_on_the_toy_model_and_sd_ones_elsewhere(tmp_path):
     from dreambooth_lib.toyworld.demo import TOY_LORA, demo_config, recipe
 
-    assert recipe("lora", TOY_MODEL_DIR) == TOY_LORA
-    assert recipe("lora", str(Path(TOY_MODEL_DIR) / ".." / "toy_model")) == TOY_LORA  # the same folder, spelt differently
+    swept = {**TOY_LORA, "lora_rank": 32, "learning_rate": 1e-3, "text_encoder_lr": 1e-4}  # run cl_s1600
+    assert recipe("lora", TOY_MODEL_DIR) == swept
+    assert recipe("lora", str(Path(TOY_MODEL_DIR) / ".." / "toy_model")) == swept  # the same folder, spelt differently
     full = recipe("full", TOY_MODEL_DIR)
     demo = demo_config()
     assert (full["use_lora"], full["learning_rate"], full["train_batch_size"]) == (False, demo.learning_rate, demo.train_batch_size)
+    # The demo's explicit rates are the ones TrainConfig's "auto" gives a full fine-tune of the toy model.
+    auto = resolve_auto(TrainConfig(pretrained_model=TOY_MODEL_DIR))[0]
+    assert (auto.learning_rate, auto.text_encoder_lr) == (demo.learning_rate, demo.text_encoder_lr) == (1e-4, 3e-5)
     sd = recipe("lora", "stable-diffusion-v1-5/stable-diffusion-v1-5")
     assert (sd["lora_rank"], sd["learning_rate"]) == (4, 1e-4)
     assert recipe("full", str(tmp_path))["learning_rate"] == 5e-6

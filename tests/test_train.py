@@ -25,7 +25,7 @@ import dreambooth_lib.models as M
 import dreambooth_lib.step as S
 import dreambooth_lib.weights as W
 import dreambooth_lib.train as T
-from dreambooth_lib import data, memory
+from dreambooth_lib import data, families, memory
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.sample import load_pipeline
 
@@ -93,30 +93,30 @@ def test_lora_resume_really_reloads_weights(tiny_model_dir, instance_dir, tmp_pa
     T.train(cfg, progress=False)
     saved = load_file(tmp_path / "run" / "checkpoint-2" / W.LORA_WEIGHTS)
     models = M.load_models(cfg)
-    M.add_lora(models.unet, models.text_encoder, cfg)
-    fresh = {"unet." + k: v.clone() for k, v in W.lora_layers(models.unet).items()}
-    W.load_weights(tmp_path / "run" / "checkpoint-2", models.unet, models.text_encoder, cfg)
-    now = {"unet." + k: v for k, v in W.lora_layers(models.unet).items()}
-    now |= {"text_encoder." + k: v for k, v in W.lora_layers(models.text_encoder).items()}
+    M.add_lora(models.denoiser, models.text_encoders, cfg)
+    fresh = {"unet." + k: v.clone() for k, v in W.lora_layers(models.denoiser).items()}
+    W.load_weights(tmp_path / "run" / "checkpoint-2", models.denoiser, models.text_encoders, cfg)
+    now = {"unet." + k: v for k, v in W.lora_layers(models.denoiser).items()}
+    now |= {"text_encoder." + k: v for k, v in W.lora_layers(models.text_encoders[0]).items()}
     assert now.keys() == saved.keys()
     assert all(torch.equal(now[k], saved[k]) for k in saved)
     assert any(not torch.equal(fresh[k], saved[k]) for k in fresh)  # so the load did change something
     # A checkpoint from another LoRA shape is refused, not silently half-loaded.
     other = make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, lora_rank=2)
     m2 = M.load_models(other)
-    M.add_lora(m2.unet, m2.text_encoder, other)
+    M.add_lora(m2.denoiser, m2.text_encoders, other)
     with pytest.raises(data.InputError, match="lora_rank"):
-        W.load_weights(tmp_path / "run" / "checkpoint-2", m2.unet, m2.text_encoder, other)
+        W.load_weights(tmp_path / "run" / "checkpoint-2", m2.denoiser, m2.text_encoders, other)
 
 
 def test_checkpoints_are_atomic_and_pruned(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, instance_dir, out, checkpoints_total_limit=2)
     models = M.load_models(cfg)
-    opt = torch.optim.AdamW(models.unet.parameters())
+    opt = torch.optim.AdamW(models.denoiser.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     for step in (1, 2, 3):
-        CK.save_checkpoint(out, step, models.unet, models.text_encoder, opt, sched, [], cfg)
+        CK.save_checkpoint(out, step, models.denoiser, models.text_encoders, opt, sched, [], cfg)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-3"]  # no .tmp-* left
 
     def crash(*a, **k):
@@ -124,7 +124,7 @@ def test_checkpoints_are_atomic_and_pruned(tiny_model_dir, instance_dir, tmp_pat
 
     monkeypatch.setattr(CK, "save_training_state", crash)
     with pytest.raises(OSError):
-        CK.save_checkpoint(out, 4, models.unet, models.text_encoder, opt, sched, [], cfg)
+        CK.save_checkpoint(out, 4, models.denoiser, models.text_encoders, opt, sched, [], cfg)
     assert not (out / "checkpoint-4").exists()
     assert (out / "checkpoint-2").exists()  # pruning happens only after a successful save
     assert CK.latest_checkpoint(out) == out / "checkpoint-3"  # a half-written .tmp-checkpoint-4 never counts
@@ -157,12 +157,12 @@ def test_checkpoints_and_final_weights_are_fsynced_before_and_after_the_rename(m
     cfg = make_cfg(tiny_model_dir, instance_dir, out, optimizer="adamw", **kw)
     models = M.load_models(cfg)
     if cfg.use_lora:
-        M.add_lora(models.unet, models.text_encoder, cfg)
-    opt = torch.optim.AdamW([p for p in models.unet.parameters() if p.requires_grad])
+        M.add_lora(models.denoiser, models.text_encoders, cfg)
+    opt = torch.optim.AdamW([p for p in models.denoiser.parameters() if p.requires_grad])
     opt.zero_grad()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     events = record_fsyncs_and_renames(monkeypatch)
-    final = CK.save_checkpoint(out, 5, models.unet, models.text_encoder, opt, sched, [{"step": 5, "loss": 0.5}], cfg)
+    final = CK.save_checkpoint(out, 5, models.denoiser, models.text_encoders, opt, sched, [{"step": 5, "loss": 0.5}], cfg)
 
     tmp = out / ".tmp-checkpoint-5"
     rename = events.index(("replace", f"{tmp} -> {final}"))
@@ -176,14 +176,14 @@ def test_checkpoints_and_final_weights_are_fsynced_before_and_after_the_rename(m
     assert CK.load_training_state(final, opt, sched) == (5, [{"step": 5, "loss": 0.5}])
     if cfg.use_lora:
         saved = load_file(final / W.LORA_WEIGHTS)
-        assert all(torch.equal(v, saved["unet." + k]) for k, v in W.lora_layers(models.unet).items())
+        assert all(torch.equal(v, saved["unet." + k]) for k, v in W.lora_layers(models.denoiser).items())
     else:
         saved = unet_weights(final)
-        assert all(torch.equal(v, saved[k]) for k, v in models.unet.state_dict().items())
+        assert all(torch.equal(v, saved[k]) for k, v in models.denoiser.state_dict().items())
 
     # Final weights: flushed, then renamed into place (LoRA) or flushed where written (full pipeline).
     events.clear()
-    weights = CK.save_final(out, models.unet, models.text_encoder, cfg)
+    weights = CK.save_final(out, models.denoiser, models.text_encoders, cfg)
     flushed = {path for kind, path in events if kind == "fsync"}
     if cfg.use_lora:
         assert events[-2:] == [("replace", f"{out / '.tmp-final' / W.LORA_WEIGHTS} -> {weights}"), ("fsync", str(out))]
@@ -224,7 +224,7 @@ def test_prompts_stay_paired_with_latents(tiny_model_dir, instance_dir, tmp_path
                    max_train_steps=2)
     seen = []
     real_encode = S.encode_prompts
-    monkeypatch.setattr(S, "encode_prompts", lambda tok, te, prompts: seen.append(list(prompts)) or real_encode(tok, te, prompts))
+    monkeypatch.setattr(S, "encode_prompts", lambda models, prompts, *rest: seen.append(list(prompts)) or real_encode(models, prompts, *rest))
     T.train(cfg, progress=False)
     captions = data.instance_prompts_for(data.load_instance_images(instance_dir, 32, True), cfg, "sks")
     expected = [[captions[i] for i in S.batch_indices(4, 2, cfg.seed, s)] + ["a photo of a dog"] * 2 for s in range(2)]
@@ -232,13 +232,12 @@ def test_prompts_stay_paired_with_latents(tiny_model_dir, instance_dir, tmp_path
 
     # The cached path: row i of (latents, text embeddings) both belong to prompts[i].
     models = M.load_models(cfg)
-    tok = M.load_tokenizer(cfg)
     pixels = data.pixel_values([im.image for im in data.load_instance_images(instance_dir, 32, True)], cfg, None)
-    latents = S.cache_latents(models.vae, pixels, seed=0)
+    latents = S.cache_latents(models, pixels, seed=0)
     dataset = data.DreamBoothDataset(latents, captions, latents[:1], "a photo of a dog")
-    cache = S.cache_text_embeddings(tok, models.text_encoder, captions + ["a photo of a dog"])
+    cache = S.cache_text_embeddings(models, captions + ["a photo of a dog"], cfg)
     batch = data.collate_examples([dataset[i] for i in (2, 0)], with_prior=True)
-    z, c = S.latents_and_conditioning(batch, models, tok, cache, True, torch.Generator(), "cpu")
+    z, c = S.latents_and_conditioning(batch, models, cache, True, torch.Generator(), "cpu", cfg)
     assert batch["prompts"] == [captions[2], captions[0], "a photo of a dog", "a photo of a dog"]
     for row, prompt in enumerate(batch["prompts"]):
         image = captions.index(prompt) if prompt in captions else 0
@@ -283,10 +282,9 @@ def test_full_run_writes_a_loadable_pipeline_and_summary(tiny_model_dir, instanc
 
 def prepared(cfg, models=None):
     """prepare_training on the tiny model with the instance photos, as train() calls it."""
-    tok = M.load_tokenizer(cfg)
     images = data.load_instance_images(cfg.instance_dir, cfg.resolution)
     values = data.pixel_values([im.image for im in images], cfg, torch.Generator().manual_seed(0))
-    return T.prepare_training(cfg, models or M.load_models(cfg), T.make_accelerator(cfg), tok, values,
+    return T.prepare_training(cfg, models or M.load_models(cfg), T.make_accelerator(cfg), values,
                               ["a photo of sks dog"] * len(values), log=lambda _: None)
 
 
@@ -330,15 +328,15 @@ def test_train_step_syncs_once_per_optimizer_step_and_stops_before_a_nan_update(
 def test_prepare_training_takes_in_memory_models_and_compiles_the_unet(tiny_model_dir, instance_dir, tmp_path):
     cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, compile="unet", compile_check=False)
     models = M.load_models(cfg)
-    models.unet.requires_grad_(True)  # whatever state they come in, LoRA trains only its adapters
+    models.denoiser.requires_grad_(True)  # whatever state they come in, LoRA trains only its adapters
     state = prepared(cfg, models)
-    assert isinstance(state.unet, torch._dynamo.eval_frame.OptimizedModule) and state.unet._orig_mod is state.trained[0]
+    assert isinstance(state.denoiser, torch._dynamo.eval_frame.OptimizedModule) and state.denoiser._orig_mod is state.trained[0]
     # "blocks": each transformer block compiled in place (regional compilation); the UNet itself stays eager
     blocks = prepared(make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, compile="blocks",
-                               compile_check=False)).models.unet
+                               compile_check=False)).models.denoiser
     compiled = [type(m).__name__ for m in blocks.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     assert compiled and set(compiled) == {"BasicTransformerBlock"}
-    assert state.trained[0] is models.unet and all("lora" in n for n, p in models.unet.named_parameters() if p.requires_grad)
+    assert state.trained[0] is models.denoiser and all("lora" in n for n, p in models.denoiser.named_parameters() if p.requires_grad)
     assert {p.dtype for p in state.params} == {torch.float32} and len(state.dataset) == 4 and state.text_cache
     # train() trains given models (in place) instead of loading its own.
     run_cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / "run", use_lora=True, max_train_steps=1)
@@ -346,7 +344,7 @@ def test_prepare_training_takes_in_memory_models_and_compiles_the_unet(tiny_mode
     summary = T.train(run_cfg, progress=False, models=given)
     assert summary["steps"] == 1 and summary["seconds_per_step"] is None  # the only step was the warm-up one
     saved = load_file(tmp_path / "run" / W.LORA_WEIGHTS)
-    assert all(torch.equal(v, saved["unet." + k]) for k, v in W.lora_layers(given.unet).items())
+    assert all(torch.equal(v, saved["unet." + k]) for k, v in W.lora_layers(given.denoiser).items())
 
 
 def test_saved_lora_loads_with_its_alpha(tiny_model_dir, instance_dir, tmp_path):
@@ -359,11 +357,11 @@ def test_saved_lora_loads_with_its_alpha(tiny_model_dir, instance_dir, tmp_path)
     assert {m.scaling["subject"] for m in pipe.unet.modules() if hasattr(m, "scaling")} == {2.0}
     x, t = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
     ids = pipe.tokenizer(["a photo of sks dog"], padding="max_length", return_tensors="pt").input_ids
-    trained.unet.eval(), trained.text_encoder.eval()
+    trained.denoiser.eval(), trained.text_encoders[0].eval()
     with torch.no_grad():
         hidden = pipe.text_encoder(ids)[0]
-        torch.testing.assert_close(hidden, trained.text_encoder(ids)[0], atol=1e-6, rtol=0)
-        torch.testing.assert_close(pipe.unet(x, t, hidden).sample, trained.unet(x, t, hidden).sample, atol=1e-6, rtol=0)
+        torch.testing.assert_close(hidden, trained.text_encoders[0](ids)[0], atol=1e-6, rtol=0)
+        torch.testing.assert_close(pipe.unet(x, t, hidden).sample, trained.denoiser(x, t, hidden).sample, atol=1e-6, rtol=0)
 
 
 def test_seconds_per_step_excludes_the_first_step_and_checkpoints(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
@@ -437,9 +435,9 @@ def test_channels_last_gives_the_same_losses_and_gradients(tiny_model_dir, insta
     common = dict(optimizer="adamw", use_lora=False)
     plain = steps_of(make_cfg(tiny_model_dir, instance_dir, tmp_path, channels_last=False, **common))
     nhwc = steps_of(make_cfg(tiny_model_dir, instance_dir, tmp_path, channels_last=True, **common))
-    conv = nhwc[-1].models.unet.conv_in.weight
+    conv = nhwc[-1].models.denoiser.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-    assert plain[-1].models.unet.conv_in.weight.is_contiguous()
+    assert plain[-1].models.denoiser.conv_in.weight.is_contiguous()
     assert memory.use_channels_last("auto", "cpu") is False and memory.use_channels_last("auto", "cuda") is True
     assert_same_step(plain, nhwc)  # fp32 on the CPU: only the summation order of convolutions differs
 
@@ -485,9 +483,9 @@ def test_memory_plan_resolves_auto_from_the_free_cuda_memory(tiny_model_dir, ins
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 80e9))
         plan = M.memory_plan(cfg, models, "cuda")
         assert (plan.optimizer, plan.gradient_checkpointing) == expected, plan.reason
-    weights = sum(p.numel() * 4 for m in (models.unet, *models.text_encoders, models.vae) for p in m.parameters())
-    grads_states = sum(p.numel() for p in models.unet.parameters()) * (4 + 2)  # fp32 grads + 8-bit states, no autocast copy
-    acts = memory.activation_bytes(models.unet.config, 1, 32, 4, True, vae_factor=2)
+    weights = sum(p.numel() * 4 for m in (models.denoiser, *models.text_encoders, models.vae) for p in m.parameters())
+    grads_states = sum(p.numel() for p in models.denoiser.parameters()) * (4 + 2)  # fp32 grads + 8-bit states, no autocast copy
+    acts = memory.activation_bytes(models.denoiser.config, 1, 32, 4, True, vae_factor=2)
     assert plan.estimated_peak_gb == pytest.approx((weights + grads_states + acts) / 1e9, rel=1e-3)
     assert "NOTHING FITS" in plan.reason
 
@@ -510,7 +508,7 @@ def test_class_images_regenerate_when_the_sampler_or_dtype_changes(tiny_model_di
         paths = CI.class_image_paths(cfg, "a photo of a dog", log=lambda _: None)
         return json.loads((paths[0].parent / "manifest.json").read_text())
 
-    assert TrainConfig().class_sampler == "dpmsolver++" and TrainConfig().class_inference_steps == 25
+    assert families.with_family_defaults(TrainConfig()).class_sampler == "dpmsolver++" and TrainConfig().class_inference_steps == 25
     first = made(class_sampler="model")
     assert (first["scheduler"], first["dtype"], first["num_inference_steps"]) == ("PNDMScheduler", "float32", 2)
     second = made()
@@ -574,11 +572,11 @@ def test_frozen_parts_load_straight_in_the_mixed_precision_dtype(tiny_model_dir,
     full = M.load_models(make_cfg(tiny_model_dir, instance_dir, tmp_path, mixed_precision="bf16"))
     full_te = M.load_models(make_cfg(tiny_model_dir, instance_dir, tmp_path, mixed_precision="bf16", train_text_encoder=True))
     dtype = lambda m: next(m.parameters()).dtype  # noqa: E731
-    assert [dtype(m) for m in (lora.unet, lora.text_encoder, lora.vae)] == [torch.bfloat16, torch.bfloat16, torch.float32]
-    assert [dtype(m) for m in (full.unet, full.text_encoder)] == [torch.float32, torch.bfloat16]  # the trained UNet: fp32
-    assert dtype(full_te.text_encoder) == torch.float32
+    assert [dtype(m) for m in (lora.denoiser, lora.text_encoders[0], lora.vae)] == [torch.bfloat16, torch.bfloat16, torch.float32]
+    assert [dtype(m) for m in (full.denoiser, full.text_encoders[0])] == [torch.float32, torch.bfloat16]  # the trained UNet: fp32
+    assert dtype(full_te.text_encoders[0]) == torch.float32
     # the same values as loading in fp32 and casting, as prepare_training did before
-    for a, b in [(fp32.unet, lora.unet), (fp32.text_encoder, lora.text_encoder)]:
+    for a, b in [(fp32.denoiser, lora.denoiser), (fp32.text_encoders[0], lora.text_encoders[0])]:
         assert all(torch.equal(x.to(torch.bfloat16), y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
@@ -704,9 +702,9 @@ def test_a_disk_that_fills_up_mid_save_loses_nothing_and_says_how_to_resume(tiny
     # The final LoRA file: its temp folder goes too, the message names the file and the last checkpoint.
     monkeypatch.setattr(CK, "publish", lambda tmp, final: (_ for _ in ()).throw(OSError(errno.EDQUOT, "Disk quota exceeded")))
     models = M.load_models(cfg)
-    M.add_lora(models.unet, models.text_encoder, cfg)
+    M.add_lora(models.denoiser, models.text_encoders, cfg)
     with pytest.raises(E.SaveFailed, match="Disk quota exceeded") as err:
-        CK.save_final(out, models.unet, models.text_encoder, cfg)
+        CK.save_final(out, models.denoiser, models.text_encoders, cfg)
     assert str(out / W.LORA_WEIGHTS) in str(err.value) and f"{out / 'checkpoint-3'} is intact" in str(err.value)
     assert not (out / ".tmp-final").exists()
 
@@ -719,15 +717,15 @@ def test_the_real_writers_failing_give_the_same_clear_error(tiny_model_dir, inst
     out = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, instance_dir, out, checkpoints_total_limit=None)
     models = M.load_models(cfg)
-    opt = torch.optim.AdamW(models.unet.parameters())
+    opt = torch.optim.AdamW(models.denoiser.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    CK.save_checkpoint(out, 1, models.unet, models.text_encoder, opt, sched, [], cfg)
+    CK.save_checkpoint(out, 1, models.denoiser, models.text_encoders, opt, sched, [], cfg)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
     resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))  # the tiny UNet's weights are ~230 kB
     try:
         with pytest.raises(E.SaveFailed) as err:
-            CK.save_checkpoint(out, 2, models.unet, models.text_encoder, opt, sched, [], cfg)
+            CK.save_checkpoint(out, 2, models.denoiser, models.text_encoders, opt, sched, [], cfg)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
@@ -772,15 +770,15 @@ def test_weights_are_readable_by_others_as_the_umask_says(tiny_model_dir, instan
         cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / mode, use_lora=mode == "lora", optimizer="adamw")
         models = M.load_models(cfg)
         if cfg.use_lora:
-            M.add_lora(models.unet, models.text_encoder, cfg)
-        opt = torch.optim.AdamW([p for p in models.unet.parameters() if p.requires_grad])
+            M.add_lora(models.denoiser, models.text_encoders, cfg)
+        opt = torch.optim.AdamW([p for p in models.denoiser.parameters() if p.requires_grad])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         for umask in (0o022, 0o027):
             old = os.umask(umask)
             try:
                 out = tmp_path / mode / oct(umask)
-                CK.save_checkpoint(out, 1, models.unet, models.text_encoder, opt, sched, [], cfg)
-                CK.save_final(out, models.unet, models.text_encoder, cfg)
+                CK.save_checkpoint(out, 1, models.denoiser, models.text_encoders, opt, sched, [], cfg)
+                CK.save_final(out, models.denoiser, models.text_encoders, cfg)
             finally:
                 os.umask(old)
             files = [p for p in out.rglob("*") if p.is_file()]

@@ -1,23 +1,43 @@
-"""Model families: what differs between Stable Diffusion 1.x/2.x and its successors, one module each.
+"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL and FLUX.1, one module each.
 
-A family module answers the same few questions; train.py and sample.py ask only these, so the loss,
-caching, checkpoints, resume and `train_step` stay one code path for every family:
+A family module answers the same questions; train.py, step.py and sample.py ask only these, so the
+loss, caching, checkpoints, resume and `train_step` stay one code path for every family. The family is
+resolved once per run (`of(cfg)`) and travels with the components (`Models.family`).
 
-    NAME, PIPELINE_CLASS_NAMES   its name, and the model_index.json `_class_name`s it reads
-    PIPELINE                     the diffusers pipeline class: sampling, class images, full fine-tune folder
-    PIPELINE_EXTRAS              constructor arguments that pipeline needs beyond the components
-    LORA_LOADER                  the loader mixin that saves / loads pytorch_lora_weights.safetensors
-    TEXT_ENCODERS, TOKENIZERS    component names of the text encoders and their tokenizers, in order
-    TEXT_LORA_TARGETS            the text encoders' Linear layers given LoRA adapters
-    VAE_FORCE_UPCAST             whether its VAE config's force_upcast holds (fp32 VAE under fp16)
-    FIXED_VAE_HINT               a VAE that runs in fp16, to suggest (or None)
-    check_config(cfg, vae_config, warn)   its checks of a TrainConfig before any weights load
-    load_models(model, revision, vae_model, dtypes) -> Models   (dtypes: {part: dtype} read straight in it)
-    encode_prompts(tokenizers, text_encoders, prompts) -> per-prompt text conditioning (batch first)
-    unet_conditioning(text, sizes) -> what the UNet takes besides (x_t, t), from stacked text conditioning
+    NAME, LABEL, PIPELINE_CLASS_NAMES   its name, how messages name it, the model_index.json classes it reads
+    PIPELINE, PIPELINE_EXTRAS           the diffusers pipeline class (sampling, class images, full fine-tune
+                                        folder) and the constructor arguments it needs beyond the components
+    LORA_LOADER, LORA_KEY_FORMAT        the loader mixin that saves / loads pytorch_lora_weights.safetensors,
+                                        and its keys' format ("diffusers": lora.down / up; "peft": lora_A / B)
+    LORA_PRESETS                        {"default": [...], "attention": [...]}: TrainConfig.lora_modules presets
+    DENOISER, DENOISER_CLASS            the denoiser's component name ("unet", "transformer") and class
+    TEXT_ENCODERS, TOKENIZERS           component names of the text encoders and their tokenizers, in order
+    TRAINED_TEXT_ENCODERS               the encoders train_text_encoder trains (FLUX: CLIP, never T5)
+    TEXT_LORA_TARGETS                   the text encoders' Linear layers given LoRA adapters
+    VAE_FORCE_UPCAST, FIXED_VAE_HINT    whether its VAE must run in fp32 under fp16, and a VAE fixed for fp16
+    HALF_DTYPE                          the half precision it samples in on CUDA ("fp16", FLUX "bf16")
+    DEFAULT_GUIDANCE, CLASS_SAMPLERS    guidance of class images / validation grids; the samplers it offers
+    check_config(cfg, vae_config, warn)         its checks of a TrainConfig before any weights load
+    resolution_multiple(vae_config)             (the side's multiple, why), checked by check() before model work
+    native_resolution(model, revision)          the side it was trained at (resolution=None)
+    load_models(model, revision, vae_model, dtypes) -> Models   (dtypes: {"denoiser" | "text_encoders": dtype})
+  pictures <-> latents, text, the denoiser:
+    encode_latents(vae, pixels, generator)      z from pictures (scaling and shift factors); pipelines decode
+    encode_prompts(tokenizers, text_encoders, prompts, cfg) -> per-prompt text conditioning (batch first)
+    denoiser_conditioning(text, sizes, cfg, denoiser_config) -> what the denoiser takes besides (x_t, t)
+    predict(denoiser, x_t, t, cond)             the denoiser's output in the latents' layout (packing inside)
+  the objective:
+    draw_timesteps(scheduler, latents, cfg, generator)  t per row (DDPM: integers; flow matching: sigmas)
+    noisy_and_target(scheduler, latents, noise, t)      (x_t, the regression target)
+    loss_weighting(scheduler, t, cfg)                   per-row loss weights, or None
+  memory and sampling:
+    activation_bytes(denoiser_config, images, resolution, dtype_bytes, checkpointing, vae_factor, text_tokens)
+    class_sampler_config(model, revision, sampler)      the class-image sampler's config (manifest, pipeline)
+    validation_scheduler(noise_scheduler)               the sampler of in-training validation grids
+    lora_fit_problem(shapes, model, revision)           why a LoRA file ({key: shape}) cannot be this model's
 
 The family of a model is read from its model_index.json (`_class_name`), or named by the user
-(TrainConfig.model_family). See the README's "Adding a family" for what SD3 / FLUX would have to answer.
+(TrainConfig.model_family). See docs/families.md, "Adding a family".
 """
 
 from __future__ import annotations
@@ -25,12 +45,13 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
-from . import sd, sdxl
-from .base import (CLIP_ATTENTION, Models, as_tuple, dtype_kw, load_denoiser_parts, load_vae,  # noqa: F401  (the seam's API)
-                   model_index, native_resolution, vae_config, vae_scale_factor)
+from . import flux, sd, sdxl
+from .base import (CLIP_ATTENTION, Models, as_tuple, dtype_kw, encode_latents, load_vae,  # noqa: F401  (the seam's API)
+                   model_index, vae_config, vae_scale_factor)
+from .unet import native_resolution  # noqa: F401  (a UNet model's native side, read from configs only)
 from ..errors import InputError
 
-FAMILIES = {sd.NAME: sd, sdxl.NAME: sdxl}
+FAMILIES = {sd.NAME: sd, sdxl.NAME: sdxl, flux.NAME: flux}
 
 
 def detect(model: str, revision: str | None = None) -> str:
@@ -56,27 +77,53 @@ def resolve(model_family: str, model: str, revision: str | None = None):
     return get(detect(model, revision) if model_family == "auto" else model_family)
 
 
-def by_text_encoder_count(n: int):
-    """The UNet family whose text stack has n encoders (SD: 1, SDXL: 2): how step.encode_prompts, which
-    receives only the tokenizers and encoders, picks the recipe."""
-    return next(f for f in FAMILIES.values() if len(f.TEXT_ENCODERS) == n)
-
-
 def of(cfg):
     """The family module of a TrainConfig's base model."""
     return resolve(cfg.model_family, cfg.pretrained_model, cfg.revision)
+
+
+def of_pipeline(pipe):
+    """The family module of a loaded diffusers pipeline (by its class)."""
+    return next(f for f in FAMILIES.values() if isinstance(pipe, f.PIPELINE))
+
+
+def lora_targets(family, names: list[str]) -> list[str]:
+    """TrainConfig.lora_modules resolved: one preset name of the family, or layer names as given."""
+    if len(names) == 1 and names[0] in family.LORA_PRESETS:
+        return list(family.LORA_PRESETS[names[0]])
+    return list(names)
+
+
+def with_family_defaults(cfg):
+    """cfg with what "the family's" settings leave open filled in: resolution (with_native_resolution),
+    class and validation guidance, class-image sampler."""
+    cfg = with_native_resolution(cfg)
+    family = of(cfg)
+    return dataclasses.replace(
+        cfg, class_sampler=family.CLASS_SAMPLERS[0] if cfg.class_sampler == "auto" else cfg.class_sampler,
+        class_guidance_scale=family.DEFAULT_GUIDANCE if cfg.class_guidance_scale is None else cfg.class_guidance_scale,
+        validation_guidance_scale=(family.DEFAULT_GUIDANCE if cfg.validation_guidance_scale is None
+                                   else cfg.validation_guidance_scale))
 
 
 def with_native_resolution(cfg):
     """cfg with its resolution set: the user's, or (None) the model's native size."""
     if cfg.resolution is not None:
         return cfg
-    of(cfg)  # an unknown model is reported as such, not as a missing UNet config
-    return dataclasses.replace(cfg, resolution=native_resolution(cfg.pretrained_model, cfg.revision))
+    family = of(cfg)  # an unknown model is reported as such, not as a missing UNet config
+    return dataclasses.replace(cfg, resolution=family.native_resolution(cfg.pretrained_model, cfg.revision))
 
 
 def check(cfg, warn=warnings.warn):
-    """of(cfg), after the family's own checks of cfg; reads config files only, no weights."""
+    """of(cfg), after the resolution grid and the family's own checks of cfg; reads config files only, no weights."""
     family = of(cfg)
-    family.check_config(cfg, vae_config(cfg.pretrained_model, cfg.revision, cfg.vae_model), warn)
+    vae = vae_config(cfg.pretrained_model, cfg.revision, cfg.vae_model)
+    step, why = family.resolution_multiple(vae)
+    if cfg.resolution % step:
+        raise InputError(f"resolution = {cfg.resolution}: {family.LABEL} needs a multiple of {step} ({why}), "
+                         f"e.g. {max(step, cfg.resolution // step * step)}")
+    if cfg.class_sampler not in ("auto", *family.CLASS_SAMPLERS):
+        raise InputError(f"class_sampler = {cfg.class_sampler!r}: {family.LABEL} samples with one of "
+                         f"{family.CLASS_SAMPLERS} (or 'auto')")
+    family.check_config(cfg, vae, warn)
     return family

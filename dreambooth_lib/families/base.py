@@ -1,14 +1,15 @@
-"""What every family module builds on: the components a run trains (Models) and how a diffusers
-pipeline folder's parts are found and loaded, without loading a family module."""
+"""What every family module builds on: the components a run trains (Models), how a diffusers pipeline
+folder's parts are found and loaded, and VAE latents, without loading a family module."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline
 
 from ..errors import InputError
 
@@ -18,35 +19,17 @@ CLIP_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP self-attenti
 @dataclass
 class Models:
     """The components training touches, in fp32 as loaded; only what is trained keeps requires_grad."""
-    text_encoder: torch.nn.Module  # CLIP text encoder (SDXL: the first, CLIP ViT-L)
+    family: ModuleType  # the family module these belong to (families/<name>.py): resolved once, asked everywhere
+    denoiser: torch.nn.Module  # the family's DENOISER: UNet2DConditionModel (SD, SDXL) or a transformer (FLUX)
     vae: AutoencoderKL
-    unet: UNet2DConditionModel
-    noise_scheduler: DDPMScheduler  # the training (forward-process) scheduler, paper's alpha_t / sigma_t
-    text_encoder_2: torch.nn.Module | None = None  # SDXL's second encoder (OpenCLIP bigG, with projection)
-    tokenizer_2: object | None = None  # the tokenizer of text_encoder_2
-    family: str = "sd"  # the families.FAMILIES key these components belong to
-
-    @property
-    def text_encoders(self) -> tuple[torch.nn.Module, ...]:
-        return tuple(m for m in (self.text_encoder, self.text_encoder_2) if m is not None)
+    noise_scheduler: object  # the training (forward-process) scheduler: DDPM (alpha_t, sigma_t) or flow matching
+    text_encoders: tuple[torch.nn.Module, ...]  # in family.TEXT_ENCODERS order
+    tokenizers: tuple  # in family.TOKENIZERS order
 
 
 def as_tuple(text_encoder) -> tuple:
     """One text encoder (SD) or a tuple of them (SDXL: text_encoder, text_encoder_2) -> a tuple."""
     return tuple(text_encoder) if isinstance(text_encoder, (tuple, list)) else (text_encoder,)
-
-
-def load_denoiser_parts(model: str, revision: str | None, vae_model: str | None = None, dtypes: dict | None = None,
-                        ) -> tuple[AutoencoderKL, UNet2DConditionModel, DDPMScheduler]:
-    """VAE (the model's, or vae_model's), UNet and the training scheduler: the same folders in every UNet family.
-    dtypes: {"unet": dtype, ...} for parts read straight in that dtype (no fp32 copy first); others fp32."""
-    kw = dict(revision=revision)
-    vae = load_vae(vae_model) if vae_model else AutoencoderKL.from_pretrained(model, subfolder="vae", **kw)
-    # diffusers' default attention processor is torch SDPA (memory-efficient attention, no xformers).
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", **kw, **dtype_kw(dtypes, "unet"))
-    # Training noise comes from DDPM with the model's own schedule and prediction_type (eps or v).
-    noise_scheduler = DDPMScheduler.from_pretrained(model, subfolder="scheduler", **kw)
-    return vae, unet, noise_scheduler
 
 
 def dtype_kw(dtypes: dict | None, part: str) -> dict:
@@ -73,10 +56,15 @@ def vae_scale_factor(config: dict) -> int:
     return 2 ** (len(config["block_out_channels"]) - 1)
 
 
-def native_resolution(model: str, revision: str | None = None) -> int:
-    """The side the model was trained at: UNet sample_size x VAE scale factor (512 for SD 1.5, 1024 for SDXL)."""
-    unet = UNet2DConditionModel.load_config(model, subfolder="unet", revision=revision)
-    return unet["sample_size"] * vae_scale_factor(vae_config(model, revision))
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """z = (E(x) - shift_factor) * scaling_factor, one draw from the VAE posterior (SD's VAE has no shift;
+    FLUX's centres its 16 channels). Pipelines decode D(z / scaling_factor + shift_factor)."""
+    sample = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator)
+    shift = vae.config.get("shift_factor")
+    if shift is not None:
+        sample = sample - shift
+    return (sample * vae.config.scaling_factor).float()
 
 
 def model_index(model: str, revision: str | None = None) -> dict:

@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dreambooth_lib.toyworld", description=__doc__)
+def build_parser():
+    from dreambooth_lib.__main__ import Parser  # snake_case flags like every sub-command; dashed ones accepted
+
+    parser = Parser(prog="python -m dreambooth_lib.toyworld", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="pretrain the toy base model (VAE, then UNet + text encoder)")
     p.add_argument("--out", default=None, help="pipeline folder to write (default data/toy_model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=7000, help="UNet optimizer steps")
-    p.add_argument("--vae-steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-images", type=int, default=40000, help="size of the rendered pretraining set")
+    p.add_argument("--vae_steps", type=int, default=1500)
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--num_images", type=int, default=40000, help="size of the rendered pretraining set")
     p.add_argument("--minutes", type=float, default=None, help="stop early after this wall time")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the UNet + text encoder")
+    p.add_argument("--learning_rate", "--lr", type=float, default=3e-4, help="peak learning rate of the UNet + text encoder")
     p.add_argument("--init", default=None, help="continue from this pipeline folder (keeps its tokenizer and VAE)")
-    p.add_argument("--images-dir", default="images", help="where the loss curve goes")
+    p.add_argument("--images_dir", default="images", help="where the loss curve goes")
 
     p = sub.add_parser("oracle-train", help="train the oracle classifier on rendered pictures (CPU, ~5 min)")
     p.add_argument("--out", default=None, help="folder for oracle.safetensors + oracle.json (default data/oracle)")
     p.add_argument("--vae", default=None, help="pipeline (or vae) folder whose VAE round trip augments training "
                    "(default data/toy_model when it exists)")
-    p.add_argument("--no-vae", action="store_true", help="train without the VAE round trip")
+    p.add_argument("--no_vae", action="store_true", help="train without the VAE round trip")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--minutes", type=float, default=4.5, help="cap on rendering + VAE round trips + training")
     p.add_argument("--seed", type=int, default=0)
@@ -39,17 +40,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="pipeline folder (default data/toy_model)")
     p.add_argument("--oracle", default=None, help="oracle folder (default data/oracle)")
     p.add_argument("--n", type=int, default=8, help="images per prompt")
-    p.add_argument("--guidance-scale", type=float, default=7.0)
-    p.add_argument("--steps", type=int, default=25, help="sampler steps")
+    p.add_argument("--guidance_scale", type=float, default=7.0)
+    p.add_argument("--num_inference_steps", "--steps", type=int, default=25, help="sampler steps")
     for name, what in (("demo", "DreamBooth on a toy subject end to end: train, grids, oracle metrics"),
                        ("ablate", "prior on/off, correct/no/wrong class noun, LoRA: table + figure")):
         p = sub.add_parser(name, help=what)
         p.add_argument("--subject", default="marked_star", help="a folder name under data/subjects")
-        p.add_argument("--output-dir", default=f"runs/toy_{name}", help="where runs and metrics go")
-        p.add_argument("--steps", type=int, default=None, help="override max_train_steps")
+        p.add_argument("--output_dir", default=f"runs/toy_{name}", help="where runs and metrics go")
+        p.add_argument("--max_train_steps", "--steps", type=int, default=None, help="override max_train_steps")
         p.add_argument("--seed", type=int, default=None, help="override the training seed (data order, noise, class images)")
-        p.add_argument("--images-dir", default=None, help="where figures and tables go (default <output-dir>/figures; "
+        p.add_argument("--images_dir", default=None, help="where figures and tables go (default <output_dir>/figures; "
                        "'images' refreshes the README's committed ones, as make figures / make ablations do)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.command == "pretrain":
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = pretrain(out=args.out or TOY_MODEL_DIR, seed=args.seed, steps=args.steps, vae_steps=args.vae_steps,
                           batch_size=args.batch_size, num_images=args.num_images, minutes=args.minutes,
-                          lr=args.lr, init=args.init, images_dir=args.images_dir)
+                          lr=args.learning_rate, init=args.init, images_dir=args.images_dir)
         print(json.dumps({k: v for k, v in result.items() if k != "unet_loss"}, indent=1))
     elif args.command == "oracle-train":
         from pathlib import Path
@@ -84,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
 
         oracle = load_oracle(args.oracle or ORACLE_DIR)  # fails before the slow pipeline load
         print(json.dumps(base_eval(oracle, args.model or TOY_MODEL_DIR, n=args.n, guidance_scale=args.guidance_scale,
-                                   steps=args.steps), indent=1))
+                                   steps=args.num_inference_steps), indent=1))
     elif args.command in ("demo", "ablate"):
         from pathlib import Path
 
         from dreambooth_lib.toyworld import demo
 
-        overrides = {k: v for k, v in (("max_train_steps", args.steps), ("seed", args.seed)) if v is not None}
+        overrides = {k: v for k, v in (("max_train_steps", args.max_train_steps), ("seed", args.seed)) if v is not None}
         images_dir = Path(args.images_dir) if args.images_dir else None
         if args.command == "demo":
             demo.run_demo(args.subject, args.output_dir, images_dir, **overrides)

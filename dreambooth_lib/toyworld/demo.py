@@ -12,6 +12,7 @@ The same library calls run on Stable Diffusion; only the model, the subject phot
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from dreambooth_lib.config import TOY_MODEL_DIR, TrainConfig
+from dreambooth_lib.config import TOY_MODEL_DIR, TrainConfig, is_toy_model, resolve_auto
 from dreambooth_lib.sample import generate, load_pipeline
 from dreambooth_lib.toyworld import oracle as oracle_lib
 from dreambooth_lib.toyworld import render
@@ -35,7 +36,7 @@ PRES_SEEDS = list(range(32))  # class-prompt images for PRES: with 8, one image 
 def demo_config(subject: str = "marked_star", output_dir: str = "runs/toy_demo", **overrides) -> TrainConfig:
     """The toy world's default DreamBooth settings (full fine-tune, prior preservation on).
 
-    Differences from the SD defaults in TrainConfig, and why (swept on marked_star, README tables):
+    Differences from the SD defaults in TrainConfig, and why (swept on marked_star, docs/toy_world.md):
     32 px pictures; fewer class images and sampler steps (a 3-minute CPU budget); a UNet learning
     rate of 1e-4 instead of SD's 5e-6 (a 6M-parameter model trained from scratch); the text encoder
     trained at 3e-5, since the identifier's embedding must move (UNet-only runs reached subject
@@ -58,24 +59,25 @@ def demo_config(subject: str = "marked_star", output_dir: str = "runs/toy_demo",
 
 # LoRA on the toy model needs a larger rank, rate and step count than SD's (rank 4 at lr 1e-4 learnt
 # almost nothing here; 800 steps gave subject fidelity 0.17, or 0.42-0.88 over 3 seeds with the text
-# encoder at 3e-4; 1,600 steps 0.90-0.96 over 3 seeds): swept in the README and
-# images/toy_recipe_sweep*.json. With prior preservation, like the demo.
-TOY_LORA = dict(use_lora=True, lora_rank=32, learning_rate=1e-3, text_encoder_lr=1e-4, train_batch_size=1,
-                max_train_steps=1600)
+# encoder at 3e-4; 1,600 steps 0.90-0.96 over 3 seeds): swept in docs/toy_world.md and
+# images/toy_recipe_sweep*.json. With prior preservation, like the demo. Rank and rates are TrainConfig's
+# "auto" ones for the toy model (config.AUTO_RECIPES); the batch and steps are these.
+TOY_LORA = dict(use_lora=True, train_batch_size=1, max_train_steps=1600)
 RECIPE_FIELDS = ("use_lora", "lora_rank", "learning_rate", "text_encoder_lr", "train_batch_size", "max_train_steps")
 
 
 def recipe(method: str, model: str) -> dict:
     """Rank, rates, batch and steps for `method` ("lora" or "full") on `model`: the swept toy-world
     settings on the embedded toy model (TOY_LORA / demo_config), the usual Stable Diffusion ones on
-    any other model (TrainConfig's defaults: full fine-tune at 5e-6 for 800 steps; LoRA rank 4 at
-    1e-4 for 400 steps, as diffusers' DreamBooth-LoRA example)."""
+    any other model (full fine-tune for 800 steps; LoRA for 400 steps, as diffusers' DreamBooth-LoRA
+    example). Rank and rates are TrainConfig's "auto" ones (config.resolve_auto), as train() picks them."""
     if method not in ("lora", "full"):
         raise ValueError(f"method {method!r}: use 'lora' or 'full'")
-    if Path(model).resolve() == Path(TOY_MODEL_DIR).resolve():
+    if is_toy_model(model):
         settings = TrainConfig(**TOY_LORA) if method == "lora" else demo_config()
     else:
-        settings = TrainConfig(use_lora=True, learning_rate=1e-4, max_train_steps=400) if method == "lora" else TrainConfig()
+        settings = TrainConfig(use_lora=True, max_train_steps=400) if method == "lora" else TrainConfig()
+    settings = resolve_auto(dataclasses.replace(settings, pretrained_model=model))[0]
     return {k: getattr(settings, k) for k in RECIPE_FIELDS}
 
 
@@ -226,7 +228,7 @@ ABLATIONS = {
     "no_class_noun": ({"with_prior_preservation": False, "instance_prompt_template": "a photo of {identifier}"},
                       "instance prompt without a class noun (paper Table 4)"),
     "wrong_class_noun": ({"with_prior_preservation": False, "class_noun": "ball"}, "a wrong class noun (paper Table 4)"),
-    "lora": (TOY_LORA,
+    "lora": (recipe("lora", TOY_MODEL_DIR),
              "LoRA (rank 32, UNet attention + text encoder q/k/v/out, 1,600 steps of 1 + 1) with prior"),
 }
 

@@ -1,0 +1,191 @@
+"""FLUX.1 [dev] / [schnell] (Black Forest Labs, 2024): a flow-matching transformer with two text encoders.
+
+The FluxTransformer2DModel denoises 2x2 patches of 16-channel latents ("packed": [B, H/2 * W/2, 64]),
+each with a position id (0, row, col); CLIP-L gives one pooled vector, T5-XXL the token sequence
+(ids all zero). Training follows diffusers' train_dreambooth(_lora)_flux.py: x_s = (1 - s) x + s eps,
+target eps - x, s drawn through compute_density_for_timestep_sampling from the scheduler's sigmas
+(unshifted: [dev]'s scheduler shifts only at sampling, per image size); the transformer takes s as its
+timestep. [dev] was distilled with a guidance input, fed training_guidance (default 1.0, see config.py);
+[schnell] has none. The VAE's latents are centred and scaled: (E(x) - 0.1159) * 0.3611.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.loaders import FluxLoraLoaderMixin
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+from .. import loss
+from ..errors import InputError
+from .base import (CLIP_ATTENTION, Models, dtype_kw, encode_latents, load_vae, model_index,  # noqa: F401  (encode_latents: the shift factor is in the VAE config)
+                   vae_config, vae_scale_factor)
+
+NAME = "flux"
+LABEL = "FLUX.1"
+PIPELINE_CLASS_NAMES = ("FluxPipeline",)
+PIPELINE = FluxPipeline
+PIPELINE_EXTRAS = {}
+LORA_LOADER = FluxLoraLoaderMixin
+LORA_KEY_FORMAT = "peft"  # lora_A / lora_B keys, as diffusers' FLUX scripts write them
+DENOISER = "transformer"
+DENOISER_CLASS = FluxTransformer2DModel
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP-L (pooled), T5-XXL (sequence)
+TOKENIZERS = ("tokenizer", "tokenizer_2")
+TRAINED_TEXT_ENCODERS = ("text_encoder",)  # CLIP only: T5 (4.7 B parameters) stays frozen, as in diffusers' scripts
+TEXT_LORA_TARGETS = CLIP_ATTENTION
+VAE_FORCE_UPCAST = False  # runs in bf16, never fp16
+FIXED_VAE_HINT = None
+HALF_DTYPE = "bf16"  # FLUX.1 was trained in bf16; fp16 overflows its activations (diffusers #8599)
+DEFAULT_GUIDANCE = 3.5  # FluxPipeline's: [dev]'s distilled guidance; [schnell]'s pipeline ignores it
+CLASS_SAMPLERS = ("model",)  # its own flow-matching Euler sampler, with the size-dependent shift
+_ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",  # image stream (and single blocks' q/k/v)
+              "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]  # text stream
+# "default": train_dreambooth_lora_flux.py's targets (both streams' attention and feed-forwards);
+# "attention": the joint attention projections only (fewer parameters, the QLoRA recipe's kind).
+LORA_PRESETS = {"default": _ATTENTION + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
+                "attention": _ATTENTION}
+
+
+def transformer_config(model: str, revision: str | None = None) -> dict:
+    return FluxTransformer2DModel.load_config(model, subfolder="transformer", revision=revision)
+
+
+def check_config(cfg, vae_config: dict, warn) -> None:
+    """No fp16 anywhere it computes; no DDPM-only setting; T5 length within the pipeline's; guidance only
+    for a model with a guidance embedding."""
+    for name in ("mixed_precision", "prior_generation_precision", "vae_precision"):
+        if getattr(cfg, name) == "fp16":
+            raise InputError(f"{name} = 'fp16': FLUX.1 was trained in bf16 and its activations overflow fp16's range "
+                             "(NaN loss, black images; diffusers #8599). Use 'bf16' (or 'no' / 'auto')")
+    if cfg.snr_gamma is not None:
+        raise InputError(f"snr_gamma = {cfg.snr_gamma}: Min-SNR weights DDPM timesteps; FLUX trains on flow-matching "
+                         "sigmas. Leave it None and pick weighting_scheme instead")
+    if cfg.max_sequence_length > 512:
+        raise InputError(f"max_sequence_length = {cfg.max_sequence_length}: FluxPipeline encodes at most 512 T5 tokens")
+    if cfg.training_guidance is not None and not transformer_config(cfg.pretrained_model, cfg.revision)["guidance_embeds"]:
+        warn(f"training_guidance = {cfg.training_guidance}: {cfg.pretrained_model} has no guidance embedding "
+             "(FLUX.1 [schnell] is step-distilled without one); it is ignored")
+
+
+def resolution_multiple(vae_config: dict) -> tuple[int, str]:
+    """Whole 2x2 patches of latent cells: 16 px for FLUX.1's 8x VAE."""
+    factor = vae_scale_factor(vae_config)
+    return 2 * factor, f"VAE factor {factor} x 2x2 latent patches"
+
+
+def native_resolution(model: str, revision: str | None = None) -> int:
+    """FluxPipeline's default size: 128 latent cells a side (1024 px with FLUX.1's VAE)."""
+    return FluxPipeline.default_sample_size * vae_scale_factor(vae_config(model, revision))
+
+
+def load_models(model: str, revision: str | None = None, vae_model: str | None = None, dtypes: dict | None = None) -> Models:
+    kw = dict(revision=revision)
+    text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **kw, **dtype_kw(dtypes, "text_encoders"))
+    # T5 is never trained: read it in the half precision whenever training uses one.
+    t5_dtype = dtype_kw(dtypes, "text_encoders") or dtype_kw(dtypes, "denoiser")
+    text_encoder_2 = T5EncoderModel.from_pretrained(model, subfolder="text_encoder_2", **kw, **t5_dtype)
+    tokenizers = (CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kw),
+                  T5Tokenizer.from_pretrained(model, subfolder="tokenizer_2", **kw))
+    vae = load_vae(vae_model) if vae_model else AutoencoderKL.from_pretrained(model, subfolder="vae", **kw)
+    transformer = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer", **kw, **dtype_kw(dtypes, "denoiser"))
+    noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", **kw)
+    return Models(sys.modules[__name__], transformer, vae, noise_scheduler, (text_encoder, text_encoder_2), tokenizers)
+
+
+def encode_prompts(tokenizers, text_encoders, prompts: list[str], cfg) -> dict[str, torch.Tensor]:
+    """{"encoder_hidden_states": T5's last hidden states [B, max_sequence_length, D], "pooled_projections":
+    CLIP's pooled output [B, P]}; row i is prompts[i]. As FluxPipeline.encode_prompt (same prompt for both)."""
+    (clip_tokenizer, t5_tokenizer), (clip, t5) = tokenizers, text_encoders
+    ids = clip_tokenizer(prompts, padding="max_length", max_length=clip_tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    pooled = clip(ids.to(next(clip.parameters()).device), output_hidden_states=False).pooler_output  # DDP wrapper too
+    ids = t5_tokenizer(prompts, padding="max_length", max_length=cfg.max_sequence_length, truncation=True,
+                       return_tensors="pt").input_ids
+    sequence = t5(ids.to(next(t5.parameters()).device), output_hidden_states=False)[0]
+    return {"encoder_hidden_states": sequence, "pooled_projections": pooled}
+
+
+def denoiser_conditioning(text: dict[str, torch.Tensor], sizes, cfg, denoiser_config) -> dict:
+    """The transformer's text inputs, plus [dev]'s guidance input (training_guidance, default 1.0) per row."""
+    cond = dict(text)
+    if denoiser_config.guidance_embeds:
+        pooled = text["pooled_projections"]
+        value = 1.0 if cfg.training_guidance is None else cfg.training_guidance
+        cond["guidance"] = torch.full((pooled.shape[0],), value, device=pooled.device, dtype=torch.float32)
+    return cond
+
+
+def predict(denoiser, noisy: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    """Pack x_s into 2x2 patches with their (0, row, col) ids, run the transformer (timestep = sigma, as
+    FluxPipeline's t / 1000), unpack its velocity back to the latents' layout."""
+    b, c, h, w = noisy.shape
+    text = cond["encoder_hidden_states"]
+    out = denoiser(hidden_states=FluxPipeline._pack_latents(noisy, b, c, h, w), timestep=t.to(noisy.dtype),
+                   guidance=cond.get("guidance"), pooled_projections=cond["pooled_projections"],
+                   encoder_hidden_states=text,
+                   txt_ids=torch.zeros(text.shape[1], 3, device=text.device, dtype=text.dtype),
+                   img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype),
+                   return_dict=False)[0]
+    return FluxPipeline._unpack_latents(out, h, w, vae_scale_factor=1)  # h, w are latent cells already
+
+
+def draw_timesteps(noise_scheduler, latents: torch.Tensor, cfg, generator: torch.Generator) -> torch.Tensor:
+    """sigma per row: u from cfg.weighting_scheme's density, the scheduler's sigma at index u * T (as
+    diffusers' script; clamped below T for u = 1, which the "mode" density can reach)."""
+    u = compute_density_for_timestep_sampling(cfg.weighting_scheme, latents.shape[0], cfg.logit_mean, cfg.logit_std,
+                                              cfg.mode_scale, device=latents.device, generator=generator)
+    steps = noise_scheduler.config.num_train_timesteps
+    index = (u * steps).long().clamp(max=steps - 1)
+    return noise_scheduler.sigmas.to(latents.device)[index]
+
+
+def noisy_and_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor):
+    return loss.flow_matching_pair(latents, noise, sigmas)
+
+
+def loss_weighting(noise_scheduler, sigmas: torch.Tensor, cfg) -> torch.Tensor:
+    """compute_loss_weighting_for_sd3 per row: sigma^-2 ("sigma_sqrt"), cosmap, else ones."""
+    return compute_loss_weighting_for_sd3(cfg.weighting_scheme, sigmas)
+
+
+# Saved activations per token, per hidden unit, per block, in units of the activation dtype: a transformer
+# layer with flash/SDPA attention keeps ~34 bytes per token per hidden unit in 16-bit (Korthikanti et al. 2022,
+# "Reducing Activation Recomputation in Large Transformer Models"), i.e. 17 values; with checkpointing only
+# each block's input (1 value). Not calibrated on FLUX (no GPU measurement yet): an estimate.
+ACTIVATION_VALUES = {False: 17.0, True: 1.0}
+
+
+def activation_bytes(denoiser_config: dict, images: int, resolution: int, dtype_bytes: int, checkpointing: bool,
+                     vae_factor: int, text_tokens: int = 512) -> float:
+    """What the transformer's forward keeps for backward: (image + text tokens) x width x blocks, a double-
+    stream block counted twice (two streams of the same width)."""
+    tokens = (resolution // vae_factor // 2) ** 2 + text_tokens
+    width = denoiser_config["num_attention_heads"] * denoiser_config["attention_head_dim"]
+    blocks = 2 * denoiser_config["num_layers"] + denoiser_config["num_single_layers"]
+    return ACTIVATION_VALUES[checkpointing] * tokens * width * blocks * images * dtype_bytes
+
+
+def lora_fit_problem(shapes: dict[str, list[int]], model: str, revision: str | None) -> str | None:
+    """Beyond its parts (check_lora_fits): the width of its attention inputs."""
+    config = transformer_config(model, revision)
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    widths = {shape[1] for k, shape in shapes.items() if k.startswith("transformer.") and "attn.to_k.lora_A" in k}
+    if widths and widths != {width}:
+        return f"its transformer attention is {sorted(widths)} wide, this model's {width} (FLUX.1: 3072)"
+    return None
+
+
+def class_sampler_config(model: str, revision: str | None, sampler: str) -> dict:
+    """The model's own flow-matching Euler scheduler (what FluxPipeline loads)."""
+    config = dict(FlowMatchEulerDiscreteScheduler.load_config(model, subfolder="scheduler", revision=revision))
+    config["_class_name"] = model_index(model, revision)["scheduler"][1]
+    return config
+
+
+def validation_scheduler(noise_scheduler):
+    """Its own sampler, a new object (sampling sets timesteps on it)."""
+    return FlowMatchEulerDiscreteScheduler.from_config(noise_scheduler.config)
