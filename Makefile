@@ -16,6 +16,10 @@ TORCH_PIP_ARGS ?=
 # unit`): installed in the venv, diffusers and transformers would import it, with warnings, in every demo run.
 TORCHAO_SITE := $(VENV)/extras/torchao
 export OMP_NUM_THREADS ?= 2
+# The tests and the notebooks' smoke runs: one thread. Their tiny models' ops are too small to split, and on a
+# busy 2-core machine a second OpenMP thread mostly waits for a core (measured side by side: notebook 05's smoke
+# run 164 s at 2 threads, 17 s at 1; the resume and compiled-step tests of test_train.py 70 s vs 24 s).
+TEST_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
@@ -44,12 +48,12 @@ figures: install
 test: unit notebooks
 
 unit: install
-	PYTHONPATH=$(TORCHAO_SITE) $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=$(TEST_THREADS) PYTHONPATH=$(TORCHAO_SITE) $(PY) -m pytest -q tests
 
 notebooks: install
-	$(PY) .ci/run_notebooks.py --smoke
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) .ci/run_notebooks.py --smoke
 	# the parameters a user changes by hand (non-zero rank / lr replace the model's recipe)
-	$(PY) .ci/run_notebooks.py --smoke -p LORA_RANK=8 -p LEARNING_RATE=0.002 02_train
+	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) .ci/run_notebooks.py --smoke -p LORA_RANK=8 -p LEARNING_RATE=0.002 02_train
 
 ablations: install
 	$(PY) -m dreambooth_lib.toyworld ablate --images_dir images

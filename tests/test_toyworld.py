@@ -152,12 +152,13 @@ def test_committed_model_follows_a_class_prompt(oracle):
 
 
 def test_short_dreambooth_run_moves_subject_fidelity_up(oracle, tmp_path):
-    """A few hundred CPU steps of the demo's recipe teach the base model the subject it cannot draw."""
+    """100 CPU steps of the demo's recipe teach the base model the subject it cannot draw (measured: fidelity
+    0.0 -> 0.96 after 100 steps, 1.0 after 200; the assertion asks for +0.375)."""
     from dreambooth_lib.sample import generate, load_pipeline
     from dreambooth_lib.toyworld.demo import demo_config
     from dreambooth_lib.train import train
 
-    cfg = demo_config("marked_star", str(tmp_path / "run"), with_prior_preservation=False, max_train_steps=200)
+    cfg = demo_config("marked_star", str(tmp_path / "run"), with_prior_preservation=False, max_train_steps=100)
     summary = train(cfg, progress=False)
     # every recontextualization prompt, 4 seeds each: one context alone can fool the oracle (the base
     # model draws look-alike yellow stars on the beach for 3 of seeds 0-7)
@@ -219,7 +220,7 @@ def test_pretraining_is_reproducible_from_its_seed(tmp_path):
     def weights(name, seed):
         out = tmp_path / name / "model"
         pretrain(out=out, seed=seed, num_images=16, vae_steps=2, steps=2, batch_size=4, images_dir=tmp_path / name,
-                 log=lambda *_: None)
+                 vae_images=16, log=lambda *_: None)
         return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
                 if p.suffix == ".safetensors" or p.parent.name == "tokenizer"}
 

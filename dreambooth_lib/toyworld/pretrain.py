@@ -72,14 +72,16 @@ def to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_vae(steps: int, batch_size: int, seed: int, log=print) -> tuple[AutoencoderKL, list[float]]:
+def train_vae(steps: int, batch_size: int, seed: int, log=print,
+              num_images: int = 20000) -> tuple[AutoencoderKL, list[float]]:
     """Stage 1: the autoencoder, on freshly rendered pictures (any class/context/style, subjects too:
-    the VAE is a generic image codec; subject markings must survive its round trip)."""
+    the VAE is a generic image codec; subject markings must survive its round trip). num_images: the
+    rendered pool (fewer only in the tests, where rendering 20,000 would take most of the time)."""
     torch.manual_seed(seed)
     vae = build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    pixels, _ = render.render_dataset(20000, seed=seed + 1)
+    pixels, _ = render.render_dataset(num_images, seed=seed + 1)
     subjects = [render.render(s, seed=seed + 10 * i + k) for k, name in enumerate(render.SUBJECTS)
                 for i, s in enumerate(render.subject_specs(name, seed=seed + 7) * 40)]
     pixels = np.concatenate([pixels, np.stack([np.asarray(im) for im in subjects])])
@@ -182,7 +184,7 @@ def plot_losses(history: dict, path: Path, earlier_cycles: list[dict] = ()) -> N
 def pretrain(out: str | Path = TOY_MODEL_DIR, seed: int = 0, num_images: int = 40000, vae_steps: int = 1500,
              steps: int = 7000, batch_size: int = 64, lr: float = 3e-4, minutes: float | None = None,
              save_every_minutes: float = 10.0, caption_dropout: float = 0.1, images_dir: str | Path = "images",
-             init: str | Path | None = None, log=print) -> dict:
+             init: str | Path | None = None, vae_images: int = 20000, log=print) -> dict:
     """Run all three stages; writes the pipeline to `out` (checkpointed every few minutes).
 
     `init`: a pipeline folder written by this function to continue from. Its tokenizer, VAE (and latent
@@ -208,7 +210,8 @@ def pretrain(out: str | Path = TOY_MODEL_DIR, seed: int = 0, num_images: int = 4
             earlier_cycles = previous.pop("earlier_cycles", []) + [previous]
     else:
         tokenizer = build_tokenizer(out.with_name(out.name + ".tokenizer"), seed=seed)
-        vae, vae_losses = train_vae(vae_steps, batch_size // 2, seed, log)  # half batch: the VAE step is the costlier one
+        # half batch: the VAE step is the costlier one
+        vae, vae_losses = train_vae(vae_steps, batch_size // 2, seed, log, num_images=vae_images)
         sharpen_posterior(vae)
         log(f"vae done in {time.time() - started:.0f}s, final loss {np.mean(vae_losses[-50:]):.4f}")
         unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
