@@ -27,6 +27,9 @@ def check_objective(cfg, warn) -> None:
     if cfg.weighting_scheme != "none":
         raise InputError(f"weighting_scheme = {cfg.weighting_scheme!r} draws flow-matching sigmas (FLUX); SD and SDXL "
                          "draw DDPM timesteps uniformly: leave it 'none' (snr_gamma weights their loss)")
+    if cfg.quantize_base != "no":
+        raise InputError(f"quantize_base = {cfg.quantize_base!r}: QLoRA is offered for the FLUX transformers (12 B); an "
+                         "SD / SDXL LoRA fits a 16 GB GPU without it: set quantize_base = 'no'")
     if cfg.training_guidance is not None:
         warn(f"training_guidance = {cfg.training_guidance}: this model has no guidance embedding (only FLUX.1 [dev] "
              "has one); it is ignored")
