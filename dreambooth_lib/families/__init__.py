@@ -17,6 +17,7 @@ resolved once per run (`of(cfg)`) and travels with the components (`Models.famil
     VAE_FORCE_UPCAST, FIXED_VAE_HINT    whether its VAE must run in fp32 under fp16, and a VAE fixed for fp16
     HALF_DTYPE                          the half precision it samples in on CUDA ("fp16", FLUX "bf16")
     DEFAULT_GUIDANCE, CLASS_SAMPLERS    guidance of class images / validation grids; the samplers it offers
+    GUIDANCE_KNOB                       (grid label prefix, what guidance_scale is): classifier-free or FLUX's distilled
     check_config(cfg, vae_config, warn)         its checks of a TrainConfig before any weights load
     resolution_multiple(vae_config)             (the side's multiple, why), checked by check() before model work
     native_resolution(model, revision)          the side it was trained at (resolution=None)

@@ -41,6 +41,8 @@ VAE_FORCE_UPCAST = False  # runs in bf16, never fp16
 FIXED_VAE_HINT = None
 HALF_DTYPE = "bf16"  # FLUX.1 was trained in bf16; fp16 overflows its activations (diffusers #8599)
 DEFAULT_GUIDANCE = 3.5  # FluxPipeline's: [dev]'s distilled guidance; [schnell]'s pipeline ignores it
+# guidance_scale is an input of [dev]'s transformer (distilled from classifier-free guidance), one pass per step
+GUIDANCE_KNOB = ("dg", "distilled guidance embedding (FLUX.1 [dev]; not classifier-free guidance; [schnell] ignores it)")
 CLASS_SAMPLERS = ("model",)  # its own flow-matching Euler sampler, with the size-dependent shift
 _ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",  # image stream (and single blocks' q/k/v)
               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]  # text stream

@@ -16,6 +16,7 @@ DENOISER = "unet"  # the pipeline component (and folder) that denoises
 DENOISER_CLASS = UNet2DConditionModel
 HALF_DTYPE = "fp16"  # half precision of sampling on CUDA (class images, load_pipeline)
 DEFAULT_GUIDANCE = 7.5  # classifier-free guidance of class images and validation grids
+GUIDANCE_KNOB = ("g", "classifier-free guidance scale")  # what guidance_scale is: grid label prefix, description
 CLASS_SAMPLERS = ("dpmsolver++", "model")  # DPM-Solver++ on the model's schedule (25 steps ~ 50 PNDM), or its own
 # LoRA target presets of TrainConfig.lora_modules: the UNet's attention projections, as diffusers' scripts.
 LORA_PRESETS = {"default": ["to_q", "to_k", "to_v", "to_out.0"], "attention": ["to_q", "to_k", "to_v", "to_out.0"]}
