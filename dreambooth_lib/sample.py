@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,12 +144,14 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
     if lora_dir is not None:
         if not (Path(lora_dir) / LORA_WEIGHTS).is_file():
             raise InputError(f"lora_dir {lora_dir} has no {LORA_WEIGHTS}: point it to a LoRA run's output_dir or checkpoint")
-        check_lora_fits(Path(lora_dir) / LORA_WEIGHTS, str(model), family, revision)
+        text_parts = check_lora_fits(Path(lora_dir) / LORA_WEIGHTS, str(model), family, revision)
     if vae_model:
         parts["vae"] = families.load_vae(vae_model).to(dtype=dtype)
     pipe = family.PIPELINE.from_pretrained(model, revision=revision, dtype=dtype, **family.PIPELINE_EXTRAS, **parts)
     if lora_dir is not None:
-        pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHTS, adapter_name=adapter_name)
+        # diffusers warns that a UNet-only LoRA has no text-encoder keys ("safe to ignore"): known here, not shown.
+        with dropped_log("diffusers.loaders.lora_base", "No LoRA keys associated to", when=not text_parts):
+            pipe.load_lora_weights(lora_dir, weight_name=LORA_WEIGHTS, adapter_name=adapter_name)
     for component in pipe.components.values():  # the LoRA layers just added start in train mode: with the
         if isinstance(component, torch.nn.Module):  # file's lora_dropout > 0 every image would drop random units
             component.eval()
@@ -172,10 +176,11 @@ def set_lora_scales(pipe, denoiser: float, text_encoder: float, adapter_name: st
     pipe.set_adapters(adapter_name, adapter_weights=weights)
 
 
-def check_lora_fits(lora_file: str | Path, model: str, family, revision: str | None = None) -> None:
+def check_lora_fits(lora_file: str | Path, model: str, family, revision: str | None = None) -> set[str]:
     """Refuse, before any weights load, a LoRA trained for another family (an SD 1.5 LoRA on SDXL or FLUX,
     or the reverse): components the family lacks (unet / transformer / text_encoder_2 keys) or, within
-    the UNet families, the width of its cross-attention inputs give it away."""
+    the UNet families, the width of its cross-attention inputs give it away. Returns the text encoders the
+    file has weights for."""
     try:
         with safe_open(str(lora_file), framework="pt") as f:
             shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
@@ -189,6 +194,21 @@ def check_lora_fits(lora_file: str | Path, model: str, family, revision: str | N
     if problem:
         raise InputError(f"LoRA {lora_file} was not trained on {model} ({family.NAME}): {problem}. Load it on the base "
                          "model it was trained from (its run's summary.json names pretrained_model)")
+    return {k.split(".")[0] for k in shapes} & set(family.TEXT_ENCODERS)
+
+
+@contextmanager
+def dropped_log(logger: str, text: str, when: bool = True):
+    """Inside the block (when `when`), records of `logger` containing `text` are dropped; nothing else is."""
+    def keep(record):
+        return text not in record.getMessage()
+    target = logging.getLogger(logger)
+    if when:
+        target.addFilter(keep)
+    try:
+        yield
+    finally:
+        target.removeFilter(keep)
 
 
 @torch.no_grad()
