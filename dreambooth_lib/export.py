@@ -1,5 +1,6 @@
 """LoRA export for other tools: the kohya key format that AUTOMATIC1111, ComfyUI, kohya's sd-scripts,
-SD.Next and InvokeAI load.
+SD.Next and InvokeAI load (FLUX.1: the sd-scripts names Forge and sd-scripts load; ComfyUI also reads
+our FLUX file as it is, `transformer.*` keys).
 
     python -m dreambooth_lib export-lora runs/dog --format kohya     # -> runs/dog/dog_kohya.safetensors
 
@@ -15,6 +16,13 @@ go through one path. Two things diffusers' converter does not know, and we add:
 - the text encoders' `text_model.` level: transformers >= 5 dropped it from CLIPTextModel's module
   names, while kohya names (lora_te1_text_model_encoder_layers_0_...) come from the classic layout
   (diffusers strips it again when it loads such a file).
+
+FLUX.1: diffusers 0.42 reads sd-scripts' FLUX LoRAs (`_convert_kohya_flux_lora_to_diffusers`) but has no
+writer, so `flux_to_kohya` writes the names that reader maps (BFL's module names: double_blocks_{i}_img_attn_qkv,
+single_blocks_{i}_linear1, ...). sd-scripts fuses q, k, v (and a single block's MLP input) into one layer; our
+separate adapters become one of rank parts x r with a block-diagonal up matrix, which that reader splits back
+exactly and which any kohya loader applies as the same update. The reader assumes FLUX.1's widths for single
+blocks (3072, MLP 12288), so a LoRA with single-block layers of another width is refused.
 """
 
 from __future__ import annotations
@@ -51,9 +59,6 @@ def read_lora(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict]:
         str(file.parent), weight_name=file.name, return_lora_metadata=True)
     if network_alphas is not None:  # diffusers converted it on reading: a kohya / A1111 file already
         raise InputError(f"{file} is already in the kohya / A1111 format: nothing to export")
-    if any(k.startswith("transformer.") for k in state):
-        raise InputError(f"{file} is a FLUX LoRA (transformer.* keys): export-lora converts SD / SDXL LoRAs only; "
-                         "FluxPipeline.load_lora_weights reads the file as it is (a kohya export for FLUX is not written yet)")
     if not any(".lora" in k for k in state):
         raise InputError(f"{file} holds no LoRA tensors (no '.lora' keys): is it a LoRA file written by train?")
     components = {}
@@ -99,16 +104,81 @@ def to_kohya(state: dict[str, torch.Tensor], configs: dict[str, dict] | None = N
     return kohya
 
 
+# FLUX.1 (diffusers' module names) -> sd-scripts' (BFL's), with the part of a fused layer: (name, index, parts).
+FLUX_DOUBLE = {"attn.to_q": ("img_attn_qkv", 0, 3), "attn.to_k": ("img_attn_qkv", 1, 3), "attn.to_v": ("img_attn_qkv", 2, 3),
+               "attn.to_out.0": ("img_attn_proj", 0, 1), "ff.net.0.proj": ("img_mlp_0", 0, 1),
+               "ff.net.2": ("img_mlp_2", 0, 1), "norm1.linear": ("img_mod_lin", 0, 1),
+               "attn.add_q_proj": ("txt_attn_qkv", 0, 3), "attn.add_k_proj": ("txt_attn_qkv", 1, 3),
+               "attn.add_v_proj": ("txt_attn_qkv", 2, 3), "attn.to_add_out": ("txt_attn_proj", 0, 1),
+               "ff_context.net.0.proj": ("txt_mlp_0", 0, 1), "ff_context.net.2": ("txt_mlp_2", 0, 1),
+               "norm1_context.linear": ("txt_mod_lin", 0, 1)}
+FLUX_SINGLE = {"attn.to_q": ("linear1", 0, 4), "attn.to_k": ("linear1", 1, 4), "attn.to_v": ("linear1", 2, 4),
+               "proj_mlp": ("linear1", 3, 4), "proj_out": ("linear2", 0, 1), "norm.linear": ("modulation_lin", 0, 1)}
+FLUX_WIDTH = 3072  # the single-block widths diffusers' reader assumes (MLP: 4x)
+
+
+def flux_to_kohya(state: dict[str, torch.Tensor], config: dict | None = None) -> dict[str, torch.Tensor]:
+    """The transformer part of a FLUX.1 LoRA file (transformer.<module>.lora_A / lora_B) -> sd-scripts' keys
+    lora_unet_{double,single}_blocks_{i}_<layer>.lora_down / lora_up / alpha. config: its LoraConfig fields
+    (the file's metadata); alpha keeps the scale lora_alpha / r (without one: 1)."""
+    config = config or {}
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise InputError("the transformer LoRA has per-layer ranks or alphas (rank_pattern / alpha_pattern), which "
+                         "this export does not map")
+    groups: dict[str, dict] = {}  # kohya layer -> {"parts": n, index: (A, B)}
+    for key in (k for k in state if k.endswith(".lora_A.weight")):
+        module = key[len("transformer."):-len(".lora_A.weight")]
+        blocks, _, rest = module.partition(".")
+        index, _, layer = rest.partition(".")
+        table = {"transformer_blocks": ("double_blocks", FLUX_DOUBLE), "single_transformer_blocks": ("single_blocks", FLUX_SINGLE)}
+        if blocks not in table or layer not in table[blocks][1]:
+            raise InputError(f"transformer.{module}: kohya's FLUX.1 format names the blocks' attention, MLP and "
+                             "modulation layers only; export a LoRA of those (lora_modules 'default' or 'attention')")
+        kind, names = table[blocks]
+        name, part, parts = names[layer]
+        group = groups.setdefault(f"lora_unet_{kind}_{index}_{name}", {"parts": parts})
+        group[part] = (state[key], state[key.replace(".lora_A.", ".lora_B.")])
+    out = {}
+    for name, group in groups.items():
+        parts = group.pop("parts")
+        down, up = zip(*group.values())
+        r, width = down[0].shape
+        if any(d.shape[0] != r for d in down):
+            raise InputError(f"{name}: its parts have different ranks; kohya's fused layer needs one")
+        if parts == 4 and width != FLUX_WIDTH:
+            raise InputError(f"{name}: a {width}-wide single block; diffusers' reader of kohya FLUX files assumes "
+                             f"FLUX.1's {FLUX_WIDTH}, so this export could not be read back. Use the file as it is "
+                             "(FluxPipeline and ComfyUI read its transformer.* keys)")
+        if parts == 1:
+            out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = down[0], up[0]
+        else:  # q, k, v (, mlp) side by side: down stacked, up block-diagonal, a missing part all zeros
+            dims = [width] * 3 + ([4 * width] if parts == 4 else [])
+            fused_up = up[0].new_zeros(sum(dims), parts * r)
+            fused_down = down[0].new_zeros(parts * r, width)
+            for part, (a, b) in group.items():
+                row = sum(dims[:part])
+                fused_down[part * r:(part + 1) * r] = a
+                fused_up[row:row + dims[part], part * r:(part + 1) * r] = b
+            out[f"{name}.lora_down.weight"], out[f"{name}.lora_up.weight"] = fused_down, fused_up
+        rank = out[f"{name}.lora_down.weight"].shape[0]
+        out[f"{name}.alpha"] = torch.tensor(float(config.get("lora_alpha", r) * rank / config.get("r", r)))
+    return out
+
+
 def export_lora(path: str | Path, out: str | Path | None = None, format: str = "kohya") -> Path:
     """Write the LoRA of a run folder / checkpoint / file in `format`; returns the new file.
     Default out: <folder>/<folder name>_kohya.safetensors (not a name load_lora_weights(folder) picks)."""
     if format not in FORMATS:
         raise InputError(f"format {format!r}: use one of {FORMATS}")
     file, state, configs = read_lora(path)
-    kohya = to_kohya(state, configs)
+    flux = {k: v for k, v in state.items() if k.startswith("transformer.")}
+    kohya = to_kohya({k: v for k, v in state.items() if k not in flux}, configs) if len(flux) < len(state) else {}
+    if flux:  # FLUX.1: its transformer in sd-scripts' names, CLIP (text_encoder) as for SD
+        kohya |= flux_to_kohya(flux, configs.get("transformer"))
     out = Path(out) if out else file.parent / f"{file.parent.resolve().name}_{format}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt", "ss_network_module": "networks.lora"}  # kohya's own header, for the tools' info panels
+    metadata = {"format": "pt",  # kohya's own header, for the tools' info panels
+                "ss_network_module": "networks.lora_flux" if flux else "networks.lora"}
     ranks = {int(v.shape[0]) for k, v in kohya.items() if k.endswith("lora_down.weight")}
     alphas = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
     if len(ranks) == len(alphas) == 1:

@@ -9,7 +9,7 @@ import itertools
 import torch
 from diffusers import AutoencoderKL
 from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
+from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import CLIPTokenizer
 
 from . import families, memory
@@ -22,14 +22,26 @@ def load_tokenizer(cfg: TrainConfig) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(cfg.pretrained_model, subfolder="tokenizer", revision=cfg.revision)
 
 
-def load_models(cfg: TrainConfig, family=None) -> Models:
+def load_models(cfg: TrainConfig, family=None, device=None) -> Models:
     """The base model's components (its family's: families.of unless given), frozen except what cfg trains.
     What training freezes in half precision (a LoRA run's denoiser, a frozen text encoder) is read straight
-    in cfg.mixed_precision's dtype, without an fp32 copy first; the rest (trained weights, VAE) in fp32."""
+    in cfg.mixed_precision's dtype, without an fp32 copy first; the rest (trained weights, VAE) in fp32.
+    quantize_base: the denoiser is quantized while it loads, onto `device` (default: the current CUDA one)."""
     family = family or families.of(cfg)
-    models = family.load_models(cfg.pretrained_model, cfg.revision, cfg.vae_model, dtypes=frozen_load_dtypes(cfg, family))
+    kw = {}
+    if cfg.quantize_base != "no":  # only families with a quantization argument accept it (families.check)
+        device = device if device is not None else (torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
+        kw["quantization"] = dict(quantization_config=families.base_quantization(cfg), device_map={"": device},
+                                  dtype=torch_dtype(cfg.mixed_precision))  # the dtype of its unquantized layers
+    models = family.load_models(cfg.pretrained_model, cfg.revision, cfg.vae_model, dtypes=frozen_load_dtypes(cfg, family),
+                                **kw)
     set_trainable(models, cfg)
     return models
+
+
+def is_quantized(module: torch.nn.Module) -> bool:
+    """Loaded with a quantization_config: its weights stay where and as from_pretrained put them (.to refuses)."""
+    return bool(getattr(module, "is_quantized", False))
 
 
 def frozen_load_dtypes(cfg: TrainConfig, family) -> dict:
@@ -164,7 +176,10 @@ def prepare_models(models: Models, cfg: TrainConfig, device, log=print) -> memor
     trained = trained_text_encoders(models, cfg)
     for text_encoder in models.text_encoders:
         place(text_encoder, device, torch.float32 if text_encoder in trained and not cfg.use_lora else weight_dtype)
-    place(models.denoiser, device, torch.float32 if not cfg.use_lora else weight_dtype)
+    if is_quantized(models.denoiser):  # QLoRA: on its device since loading; peft freezes it, upcasts norms to fp32
+        prepare_model_for_kbit_training(models.denoiser, use_gradient_checkpointing=False)  # (the plan decides)
+    else:
+        place(models.denoiser, device, torch.float32 if not cfg.use_lora else weight_dtype)
     if cfg.use_lora:
         add_lora(models.denoiser, models.text_encoders, cfg, models.family)
         cast_training_params(trained_modules(models, cfg), dtype=torch.float32)

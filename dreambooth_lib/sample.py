@@ -289,14 +289,17 @@ def lora_scale_grid(pipe, prompt: str, unet_scales: list[float], te_scales: list
 def scale_guidance_grid(pipe, prompt: str, scales: list[float], guidance_scales: list[float], seed: int,
                         num_inference_steps: int = 25, adapter_name: str = "subject",
                         path: str | Path | None = None) -> tuple[Image.Image, dict]:
-    """Rows: guidance scale, columns: LoRA scale (UNet and text encoder together), same seed everywhere."""
+    """Rows: guidance scale, columns: LoRA scale (UNet and text encoder together), same seed everywhere.
+    Labels name the family's guidance knob (GUIDANCE_KNOB): "g" classifier-free, "dg" FLUX.1 [dev]'s distilled
+    guidance embedding; params["guidance"] says which."""
+    short, knob = families.of_pipeline(pipe).GUIDANCE_KNOB
     cells = [dict(row=r, col=c, lora_scale=s, guidance_scale=g)
              for r, g in enumerate(guidance_scales) for c, s in enumerate(scales)]
     images = _render_cells(pipe, prompt, seed, [dict(unet=c["lora_scale"], te=c["lora_scale"], guidance=c["guidance_scale"])
                                                 for c in cells], num_inference_steps, adapter_name)
-    labels = [f"s{c['lora_scale']:g} g{c['guidance_scale']:g}" for c in cells]
+    labels = [f"s{c['lora_scale']:g} {short}{c['guidance_scale']:g}" for c in cells]
     grid = _grid(images, len(guidance_scales), len(scales), labels, path)
-    return grid, dict(prompt=prompt, seed=seed, scales=list(scales), guidance_scales=list(guidance_scales),
+    return grid, dict(prompt=prompt, seed=seed, scales=list(scales), guidance_scales=list(guidance_scales), guidance=knob,
                       num_inference_steps=num_inference_steps, cells=cells)
 
 

@@ -217,29 +217,32 @@ def write_t5_tokenizer(words: list[str], folder: str | Path) -> T5Tokenizer:
 
 
 def build_tiny_flux_components(seed: int = 0, tokenizer_dir: str | Path | None = None,
-                               t5_tokenizer_dir: str | Path | None = None, guidance_embeds: bool = True) -> dict:
+                               t5_tokenizer_dir: str | Path | None = None, guidance_embeds: bool = True,
+                               width: int = 32, latent_channels: int = 4) -> dict:
     """Random tiny FLUX.1: a FluxTransformer2DModel (one double- and one single-stream block, 2x2 patches
     of 4 latent channels: in_channels 16), CLIP (pooled text, 32 wide) and T5 (sequence, 32 wide) from
     explicit configs, an 8x VAE with FLUX's scaling and shift factors, FLUX.1's flow-matching scheduler.
-    guidance_embeds: [dev] (distilled guidance input) or, False, [schnell]."""
+    guidance_embeds: [dev] (distilled guidance input) or, False, [schnell]. width=64, latent_channels=16
+    (FLUX.1's): every Linear input of the transformer a multiple of 64, the block size bitsandbytes'
+    4-bit CPU kernels need (QLoRA tests)."""
     if tokenizer_dir is None or t5_tokenizer_dir is None:
         raise ValueError("build_tiny_flux_components needs tokenizer_dir and t5_tokenizer_dir (write_clip_tokenizer, "
                          "write_t5_tokenizer)")
     torch.manual_seed(seed)
     tokenizer, tokenizer_2 = CLIPTokenizer.from_pretrained(tokenizer_dir), T5Tokenizer.from_pretrained(t5_tokenizer_dir)
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
         max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    text_encoder_2 = T5EncoderModel(T5Config(d_model=32, d_kv=4, d_ff=16, num_layers=2, num_heads=2,
+    text_encoder_2 = T5EncoderModel(T5Config(d_model=width, d_kv=4, d_ff=16, num_layers=2, num_heads=2,
                                              relative_attention_num_buckets=8, vocab_size=len(tokenizer_2),
                                              pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id))
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, guidance_embeds=guidance_embeds, axes_dims_rope=[4, 4, 8])
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=width // 16, joint_attention_dim=width,
+                                         pooled_projection_dim=width, guidance_embeds=guidance_embeds, axes_dims_rope=[4, 4, 8])
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 8, 16, 16),
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        latent_channels=4, norm_num_groups=4, sample_size=32, use_quant_conv=False,
+                        latent_channels=latent_channels, norm_num_groups=4, sample_size=32, use_quant_conv=False,
                         use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's factors
     # FLUX.1 [dev]: shift computed per image size at sampling (dynamic); [schnell]: none.
     scheduler = (FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
@@ -248,14 +251,16 @@ def build_tiny_flux_components(seed: int = 0, tokenizer_dir: str | Path | None =
                 tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler)
 
 
-def save_tiny_flux_pipeline(folder: str | Path, seed: int = 0, guidance_embeds: bool = True) -> Path:
+def save_tiny_flux_pipeline(folder: str | Path, seed: int = 0, guidance_embeds: bool = True, width: int = 32,
+                            latent_channels: int = 4) -> Path:
     """Build a tiny random FLUX.1 [dev] (guidance_embeds=False: [schnell]) pipeline and save it as a
     diffusers folder (FluxPipeline.from_pretrained loads it); its VAE downsamples 8x, so sides are
-    multiples of 16 (2x2 latent patches)."""
+    multiples of 16 (2x2 latent patches). width / latent_channels: build_tiny_flux_components."""
     folder = Path(folder)
     write_clip_tokenizer(TINY_WORDS, folder / "tokenizer", model_max_length=16)
     write_t5_tokenizer(TINY_WORDS, folder / "tokenizer_2")
-    parts = build_tiny_flux_components(seed, folder / "tokenizer", folder / "tokenizer_2", guidance_embeds)
+    parts = build_tiny_flux_components(seed, folder / "tokenizer", folder / "tokenizer_2", guidance_embeds, width,
+                                       latent_channels)
     FluxPipeline(**parts).save_pretrained(folder, safe_serialization=True)
     return folder
 

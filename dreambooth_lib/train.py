@@ -185,7 +185,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
 
     phase("data")
     # 2. models, optimizer, caches (and the checkpoint when resuming).
-    models = models if models is not None else load_models(cfg, family)
+    models = models if models is not None else load_models(cfg, family, accelerator.device)
     phase("load")
     state = prepare_training(cfg, models, accelerator, inst_values, inst_prompts,
                              cls_values if with_prior else None, class_prompt if with_prior else None, resume_from, info,

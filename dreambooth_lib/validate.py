@@ -19,6 +19,7 @@ COMPILE_TARGETS = ("off", "step", "unet", "blocks")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CLASS_SAMPLERS = ("auto", "dpmsolver++", "model")  # which a family offers: families.check
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")  # diffusers.training_utils' names
+BASE_QUANTIZATIONS = ("no", "nf4", "int8")  # TrainConfig.quantize_base
 
 
 def _check(ok: bool, message: str) -> None:
@@ -56,6 +57,11 @@ def validate_config(cfg) -> None:
         _check(0 <= cfg.lora_dropout < 1, f"lora_dropout = {cfg.lora_dropout} must be in [0, 1)")
         _check(len(cfg.lora_modules) > 0, "lora_modules is empty: name a preset ('default', 'attention') or the "
                                           "denoiser's layers to adapt, e.g. to_q to_k to_v to_out.0")
+    _check(cfg.quantize_base in BASE_QUANTIZATIONS, f"quantize_base = {cfg.quantize_base!r}: use one of {BASE_QUANTIZATIONS}")
+    _check(cfg.quantize_base == "no" or cfg.use_lora,
+           f"quantize_base = {cfg.quantize_base!r} trains LoRA over a frozen quantized base (QLoRA): set use_lora = True, "
+           "or quantize_base = 'no' for a full fine-tune")
+    families.check_quantization(cfg)  # bitsandbytes and a device diffusers' quantizer accepts
     limit = cfg.checkpoints_total_limit
     _check(limit is None or limit >= 1, f"checkpoints_total_limit = {limit} must be >= 1 (or None for all)")
     if cfg.with_prior_preservation:

@@ -56,7 +56,8 @@ def load_weights(folder: Path, denoiser, text_encoder, cfg: TrainConfig, family=
         for name, encoder in named_encoders:
             encoder.load_state_dict(type(encoder).from_pretrained(folder / name).state_dict())
         return
-    state = family.LORA_LOADER.lora_state_dict(folder, weight_name=LORA_WEIGHTS)[0]
+    state = family.LORA_LOADER.lora_state_dict(folder, weight_name=LORA_WEIGHTS)
+    state = state[0] if isinstance(state, tuple) else state  # SD / SDXL: (state, network alphas); FLUX: state
     parts = [(f"{family.DENOISER}.", denoiser, convert_unet_state_dict_to_peft)]
     parts += [(f"{name}.", encoder, lambda sd: convert_state_dict_to_peft(convert_state_dict_to_diffusers(sd)))
               for name, encoder in named_encoders]

@@ -159,3 +159,91 @@ def test_clear_errors_for_folders_without_lora_weights(lora_run, tmp_path, capsy
     kohya = export_lora(lora_run, tmp_path / "k.safetensors")
     with pytest.raises(InputError, match="already in the kohya"):
         export_lora(kohya)
+
+
+# --- FLUX.1: sd-scripts' names, read back by diffusers' own kohya FLUX reader ----------------------------------------
+
+FLUX_DOUBLE_TARGETS = [f"transformer_blocks.0.{m}" for m in (  # double block 0 only: the tiny model is 32 wide
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+    "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")]
+
+
+def lora_deltas(model: torch.nn.Module, adapter: str) -> dict[str, torch.Tensor]:
+    """{module name: scaling x B @ A} of every LoRA layer of `model` (the update the adapter adds to W)."""
+    return {name: (m.scaling[adapter] * m.lora_B[adapter].weight @ m.lora_A[adapter].weight).detach()
+            for name, m in model.named_modules() if hasattr(m, "lora_A") and adapter in m.lora_A}
+
+
+def test_flux_lora_exports_to_kohya_and_diffusers_reads_back_the_same_updates(tmp_path):
+    from conftest import write_photos
+    from diffusers import FluxPipeline
+
+    from dreambooth_lib.tiny import save_tiny_flux_pipeline
+
+    model = save_tiny_flux_pipeline(tmp_path / "flux")
+    write_photos(tmp_path / "photos")
+    common = dict(pretrained_model=str(model), instance_dir=str(tmp_path / "photos"), class_noun="dog", identifier="sks",
+                  resolution=32, with_prior_preservation=False, max_train_steps=2, learning_rate=5e-2, optimizer="adamw",
+                  checkpointing_steps=0, validation_steps=0, use_lora=True, lora_rank=4, lora_alpha=8,
+                  max_sequence_length=8)
+    T.train(TrainConfig(**common, output_dir=str(tmp_path / "run"), train_text_encoder=True,
+                        lora_modules=FLUX_DOUBLE_TARGETS), progress=False, log=lambda *a: None)
+    out = export_lora(tmp_path / "run")
+    with safe_open(out, "pt") as f:
+        kohya, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    assert header["ss_network_module"] == "networks.lora_flux"
+    assert all(KOHYA_KEY.match(k) for k in kohya), [k for k in kohya if not KOHYA_KEY.match(k)]
+    # q, k, v fused into one layer of rank 3 x 4, block-diagonal; alpha 3 x 8 keeps the scale 8 / 4 = 2
+    assert kohya["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (12, 32)
+    assert kohya["lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight"].shape == (96, 12)
+    assert float(kohya["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 24.0
+    assert float(kohya["lora_unet_double_blocks_0_img_mlp_2.alpha"]) == 8.0
+    assert any(k.startswith("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") for k in kohya)
+
+    ours, theirs = FluxPipeline.from_pretrained(model), FluxPipeline.from_pretrained(model)
+    ours.load_lora_weights(tmp_path / "run", adapter_name="a")
+    theirs.load_lora_weights(out, adapter_name="a")  # through diffusers' _convert_kohya_flux_lora_to_diffusers
+    for part in ("transformer", "text_encoder"):
+        a, b = lora_deltas(getattr(ours, part), "a"), lora_deltas(getattr(theirs, part), "a")
+        assert a.keys() == b.keys() and len(a) == (12 if part == "transformer" else 8), part
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=name)
+        assert max(float(d.abs().max()) for d in a.values()) > 1e-4  # trained, not the zero init
+
+    # The default targets include the single block's q/k/v: at this width diffusers' reader could not split them.
+    T.train(TrainConfig(**common, output_dir=str(tmp_path / "single")), progress=False, log=lambda *a: None)
+    with pytest.raises(InputError, match="lora_unet_single_blocks_0_linear1: a 32-wide single block"):
+        export_lora(tmp_path / "single")
+
+
+def test_flux_kohya_fused_layers_round_trip_at_flux1_width(tmp_path):
+    """FLUX.1's real widths (3072, MLP 12288), rank 2, one double and one single block: every default target and
+    the modulations, through flux_to_kohya and back through diffusers' reader; the single block's unused MLP part is
+    written as zeros and read back as a zero update."""
+    from diffusers import FluxPipeline
+
+    from dreambooth_lib.export import flux_to_kohya
+
+    g, w, r = torch.Generator().manual_seed(0), 3072, 2
+    shapes = {f"transformer_blocks.0.{m}": (w, o) for m, o in [
+        ("attn.to_q", w), ("attn.to_k", w), ("attn.to_v", w), ("attn.to_out.0", w), ("attn.add_q_proj", w),
+        ("attn.add_k_proj", w), ("attn.add_v_proj", w), ("attn.to_add_out", w), ("ff.net.0.proj", 4 * w),
+        ("ff_context.net.0.proj", 4 * w), ("norm1.linear", 6 * w), ("norm1_context.linear", 6 * w)]}
+    shapes |= {"transformer_blocks.0.ff.net.2": (4 * w, w), "transformer_blocks.0.ff_context.net.2": (4 * w, w)}
+    shapes |= {f"single_transformer_blocks.0.{m}": (i, o) for m, i, o in [
+        ("attn.to_q", w, w), ("attn.to_k", w, w), ("attn.to_v", w, w), ("proj_out", 5 * w, w), ("norm.linear", w, 3 * w)]}
+    ours = {}
+    for module, (fan_in, fan_out) in shapes.items():
+        ours[f"transformer.{module}.lora_A.weight"] = torch.randn(r, fan_in, generator=g)
+        ours[f"transformer.{module}.lora_B.weight"] = torch.randn(fan_out, r, generator=g)
+    save_file(flux_to_kohya(ours, {"r": r, "lora_alpha": 4}), tmp_path / "k.safetensors")
+    back = FluxPipeline.lora_state_dict(tmp_path / "k.safetensors")
+    back = back[0] if isinstance(back, tuple) else back
+    for module, (fan_in, _) in shapes.items():  # the updates B @ A, seen through 3 random inputs (cheaper than W)
+        a, b = (f"transformer.{module}.lora_{x}.weight" for x in "AB")
+        x = torch.randn(fan_in, 3, generator=g)
+        torch.testing.assert_close(back[b] @ (back[a] @ x), 2.0 * ours[b] @ (ours[a] @ x), msg=module)  # scale 4 / 2
+    mlp = "transformer.single_transformer_blocks.0.proj_mlp"
+    assert set(back) - {k for m in shapes for k in (f"transformer.{m}.lora_A.weight", f"transformer.{m}.lora_B.weight")} \
+        == {f"{mlp}.lora_A.weight", f"{mlp}.lora_B.weight"}
+    assert not back[f"{mlp}.lora_B.weight"].any()

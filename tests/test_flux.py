@@ -18,7 +18,7 @@ import dreambooth_lib.train as T
 from dreambooth_lib import data, families, loss
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.families import flux
-from dreambooth_lib.sample import check_lora_fits, load_pipeline, set_lora_scales
+from dreambooth_lib.sample import check_lora_fits, load_pipeline, scale_guidance_grid, set_lora_scales
 from dreambooth_lib.tiny import save_tiny_flux_pipeline
 
 PROMPTS = ["a photo of sks dog", "a dog in the snow", "sks dog"]
@@ -222,6 +222,11 @@ def test_lora_loads_in_the_stock_pipeline_scale_zero_is_the_base(flux_dir, schne
     set_lora_scales(pipe, denoiser=1.0, text_encoder=1.0)
     both = image(pipe)
     assert np.abs(only_transformer - base).max() > 1e-4 and np.abs(both - only_transformer).max() > 1e-5
+    # The guidance x scale grid says its knob is [dev]'s distilled guidance input, and it moves the picture.
+    grid, params = scale_guidance_grid(pipe, "sks dog", [1.0], [1.0, 3.5], seed=0, num_inference_steps=2)
+    assert params["guidance"].startswith("distilled guidance embedding")
+    cells = np.asarray(grid).astype(int).reshape(2, grid.height // 2, grid.width, 3)  # rows: guidance 1, 3.5
+    assert np.abs(cells[0, grid.height // 4:] - cells[1, grid.height // 4:]).max() > 0  # below the labels: it moved
     # Another family's model is refused before loading: an SD model for this file (and schnell's width fits).
     with pytest.raises(data.InputError, match=r"has weights for \['transformer'\], which sd models lack"):
         check_lora_fits(tmp_path / "run" / "pytorch_lora_weights.safetensors", str(tiny_model_dir), families.sd)

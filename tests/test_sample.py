@@ -77,6 +77,7 @@ def test_grids_are_written_with_their_parameters(tiny_model_dir, lora_dir, tmp_p
     assert params["cells"][1] == dict(row=0, col=1, unet_scale=1.0, te_scale=0.0)
     grid, params = scale_guidance_grid(pipe, PROMPT, [0.0, 1.0], [1.0, 7.5], seed=3, num_inference_steps=2)
     assert grid.size == (2 * 128, 2 * 128) and len(params["cells"]) == 4
+    assert params["guidance"] == "classifier-free guidance scale"
     images = generate(pipe, PROMPT, [0, 1], num_inference_steps=2, progress=False)
     plain = save_grid(images, 1, 2, tmp_path / "g" / "plain.png")
     labelled = save_grid(images, 1, 2, tmp_path / "labelled.png", labels=["a", "b"])

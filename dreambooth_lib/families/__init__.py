@@ -17,10 +17,13 @@ resolved once per run (`of(cfg)`) and travels with the components (`Models.famil
     VAE_FORCE_UPCAST, FIXED_VAE_HINT    whether its VAE must run in fp32 under fp16, and a VAE fixed for fp16
     HALF_DTYPE                          the half precision it samples in on CUDA ("fp16", FLUX "bf16")
     DEFAULT_GUIDANCE, CLASS_SAMPLERS    guidance of class images / validation grids; the samplers it offers
+    GUIDANCE_KNOB                       (grid label prefix, what guidance_scale is): classifier-free or FLUX's distilled
     check_config(cfg, vae_config, warn)         its checks of a TrainConfig before any weights load
     resolution_multiple(vae_config)             (the side's multiple, why), checked by check() before model work
     native_resolution(model, revision)          the side it was trained at (resolution=None)
     load_models(model, revision, vae_model, dtypes) -> Models   (dtypes: {"denoiser" | "text_encoders": dtype})
+                                                (FLUX also quantization=: from_pretrained arguments quantizing the
+                                                denoiser, QLoRA; a family without it refuses quantize_base in check_config)
   pictures <-> latents, text, the denoiser:
     encode_latents(vae, pixels, generator)      z from pictures (scaling and shift factors); pipelines decode
     encode_prompts(tokenizers, text_encoders, prompts, cfg) -> per-prompt text conditioning (batch first)
@@ -46,8 +49,8 @@ import dataclasses
 import warnings
 
 from . import flux, sd, sdxl
-from .base import (CLIP_ATTENTION, Models, as_tuple, dtype_kw, encode_latents, load_vae,  # noqa: F401  (the seam's API)
-                   model_index, vae_config, vae_scale_factor)
+from .base import (CLIP_ATTENTION, Models, as_tuple, base_quantization, check_quantization, dtype_kw,  # noqa: F401  (the seam's API)
+                   encode_latents, load_vae, model_index, vae_config, vae_scale_factor)
 from .unet import native_resolution  # noqa: F401  (a UNet model's native side, read from configs only)
 from ..errors import InputError
 

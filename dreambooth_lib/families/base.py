@@ -9,9 +9,11 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline
+from diffusers import AutoencoderKL, BitsAndBytesConfig, DiffusionPipeline
+from diffusers.quantizers import DiffusersAutoQuantizer
 
 from ..errors import InputError
+from ..memory import torch_dtype
 
 CLIP_ATTENTION = ["q_proj", "k_proj", "v_proj", "out_proj"]  # CLIP self-attention Linear layers
 
@@ -81,3 +83,27 @@ def model_index(model: str, revision: str | None = None) -> dict:
     except OSError as err:
         raise InputError(f"pretrained_model {model!r} is neither a local folder nor a reachable hub id ({err}); "
                          "check the path, or download the model first") from err
+
+
+def base_quantization(cfg) -> BitsAndBytesConfig | None:
+    """diffusers' bitsandbytes config of cfg.quantize_base (QLoRA, Dettmers et al. 2023): NF4 with the block
+    scales quantized too ("double quantization", the paper's) computing in the mixed-precision dtype, or LLM.int8."""
+    if cfg.quantize_base == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch_dtype(cfg.mixed_precision))
+    if cfg.quantize_base == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def check_quantization(cfg) -> None:
+    """Before any weights load: diffusers' own check that its bitsandbytes quantizer can run here (a GPU, a
+    bitsandbytes and accelerate recent enough), its refusal turned into what to do."""
+    if cfg.quantize_base == "no":
+        return
+    try:
+        DiffusersAutoQuantizer.from_config(base_quantization(cfg)).validate_environment()
+    except (ImportError, RuntimeError, ValueError) as err:
+        raise InputError(f"quantize_base = {cfg.quantize_base!r}: diffusers' bitsandbytes quantizer cannot run here "
+                         f"({err}). QLoRA needs a CUDA GPU and bitsandbytes >= 0.43.3 (pip install -U bitsandbytes); "
+                         "or set quantize_base = 'no' (LoRA on the base in mixed_precision)") from err

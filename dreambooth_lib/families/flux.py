@@ -41,6 +41,8 @@ VAE_FORCE_UPCAST = False  # runs in bf16, never fp16
 FIXED_VAE_HINT = None
 HALF_DTYPE = "bf16"  # FLUX.1 was trained in bf16; fp16 overflows its activations (diffusers #8599)
 DEFAULT_GUIDANCE = 3.5  # FluxPipeline's: [dev]'s distilled guidance; [schnell]'s pipeline ignores it
+# guidance_scale is an input of [dev]'s transformer (distilled from classifier-free guidance), one pass per step
+GUIDANCE_KNOB = ("dg", "distilled guidance embedding (FLUX.1 [dev]; not classifier-free guidance; [schnell] ignores it)")
 CLASS_SAMPLERS = ("model",)  # its own flow-matching Euler sampler, with the size-dependent shift
 _ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",  # image stream (and single blocks' q/k/v)
               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]  # text stream
@@ -82,7 +84,9 @@ def native_resolution(model: str, revision: str | None = None) -> int:
     return FluxPipeline.default_sample_size * vae_scale_factor(vae_config(model, revision))
 
 
-def load_models(model: str, revision: str | None = None, vae_model: str | None = None, dtypes: dict | None = None) -> Models:
+def load_models(model: str, revision: str | None = None, vae_model: str | None = None, dtypes: dict | None = None,
+                quantization: dict | None = None) -> Models:
+    """quantization: from_pretrained arguments that quantize the transformer while it loads (QLoRA)."""
     kw = dict(revision=revision)
     text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **kw, **dtype_kw(dtypes, "text_encoders"))
     # T5 is never trained: read it in the half precision whenever training uses one.
@@ -91,7 +95,8 @@ def load_models(model: str, revision: str | None = None, vae_model: str | None =
     tokenizers = (CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", **kw),
                   T5Tokenizer.from_pretrained(model, subfolder="tokenizer_2", **kw))
     vae = load_vae(vae_model) if vae_model else AutoencoderKL.from_pretrained(model, subfolder="vae", **kw)
-    transformer = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer", **kw, **dtype_kw(dtypes, "denoiser"))
+    transformer = FluxTransformer2DModel.from_pretrained(model, subfolder="transformer", **kw,
+                                                         **(quantization or dtype_kw(dtypes, "denoiser")))
     noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", **kw)
     return Models(sys.modules[__name__], transformer, vae, noise_scheduler, (text_encoder, text_encoder_2), tokenizers)
 

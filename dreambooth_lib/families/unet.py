@@ -16,6 +16,7 @@ DENOISER = "unet"  # the pipeline component (and folder) that denoises
 DENOISER_CLASS = UNet2DConditionModel
 HALF_DTYPE = "fp16"  # half precision of sampling on CUDA (class images, load_pipeline)
 DEFAULT_GUIDANCE = 7.5  # classifier-free guidance of class images and validation grids
+GUIDANCE_KNOB = ("g", "classifier-free guidance scale")  # what guidance_scale is: grid label prefix, description
 CLASS_SAMPLERS = ("dpmsolver++", "model")  # DPM-Solver++ on the model's schedule (25 steps ~ 50 PNDM), or its own
 # LoRA target presets of TrainConfig.lora_modules: the UNet's attention projections, as diffusers' scripts.
 LORA_PRESETS = {"default": ["to_q", "to_k", "to_v", "to_out.0"], "attention": ["to_q", "to_k", "to_v", "to_out.0"]}
@@ -27,6 +28,9 @@ def check_objective(cfg, warn) -> None:
     if cfg.weighting_scheme != "none":
         raise InputError(f"weighting_scheme = {cfg.weighting_scheme!r} draws flow-matching sigmas (FLUX); SD and SDXL "
                          "draw DDPM timesteps uniformly: leave it 'none' (snr_gamma weights their loss)")
+    if cfg.quantize_base != "no":
+        raise InputError(f"quantize_base = {cfg.quantize_base!r}: QLoRA is offered for the FLUX transformers (12 B); an "
+                         "SD / SDXL LoRA fits a 16 GB GPU without it: set quantize_base = 'no'")
     if cfg.training_guidance is not None:
         warn(f"training_guidance = {cfg.training_guidance}: this model has no guidance embedding (only FLUX.1 [dev] "
              "has one); it is ignored")
