@@ -225,7 +225,7 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
             # CPU generators: the same seed gives the same image on any device.
             generators = [torch.Generator("cpu").manual_seed((manifest.seed << 32) + i) for i in batch]
             images = pipe(
-                [manifest.class_prompt] * len(batch),
+                prompt=[manifest.class_prompt] * len(batch),  # by name: Flux2KleinPipeline's first argument is image
                 height=manifest.resolution,
                 width=manifest.resolution,
                 num_inference_steps=steps,

@@ -34,6 +34,7 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import convert_state_dict_to_kohya, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from safetensors.torch import save_file
 
+from . import families
 from .errors import InputError
 from .fsio import publish
 from .sample import is_run, read_run
@@ -171,6 +172,12 @@ def export_lora(path: str | Path, out: str | Path | None = None, format: str = "
     if format not in FORMATS:
         raise InputError(f"format {format!r}: use one of {FORMATS}")
     file, state, configs = read_lora(path)
+    run = read_run(path, check_sources=False) if Path(path).is_dir() and is_run(path) else None
+    family = families.lora_family(state, run.family if run else None)
+    if family is families.flux2:
+        raise InputError(f"{file} is a FLUX.2 [klein] LoRA: this library has no kohya writer for FLUX.2 yet (diffusers "
+                         "0.42 only reads kohya's FLUX.2 format). Use the file as it is: Flux2KleinPipeline."
+                         "load_lora_weights (and load_pipeline / sample) read it")
     flux = {k: v for k, v in state.items() if k.startswith("transformer.")}
     kohya = to_kohya({k: v for k, v in state.items() if k not in flux}, configs) if len(flux) < len(state) else {}
     if flux:  # FLUX.1: its transformer in sd-scripts' names, CLIP (text_encoder) as for SD
@@ -183,8 +190,7 @@ def export_lora(path: str | Path, out: str | Path | None = None, format: str = "
     alphas = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
     if len(ranks) == len(alphas) == 1:
         metadata |= {"ss_network_dim": str(ranks.pop()), "ss_network_alpha": f"{alphas.pop():g}"}
-    if Path(path).is_dir() and is_run(path):
-        run = read_run(path, check_sources=False)  # the base model is not needed to export
+    if run:  # read without its sources: the base model is not needed to export
         trigger = " ".join(w for w in (run.identifier, run.class_noun) if w)
         metadata |= {"ss_sd_model_name": run.base_model, "ss_training_comment": f"DreamBooth; prompt it with '{trigger}'"}
     tmp = out.with_name(f".tmp-{out.name}")

@@ -227,9 +227,10 @@ def generate(pipe, prompts: str | list[str], seeds: list[int], guidance_scale: f
     for i in tqdm(range(0, len(seeds), batch_size), desc="sample", disable=not progress):
         chunk = slice(i, i + batch_size)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[chunk]]
-        negative = None if negative_prompt is None else [negative_prompt] * len(generators)
-        images += pipe(prompts[chunk], negative_prompt=negative, generator=generators, guidance_scale=guidance_scale,
-                       num_inference_steps=num_inference_steps).images
+        # prompt by name (Flux2KleinPipeline's first argument is image); negative_prompt only when given (it has none)
+        negative = {} if negative_prompt is None else dict(negative_prompt=[negative_prompt] * len(generators))
+        images += pipe(prompt=prompts[chunk], generator=generators, guidance_scale=guidance_scale,
+                       num_inference_steps=num_inference_steps, **negative).images
     return images
 
 

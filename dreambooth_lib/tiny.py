@@ -1,4 +1,4 @@
-"""Tiny models of the supported architectures (SD 1.x, SDXL, FLUX.1) built in-process (no hub access).
+"""Tiny models of the supported architectures (SD 1.x, SDXL, FLUX.1, FLUX.2 [klein]) built in-process (no hub access).
 
 Tests, notebooks and benchmarks use them to exercise exactly the code path users take with
 Stable Diffusion: the components are saved as a diffusers pipeline folder and loaded back with
@@ -13,9 +13,12 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLFlux2,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
     FluxPipeline,
     FluxTransformer2DModel,
     StableDiffusionPipeline,
@@ -30,6 +33,9 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -262,6 +268,76 @@ def save_tiny_flux_pipeline(folder: str | Path, seed: int = 0, guidance_embeds: 
     parts = build_tiny_flux_components(seed, folder / "tokenizer", folder / "tokenizer_2", guidance_embeds, width,
                                        latent_channels)
     FluxPipeline(**parts).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# Qwen3's chat template as Flux2KleinPipeline uses it (one user turn, generation prompt, thinking off):
+# "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n".
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+
+
+def write_qwen_tokenizer(words: list[str], folder: str | Path) -> Qwen2Tokenizer:
+    """A Qwen2Tokenizer (byte-level BPE, as GPT-2's: vocab.json + merges.txt, no end-of-word marks) in which
+    each word, with its leading space ("Ġ"), is one token; Qwen's chat special tokens and a chat template."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    space = bytes_to_unicode()[ord(" ")]
+    vocab: list[str] = list(bytes_to_unicode().values())
+    merges: list[str] = []
+    for word in dict.fromkeys(w for word in words for w in (word, space + word)):
+        left = word[0]
+        for right in word[1:]:
+            if f"{left} {right}" not in merges:
+                merges.append(f"{left} {right}")
+                vocab.append(left + right)
+            left = left + right
+    vocab_ids = {tok: i for i, tok in enumerate(dict.fromkeys(vocab + QWEN_SPECIAL_TOKENS))}
+    (folder / "vocab.json").write_text(json.dumps(vocab_ids))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = Qwen2Tokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
+                               additional_special_tokens=QWEN_SPECIAL_TOKENS[1:], model_max_length=512)
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return Qwen2Tokenizer.from_pretrained(folder)
+
+
+def build_tiny_flux2_components(seed: int = 0, tokenizer_dir: str | Path | None = None, latent_channels: int = 4) -> dict:
+    """Random tiny FLUX.2 [klein]: a Flux2Transformer2DModel (one double- and one single-stream block, 32 wide,
+    no guidance embedding as [klein]), a 28-layer Qwen3 (16 wide: the pipeline reads hidden states 9, 18 and
+    27, so its text is 3 x 16 = 48 wide), an 8x AutoencoderKLFlux2 whose latent batch-norm statistics are set
+    (random, not the identity, so tests see the normalisation), FLUX.2's flow-matching scheduler."""
+    if tokenizer_dir is None:
+        raise ValueError("build_tiny_flux2_components needs tokenizer_dir (write_qwen_tokenizer writes one)")
+    torch.manual_seed(seed)
+    tokenizer = Qwen2Tokenizer.from_pretrained(tokenizer_dir)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=28, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                          timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 16, 16), latent_channels=latent_channels, norm_num_groups=4,
+                             sample_size=32)
+    vae.bn.running_mean.copy_(0.3 * torch.randn(4 * latent_channels))  # the 2x2-patchified latents' statistics
+    vae.bn.running_var.copy_(0.5 + torch.rand(4 * latent_channels))
+    # The pipeline computes its own mu per image size and step count (compute_empirical_mu): dynamic shifting.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+
+def save_tiny_flux2_pipeline(folder: str | Path, seed: int = 0, is_distilled: bool = False) -> Path:
+    """Build a tiny random FLUX.2 [klein] pipeline (is_distilled: the step-distilled [klein], which ignores
+    guidance; False: [klein] base, classifier-free guidance) and save it as a diffusers folder
+    (Flux2KleinPipeline.from_pretrained loads it); sides are multiples of 16 (8x VAE, 2x2 patches)."""
+    folder = Path(folder)
+    write_qwen_tokenizer(TINY_WORDS, folder / "tokenizer")
+    parts = build_tiny_flux2_components(seed, folder / "tokenizer")
+    Flux2KleinPipeline(**parts, is_distilled=is_distilled).save_pretrained(folder, safe_serialization=True)
     return folder
 
 

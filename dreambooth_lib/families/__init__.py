@@ -1,4 +1,4 @@
-"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL and FLUX.1, one module each.
+"""Model families: what differs between Stable Diffusion 1.x/2.x, SDXL, FLUX.1 and FLUX.2 [klein], one module each.
 
 A family module answers the same questions; train.py, step.py and sample.py ask only these, so the
 loss, caching, checkpoints, resume and `train_step` stay one code path for every family. The family is
@@ -9,6 +9,7 @@ resolved once per run (`of(cfg)`) and travels with the components (`Models.famil
                                         folder) and the constructor arguments it needs beyond the components
     LORA_LOADER, LORA_KEY_FORMAT        the loader mixin that saves / loads pytorch_lora_weights.safetensors,
                                         and its keys' format ("diffusers": lora.down / up; "peft": lora_A / B)
+    LORA_OWN_LAYERS                     patterns of transformer layer names only its LoRA files have (lora_family)
     LORA_PRESETS                        {"default": [...], "attention": [...]}: TrainConfig.lora_modules presets
     DENOISER, DENOISER_CLASS            the denoiser's component name ("unet", "transformer") and class
     TEXT_ENCODERS, TOKENIZERS           component names of the text encoders and their tokenizers, in order
@@ -46,15 +47,16 @@ The family of a model is read from its model_index.json (`_class_name`), or name
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 
-from . import flux, sd, sdxl
+from . import flux, flux2, sd, sdxl
 from .base import (CLIP_ATTENTION, Models, as_tuple, base_quantization, check_quantization, dtype_kw,  # noqa: F401  (the seam's API)
                    encode_latents, load_vae, model_index, vae_config, vae_scale_factor)
 from .unet import native_resolution  # noqa: F401  (a UNet model's native side, read from configs only)
 from ..errors import InputError
 
-FAMILIES = {sd.NAME: sd, sdxl.NAME: sdxl, flux.NAME: flux}
+FAMILIES = {sd.NAME: sd, sdxl.NAME: sdxl, flux.NAME: flux, flux2.NAME: flux2}
 
 
 def detect(model: str, revision: str | None = None) -> str:
@@ -88,6 +90,16 @@ def of(cfg):
 def of_pipeline(pipe):
     """The family module of a loaded diffusers pipeline (by its class)."""
     return next(f for f in FAMILIES.values() if isinstance(pipe, f.PIPELINE))
+
+
+def lora_family(keys, named: str | None = None):
+    """The family a LoRA file (its keys) was trained for: the one named (a run's family), else the family whose
+    own layer names (LORA_OWN_LAYERS) it has; None when neither says (e.g. SD files, or attention-only FLUX)."""
+    if named in FAMILIES:
+        return FAMILIES[named]
+    modules = {k.split(".", 1)[1].split(".lora")[0] for k in keys if k.startswith("transformer.")}
+    return next((f for f in FAMILIES.values()
+                 if any(re.search(p, m) for p in f.LORA_OWN_LAYERS for m in modules)), None)
 
 
 def lora_targets(family, names: list[str]) -> list[str]:

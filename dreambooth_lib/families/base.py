@@ -9,6 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, BitsAndBytesConfig, DiffusionPipeline
 from diffusers.quantizers import DiffusersAutoQuantizer
 
@@ -107,3 +108,21 @@ def check_quantization(cfg) -> None:
         raise InputError(f"quantize_base = {cfg.quantize_base!r}: diffusers' bitsandbytes quantizer cannot run here "
                          f"({err}). QLoRA needs a CUDA GPU and bitsandbytes >= 0.43.3 (pip install -U bitsandbytes); "
                          "or set quantize_base = 'no' (LoRA on the base in mixed_precision)") from err
+
+
+def transformer_layers_problem(shapes: dict[str, list[int]], model_class, config: dict, label: str) -> str | None:
+    """The first LoRA layer (transformer.<module>.lora_A / lora_B) that is not a Linear of `model_class` built
+    from `config` (on the meta device: no weights), or whose lora_A input / lora_B output width differs."""
+    with init_empty_weights():
+        linears = {n: (m.in_features, m.out_features) for n, m in model_class.from_config(config).named_modules()
+                   if isinstance(m, torch.nn.Linear)}
+    for key, shape in sorted(shapes.items()):
+        if not key.startswith("transformer.") or not (".lora_A." in key or ".lora_B." in key):
+            continue
+        module, part = key[len("transformer."):].split(".lora_")
+        if module not in linears:
+            return f"its layer transformer.{module} is not a layer of this {label} transformer"
+        width = linears[module][0] if part.startswith("A") else linears[module][1]
+        if shape[1 if part.startswith("A") else 0] != width:
+            return f"its layer transformer.{module} is {shape} (lora_{part}), this {label} model's layer {linears[module]} wide"
+    return None

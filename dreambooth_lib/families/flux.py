@@ -21,7 +21,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 
 from .. import loss
 from ..errors import InputError
-from .base import (CLIP_ATTENTION, Models, dtype_kw, encode_latents, load_vae, model_index,  # noqa: F401  (encode_latents: the shift factor is in the VAE config)
+from .base import (CLIP_ATTENTION, Models, dtype_kw, encode_latents, load_vae, model_index, transformer_layers_problem,  # noqa: F401  (encode_latents: the shift factor is in the VAE config)
                    vae_config, vae_scale_factor)
 
 NAME = "flux"
@@ -31,6 +31,9 @@ PIPELINE = FluxPipeline
 PIPELINE_EXTRAS = {}
 LORA_LOADER = FluxLoraLoaderMixin
 LORA_KEY_FORMAT = "peft"  # lora_A / lora_B keys, as diffusers' FLUX scripts write them
+# Transformer layers (regular expressions on the module name) FLUX.2 lacks: a LoRA file naming one is FLUX.1's.
+LORA_OWN_LAYERS = (r"\.ff(_context)?\.net\.", r"\.proj_mlp$", r"^single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_out)$",
+                   r"\.norm1(_context)?\.linear$")
 DENOISER = "transformer"
 DENOISER_CLASS = FluxTransformer2DModel
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP-L (pooled), T5-XXL (sequence)
@@ -175,8 +178,12 @@ def activation_bytes(denoiser_config: dict, images: int, resolution: int, dtype_
 
 
 def lora_fit_problem(shapes: dict[str, list[int]], model: str, revision: str | None) -> str | None:
-    """Beyond its parts (check_lora_fits): the width of its attention inputs."""
+    """Beyond its parts (check_lora_fits): every transformer layer one of this model's Linear layers (a FLUX.2
+    [klein] LoRA names ff.linear_in / to_qkv_mlp_proj layers FLUX.1 lacks), and the width of its attention inputs."""
     config = transformer_config(model, revision)
+    problem = transformer_layers_problem(shapes, FluxTransformer2DModel, config, LABEL)
+    if problem:
+        return problem
     width = config["num_attention_heads"] * config["attention_head_dim"]
     widths = {shape[1] for k, shape in shapes.items() if k.startswith("transformer.") and "attn.to_k.lora_A" in k}
     if widths and widths != {width}:
