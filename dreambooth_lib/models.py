@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig, prepare_model_for_kbit_training
-from transformers import CLIPTokenizer
+from transformers import AutoTokenizer
 
 from . import families, memory
 from .config import TrainConfig, resolve_auto
@@ -18,8 +18,9 @@ from .families import Models, as_tuple
 from .memory import torch_dtype, use_channels_last
 
 
-def load_tokenizer(cfg: TrainConfig) -> CLIPTokenizer:
-    return CLIPTokenizer.from_pretrained(cfg.pretrained_model, subfolder="tokenizer", revision=cfg.revision)
+def load_tokenizer(cfg: TrainConfig):
+    """The model's first tokenizer, of the class its tokenizer_config.json names (CLIP; FLUX.2 [klein]: Qwen2)."""
+    return AutoTokenizer.from_pretrained(cfg.pretrained_model, subfolder="tokenizer", revision=cfg.revision)
 
 
 def load_models(cfg: TrainConfig, family=None, device=None) -> Models:

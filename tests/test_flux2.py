@@ -107,7 +107,7 @@ def test_conditioning_latents_and_packing_are_what_the_stock_pipeline_builds(kle
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_short_runs_lower_the_loss_on_a_fixed_batch(mode, klein_dir, instance_dir, tmp_path):
-    extra = dict(learning_rate=2e-3) if mode == "full" else dict(use_lora=True, lora_rank=8, learning_rate=2e-2)
+    extra = dict(learning_rate=2e-3) if mode == "full" else dict(use_lora=True, lora_rank=8, learning_rate=1e-1)
     cfg = make_cfg(klein_dir, instance_dir, tmp_path, **extra)
     pixels = data.pixel_values([im.image for im in data.load_instance_images(instance_dir, 32)], cfg, None)
     state = T.prepare_training(cfg, M.load_models(cfg), T.make_accelerator(cfg), pixels, ["a photo of sks dog"] * 4,
@@ -125,6 +125,7 @@ def test_short_runs_lower_the_loss_on_a_fixed_batch(mode, klein_dir, instance_di
         S.train_step(state, step)
         if step % 2:
             losses.append(fixed_loss())
+    # Measured on this tiny model: full 1.572 -> 1.356, LoRA (lr 0.1) 1.572 -> 1.309, falling at every check.
     assert losses == sorted(losses, reverse=True) and losses[-1] < 0.92 * losses[0], losses
 
 
@@ -176,11 +177,18 @@ def test_lora_loads_in_the_stock_pipeline_and_families_refuse_each_others(klein_
         check_lora_fits(lora_file, str(flux_dir), flux)
     T.train(make_cfg(flux_dir, instance_dir, tmp_path / "flux_run", use_lora=True, lora_rank=4, lora_modules=["attention"],
                      max_sequence_length=16), progress=False, log=lambda *_: None)
-    flux_file = tmp_path / "flux_run" / "pytorch_lora_weights.safetensors"
-    # attention-only: the same layer names in both families, told apart by their widths (FLUX.1's text input 32 wide)
-    with pytest.raises(data.InputError, match=r"\(flux2\): its layer transformer\.transformer_blocks\.0\.attn\.\S+ is "
-                                              r"\[4, 32\]"):
-        check_lora_fits(flux_file, str(klein_dir), flux2)
+    # FLUX.1's attention preset includes its single blocks' to_q / to_k / to_v, which [klein] fuses
+    with pytest.raises(data.InputError, match=r"\(flux2\): its layer transformer\.single_transformer_blocks\.0\.attn\.to_k "
+                                              r"is not a layer of this FLUX\.2 \[klein\] transformer"):
+        check_lora_fits(tmp_path / "flux_run" / "pytorch_lora_weights.safetensors", str(klein_dir), flux2)
+    # double-block attention only: the same names in both families, told apart by widths (this FLUX.1 is 64 wide)
+    wide_dir = save_tiny_flux_pipeline(tmp_path / "flux1_wide", width=64, latent_channels=16)
+    T.train(make_cfg(wide_dir, instance_dir, tmp_path / "wide_run", use_lora=True, lora_rank=4, max_sequence_length=16,
+                     lora_modules=["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj"]),
+            progress=False, log=lambda *_: None)
+    with pytest.raises(data.InputError, match=r"\(flux2\): its layer transformer\.transformer_blocks\.0\.attn\.add_k_proj "
+                                              r"is \[4, 64\] \(lora_A.weight\), this FLUX\.2 \[klein\] model's layer \(32, 32\)"):
+        check_lora_fits(tmp_path / "wide_run" / "pytorch_lora_weights.safetensors", str(klein_dir), flux2)
     check_lora_fits(lora_file, str(klein_dir), flux2)  # its own model fits
 
     # export-lora: no kohya writer for FLUX.2 yet; refused, with what to use instead.
