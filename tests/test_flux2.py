@@ -17,7 +17,7 @@ from dreambooth_lib import data, families
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.export import export_lora
 from dreambooth_lib.families import flux, flux2
-from dreambooth_lib.sample import check_lora_fits, load_pipeline, set_lora_scales
+from dreambooth_lib.sample import check_lora_fits, load_pipeline, scale_guidance_grid, set_lora_scales
 from dreambooth_lib.tiny import save_tiny_flux2_pipeline, save_tiny_flux_pipeline
 
 PROMPTS = ["a photo of sks dog", "a dog in the snow", "sks dog"]
@@ -105,6 +105,25 @@ def test_conditioning_latents_and_packing_are_what_the_stock_pipeline_builds(kle
     assert torch.equal(flux2.predict(lambda **kw: (kw["hidden_states"],), z, sigma.expand(2), dict(ours, encoder_hidden_states=ours["encoder_hidden_states"][:2])), z)
 
 
+def test_cached_conditioning_equals_uncached_and_rows_stay_paired(klein_dir, instance_dir):
+    cfg = make_cfg(klein_dir, instance_dir, "unused")
+    models = M.load_models(cfg)
+    pixels = data.pixel_values([im.image for im in data.load_instance_images(instance_dir, 32)], cfg, None)
+    captions = ["a photo of sks dog", "sks dog on grass", "sks dog in snow", "sks dog at the beach"]
+    latents = S.cache_latents(models, pixels, seed=0)
+    dataset = data.DreamBoothDataset(latents, captions, latents[:1], "a photo of a dog")
+    batch = data.collate_examples([dataset[i] for i in (2, 1, 0)], with_prior=True)
+    cache = S.cache_text_embeddings(models, captions + ["a photo of a dog"], cfg)
+    z, cached = S.latents_and_conditioning(batch, models, cache, True, torch.Generator(), "cpu", cfg)
+    _, uncached = S.latents_and_conditioning(batch, models, None, True, torch.Generator(), "cpu", cfg)
+    assert cached.keys() == uncached.keys() == {"encoder_hidden_states"}
+    torch.testing.assert_close(cached["encoder_hidden_states"], uncached["encoder_hidden_states"], rtol=0, atol=0)
+    for row, prompt in enumerate(batch["prompts"]):
+        assert torch.equal(z[row], latents[captions.index(prompt) if row < 3 else 0])
+        assert torch.equal(cached["encoder_hidden_states"][row], cache[prompt]["encoder_hidden_states"])
+    assert not torch.equal(cache[captions[0]]["encoder_hidden_states"], cache[captions[1]]["encoder_hidden_states"])
+
+
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_short_runs_lower_the_loss_on_a_fixed_batch(mode, klein_dir, instance_dir, tmp_path):
     extra = dict(learning_rate=2e-3) if mode == "full" else dict(use_lora=True, lora_rank=8, learning_rate=1e-1)
@@ -169,6 +188,11 @@ def test_lora_loads_in_the_stock_pipeline_and_families_refuse_each_others(klein_
     assert np.array_equal(image(pipe), base)
     set_lora_scales(pipe, denoiser=1.0, text_encoder=0.0)
     assert np.abs(image(pipe) - base).max() > 1e-4
+    # The guidance x scale grid labels [klein]'s knob classifier-free guidance, and it moves the picture.
+    grid, params = scale_guidance_grid(pipe, "sks dog", [1.0], [1.0, 4.0], seed=0, num_inference_steps=2)
+    assert params["guidance"].startswith("classifier-free guidance (FLUX.2")
+    cells = np.asarray(grid).astype(int).reshape(2, grid.height // 2, grid.width, 3)  # rows: guidance 1, 4
+    assert np.abs(cells[0, grid.height // 4:] - cells[1, grid.height // 4:]).max() > 0  # below the labels: it moved
 
     # A FLUX.1 LoRA on [klein] and the reverse are refused before any weights load, by layer names / widths.
     flux_dir = save_tiny_flux_pipeline(tmp_path / "flux1")
