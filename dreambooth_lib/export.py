@@ -23,6 +23,10 @@ single_blocks_{i}_linear1, ...). sd-scripts fuses q, k, v (and a single block's 
 separate adapters become one of rank parts x r with a block-diagonal up matrix, which that reader splits back
 exactly and which any kohya loader applies as the same update. The reader assumes FLUX.1's widths for single
 blocks (3072, MLP 12288), so a LoRA with single-block layers of another width is refused.
+
+FLUX.2 [klein]: the same names through diffusers' FLUX.2 reader (`_convert_kohya_flux2_lora_to_diffusers`, no
+writer either): double blocks as FLUX.1's (ff.linear_in / linear_out as img_mlp_0 / img_mlp_2), a single
+block's fused attn.to_qkv_mlp_proj as linear1 and attn.to_out as linear2, one part each (no width assumed).
 """
 
 from __future__ import annotations
@@ -116,12 +120,20 @@ FLUX_DOUBLE = {"attn.to_q": ("img_attn_qkv", 0, 3), "attn.to_k": ("img_attn_qkv"
 FLUX_SINGLE = {"attn.to_q": ("linear1", 0, 4), "attn.to_k": ("linear1", 1, 4), "attn.to_v": ("linear1", 2, 4),
                "proj_mlp": ("linear1", 3, 4), "proj_out": ("linear2", 0, 1), "norm.linear": ("modulation_lin", 0, 1)}
 FLUX_WIDTH = 3072  # the single-block widths diffusers' reader assumes (MLP: 4x)
+# FLUX.2 [klein]: the double blocks' feed-forwards are ff.linear_in / linear_out; single blocks fuse q, k, v and
+# the MLP input in one diffusers layer already, which the FLUX.2 reader maps to linear1 whole.
+FLUX2_DOUBLE = {k: v for k, v in FLUX_DOUBLE.items() if "norm1" not in k and ".net." not in k} | {
+    "ff.linear_in": ("img_mlp_0", 0, 1), "ff.linear_out": ("img_mlp_2", 0, 1),
+    "ff_context.linear_in": ("txt_mlp_0", 0, 1), "ff_context.linear_out": ("txt_mlp_2", 0, 1)}
+FLUX2_SINGLE = {"attn.to_qkv_mlp_proj": ("linear1", 0, 1), "attn.to_out": ("linear2", 0, 1)}
 
 
-def flux_to_kohya(state: dict[str, torch.Tensor], config: dict | None = None) -> dict[str, torch.Tensor]:
+def flux_to_kohya(state: dict[str, torch.Tensor], config: dict | None = None, double: dict = FLUX_DOUBLE,
+                  single: dict = FLUX_SINGLE, label: str = "FLUX.1") -> dict[str, torch.Tensor]:
     """The transformer part of a FLUX.1 LoRA file (transformer.<module>.lora_A / lora_B) -> sd-scripts' keys
     lora_unet_{double,single}_blocks_{i}_<layer>.lora_down / lora_up / alpha. config: its LoraConfig fields
-    (the file's metadata); alpha keeps the scale lora_alpha / r (without one: 1)."""
+    (the file's metadata); alpha keeps the scale lora_alpha / r (without one: 1). double / single / label:
+    FLUX2_DOUBLE, FLUX2_SINGLE, "FLUX.2 [klein]" for a FLUX.2 LoRA."""
     config = config or {}
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise InputError("the transformer LoRA has per-layer ranks or alphas (rank_pattern / alpha_pattern), which "
@@ -131,9 +143,9 @@ def flux_to_kohya(state: dict[str, torch.Tensor], config: dict | None = None) ->
         module = key[len("transformer."):-len(".lora_A.weight")]
         blocks, _, rest = module.partition(".")
         index, _, layer = rest.partition(".")
-        table = {"transformer_blocks": ("double_blocks", FLUX_DOUBLE), "single_transformer_blocks": ("single_blocks", FLUX_SINGLE)}
+        table = {"transformer_blocks": ("double_blocks", double), "single_transformer_blocks": ("single_blocks", single)}
         if blocks not in table or layer not in table[blocks][1]:
-            raise InputError(f"transformer.{module}: kohya's FLUX.1 format names the blocks' attention, MLP and "
+            raise InputError(f"transformer.{module}: kohya's {label} format names the blocks' attention, MLP and "
                              "modulation layers only; export a LoRA of those (lora_modules 'default' or 'attention')")
         kind, names = table[blocks]
         name, part, parts = names[layer]
@@ -173,19 +185,18 @@ def export_lora(path: str | Path, out: str | Path | None = None, format: str = "
         raise InputError(f"format {format!r}: use one of {FORMATS}")
     file, state, configs = read_lora(path)
     run = read_run(path, check_sources=False) if Path(path).is_dir() and is_run(path) else None
-    family = families.lora_family(state, run.family if run else None)
-    if family is families.flux2:
-        raise InputError(f"{file} is a FLUX.2 [klein] LoRA: this library has no kohya writer for FLUX.2 yet (diffusers "
-                         "0.42 only reads kohya's FLUX.2 format). Use the file as it is: Flux2KleinPipeline."
-                         "load_lora_weights (and load_pipeline / sample) read it")
+    # FLUX.2 by its run's family or layer names only it has (attention-only: the same kohya names as FLUX.1's)
+    tables = ((FLUX2_DOUBLE, FLUX2_SINGLE, families.flux2.LABEL)
+              if families.lora_family(state, run.family if run else None) is families.flux2 else ())
     flux = {k: v for k, v in state.items() if k.startswith("transformer.")}
     kohya = to_kohya({k: v for k, v in state.items() if k not in flux}, configs) if len(flux) < len(state) else {}
-    if flux:  # FLUX.1: its transformer in sd-scripts' names, CLIP (text_encoder) as for SD
-        kohya |= flux_to_kohya(flux, configs.get("transformer"))
+    if flux:  # FLUX: its transformer in sd-scripts' names, CLIP (text_encoder) as for SD
+        kohya |= flux_to_kohya(flux, configs.get("transformer"), *tables)
     out = Path(out) if out else file.parent / f"{file.parent.resolve().name}_{format}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": "pt",  # kohya's own header, for the tools' info panels
-                "ss_network_module": "networks.lora_flux" if flux else "networks.lora"}
+    metadata = {"format": "pt"}  # kohya's own header, for the tools' info panels (FLUX.2: no module name, none known here)
+    if not tables:
+        metadata["ss_network_module"] = "networks.lora_flux" if flux else "networks.lora"
     ranks = {int(v.shape[0]) for k, v in kohya.items() if k.endswith("lora_down.weight")}
     alphas = {float(v) for k, v in kohya.items() if k.endswith(".alpha")}
     if len(ranks) == len(alphas) == 1:

@@ -1,6 +1,7 @@
 """FLUX.2 [klein] through the family seam: a tiny random Flux2KleinPipeline built in-process (Qwen2 BPE tokenizer,
 28-layer Qwen3), saved and loaded with from_pretrained; conditioning, latents and packing against the stock
-pipeline's, loss going down, exact resume, LoRA files stock diffusers loads, FLUX.1 / FLUX.2 LoRAs told apart."""
+pipeline's, loss going down, exact resume, LoRA files stock diffusers loads (ours and the kohya export), FLUX.1 /
+FLUX.2 LoRAs told apart."""
 
 from __future__ import annotations
 
@@ -215,8 +216,30 @@ def test_lora_loads_in_the_stock_pipeline_and_families_refuse_each_others(klein_
         check_lora_fits(tmp_path / "wide_run" / "pytorch_lora_weights.safetensors", str(klein_dir), flux2)
     check_lora_fits(lora_file, str(klein_dir), flux2)  # its own model fits
 
-    # export-lora: no kohya writer for FLUX.2 yet; refused, with what to use instead.
-    with pytest.raises(data.InputError, match=r"FLUX\.2 \[klein\] LoRA.*no kohya"):
-        export_lora(tmp_path / "run")
-    with pytest.raises(data.InputError, match=r"FLUX\.2 \[klein\] LoRA.*no kohya"):
-        export_lora(lora_file)  # the bare file: told by its layer names
+    # export-lora --format kohya: sd-scripts' names, which diffusers' FLUX.2 reader maps back to the same updates.
+    out = export_lora(tmp_path / "run")
+    kohya = load_file(out)
+    assert {k.rsplit(".", 2)[0] if "lora_" in k.split(".", 1)[1] else k.rsplit(".", 1)[0] for k in kohya} == {
+        f"lora_unet_double_blocks_0_{n}" for n in ("img_attn_qkv", "img_attn_proj", "txt_attn_qkv", "txt_attn_proj",
+                                                    "img_mlp_0", "img_mlp_2", "txt_mlp_0", "txt_mlp_2")} | {
+        "lora_unet_single_blocks_0_linear1"}
+    # q, k, v fused: rank 3 x 4, block-diagonal up; alpha 3 x 8 keeps the scale 8 / 4 = 2; linear1 is one layer
+    assert kohya["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].shape == (12, 32)
+    assert float(kohya["lora_unet_double_blocks_0_img_attn_qkv.alpha"]) == 24.0
+    assert kohya["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (288, 4)
+    assert float(kohya["lora_unet_single_blocks_0_linear1.alpha"]) == 8.0
+    assert torch.equal(load_file(export_lora(lora_file, tmp_path / "bare.safetensors"))[  # the bare file: by layer names
+        "lora_unet_single_blocks_0_linear1.lora_down.weight"], kohya["lora_unet_single_blocks_0_linear1.lora_down.weight"])
+    ours, theirs = Flux2KleinPipeline.from_pretrained(klein_dir), Flux2KleinPipeline.from_pretrained(klein_dir)
+    ours.load_lora_weights(tmp_path / "run", adapter_name="a")
+    theirs.load_lora_weights(out, adapter_name="a")  # through diffusers' _convert_kohya_flux2_lora_to_diffusers
+
+    def deltas(model):  # {module: scaling x B @ A}, the update each LoRA layer adds
+        return {n: (m.scaling["a"] * m.lora_B["a"].weight @ m.lora_A["a"].weight).detach()
+                for n, m in model.named_modules() if hasattr(m, "lora_A") and "a" in m.lora_A}
+
+    a, b = deltas(ours.transformer), deltas(theirs.transformer)
+    assert a.keys() == b.keys() and len(a) == 13
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert max(float(d.abs().max()) for d in a.values()) > 1e-4  # trained, not the zero init
