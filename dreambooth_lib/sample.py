@@ -320,6 +320,10 @@ def render_validation(models: Models, denoiser, text_encoder, prompts: list[str]
         vae=models.vae, scheduler=family.validation_scheduler(models.noise_scheduler), **{family.DENOISER: denoiser},
         **dict(zip(family.TEXT_ENCODERS, encoders)), **dict(zip(family.TOKENIZERS, models.tokenizers)),
         **family.PIPELINE_EXTRAS)
+    # The base model's own pipeline settings, as from_pretrained sets them: model_index.json's values that are not
+    # components (FLUX.2 [klein]'s is_distilled turns classifier-free guidance off; SD's requires_safety_checker).
+    pipe.register_to_config(**{k: v for k, v in families.model_index(cfg.pretrained_model, cfg.revision).items()
+                               if not k.startswith("_") and not isinstance(v, list)})
     pipe.set_progress_bar_config(disable=True)
     n = cfg.num_validation_images
     modules = (denoiser, *encoders)

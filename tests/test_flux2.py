@@ -5,6 +5,8 @@ FLUX.2 LoRAs told apart."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ from dreambooth_lib import data, families
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.export import export_lora
 from dreambooth_lib.families import flux, flux2
-from dreambooth_lib.sample import check_lora_fits, load_pipeline, scale_guidance_grid, set_lora_scales
+from dreambooth_lib.sample import check_lora_fits, load_pipeline, render_validation, scale_guidance_grid, set_lora_scales
 from dreambooth_lib.tiny import save_tiny_flux2_pipeline, save_tiny_flux_pipeline
 
 PROMPTS = ["a photo of sks dog", "a dog in the snow", "sks dog"]
@@ -123,6 +125,22 @@ def test_cached_conditioning_equals_uncached_and_rows_stay_paired(klein_dir, ins
         assert torch.equal(z[row], latents[captions.index(prompt) if row < 3 else 0])
         assert torch.equal(cached["encoder_hidden_states"][row], cache[prompt]["encoder_hidden_states"])
     assert not torch.equal(cache[captions[0]]["encoder_hidden_states"], cache[captions[1]]["encoder_hidden_states"])
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_validation_grids_guide_the_base_and_not_the_distilled_model(distilled, instance_dir, tmp_path):
+    # The grid's pipeline is built from the live components; it takes is_distilled from model_index.json as
+    # from_pretrained does: [klein] base runs two transformer passes per step (classifier-free), distilled one.
+    model = save_tiny_flux2_pipeline(tmp_path / "model", is_distilled=distilled)
+    cfg = make_cfg(model, instance_dir, tmp_path / "run", validation_guidance_scale=4.0, validation_inference_steps=2,
+                   num_validation_images=1)
+    models = M.load_models(cfg)
+    calls = []
+    forward = models.denoiser.forward
+    models.denoiser.forward = lambda **kw: calls.append(1) or forward(**kw)
+    render_validation(models, models.denoiser, models.text_encoders, ["sks dog"], cfg, tmp_path / "grid.png",
+                      contextlib.nullcontext())
+    assert len(calls) == (2 if distilled else 4) and (tmp_path / "grid.png").is_file()
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
