@@ -1,4 +1,4 @@
-"""FLUX.2 [klein] (Black Forest Labs, 2026): a flow-matching transformer with one Qwen3 text encoder.
+"""FLUX.2 [klein] (Black Forest Labs; 4 B and 9 B): a flow-matching transformer with one Qwen3 text encoder.
 
 The Flux2Transformer2DModel denoises tokens of 2x2-patchified 32-channel latents ([B, H/2 * W/2, 128]), each
 with a position id (0, row, col, 0); the text is Qwen3's hidden states 9, 18 and 27 of the prompt in its chat
@@ -20,8 +20,8 @@ from transformers import Qwen2Tokenizer, Qwen3ForCausalLM
 
 from ..errors import InputError
 from .base import Models, dtype_kw, transformer_layers_problem, vae_scale_factor
-from .flux import class_sampler_config, draw_timesteps, loss_weighting, noisy_and_target, validation_scheduler  # noqa: F401  (the flow-matching objective and sampler, FLUX.1's)
-from .flux import activation_bytes as _flux_activation_bytes
+from .flux import (activation_bytes, class_sampler_config, draw_timesteps, loss_weighting,  # noqa: F401  (FLUX.1's flow-matching
+                   noisy_and_target, validation_scheduler)  # objective, sampler and activation estimate: not calibrated on a GPU)
 
 NAME = "flux2"
 LABEL = "FLUX.2 [klein]"
@@ -149,12 +149,6 @@ def predict(denoiser, noisy: torch.Tensor, t: torch.Tensor, cond: dict) -> torch
                    encoder_hidden_states=text, txt_ids=Flux2KleinPipeline._prepare_text_ids(text).to(noisy.device),
                    img_ids=Flux2KleinPipeline._prepare_latent_ids(noisy).to(noisy.device), return_dict=False)[0]
     return out.permute(0, 2, 1).reshape(b, c, h, w)
-
-
-def activation_bytes(denoiser_config: dict, images: int, resolution: int, dtype_bytes: int, checkpointing: bool,
-                     vae_factor: int, text_tokens: int = 512) -> float:
-    """FLUX.1's estimate (tokens x width x blocks; not calibrated on a GPU)."""
-    return _flux_activation_bytes(denoiser_config, images, resolution, dtype_bytes, checkpointing, vae_factor, text_tokens)
 
 
 def lora_fit_problem(shapes: dict[str, list[int]], model: str, revision: str | None) -> str | None:
