@@ -16,6 +16,8 @@ from dreambooth_lib.toyworld import oracle as orc
 from dreambooth_lib.toyworld import render
 from dreambooth_lib.toyworld.tokenizer import all_captions, build_tokenizer, rare_tokens
 
+SUBJECTS_DIR = Path(__file__).resolve().parents[1] / "data" / "subjects"
+
 
 @pytest.fixture(scope="module")
 def oracle():
@@ -36,6 +38,29 @@ def test_render_is_deterministic_in_spec_and_seed():
     x1, specs1 = render.render_dataset(4, seed=3)
     x2, specs2 = render.render_dataset(4, seed=3)
     assert np.array_equal(x1, x2) and specs1 == specs2
+
+
+def test_pictures_without_subjects_render_as_when_the_toy_model_was_pretrained():
+    """data/toy_model's pretraining set is rendered from seeds: adding subjects must not move a pixel of
+    it. The hash was taken at commit 74e3b57 (two subjects), before the six later subjects were added;
+    a Pillow that draws or resizes differently fails here too, and then pretraining is not reproducible."""
+    import hashlib
+
+    pixels, specs = render.render_dataset(200, seed=2)  # pretrain.py renders its set with render_dataset
+    assert all(s.subject is None for s in specs)
+    assert hashlib.sha256(pixels.tobytes()).hexdigest() == "f934857b8f8ae4fdcd9a2bae32fa1b7541fe49cdb5a5e479f550fb28e316f128"
+
+
+def test_committed_subject_photos_are_five_renders_per_subject(tmp_path):
+    folders = render.write_subject_images(tmp_path)
+    assert sorted(folders) == sorted(p.name for p in SUBJECTS_DIR.iterdir() if p.is_dir()) == sorted(render.SUBJECTS)
+    assert len(render.SUBJECTS) >= 8 and set(v["cls"] for v in render.SUBJECTS.values()) == set(render.CLASSES)
+    assert len(render.lookalike_pairs()) >= 2  # same class and colour, only the marking differs
+    for name, folder in folders.items():
+        fresh, committed = sorted(folder.glob("*.png")), sorted((SUBJECTS_DIR / name).glob("*.png"))
+        assert [p.name for p in committed] == [f"{i:02d}.png" for i in range(5)], name
+        for a, b in zip(fresh, committed, strict=True):
+            assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), b
 
 
 def test_tokenizer_round_trips_captions_and_rare_tokens_are_unused(tmp_path):

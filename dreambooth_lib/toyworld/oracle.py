@@ -319,6 +319,15 @@ def _accuracy(net: OracleNet, pixels: torch.Tensor, labels: torch.Tensor) -> dic
     is_subject = labels[:, -1] != subj
     out["subject_false_positive"] = round(float((pred[~is_subject] != subj).float().mean()), 4)
     out["subject_recall"] = round(float((pred[is_subject] == labels[is_subject, -1]).float().mean()), 4)
+    names = LABELS["subject"]
+
+    def share(true: str, called: str) -> float:  # of the pictures of `true`, the share called `called`
+        return round(float((pred[labels[:, -1] == names.index(true)] == names.index(called)).float().mean()), 4)
+
+    out["subject_recall_per_subject"] = {name: share(name, name) for name in names[1:]}
+    # the fine-grained case: how often a subject is called its look-alike (same class and colour)
+    out["lookalike_confusion"] = {f"{a} -> {b}": share(a, b) for x, y in render.lookalike_pairs()
+                                  for a, b in ((x, y), (y, x))}
     return out
 
 
