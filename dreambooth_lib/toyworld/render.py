@@ -292,7 +292,7 @@ def _draw_marking(img: Image.Image, d: ImageDraw.ImageDraw, spec: Spec, u: float
         d.ellipse([cx - rr, cy - rr, cx + rr, cy + rr], outline=white, width=int(1.4 * u))
     elif marking == "white_dots" and spec.cls == "cube":  # two dots on the front face, diagonal (a die's 2)
         a = r * 0.62
-        fx, fy, k, rr = cx - a * 0.22, cy + a * 0.4, a * 0.38, 0.26 * a
+        fx, fy, k, rr = cx - a * 0.22, cy + a * 0.4, a * 0.38, 0.32 * a
         for x, y in ((fx - k, fy - k), (fx + k, fy + k)):
             d.ellipse([x - rr, y - rr, x + rr, y + rr], fill=white, outline=edge, width=int(0.5 * u))
     elif marking == "white_dots":  # two dots side by side, like eyes
