@@ -559,5 +559,6 @@ def base_eval(oracle: Oracle, model: str | Path, n: int = 8, guidance_scale: flo
         followed={k: round(float(np.mean(v)), 4) for k, v in hits.items()},
         subject_share=round(float(np.mean([p["subject"] != "none" for p in preds])), 4),
         per_prompt=per_prompt,
-        subjects=base_subject_eval(oracle, pipe, n, guidance_scale, steps, seed) if per_subject else None,
+        subjects=base_subject_eval(oracle, pipe, n, guidance_scale, steps, seed, log=lambda *_: None)  # stdout is JSON
+        if per_subject else None,
     )

@@ -282,7 +282,10 @@ def _draw_marking(img: Image.Image, d: ImageDraw.ImageDraw, spec: Spec, u: float
     marking = SUBJECTS[spec.subject]["marking"]
     white, edge = (255, 255, 255), (40, 40, 40)
     if marking in ("white_band", "white_stripe"):  # a band across the body, dark-edged, cut to the silhouette
-        for colour, h in ((edge, 0.17 * r + 0.6 * u), (white, 0.17 * r)):
+        # the horizontal band is wide: a white area, not a pair of lines that a horizon seen through a
+        # generated object could mimic (a 0.34 r band: the oracle called 8 of 144 base-model stars banded)
+        half = 0.25 * r if marking == "white_band" else 0.17 * r
+        for colour, h in ((edge, half + 0.6 * u), (white, half)):
             band = Image.new("L", img.size, 0)
             box = [0, cy - h, w, cy + h] if marking == "white_band" else [cx - h, 0, cx + h, w]
             ImageDraw.Draw(band).rectangle(box, fill=255)
