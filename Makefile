@@ -59,7 +59,7 @@ pretrain: install
 	$(PY) -m dreambooth_lib.toyworld pretrain --out runs/toy_model_cycle1
 	$(PY) -m dreambooth_lib.toyworld pretrain --init runs/toy_model_cycle1 --seed 1 --steps 3400 --lr 1.5e-4
 
-# Several processes on a CPU (README, "Scaling out"): the demo's fine-tune (4 instance + 4 class pictures
+# Several processes on a CPU (docs/scaling_out.md): the demo's fine-tune (4 instance + 4 class pictures
 # per step) as 2 gloo processes of 2 + 2 each. `accelerate launch --cpu --num_processes 2` would start ONE
 # process (accelerate's simple launcher; several CPU processes need MPI there); `--multi_gpu` starts them
 # with torchrun, and ACCELERATE_USE_CPU=true makes them gloo CPU processes. Extra flags: ARGS="--max_train_steps 20".

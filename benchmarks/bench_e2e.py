@@ -7,7 +7,7 @@
 
 A random-weight pipeline folder is saved once (SD1.5: ~4.3 GB fp32 in --model-dir, reused by later runs;
 its build time is not part of the end-to-end time), 5 random 512 px "photos" stand in for the subject,
-then the clock runs over `train.class_image_paths` (the class images, as train() makes them) and
+then the clock runs over `class_images.class_image_paths` (the class images, as train() makes them) and
 `train.train(cfg)` (which finds those images, loads the models, caches, trains and saves the weights).
 The config names are bench_train.py's ("-compile" sets TrainConfig.compile = "unet").
 
@@ -31,7 +31,7 @@ import torch
 from bench_train import parse_name
 from PIL import Image
 
-from dreambooth_lib import data, train
+from dreambooth_lib import class_images, data, train, validate
 from dreambooth_lib.tiny import save_tiny_pipeline
 
 DEFAULT_MODEL_DIRS = {"sd": Path(tempfile.gettempdir()) / "dreambooth_bench_sd15",
@@ -91,11 +91,11 @@ def main(argv=None) -> int:
         cfg.identifier, cfg.num_class_images, cfg.max_train_steps = "sks", n_class, steps
         cfg.class_batch_size = args.class_batch_size or (2 if args.smoke else 8)
         cfg.class_inference_steps = 2 if args.smoke else 50
-        data.validate_config(cfg)
+        validate.validate_config(cfg)
         _, class_prompt = data.build_prompts(cfg, cfg.identifier)
 
         started = time.perf_counter()
-        train.class_image_paths(cfg, class_prompt)
+        class_images.class_image_paths(cfg, class_prompt)
         class_s = time.perf_counter() - started
         summary = train.train(cfg)
         total_s = time.perf_counter() - started

@@ -5,7 +5,7 @@
     python benchmarks/bench_generate.py --smoke               # tiny model on the CPU (fp32), for CI
 
 Images come from `dreambooth_lib.sample.generate`, the batched pipeline call with one seeded CPU
-generator per image that the library's class-image generator (`data.ensure_class_images`) also makes;
+generator per image that the library's class-image generator (`class_images.ensure_class_images`) also makes;
 PNG writing is left out here (bench_e2e.py times the whole class-image path, files included).
 One batch is generated untimed first (cuDNN/cuBLAS warm-up), then --images images per batch size.
 """

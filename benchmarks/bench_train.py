@@ -8,8 +8,8 @@
     python benchmarks/bench_train.py --list                   # config names
 
 Design: models are built in-process with random weights (SD1.5's architecture, or `dreambooth_lib.tiny`
-with --smoke), wrapped in the library's `train.Models` and set up by `train.prepare_training`; each timed
-step is `train.train_step`, the body of `train.train`'s loop (so the numbers are the library's, with its
+with --smoke), wrapped in the library's `families.Models` and set up by `train.prepare_training`; each timed
+step is `step.train_step`, the body of `train.train`'s loop (so the numbers are the library's, with its
 one host sync per step for the NaN check). "cached" = cache_latents; text embeddings are cached whenever
 the text encoder is frozen, as in train(). `train(cfg)` itself is timed end to end by bench_e2e.py.
 Batch: 1 instance + 1 class image (prior preservation), like train().
@@ -37,7 +37,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from dreambooth_lib import train
+from dreambooth_lib import memory, models, step, train
 from dreambooth_lib.config import TrainConfig
 
 # Method: what is trained and how (lr only matters for the optimizer's arithmetic, not its speed).
@@ -118,7 +118,7 @@ def parse_name(name: str, smoke: bool, resolution: int | None = None, cpu: bool 
     return cfg, method, compiled, cached, note
 
 
-def build_state(cfg: TrainConfig, smoke: bool, workdir: Path, n_images: int = 4) -> train.TrainingState:
+def build_state(cfg: TrainConfig, smoke: bool, workdir: Path, n_images: int = 4) -> step.TrainingState:
     """Random-weight models and pixels through the library's own train.prepare_training (as train() does)."""
     accelerator = train.make_accelerator(cfg)
     parts = common.build_components(smoke, workdir, accelerator.device, cfg.seed, family=cfg.model_family)
@@ -131,7 +131,7 @@ def build_state(cfg: TrainConfig, smoke: bool, workdir: Path, n_images: int = 4)
                                   ["a photo of sks dog"] * n_images, cls, "a photo of a dog")
 
 
-def count_flops(state: train.TrainingState) -> float:
+def count_flops(state: step.TrainingState) -> float:
     """FLOPs of one step as the model defines them: checkpointing is switched off while counting, so
     recomputed forwards are not counted (MFU, not hardware utilisation)."""
     cfg, unet, text_encoder = state.cfg, state.models.unet, state.models.text_encoder
@@ -147,7 +147,7 @@ def count_flops(state: train.TrainingState) -> float:
     try:
         with counter:
             # eager, even when timing a compiled unet or step
-            train.train_step(dataclasses.replace(state, unet=state.trained[0], loss_fn=train.noised_loss), step=0)
+            step.train_step(dataclasses.replace(state, unet=state.trained[0], loss_fn=step.noised_loss), step=0)
     finally:
         del state.optimizer.step  # the instance attribute shadowed the method
     if checkpointing:
@@ -167,20 +167,20 @@ def run_config(name: str, smoke: bool, warmup: int, steps: int, count: bool = Tr
     flops = count_flops(state) if count else None
     started = time.perf_counter()
     for s in tqdm(range(1, warmup + 1), desc=f"{name} warm-up", leave=False):
-        train.train_step(state, s)
+        step.train_step(state, s)
     common.synchronize(device)
     warmup_s = time.perf_counter() - started
     common.reset_memory(device)  # steady state only: the counting step above ran without checkpointing
     losses = []
     started = time.perf_counter()
     for s in tqdm(range(warmup + 1, warmup + steps + 1), desc=f"{name} timed", leave=False):
-        losses.append(train.train_step(state, s)["loss"])
+        losses.append(step.train_step(state, s)["loss"])
     common.synchronize(device)
     elapsed = time.perf_counter() - started
     steps_per_s = steps / elapsed
     peaks = common.peak_memory_gb(device)  # before profiling, whose steps are not part of the steady state
     first = warmup + steps + 1
-    profiled = common.profile_steps(lambda i: train.train_step(state, first + i), profile, device) if profile else {}
+    profiled = common.profile_steps(lambda i: step.train_step(state, first + i), profile, device) if profile else {}
     env = common.environment(device)
     value, mfu_note = common.mfu(flops, steps_per_s, env["device"], cfg.mixed_precision) if flops else (None, "not counted")
     trainable = sum(p.numel() for p in state.params)
@@ -188,8 +188,8 @@ def run_config(name: str, smoke: bool, warmup: int, steps: int, count: bool = Tr
         kind="train", status="ok", config=name, smoke=smoke, note=note,
         method=method, mixed_precision=cfg.mixed_precision, cached=cached, compiled=compiled, resolution=cfg.resolution,
         images_per_step=2 * cfg.train_batch_size, gradient_checkpointing=state.memory_plan.gradient_checkpointing,
-        optimizer=train.optimizer_name(state.optimizer), trainable_parameters=trainable,
-        channels_last=train.use_channels_last(cfg.channels_last, device), compile=cfg.compile,
+        optimizer=models.optimizer_name(state.optimizer), trainable_parameters=trainable,
+        channels_last=memory.use_channels_last(cfg.channels_last, device), compile=cfg.compile,
         compile_mode=cfg.compile_mode, compile_backend=cfg.compile_backend, memory_plan=state.memory_plan.reason,
         warmup_steps=warmup, warmup_s=warmup_s, timed_steps=steps, timed_s=elapsed, steps_per_s=steps_per_s,
         images_per_s=steps_per_s * 2 * cfg.train_batch_size, losses_finite=all(map(math.isfinite, losses)),

@@ -38,7 +38,7 @@ from diffusers import (  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
 
 from dreambooth_lib.tiny import TINY_WORDS, build_tiny_components, write_clip_tokenizer  # noqa: E402
-from dreambooth_lib.train import Models  # noqa: E402
+from dreambooth_lib.families import Models  # noqa: E402
 
 RESULTS_DIR = REPO / "benchmarks" / "results"
 
@@ -141,7 +141,7 @@ def build_components(smoke: bool, workdir: str | Path, device, seed: int = 0, fa
 
 
 def training_models(parts: dict) -> Models:
-    """The library's Models bundle, frozen like train.load_models leaves them (the caller unfreezes)."""
+    """The library's Models bundle, frozen like models.load_models leaves them (the caller unfreezes)."""
     sdxl = "text_encoder_2" in parts
     for name in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if sdxl else ()):
         parts[name].requires_grad_(False)

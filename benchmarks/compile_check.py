@@ -6,7 +6,7 @@
 The tests hold the compiled step with the `aot_eager` backend (same graphs, no generated kernels), because
 inductor takes minutes to compile the tiny model's step on this 2-core CPU. This script runs inductor itself.
 Each config trains the tiny model (`dreambooth_lib.tiny`, 32 px, fp32, lr 1e-3, no prior) for 3 steps through
-`train.prepare_training` + `train.train_step` in a fresh process with an empty inductor cache, and is compared
+`train.prepare_training` + `step.train_step` in a fresh process with an empty inductor cache, and is compared
 with the eager run of the same optimizer / checkpointing / layout:
 
 - `loss_rel_diff`: |compiled - eager| / eager per step;
@@ -16,7 +16,7 @@ with the eager run of the same optimizer / checkpointing / layout:
 - `compile_s`: first step's wall time minus the median of the later (compiled, warm) steps.
 
 Config names: `{off|step|unet|blocks}-{adamw|adamw8bit}[-gc][-cl][-unfixed]`: `gc` = gradient checkpointing,
-`cl` = channels_last=True, `unfixed` = without `train.compile_options`' CPU workaround (inductor's layout
+`cl` = channels_last=True, `unfixed` = without `compiled.compile_options`' CPU workaround (inductor's layout
 optimization left on, as before the fix): reproduces the bug the workaround avoids.
 
 `--minimal nchw` (or `nchw-no-layout-opt`, `channels-last-no-layout-opt`) runs the bug's five-block reproduction
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dreambooth_lib import data, train
+from dreambooth_lib import compiled, data, models, step, train
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.tiny import save_tiny_pipeline
 
@@ -82,24 +82,24 @@ def child(name: str, assets: Path, out: Path) -> None:
     """One config: 3 steps; losses, first-step gradients, weights and step times into `out` (torch.save)."""
     p = parse(name)
     if p["unfixed"]:  # the compile arguments as before the CPU workaround
-        train.compile_options = lambda cfg, device: dict(backend=cfg.compile_backend, mode=cfg.compile_mode)
+        compiled.compile_options = lambda cfg, device: dict(backend=cfg.compile_backend, mode=cfg.compile_mode)
     cfg = TrainConfig(pretrained_model=str(assets / "model"), instance_dir=str(assets / "photos"), class_noun="dog",
                       identifier="sks", resolution=32, with_prior_preservation=False, max_train_steps=STEPS,
                       learning_rate=1e-3, mixed_precision="no", optimizer=p["optimizer"],
                       gradient_checkpointing=p["gradient_checkpointing"], channels_last=p["channels_last"],
                       compile=p["compile"], compile_backend="inductor", compile_check=False,
                       output_dir=str(out.parent / "run"))
-    tokenizer = train.load_tokenizer(cfg)
+    tokenizer = models.load_tokenizer(cfg)
     images = data.load_instance_images(cfg.instance_dir, cfg.resolution)
-    values = train.pixel_values([im.image for im in images], cfg, torch.Generator().manual_seed(0))
-    state = train.prepare_training(cfg, train.load_models(cfg), train.make_accelerator(cfg), tokenizer, values,
+    values = data.pixel_values([im.image for im in images], cfg, torch.Generator().manual_seed(0))
+    state = train.prepare_training(cfg, models.load_models(cfg), train.make_accelerator(cfg), tokenizer, values,
                                    ["a photo of sks dog"] * len(values), log=lambda _: None)
     grads, real_step = [], state.optimizer.step
     state.optimizer.step = lambda *a, **k: grads.append([q.grad.clone() for q in state.params]) or real_step(*a, **k)
     losses, times = [], []
-    for step in range(STEPS):
+    for i in range(STEPS):
         started = time.perf_counter()
-        losses.append(train.train_step(state, step)["loss"])
+        losses.append(step.train_step(state, i)["loss"])
         times.append(time.perf_counter() - started)
     names = {id(q): n for n, q in state.models.unet.named_parameters()}
     torch.save(dict(losses=losses, times=times, grads=grads[0], names=[names[id(q)] for q in state.params],

@@ -10,7 +10,7 @@ the H200 run of 2026-11-27: ~7,000 launches per step left the GPU idle half the 
 counts them per step on the CPU too, deterministically for a given torch version: a change that adds
 per-tensor Python loops or extra casts shows here without a GPU. One step is profiled after two
 warm-up steps (the optimizer creates its state on the first), through the benchmark's own
-`bench_train.build_state` + `train.train_step`, i.e. the library's training step.
+`bench_train.build_state` + `step.train_step`, i.e. the library's training step.
 
 A "+levers" suffix applies issue 11's levers explicitly on the CPU (where "auto" keeps them off):
 channels_last, torch AdamW (fused: one optimizer call per step) and no gradient checkpointing.
@@ -33,7 +33,7 @@ from pathlib import Path
 import common
 from bench_train import build_state, parse_name
 
-from dreambooth_lib import train
+from dreambooth_lib import memory, models, step
 
 RESULTS = common.RESULTS_DIR / "op_counts.json"
 MARGIN = 0.05  # counts may grow 5 % (a library update's noise) before the test fails; today's runs repeat exactly
@@ -53,12 +53,12 @@ def count_config(name: str, smoke: bool = True, resolution: int | None = None) -
         cfg = dataclasses.replace(cfg, **LEVERS_ON_CPU)
     with tempfile.TemporaryDirectory() as workdir:
         state = build_state(cfg, smoke, Path(workdir))
-    for step in range(WARMUP):
-        train.train_step(state, step)
-    summary = common.profile_steps(lambda i: train.train_step(state, WARMUP + i), 1, "cpu")
-    return {**{k: summary[k] for k in COUNTS}, "optimizer": train.optimizer_name(state.optimizer),
+    for i in range(WARMUP):
+        step.train_step(state, i)
+    summary = common.profile_steps(lambda i: step.train_step(state, WARMUP + i), 1, "cpu")
+    return {**{k: summary[k] for k in COUNTS}, "optimizer": models.optimizer_name(state.optimizer),
             "gradient_checkpointing": state.memory_plan.gradient_checkpointing,
-            "channels_last": train.use_channels_last(cfg.channels_last, "cpu"), "compile": cfg.compile,
+            "channels_last": memory.use_channels_last(cfg.channels_last, "cpu"), "compile": cfg.compile,
             "mixed_precision": cfg.mixed_precision, "resolution": cfg.resolution}
 
 

@@ -85,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def peak_memory() -> dict:
-    from .train import peak_memory as measure  # imported late: keeps `--help` fast
+    from .memory import peak_memory as measure  # imported late: keeps `--help` fast
     return measure()
 
 
@@ -99,10 +99,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_class_images(args) -> int:
-    from . import data, distributed, families
-    from .train import class_image_paths
+    from . import distributed, families
+    from .class_images import class_image_paths
+    from .validate import validate_class_image_config
     cfg = families.with_native_resolution(config_from_args(args))
-    class_prompt = data.validate_class_image_config(cfg)  # no subject photos needed, unlike train
+    class_prompt = validate_class_image_config(cfg)  # no subject photos needed, unlike train
     families.check(cfg)
     started = time.time()
     main = distributed.process_state().is_main_process
@@ -145,13 +146,7 @@ def cmd_export_lora(args) -> int:
 
 
 def cmd_evaluate(argv: list[str]) -> int:
-    try:
-        evaluate = importlib.import_module(f"{__package__}.evaluate")  # lazy: written separately, heavy imports
-    except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.evaluate":
-            raise
-        print("evaluate: dreambooth_lib/evaluate.py is not part of this checkout yet", file=sys.stderr)
-        return 2
+    evaluate = importlib.import_module(f"{__package__}.evaluate")  # imported late: heavy imports
     return evaluate.main(argv) or 0
 
 
@@ -194,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["evaluate"]:  # the evaluate module owns its own flags
         return cmd_evaluate(argv[1:])
     args = build_parser().parse_args(argv)
-    from .data import InputError
-    from .train import SaveFailed, TrainingDiverged
+    from .errors import InputError, SaveFailed, TrainingDiverged
     try:
         return {"train": cmd_train, "class-images": cmd_class_images, "sample": cmd_sample,
                 "export-lora": cmd_export_lora}[args.command](args)

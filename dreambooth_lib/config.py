@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-# The project's own pretrained toy base model: the embedded default (see README, "toy world").
+# The project's own pretrained toy base model: the embedded default (see docs/toy_world.md).
 TOY_MODEL_DIR = str(Path(__file__).resolve().parent.parent / "data" / "toy_model")
 
 

@@ -2,8 +2,8 @@
 
 accelerate runs one copy of the program per process (one per GPU; gloo processes on a CPU). Every copy
 loads the models and runs the same code; what differs per process is which items it works on:
-class images (data.ensure_class_images: image i by index, each with its own seed), training batches
-(train.batch_indices: one data stream dealt to the processes; DDP averages the gradients) and the
+class images (class_images.ensure_class_images: image i by index, each with its own seed), training batches
+(step.batch_indices: one data stream dealt to the processes; DDP averages the gradients) and the
 evaluation prompts (evaluate.evaluate_run). The main process alone writes checkpoints, weights and
 tables. This module holds the small pieces that are about processes rather than DreamBooth: checking
 that the launch gave the processes that were asked for, every process's RNG state for an exact resume,
@@ -21,7 +21,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object, parse_flag_from_env
 
-from .data import InputError
+from .errors import InputError
 
 CPU_LAUNCH = "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 -m dreambooth_lib train ..."
 

@@ -25,7 +25,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import InputError, load_instance_images
+from .data import load_instance_images
+from .errors import InputError
 from .metrics import (
     CLIP_ID,
     DINO_ID,

@@ -8,7 +8,7 @@ The keys are converted by diffusers' own utilities (`convert_unet_state_dict_to_
 for every component in the file (unet, text_encoder, text_encoder_2), so SD 1.x/2.x and SDXL LoRAs
 go through one path. Two things diffusers' converter does not know, and we add:
 - the alphas: it writes alpha = rank, but an adapter trained with another lora_alpha has the scale
-  alpha / rank, which the file's LoraConfig metadata records (train.save_weights writes it);
+  alpha / rank, which the file's LoraConfig metadata records (weights.save_weights writes it);
 - the text encoders' `text_model.` level: transformers >= 5 dropped it from CLIPTextModel's module
   names, while kohya names (lora_te1_text_model_encoder_layers_0_...) come from the classic layout
   (diffusers strips it again when it loads such a file).
@@ -23,8 +23,9 @@ from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from diffusers.utils import convert_state_dict_to_kohya, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 from safetensors.torch import save_file
 
-from .data import InputError
-from .train import LORA_WEIGHTS, publish
+from .errors import InputError
+from .fsio import publish
+from .weights import LORA_WEIGHTS
 
 FORMATS = ("kohya",)
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")

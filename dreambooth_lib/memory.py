@@ -12,7 +12,10 @@ full fine-tune 10.00 GB without checkpointing (estimate 13.2), 9.54 GB with (est
 from __future__ import annotations
 
 import math
+import resource
 from dataclasses import asdict, dataclass
+
+import torch
 
 GB = 1e9
 HEADROOM = 0.9  # share of free memory an estimate may fill: the rest for fragmentation and cuDNN/cuBLAS workspaces
@@ -121,3 +124,27 @@ def class_batch_size(free_bytes: float | None, unet_config: dict, resolution: in
     if fit < 1:
         return 1
     return min(CLASS_BATCH_MAX, 2 ** int(math.log2(fit)))  # a power of two: stable kernels, even shards
+
+
+# --- dtypes and layouts ---------------------------------------------------------------------------
+
+# Precision names of the config -> torch dtypes: mixed_precision says "no" for fp32, the rest "fp32".
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return DTYPES[precision]
+
+
+def use_channels_last(setting: bool | str, device) -> bool:
+    """channels_last resolved: "auto" = on CUDA (cuDNN's native layout), off elsewhere."""
+    return torch.device(device).type == "cuda" if setting == "auto" else bool(setting)
+
+
+def peak_memory() -> dict:
+    """Peak tensor memory, and (CUDA) what the caching allocator reserved: the part nvidia-smi shows."""
+    if torch.cuda.is_available():
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20, "memory": "cuda max_memory_allocated",
+                "peak_memory_reserved_mb": torch.cuda.max_memory_reserved() / 2**20}
+    return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "memory": "process peak RSS",
+            "peak_memory_reserved_mb": None}

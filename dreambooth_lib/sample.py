@@ -14,16 +14,18 @@ from pathlib import Path
 
 import torch
 import transformers
-from diffusers import DiffusionPipeline, UNet2DConditionModel
+from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, UNet2DConditionModel
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from . import families
-from .data import InputError
-
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file train.py writes and load_lora_weights reads
+from .checkpoint import STATE_JSON, check_checkpoint
+from .config import TrainConfig
+from .errors import InputError
+from .families import Models, as_tuple
+from .weights import LORA_WEIGHTS
 
 
 def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=None, dtype=None,
@@ -41,11 +43,10 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     parts, revision, folder = {}, None, Path(model)
-    checkpoint = (folder / "training_state.json").is_file()
+    checkpoint = (folder / STATE_JSON).is_file()
     if checkpoint:  # checkpoint-N: trained parts here, the rest from the base model it was trained from
-        from .train import check_checkpoint  # (train imports this module)
         check_checkpoint(folder)  # a damaged file is named, with the checkpoint to use instead
-        config = json.loads((folder / "training_state.json").read_text())["config"]
+        config = json.loads((folder / STATE_JSON).read_text())["config"]
         model, revision = config["pretrained_model"], config.get("revision")
         model_family = config.get("model_family", model_family)
         vae_model = vae_model or config.get("vae_model")
@@ -209,3 +210,31 @@ def _grid(images, rows, cols, labels, path):
     if path is not None:
         return save_grid(images, rows, cols, path, labels)
     return make_image_grid([_label(im, t) for im, t in zip(images, labels)], rows=rows, cols=cols)
+
+
+@torch.no_grad()
+def render_validation(models: Models, unet, text_encoder, tokenizer, prompts: list[str], cfg: TrainConfig,
+                      path: Path, autocast) -> Path:
+    """Grid (one row per prompt, seeds 0..n-1) from the in-memory models: no reload, no weight copy.
+    text_encoder: the (unwrapped) text encoder, or a tuple of the family's."""
+    family, encoders = families.get(models.family), as_tuple(text_encoder)
+    tokenizers = (tokenizer, models.tokenizer_2)[:len(encoders)]
+    pipe = family.PIPELINE(
+        vae=models.vae, unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(models.noise_scheduler.config),
+        **dict(zip(family.TEXT_ENCODERS, encoders)), **dict(zip(family.TOKENIZERS, tokenizers)), **family.PIPELINE_EXTRAS)
+    pipe.set_progress_bar_config(disable=True)
+    n = cfg.num_validation_images
+    modules = (unet, *encoders)
+    was_training = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    # fork_rng: rendering must not move the global RNG that LoRA dropout draws from (exact resume).
+    with autocast, torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+        images = generate(pipe, [p for p in prompts for _ in range(n)], list(range(n)) * len(prompts),
+                          guidance_scale=cfg.validation_guidance_scale,
+                          num_inference_steps=cfg.validation_inference_steps, progress=False)
+    for m, flag in zip(modules, was_training):
+        m.train(flag)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_image_grid(images, rows=len(prompts), cols=n).save(path)
+    return path

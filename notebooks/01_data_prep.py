@@ -71,7 +71,7 @@ import warnings
 import matplotlib.pyplot as plt
 from PIL import Image
 
-from dreambooth_lib import data, families, train
+from dreambooth_lib import class_images, data, families, models, validate
 from dreambooth_lib.config import TOY_MODEL_DIR, TrainConfig
 from dreambooth_lib.sample import save_grid
 
@@ -139,9 +139,9 @@ cfg = TrainConfig(
     num_class_images=NUM_CLASS_IMAGES, class_inference_steps=CLASS_INFERENCE_STEPS,
     class_dir=str(RUNS / "class_images" / f"{Path(MODEL).name}-{CLASS_NOUN}"),
 )
-tokenizer = train.load_tokenizer(cfg)
+tokenizer = models.load_tokenizer(cfg)
 cfg.identifier = data.resolve_identifier(tokenizer, IDENTIFIER or None, exclude=[CLASS_NOUN])
-data.validate_config(cfg)  # every check that needs no model: prompts, settings, an old class folder's manifest
+validate.validate_config(cfg)  # every check that needs no model: prompts, settings, an old class folder's manifest
 instance_prompt, class_prompt = data.build_prompts(cfg, cfg.identifier)
 print(f"instance prompt: {instance_prompt!r}\nclass prompt:    {class_prompt!r}")
 
@@ -152,7 +152,7 @@ print(f"instance prompt: {instance_prompt!r}\nclass prompt:    {class_prompt!r}"
 # You can also put your own class photos in an empty folder and set `class_dir` to it.
 
 # %%
-class_paths = train.class_image_paths(cfg, class_prompt)
+class_paths = class_images.class_image_paths(cfg, class_prompt)
 preview = [Image.open(p).convert("RGB") for p in class_paths[:8]]
 save_grid(preview, 1, len(preview), IMAGES / "class_images.png")
 plt.figure(figsize=(2.2 * len(preview), 2.4))

@@ -55,7 +55,7 @@ MODEL = ""  #@param {type:"string"}
 # (resolution follows the model; another model than notebook 01's gets its own class images)
 METHOD = "lora"  #@param ["lora", "full"]
 LORA_RANK = 0  #@param {type:"slider", min:0, max:64, step:1}
-# 0 = auto: 32 on the toy model (swept, see README), 4 on Stable Diffusion
+# 0 = auto: 32 on the toy model (swept, see docs/toy_world.md), 4 on Stable Diffusion
 TRAIN_TEXT_ENCODER = True  #@param {type:"boolean"}
 # needed for the text-encoder LoRA scale of notebook 03
 MAX_TRAIN_STEPS = 0  #@param {type:"integer"}

@@ -15,9 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+import dreambooth_lib.class_images as CI
+import dreambooth_lib.step as S
 import dreambooth_lib.train as T
 from dreambooth_lib import __main__ as cli
-from dreambooth_lib import data, distributed, evaluate
+from dreambooth_lib import distributed, evaluate
 
 # The settings both the 2-process run and the test's 1-process reference use.
 CLASS_ARGS = ["--resolution", "32", "--class_noun", "dog", "--identifier", "sks", "--num_class_images", "5",
@@ -40,7 +42,7 @@ def main(root: Path, model: str, instance_dir: str, dino: str, clip: str) -> Non
     calls: dict[str, list] = {}
     T.save_checkpoint = record(calls, "save_checkpoint", T.save_checkpoint, lambda out, step, *a, **k: step)
     T.save_final = record(calls, "save_final", T.save_final, lambda out, *a, **k: str(out))
-    data._generate = record(calls, "class_images", data._generate, lambda indices, *a, **k: list(indices))
+    CI._generate = record(calls, "class_images", CI._generate, lambda indices, *a, **k: list(indices))
     evaluate.generate = record(calls, "eval_prompts", evaluate.generate, lambda pipe, prompt, *a, **k: prompt)
     evaluate.save_results = record(calls, "save_results", evaluate.save_results, lambda *a, **k: True)
     started = time.time()
@@ -49,7 +51,7 @@ def main(root: Path, model: str, instance_dir: str, dino: str, clip: str) -> Non
         if rank == 0:
             print(f"worker: {what} done at {time.time() - started:.1f} s", flush=True)
 
-    real_step = T.train_step
+    real_step = S.train_step
     kill_at = []  # a step index: both processes die there (as if killed after the checkpoint before it)
 
     def train_step(state, step):

@@ -14,21 +14,18 @@ import torch
 from PIL import Image, ImageFile
 
 from dreambooth_lib.config import TrainConfig
+from dreambooth_lib.class_images import ClassImageManifest, class_image_dtype, ensure_class_images, weights_fingerprint
 from dreambooth_lib.data import (
-    class_image_dtype,
-    ClassImageManifest,
     DreamBoothDataset,
     InputError,
     build_prompts,
     collate_examples,
-    ensure_class_images,
     instance_prompts_for,
     load_instance_images,
     preprocess_image,
     resolve_identifier,
-    validate_config,
-    weights_fingerprint,
 )
+from dreambooth_lib.validate import validate_config
 from dreambooth_lib.tiny import TINY_WORDS, write_clip_tokenizer
 from conftest import write_photos
 

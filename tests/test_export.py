@@ -13,6 +13,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import dreambooth_lib.weights as W
 import dreambooth_lib.train as T
 from dreambooth_lib import __main__ as cli
 from dreambooth_lib.config import TrainConfig
@@ -51,7 +52,7 @@ def test_kohya_file_holds_every_tensor_under_kohya_names_with_alphas(lora_run, c
     assert cli.main(["export-lora", str(lora_run), "--format", "kohya"]) == 0
     out = lora_run / "dog_kohya.safetensors"
     assert str(out) in capsys.readouterr().out
-    ours, kohya = load_file(lora_run / T.LORA_WEIGHTS), load_file(out)
+    ours, kohya = load_file(lora_run / W.LORA_WEIGHTS), load_file(out)
     assert any(k.startswith("text_encoder.") for k in ours) and any(k.startswith("unet.") for k in ours)
     assert all(KOHYA_KEY.match(k) for k in kohya), [k for k in kohya if not KOHYA_KEY.match(k)][:3]
     # Every LoRA tensor, under its kohya name, bit for bit; nothing else but one alpha per adapted layer.
@@ -71,10 +72,10 @@ def test_diffusers_loads_the_kohya_file_back_to_the_same_adapters_and_images(lor
     out = export_lora(lora_run, tmp_path / "sks_dog.safetensors")
     # diffusers' own kohya -> diffusers conversion: the alphas come back as network alphas.
     state, alphas = StableDiffusionPipeline.lora_state_dict(str(tmp_path), weight_name=out.name)
-    assert alphas and set(alphas.values()) == {8.0} and len(state) == len(load_file(lora_run / T.LORA_WEIGHTS))
+    assert alphas and set(alphas.values()) == {8.0} and len(state) == len(load_file(lora_run / W.LORA_WEIGHTS))
 
     pipes = {}
-    for name, folder, weight in (("ours", lora_run, T.LORA_WEIGHTS), ("kohya", tmp_path, out.name)):
+    for name, folder, weight in (("ours", lora_run, W.LORA_WEIGHTS), ("kohya", tmp_path, out.name)):
         pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
         pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name="subject")
         pipe.set_progress_bar_config(disable=True)
@@ -107,7 +108,7 @@ def test_sdxl_lora_exports_and_loads_back_in_stock_sdxl(tiny_sdxl_dir, tmp_path)
     kohya = load_file(out)
     assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"} and all(KOHYA_KEY.match(k) for k in kohya)
     pipes = []
-    for folder, weight in ((tmp_path / "xl", T.LORA_WEIGHTS), (out.parent, out.name)):
+    for folder, weight in ((tmp_path / "xl", W.LORA_WEIGHTS), (out.parent, out.name)):
         pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
         pipe.load_lora_weights(str(folder), weight_name=weight, adapter_name="subject")
         pipe.set_progress_bar_config(disable=True)

@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 
+import dreambooth_lib.models as M
+import dreambooth_lib.validate as V
 import dreambooth_lib.train as T
 from dreambooth_lib import data, families
 from dreambooth_lib.config import TOY_MODEL_DIR, TrainConfig
@@ -28,7 +30,7 @@ def test_unknown_or_missing_models_fail_with_what_to_do(tiny_model_dir, tmp_path
     with pytest.raises(data.InputError, match="no model_index.json"):
         families.detect(str(tmp_path))
     with pytest.raises(data.InputError, match="model_family = 'flux': use 'auto'"):
-        data.validate_config(TrainConfig(model_family="flux", instance_dir=str(instance_dir), class_noun="dog"))
+        V.validate_config(TrainConfig(model_family="flux", instance_dir=str(instance_dir), class_noun="dog"))
     # train() stops at the family, before loading a tokenizer or a model.
     cfg = TrainConfig(pretrained_model=str(flux), instance_dir=str(instance_dir), class_noun="dog",
                       output_dir=str(tmp_path / "run"), resolution=32)
@@ -40,11 +42,11 @@ def test_unknown_or_missing_models_fail_with_what_to_do(tiny_model_dir, tmp_path
 def test_prepare_training_refuses_models_of_another_family(tiny_model_dir, tmp_path, instance_dir):
     cfg = TrainConfig(pretrained_model=str(tiny_model_dir), instance_dir=str(instance_dir), resolution=32,
                       with_prior_preservation=False)
-    models = T.load_models(cfg)
+    models = M.load_models(cfg)
     assert models.family == "sd" and models.text_encoders == (models.text_encoder,)
     models.family = "sdxl"  # as if built by another family's loader
     with pytest.raises(data.InputError, match="set model_family"):
-        T.prepare_training(cfg, models, T.make_accelerator(cfg), T.load_tokenizer(cfg), [], [])
+        T.prepare_training(cfg, models, T.make_accelerator(cfg), M.load_tokenizer(cfg), [], [])
 
 
 def test_resolution_follows_the_model_unless_set(tmp_path, instance_dir):

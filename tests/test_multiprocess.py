@@ -1,6 +1,6 @@
 """Two gloo processes under `accelerate launch` give one process's results (one launch, several checks).
 
-The launch line is the one the README and `make train-2proc` give for CPUs:
+The launch line is the one docs/scaling_out.md and `make train-2proc` give for CPUs:
     ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 ...
 """
 
@@ -18,7 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dreambooth_lib.train as T
+import dreambooth_lib.checkpoint as CK
+import dreambooth_lib.weights as W
+from dreambooth_lib.config import TrainConfig
 from dreambooth_lib import __main__ as cli
 from dreambooth_lib import data, distributed, evaluate
 from dreambooth_lib.tiny import save_tiny_clip, save_tiny_dino
@@ -95,20 +97,20 @@ def test_resumed_two_process_run_equals_uninterrupted_one(launched):
     # Gradients are averaged across processes (DDP, text encoder included): the weights agree before every step.
     sums = [calls["param_sums"] for calls in launched["calls"]]
     assert len(sums[0]) == 6 + 3 + 3 and sums[0] == sums[1] and len(set(sums[0][:6])) == 6
-    a, b = load_file(root / "whole" / T.LORA_WEIGHTS), load_file(root / "cut" / T.LORA_WEIGHTS)
+    a, b = load_file(root / "whole" / W.LORA_WEIGHTS), load_file(root / "cut" / W.LORA_WEIGHTS)
     assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
     # Both processes' RNG states are in the checkpoint and differ (LoRA dropout draws differently on each),
     # so restoring rank 0's state on both could not have reproduced the run.
-    state = json.loads((root / "whole" / "checkpoint-3" / T.STATE_JSON).read_text())
-    tensors = load_file(root / "whole" / "checkpoint-3" / T.STATE_TENSORS)
-    rng = T._decode(state["rng"], tensors)
+    state = json.loads((root / "whole" / "checkpoint-3" / CK.STATE_JSON).read_text())
+    tensors = load_file(root / "whole" / "checkpoint-3" / CK.STATE_TENSORS)
+    rng = CK.decode_state(state["rng"], tensors)
     assert state["num_processes"] == len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
     assert "processes: 2 (MULTI_CPU" in launched["stdout"] and "x 2 processes" in launched["stdout"]
     # A checkpoint of 2 processes is refused by 1, before anything is loaded.
     with pytest.raises(data.InputError, match="written by a run of 2 process"):
-        T.resolve_resume(T.TrainConfig(resume=str(root / "whole" / "checkpoint-3")), num_processes=1)
+        CK.resolve_resume(TrainConfig(resume=str(root / "whole" / "checkpoint-3")), num_processes=1)
 
 
 def test_outputs_are_written_once_by_the_main_process(launched):
@@ -117,7 +119,7 @@ def test_outputs_are_written_once_by_the_main_process(launched):
     assert calls[0]["save_results"] == [True]
     assert not {"save_checkpoint", "save_final", "save_results"} & set(calls[1])
     for run in ("whole", "cut"):
-        assert sorted(p.name for p in (root / run).iterdir()) == ["checkpoint-3", "checkpoint-6", T.LORA_WEIGHTS,
+        assert sorted(p.name for p in (root / run).iterdir()) == ["checkpoint-3", "checkpoint-6", W.LORA_WEIGHTS,
                                                                   "summary.json"]
     assert launched["stdout"].count("summary: ") == 2  # whole + resumed: printed once per run, not once per process
 
@@ -164,22 +166,22 @@ def test_training_state_holds_every_process_rng_and_reads_the_older_format(tmp_p
         for seed in (1, 2):
             torch.manual_seed(seed)
             states.append(distributed.rng_state())
-        T.save_training_state(tmp_path, 5, opt, sched, [], T.TrainConfig(), states)
+        CK.save_training_state(tmp_path, 5, opt, sched, [], TrainConfig(), states)
         for rank in (0, 1):  # each process gets its own state back
             torch.manual_seed(99)
-            assert T.load_training_state(tmp_path, opt, sched, rank, num_processes=2)[0] == 5
+            assert CK.load_training_state(tmp_path, opt, sched, rank, num_processes=2)[0] == 5
             assert torch.equal(torch.get_rng_state(), states[rank]["torch"])
         with pytest.raises(data.InputError, match="written by a run of 2 process"):
-            T.load_training_state(tmp_path, opt, sched)
+            CK.load_training_state(tmp_path, opt, sched)
         # A checkpoint written before several processes were stored: flat keys, one process.
-        state = json.loads((tmp_path / T.STATE_JSON).read_text())
+        state = json.loads((tmp_path / CK.STATE_JSON).read_text())
         del state["rng"], state["num_processes"]
         state |= dict(rng_python=states[1]["python"], rng_numpy=states[1]["numpy"])
-        tensors = {k: v for k, v in load_file(tmp_path / T.STATE_TENSORS).items() if not k.startswith("rng.")}
-        save_file(tensors | {"rng.torch": states[1]["torch"]}, tmp_path / T.STATE_TENSORS)
-        (tmp_path / T.STATE_JSON).write_text(json.dumps(state))
+        tensors = {k: v for k, v in load_file(tmp_path / CK.STATE_TENSORS).items() if not k.startswith("rng.")}
+        save_file(tensors | {"rng.torch": states[1]["torch"]}, tmp_path / CK.STATE_TENSORS)
+        (tmp_path / CK.STATE_JSON).write_text(json.dumps(state))
         torch.manual_seed(99)
-        assert T.checkpoint_processes(tmp_path) == 1 and T.load_training_state(tmp_path, opt, sched)[0] == 5
+        assert CK.checkpoint_processes(tmp_path) == 1 and CK.load_training_state(tmp_path, opt, sched)[0] == 5
         assert torch.equal(torch.get_rng_state(), states[1]["torch"])
     finally:
         distributed.set_rng_state(saved)

@@ -8,6 +8,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
+import dreambooth_lib.checkpoint as CK
+import dreambooth_lib.models as M
+import dreambooth_lib.weights as W
 import dreambooth_lib.train as T
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.sample import generate, load_pipeline, lora_scale_grid, save_grid, scale_guidance_grid, set_lora_scales
@@ -29,7 +32,7 @@ def lora_dir(tiny_model_dir, tmp_path, request):
     cfg = TrainConfig(pretrained_model=str(tiny_model_dir), use_lora=True, train_text_encoder=True,
                       lora_unet_modules=request.param)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
-    T.add_lora(pipe.unet, pipe.text_encoder, cfg)
+    M.add_lora(pipe.unet, pipe.text_encoder, cfg)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in [*pipe.unet.named_parameters(), *pipe.text_encoder.named_parameters()]:
@@ -37,7 +40,7 @@ def lora_dir(tiny_model_dir, tmp_path, request):
                 p.normal_(0, 0.5)  # gaussian init leaves B = 0 (a no-op adapter)
     pipe.set_progress_bar_config(disable=True)
     in_memory = generate(pipe, PROMPT, [0, 1], num_inference_steps=2, progress=False)
-    T.save_weights(tmp_path / "lora", pipe.unet, pipe.text_encoder, cfg)
+    W.save_weights(tmp_path / "lora", pipe.unet, pipe.text_encoder, cfg)
     return tmp_path / "lora", in_memory
 
 
@@ -88,10 +91,10 @@ def test_a_lora_trained_with_dropout_samples_without_it(tiny_model_dir, tmp_path
 
     cfg = TrainConfig(pretrained_model=str(tiny_model_dir), use_lora=True, train_text_encoder=True, lora_dropout=0.5)
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
-    T.add_lora(pipe.unet, pipe.text_encoder, cfg)
+    M.add_lora(pipe.unet, pipe.text_encoder, cfg)
     named = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
     StableDiffusionLoraLoaderMixin.save_lora_weights(
-        tmp_path, **{f"{n}_lora_layers": T.lora_layers(m) for n, m in named.items()},
+        tmp_path, **{f"{n}_lora_layers": W.lora_layers(m) for n, m in named.items()},
         **{f"{n}_lora_adapter_metadata": m.peft_config["default"].to_dict() for n, m in named.items()})
     pipe = load_pipeline(tiny_model_dir, lora_dir=tmp_path, device="cpu")
     dropouts = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Dropout) and m.p == 0.5]
@@ -110,11 +113,11 @@ def test_a_damaged_lora_file_or_checkpoint_is_named_before_sampling(tiny_model_d
     cfg = make_cfg(tiny_model_dir, tmp_path / "photos", tmp_path / "run", use_lora=True, max_train_steps=2,
                    checkpointing_steps=1)
     T.train(cfg, progress=False)
-    lora_file = tmp_path / "run" / T.LORA_WEIGHTS
+    lora_file = tmp_path / "run" / W.LORA_WEIGHTS
     lora_file.write_bytes(lora_file.read_bytes()[:100])
     with pytest.raises(InputError, match=f"LoRA {lora_file} is cut short or corrupt"):
         load_pipeline(tiny_model_dir, lora_dir=tmp_path / "run", device="cpu")
-    state = tmp_path / "run" / "checkpoint-2" / T.STATE_TENSORS
+    state = tmp_path / "run" / "checkpoint-2" / CK.STATE_TENSORS
     state.write_bytes(b"")
     with pytest.raises(InputError, match=f"checkpoint {state.parent} is damaged.*checkpoint-1"):
         load_pipeline(state.parent, device="cpu")

@@ -11,6 +11,12 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
+import dreambooth_lib.checkpoint as CK
+import dreambooth_lib.class_images as CI
+import dreambooth_lib.models as M
+import dreambooth_lib.step as S
+import dreambooth_lib.validate as V
+import dreambooth_lib.weights as W
 import dreambooth_lib.train as T
 from dreambooth_lib import data, families
 from dreambooth_lib.config import TrainConfig
@@ -30,9 +36,9 @@ def make_cfg(model, instance_dir, out, **kw) -> TrainConfig:
 def test_conditioning_and_time_ids_are_what_the_sdxl_pipeline_builds(tiny_sdxl_dir, instance_dir):
     cfg = make_cfg(tiny_sdxl_dir, instance_dir, "unused")
     assert families.detect(str(tiny_sdxl_dir)) == "sdxl" and families.native_resolution(str(tiny_sdxl_dir)) == 32
-    models, tokenizer = T.load_models(cfg), T.load_tokenizer(cfg)
+    models, tokenizer = M.load_models(cfg), M.load_tokenizer(cfg)
     assert models.family == "sdxl" and models.tokenizer_2.pad_token == "!"
-    ours = T.encode_prompts(*T.text_stack(models, tokenizer), PROMPTS)
+    ours = S.encode_prompts(*S.text_stack(models, tokenizer), PROMPTS)
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     embeds, _, pooled, _ = pipe.encode_prompt(PROMPTS, device="cpu", do_classifier_free_guidance=False)
     assert ours["encoder_hidden_states"].shape == (3, 16, 16 + 24) and ours["text_embeds"].shape == (3, 20)
@@ -41,7 +47,7 @@ def test_conditioning_and_time_ids_are_what_the_sdxl_pipeline_builds(tiny_sdxl_d
 
     # A 48x40 photo at 32 px: short side 40 -> 32, width 48 -> 38; the centre crop starts 3 px in.
     photo = data.load_instance_images(instance_dir, 32)[0].image
-    _, sizes = T.pixels_and_sizes([photo], cfg, None)
+    _, sizes = data.pixels_and_sizes([photo], cfg, None)
     assert sizes == [[40, 48, 0, 3, 32, 32]]
     expected = pipe._get_add_time_ids((40, 48), (0, 3), (32, 32), torch.float32,
                                       text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
@@ -54,18 +60,18 @@ def test_conditioning_and_time_ids_are_what_the_sdxl_pipeline_builds(tiny_sdxl_d
 
 def test_cached_conditioning_equals_uncached_and_rows_stay_paired(tiny_sdxl_dir, instance_dir):
     cfg = make_cfg(tiny_sdxl_dir, instance_dir, "unused", center_crop=False)
-    models, tokenizer = T.load_models(cfg), T.load_tokenizer(cfg)
+    models, tokenizer = M.load_models(cfg), M.load_tokenizer(cfg)
     images = [im.image for im in data.load_instance_images(instance_dir, 32)]
     images[1] = images[1].resize((32, 64))  # a tall one: its crop moves vertically
-    pixels, sizes = T.pixels_and_sizes(images, cfg, torch.Generator().manual_seed(3))
+    pixels, sizes = data.pixels_and_sizes(images, cfg, torch.Generator().manual_seed(3))
     assert len({tuple(s) for s in sizes}) > 1  # the rows are told apart by their sizes too
     captions = ["a photo of sks dog", "sks dog on grass", "sks dog in snow", "sks dog at the beach"]
-    latents = T.cache_latents(models.vae, pixels, seed=0)
+    latents = S.cache_latents(models.vae, pixels, seed=0)
     dataset = data.DreamBoothDataset(latents, captions, latents[:1], "a photo of a dog", sizes, [[32, 32, 0, 0, 32, 32]])
     batch = data.collate_examples([dataset[i] for i in (2, 1, 0)], with_prior=True)
-    cache = T.cache_text_embeddings(*T.text_stack(models, tokenizer), captions + ["a photo of a dog"])
-    z, cached = T.latents_and_conditioning(batch, models, tokenizer, cache, True, torch.Generator(), "cpu")
-    _, uncached = T.latents_and_conditioning(batch, models, tokenizer, None, True, torch.Generator(), "cpu")
+    cache = S.cache_text_embeddings(*S.text_stack(models, tokenizer), captions + ["a photo of a dog"])
+    z, cached = S.latents_and_conditioning(batch, models, tokenizer, cache, True, torch.Generator(), "cpu")
+    _, uncached = S.latents_and_conditioning(batch, models, tokenizer, None, True, torch.Generator(), "cpu")
     torch.testing.assert_close(cached["encoder_hidden_states"], uncached["encoder_hidden_states"])
     torch.testing.assert_close(cached["added_cond_kwargs"], uncached["added_cond_kwargs"])
     assert batch["prompts"] == [captions[2], captions[1], captions[0]] + ["a photo of a dog"] * 3
@@ -81,21 +87,21 @@ def test_cached_conditioning_equals_uncached_and_rows_stay_paired(tiny_sdxl_dir,
 def test_short_runs_lower_the_loss_on_a_fixed_batch(mode, tiny_sdxl_dir, instance_dir, tmp_path):
     extra = dict(learning_rate=2e-3) if mode == "full" else dict(use_lora=True, lora_rank=8, learning_rate=2e-2)
     cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, train_text_encoder=True, **extra)
-    tokenizer = T.load_tokenizer(cfg)
-    pixels, sizes = T.pixels_and_sizes([im.image for im in data.load_instance_images(instance_dir, 32)], cfg, None)
-    state = T.prepare_training(cfg, T.load_models(cfg), T.make_accelerator(cfg), tokenizer, pixels,
+    tokenizer = M.load_tokenizer(cfg)
+    pixels, sizes = data.pixels_and_sizes([im.image for im in data.load_instance_images(instance_dir, 32)], cfg, None)
+    state = T.prepare_training(cfg, M.load_models(cfg), T.make_accelerator(cfg), tokenizer, pixels,
                                ["a photo of sks dog"] * 4, log=lambda _: None, instance_sizes=sizes)
     batch = data.collate_examples([state.dataset[i] for i in range(4)], with_prior=False)
 
     def fixed_loss() -> float:  # the same 4 items, noise draws and timesteps every time
         with torch.no_grad():
-            z, c = T.latents_and_conditioning(batch, state.models, tokenizer, None, True, torch.Generator(), "cpu")
-            return sum(float(T.diffusion_loss(state.unet, state.models.noise_scheduler, z, c, cfg, False,
+            z, c = S.latents_and_conditioning(batch, state.models, tokenizer, None, True, torch.Generator(), "cpu")
+            return sum(float(S.diffusion_loss(state.unet, state.models.noise_scheduler, z, c, cfg, False,
                                               torch.Generator().manual_seed(seed))[0]) for seed in range(4)) / 4
 
     losses = [fixed_loss()]
     for step in range(8):
-        T.train_step(state, step)
+        S.train_step(state, step)
         if step % 2:
             losses.append(fixed_loss())
     # Measured on this tiny model: full 1.12 -> 0.86, LoRA 1.12 -> 1.03, falling at every check.
@@ -108,9 +114,9 @@ def test_lora_run_resumes_exactly_and_loads_in_stock_sdxl_pipeline(tiny_sdxl_dir
                   class_dir=str(tmp_path / "class"), learning_rate=1e-2, lr_scheduler="linear", optimizer="adamw8bit")
     whole = T.train(make_cfg(tiny_sdxl_dir, instance_dir, tmp_path / "whole", **common), progress=False)
     assert "AdamW8bit" in whole["optimizer"]
-    manifest = json.loads((tmp_path / "class" / data.MANIFEST_NAME).read_text())
+    manifest = json.loads((tmp_path / "class" / CI.MANIFEST_NAME).read_text())
     assert manifest["family"] == "sdxl"
-    real_save = T.save_checkpoint
+    real_save = CK.save_checkpoint
 
     def save_then_die(output_dir, step, *args, **kw):
         path = real_save(output_dir, step, *args, **kw)
@@ -124,7 +130,7 @@ def test_lora_run_resumes_exactly_and_loads_in_stock_sdxl_pipeline(tiny_sdxl_dir
     monkeypatch.setattr(T, "save_checkpoint", real_save)
     resumed = T.train(make_cfg(tiny_sdxl_dir, instance_dir, tmp_path / "cut", resume="latest", **common), progress=False)
     assert [h["loss"] for h in resumed["loss_history"]] == pytest.approx([h["loss"] for h in whole["loss_history"]], abs=1e-6)
-    a, b = load_file(tmp_path / "whole" / T.LORA_WEIGHTS), load_file(tmp_path / "cut" / T.LORA_WEIGHTS)
+    a, b = load_file(tmp_path / "whole" / W.LORA_WEIGHTS), load_file(tmp_path / "cut" / W.LORA_WEIGHTS)
     assert {k.split(".")[0] for k in a} == {"unet", "text_encoder", "text_encoder_2"} and a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
@@ -174,21 +180,21 @@ def test_sdxl_bad_input_fails_before_model_work(tiny_sdxl_dir, tiny_model_dir, i
     # A class folder made by an SD model is refused for an SDXL run, naming the family.
     class_dir = tmp_path / "class"
     class_dir.mkdir()
-    (class_dir / data.MANIFEST_NAME).write_text(json.dumps(dict(
-        model=str(tiny_sdxl_dir), model_weights=data.weights_fingerprint(str(tiny_sdxl_dir)), family="sd",
+    (class_dir / CI.MANIFEST_NAME).write_text(json.dumps(dict(
+        model=str(tiny_sdxl_dir), model_weights=CI.weights_fingerprint(str(tiny_sdxl_dir)), family="sd",
         vae_model=None, class_prompt="a photo of a dog")))
     with pytest.raises(data.InputError, match="family: folder has 'sd', this run wants 'sdxl'"):
-        data.validate_config(make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, with_prior_preservation=True,
+        V.validate_config(make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, with_prior_preservation=True,
                                       class_dir=str(class_dir)))
     # A LoRA of one family on the other's base model, either way round.
     sd_cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, train_text_encoder=True)
-    sd_models = T.load_models(sd_cfg)
-    T.add_lora(sd_models.unet, sd_models.text_encoders, sd_cfg)
-    T.save_weights(tmp_path / "sd_lora", sd_models.unet, sd_models.text_encoders, sd_cfg)
+    sd_models = M.load_models(sd_cfg)
+    M.add_lora(sd_models.unet, sd_models.text_encoders, sd_cfg)
+    W.save_weights(tmp_path / "sd_lora", sd_models.unet, sd_models.text_encoders, sd_cfg)
     xl_cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, use_lora=True)
-    xl_models = T.load_models(xl_cfg)
-    T.add_lora(xl_models.unet, xl_models.text_encoders, xl_cfg)
-    T.save_weights(tmp_path / "xl_lora", xl_models.unet, xl_models.text_encoders, xl_cfg)
+    xl_models = M.load_models(xl_cfg)
+    M.add_lora(xl_models.unet, xl_models.text_encoders, xl_cfg)
+    W.save_weights(tmp_path / "xl_lora", xl_models.unet, xl_models.text_encoders, xl_cfg)
     with pytest.raises(data.InputError, match=r"not trained on .*\(sdxl\): its UNet cross-attention takes \[16\]-wide"):
         load_pipeline(tiny_sdxl_dir, lora_dir=tmp_path / "sd_lora", device="cpu")
     with pytest.raises(data.InputError, match=r"\(sd\): its UNet cross-attention takes \[40\]-wide"):
@@ -196,24 +202,24 @@ def test_sdxl_bad_input_fails_before_model_work(tiny_sdxl_dir, tiny_model_dir, i
 
 
 def test_vae_precision_and_a_separate_vae(tiny_sdxl_dir, instance_dir, tmp_path):
-    xl = T.load_models(make_cfg(tiny_sdxl_dir, instance_dir, tmp_path))
+    xl = M.load_models(make_cfg(tiny_sdxl_dir, instance_dir, tmp_path))
     cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path)
-    assert T.vae_precision(cfg, families.sdxl, xl.vae, torch.float16)[0] == torch.float32  # force_upcast honoured
-    assert T.vae_precision(cfg, families.sdxl, xl.vae, torch.bfloat16)[0] == torch.bfloat16  # bf16 does not overflow
-    assert T.vae_precision(cfg, families.sd, xl.vae, torch.float16)[0] == torch.float16  # SD pipelines ignore it
+    assert M.vae_precision(cfg, families.sdxl, xl.vae, torch.float16)[0] == torch.float32  # force_upcast honoured
+    assert M.vae_precision(cfg, families.sdxl, xl.vae, torch.bfloat16)[0] == torch.bfloat16  # bf16 does not overflow
+    assert M.vae_precision(cfg, families.sd, xl.vae, torch.float16)[0] == torch.float16  # SD pipelines ignore it
     forced = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, vae_precision="fp16")
-    assert T.vae_precision(forced, families.sdxl, xl.vae, torch.float16)[0] == torch.float16
+    assert M.vae_precision(forced, families.sdxl, xl.vae, torch.float16)[0] == torch.float16
     # A fixed VAE (force_upcast off) named by vae_model is the one loaded, and runs in fp16.
     fixed = type(xl.vae).from_config({**xl.vae.config, "force_upcast": False})
     fixed.save_pretrained(tmp_path / "fixed_vae")
     cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path / "run", vae_model=str(tmp_path / "fixed_vae"), max_train_steps=1,
                    with_prior_preservation=True, num_class_images=1, class_inference_steps=1)
-    models = T.load_models(cfg)
+    models = M.load_models(cfg)
     assert torch.equal(models.vae.encoder.conv_in.weight, fixed.encoder.conv_in.weight)
-    assert T.vae_precision(cfg, families.sdxl, models.vae, torch.float16)[0] == torch.float16
+    assert M.vae_precision(cfg, families.sdxl, models.vae, torch.float16)[0] == torch.float16
     # A full run with it: the class images' manifest names it, and the saved pipeline carries it.
     T.train(cfg, progress=False)
-    manifest = json.loads((tmp_path / "run" / "class_images" / data.MANIFEST_NAME).read_text())
+    manifest = json.loads((tmp_path / "run" / "class_images" / CI.MANIFEST_NAME).read_text())
     assert manifest["vae_model"] == str(tmp_path / "fixed_vae") and manifest["family"] == "sdxl"
     saved = StableDiffusionXLPipeline.from_pretrained(tmp_path / "run").vae
     assert saved.config.force_upcast is False and torch.equal(saved.encoder.conv_in.weight, fixed.encoder.conv_in.weight)
@@ -225,15 +231,15 @@ def test_sample_cli_scales_and_evaluate_on_an_sdxl_lora(tiny_sdxl_dir, instance_
     from dreambooth_lib.tiny import save_tiny_clip, save_tiny_dino
 
     cfg = make_cfg(tiny_sdxl_dir, instance_dir, tmp_path, use_lora=True, train_text_encoder=True)
-    models = T.load_models(cfg)
-    T.add_lora(models.unet, models.text_encoders, cfg)
+    models = M.load_models(cfg)
+    M.add_lora(models.unet, models.text_encoders, cfg)
     torch.manual_seed(1)
     with torch.no_grad():
         for module in (models.unet, *models.text_encoders):
             for name, p in module.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.5)  # as if trained (gaussian init leaves B = 0)
-    T.save_weights(tmp_path / "lora", models.unet, models.text_encoders, cfg)
+    W.save_weights(tmp_path / "lora", models.unet, models.text_encoders, cfg)
 
     def grid(name: str, *scales: str) -> np.ndarray:
         argv = ["sample", "--model", str(tiny_sdxl_dir), "--lora_dir", str(tmp_path / "lora"), "--prompt", PROMPTS[0],

@@ -10,6 +10,8 @@ import json
 import pytest
 import torch
 
+import dreambooth_lib.checkpoint as CK
+import dreambooth_lib.models as M
 import dreambooth_lib.train as T
 from dreambooth_lib import data
 from dreambooth_lib.config import TrainConfig
@@ -34,7 +36,7 @@ def test_torchao_8bit_states_survive_a_checkpoint(tmp_path, monkeypatch):
     whole = torch.nn.Linear(128, 64, bias=False)  # 8,192 elements: 8-bit states
 
     def make(model):
-        opt = T.make_optimizer([{"params": list(model.parameters()), "lr": 1e-2}], TrainConfig(optimizer="adamw8bit-torchao"))
+        opt = M.make_optimizer([{"params": list(model.parameters()), "lr": 1e-2}], TrainConfig(optimizer="adamw8bit-torchao"))
         return opt, get_scheduler("linear", opt, num_warmup_steps=0, num_training_steps=10)
 
     def step(model, opt, sched):
@@ -45,21 +47,21 @@ def test_torchao_8bit_states_survive_a_checkpoint(tmp_path, monkeypatch):
     for _ in range(2):
         step(whole, opt, sched)
     assert type(opt.state[whole.weight]["exp_avg"]) is OptimState8bit
-    T.save_training_state(tmp_path, 2, opt, sched, [], TrainConfig())
+    CK.save_training_state(tmp_path, 2, opt, sched, [], TrainConfig())
     resumed = torch.nn.Linear(128, 64, bias=False)
     resumed.load_state_dict(whole.state_dict())
     opt_r, sched_r = make(resumed)
-    assert T.load_training_state(tmp_path, opt_r, sched_r) == (2, [])
+    assert CK.load_training_state(tmp_path, opt_r, sched_r) == (2, [])
     assert type(opt_r.state[resumed.weight]["exp_avg"]) is OptimState8bit
     for _ in range(2):
         step(whole, opt, sched), step(resumed, opt_r, sched_r)
     for a, b in zip(whole.parameters(), resumed.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     # A file can only name the known optimizer-state classes: nothing else is imported on load.
-    state = json.loads((tmp_path / T.STATE_JSON).read_text())
-    (tmp_path / T.STATE_JSON).write_text(json.dumps(state).replace("torchao.optim.subclass_8bit.OptimState8bit", "os.system"))
+    state = json.loads((tmp_path / CK.STATE_JSON).read_text())
+    (tmp_path / CK.STATE_JSON).write_text(json.dumps(state).replace("torchao.optim.subclass_8bit.OptimState8bit", "os.system"))
     with pytest.raises(data.InputError, match="unknown tensor class 'os.system'"):
-        T.load_training_state(tmp_path, *make(torch.nn.Linear(128, 64, bias=False)))
+        CK.load_training_state(tmp_path, *make(torch.nn.Linear(128, 64, bias=False)))
 
 
 def test_torchao_run_resumes_like_an_uninterrupted_one(tiny_model_dir, instance_dir, tmp_path, monkeypatch):

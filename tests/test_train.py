@@ -12,10 +12,20 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+import dreambooth_lib.checkpoint as CK
+import dreambooth_lib.class_images as CI
+import dreambooth_lib.compiled as CO
+import dreambooth_lib.disk as DK
+import dreambooth_lib.errors as E
+import dreambooth_lib.fsio as FS
+import dreambooth_lib.models as M
+import dreambooth_lib.step as S
+import dreambooth_lib.weights as W
 import dreambooth_lib.train as T
-from dreambooth_lib import data
+from dreambooth_lib import data, memory
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.sample import load_pipeline
 
@@ -42,7 +52,7 @@ def test_resume_equals_uninterrupted_run(mode, tiny_model_dir, instance_dir, tmp
     whole = T.train(make_cfg(tiny_model_dir, instance_dir, tmp_path / "whole", validation_steps=3, **common),
                     progress=False)
 
-    real_save = T.save_checkpoint
+    real_save = CK.save_checkpoint
 
     def save_then_die(output_dir, step, *args, **kw):  # the process is killed right after checkpoint-3
         path = real_save(output_dir, step, *args, **kw)
@@ -64,8 +74,8 @@ def test_resume_equals_uninterrupted_run(mode, tiny_model_dir, instance_dir, tmp
         start = unet_weights(tiny_model_dir)
         assert any(not torch.equal(start[k], a[k]) for k in a)  # training changed the weights
     else:
-        a = load_file(tmp_path / "whole" / T.LORA_WEIGHTS)
-        b = load_file(cut / T.LORA_WEIGHTS)
+        a = load_file(tmp_path / "whole" / W.LORA_WEIGHTS)
+        b = load_file(cut / W.LORA_WEIGHTS)
         assert any(k.startswith("text_encoder.") for k in a) and any(k.startswith("unet.") for k in a)
     assert a.keys() == b.keys()
     for k in a:
@@ -81,43 +91,43 @@ def test_lora_resume_really_reloads_weights(tiny_model_dir, instance_dir, tmp_pa
     cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / "run", use_lora=True, train_text_encoder=True,
                    max_train_steps=2, checkpointing_steps=2)
     T.train(cfg, progress=False)
-    saved = load_file(tmp_path / "run" / "checkpoint-2" / T.LORA_WEIGHTS)
-    models = T.load_models(cfg)
-    T.add_lora(models.unet, models.text_encoder, cfg)
-    fresh = {"unet." + k: v.clone() for k, v in T.lora_layers(models.unet).items()}
-    T.load_weights(tmp_path / "run" / "checkpoint-2", models.unet, models.text_encoder, cfg)
-    now = {"unet." + k: v for k, v in T.lora_layers(models.unet).items()}
-    now |= {"text_encoder." + k: v for k, v in T.lora_layers(models.text_encoder).items()}
+    saved = load_file(tmp_path / "run" / "checkpoint-2" / W.LORA_WEIGHTS)
+    models = M.load_models(cfg)
+    M.add_lora(models.unet, models.text_encoder, cfg)
+    fresh = {"unet." + k: v.clone() for k, v in W.lora_layers(models.unet).items()}
+    W.load_weights(tmp_path / "run" / "checkpoint-2", models.unet, models.text_encoder, cfg)
+    now = {"unet." + k: v for k, v in W.lora_layers(models.unet).items()}
+    now |= {"text_encoder." + k: v for k, v in W.lora_layers(models.text_encoder).items()}
     assert now.keys() == saved.keys()
     assert all(torch.equal(now[k], saved[k]) for k in saved)
     assert any(not torch.equal(fresh[k], saved[k]) for k in fresh)  # so the load did change something
     # A checkpoint from another LoRA shape is refused, not silently half-loaded.
     other = make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, lora_rank=2)
-    m2 = T.load_models(other)
-    T.add_lora(m2.unet, m2.text_encoder, other)
+    m2 = M.load_models(other)
+    M.add_lora(m2.unet, m2.text_encoder, other)
     with pytest.raises(data.InputError, match="lora_rank"):
-        T.load_weights(tmp_path / "run" / "checkpoint-2", m2.unet, m2.text_encoder, other)
+        W.load_weights(tmp_path / "run" / "checkpoint-2", m2.unet, m2.text_encoder, other)
 
 
 def test_checkpoints_are_atomic_and_pruned(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, instance_dir, out, checkpoints_total_limit=2)
-    models = T.load_models(cfg)
+    models = M.load_models(cfg)
     opt = torch.optim.AdamW(models.unet.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     for step in (1, 2, 3):
-        T.save_checkpoint(out, step, models.unet, models.text_encoder, opt, sched, [], cfg)
+        CK.save_checkpoint(out, step, models.unet, models.text_encoder, opt, sched, [], cfg)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-3"]  # no .tmp-* left
 
     def crash(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(T, "save_training_state", crash)
+    monkeypatch.setattr(CK, "save_training_state", crash)
     with pytest.raises(OSError):
-        T.save_checkpoint(out, 4, models.unet, models.text_encoder, opt, sched, [], cfg)
+        CK.save_checkpoint(out, 4, models.unet, models.text_encoder, opt, sched, [], cfg)
     assert not (out / "checkpoint-4").exists()
     assert (out / "checkpoint-2").exists()  # pruning happens only after a successful save
-    assert T.latest_checkpoint(out) == out / "checkpoint-3"  # a half-written .tmp-checkpoint-4 never counts
+    assert CK.latest_checkpoint(out) == out / "checkpoint-3"  # a half-written .tmp-checkpoint-4 never counts
 
 
 def record_fsyncs_and_renames(monkeypatch) -> list[tuple[str, str]]:
@@ -145,14 +155,14 @@ def test_checkpoints_and_final_weights_are_fsynced_before_and_after_the_rename(m
     out = tmp_path / "run"
     kw = dict(use_lora=True, train_text_encoder=True) if mode == "lora" else dict(train_text_encoder=True)
     cfg = make_cfg(tiny_model_dir, instance_dir, out, optimizer="adamw", **kw)
-    models = T.load_models(cfg)
+    models = M.load_models(cfg)
     if cfg.use_lora:
-        T.add_lora(models.unet, models.text_encoder, cfg)
+        M.add_lora(models.unet, models.text_encoder, cfg)
     opt = torch.optim.AdamW([p for p in models.unet.parameters() if p.requires_grad])
     opt.zero_grad()
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     events = record_fsyncs_and_renames(monkeypatch)
-    final = T.save_checkpoint(out, 5, models.unet, models.text_encoder, opt, sched, [{"step": 5, "loss": 0.5}], cfg)
+    final = CK.save_checkpoint(out, 5, models.unet, models.text_encoder, opt, sched, [{"step": 5, "loss": 0.5}], cfg)
 
     tmp = out / ".tmp-checkpoint-5"
     rename = events.index(("replace", f"{tmp} -> {final}"))
@@ -163,25 +173,25 @@ def test_checkpoints_and_final_weights_are_fsynced_before_and_after_the_rename(m
     assert ("fsync", str(out)) in events[rename + 1:]  # the rename itself
     # Read back: nothing empty, and the checkpoint holds what was saved.
     assert all(p.stat().st_size > 0 for p in final.rglob("*") if p.is_file())
-    assert T.load_training_state(final, opt, sched) == (5, [{"step": 5, "loss": 0.5}])
+    assert CK.load_training_state(final, opt, sched) == (5, [{"step": 5, "loss": 0.5}])
     if cfg.use_lora:
-        saved = load_file(final / T.LORA_WEIGHTS)
-        assert all(torch.equal(v, saved["unet." + k]) for k, v in T.lora_layers(models.unet).items())
+        saved = load_file(final / W.LORA_WEIGHTS)
+        assert all(torch.equal(v, saved["unet." + k]) for k, v in W.lora_layers(models.unet).items())
     else:
         saved = unet_weights(final)
         assert all(torch.equal(v, saved[k]) for k, v in models.unet.state_dict().items())
 
     # Final weights: flushed, then renamed into place (LoRA) or flushed where written (full pipeline).
     events.clear()
-    weights = T.save_final(out, models.unet, models.text_encoder, cfg)
+    weights = CK.save_final(out, models.unet, models.text_encoder, cfg)
     flushed = {path for kind, path in events if kind == "fsync"}
     if cfg.use_lora:
-        assert events[-2:] == [("replace", f"{out / '.tmp-final' / T.LORA_WEIGHTS} -> {weights}"), ("fsync", str(out))]
-        assert str(out / ".tmp-final" / T.LORA_WEIGHTS) in flushed and not (out / ".tmp-final").exists()
+        assert events[-2:] == [("replace", f"{out / '.tmp-final' / W.LORA_WEIGHTS} -> {weights}"), ("fsync", str(out))]
+        assert str(out / ".tmp-final" / W.LORA_WEIGHTS) in flushed and not (out / ".tmp-final").exists()
     else:
         files = [p for name in ("unet", "text_encoder", "vae") for p in (out / name).rglob("*")]
         assert files and {str(p) for p in files} <= flushed and str(out / "model_index.json") in flushed
-    T.write_text_durably(out / "summary.json", '{"steps": 5}')
+    FS.write_text_durably(out / "summary.json", '{"steps": 5}')
     assert events[-2:] == [("replace", f"{out / '.tmp-summary.json'} -> {out / 'summary.json'}"), ("fsync", str(out))]
     assert (out / "summary.json").read_text() == '{"steps": 5}'
 
@@ -189,19 +199,19 @@ def test_checkpoints_and_final_weights_are_fsynced_before_and_after_the_rename(m
 def test_optimizer_is_8bit_or_falls_back_with_a_note(monkeypatch):
     import bitsandbytes as bnb
     params = [{"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 1e-3}]
-    assert isinstance(T.make_optimizer(params, TrainConfig(optimizer="adamw8bit")), bnb.optim.AdamW8bit)
+    assert isinstance(M.make_optimizer(params, TrainConfig(optimizer="adamw8bit")), bnb.optim.AdamW8bit)
     notes = []
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import now fails
-    opt = T.make_optimizer(params, TrainConfig(optimizer="adamw8bit"), log=notes.append)
+    opt = M.make_optimizer(params, TrainConfig(optimizer="adamw8bit"), log=notes.append)
     assert type(opt) is torch.optim.AdamW and "torch.optim.AdamW" in notes[0]
 
 
 
 def test_batch_indices_deal_seeded_epoch_permutations():
-    steps = [T.batch_indices(6, 2, seed=0, micro_step=s) for s in range(3)]
+    steps = [S.batch_indices(6, 2, seed=0, micro_step=s) for s in range(3)]
     assert sorted(sum(steps, [])) == list(range(6))  # one epoch = a permutation
-    assert T.batch_indices(6, 2, 0, 4) == T.batch_indices(6, 2, 0, 4)  # pure: resume sees the same data
-    ranks = [T.batch_indices(6, 1, 0, 0, rank=r, world=2) + T.batch_indices(6, 1, 0, 1, rank=r, world=2) for r in (0, 1)]
+    assert S.batch_indices(6, 2, 0, 4) == S.batch_indices(6, 2, 0, 4)  # pure: resume sees the same data
+    ranks = [S.batch_indices(6, 1, 0, 0, rank=r, world=2) + S.batch_indices(6, 1, 0, 1, rank=r, world=2) for r in (0, 1)]
     assert sorted(ranks[0] + ranks[1]) == sorted(steps[0] + steps[1])  # 2 processes share the same stream
 
 
@@ -213,22 +223,22 @@ def test_prompts_stay_paired_with_latents(tiny_model_dir, instance_dir, tmp_path
                    num_class_images=2, class_inference_steps=1, train_batch_size=2, train_text_encoder=True,
                    max_train_steps=2)
     seen = []
-    real_encode = T.encode_prompts
-    monkeypatch.setattr(T, "encode_prompts", lambda tok, te, prompts: seen.append(list(prompts)) or real_encode(tok, te, prompts))
+    real_encode = S.encode_prompts
+    monkeypatch.setattr(S, "encode_prompts", lambda tok, te, prompts: seen.append(list(prompts)) or real_encode(tok, te, prompts))
     T.train(cfg, progress=False)
     captions = data.instance_prompts_for(data.load_instance_images(instance_dir, 32, True), cfg, "sks")
-    expected = [[captions[i] for i in T.batch_indices(4, 2, cfg.seed, s)] + ["a photo of a dog"] * 2 for s in range(2)]
+    expected = [[captions[i] for i in S.batch_indices(4, 2, cfg.seed, s)] + ["a photo of a dog"] * 2 for s in range(2)]
     assert seen == expected
 
     # The cached path: row i of (latents, text embeddings) both belong to prompts[i].
-    models = T.load_models(cfg)
-    tok = T.load_tokenizer(cfg)
-    pixels = T.pixel_values([im.image for im in data.load_instance_images(instance_dir, 32, True)], cfg, None)
-    latents = T.cache_latents(models.vae, pixels, seed=0)
+    models = M.load_models(cfg)
+    tok = M.load_tokenizer(cfg)
+    pixels = data.pixel_values([im.image for im in data.load_instance_images(instance_dir, 32, True)], cfg, None)
+    latents = S.cache_latents(models.vae, pixels, seed=0)
     dataset = data.DreamBoothDataset(latents, captions, latents[:1], "a photo of a dog")
-    cache = T.cache_text_embeddings(tok, models.text_encoder, captions + ["a photo of a dog"])
+    cache = S.cache_text_embeddings(tok, models.text_encoder, captions + ["a photo of a dog"])
     batch = data.collate_examples([dataset[i] for i in (2, 0)], with_prior=True)
-    z, c = T.latents_and_conditioning(batch, models, tok, cache, True, torch.Generator(), "cpu")
+    z, c = S.latents_and_conditioning(batch, models, tok, cache, True, torch.Generator(), "cpu")
     assert batch["prompts"] == [captions[2], captions[0], "a photo of a dog", "a photo of a dog"]
     for row, prompt in enumerate(batch["prompts"]):
         image = captions.index(prompt) if prompt in captions else 0
@@ -242,7 +252,7 @@ def test_nan_loss_stops_with_advice_and_saves_nothing(tiny_model_dir, instance_d
         pipe.unet.conv_out.bias.fill_(float("nan"))
     pipe.save_pretrained(tmp_path / "nan_model")
     cfg = make_cfg(tmp_path / "nan_model", instance_dir, tmp_path / "run", checkpointing_steps=1)
-    with pytest.raises(T.TrainingDiverged, match="lower learning_rate") as err:
+    with pytest.raises(E.TrainingDiverged, match="lower learning_rate") as err:
         T.train(cfg, progress=False)
     assert "step 1" in str(err.value)
     assert not list((tmp_path / "run").glob("*checkpoint*"))
@@ -264,7 +274,7 @@ def test_full_run_writes_a_loadable_pipeline_and_summary(tiny_model_dir, instanc
     assert any(not torch.equal(base_te[k], new_te[k]) for k in base_te)  # the text encoder was trained
 
     # save_precision fp16: the same pipeline at half the size, every tensor the fp32 one rounded to fp16
-    T.save_final(tmp_path / "half", pipe.unet, pipe.text_encoder, dataclasses.replace(cfg, save_precision="fp16"))
+    CK.save_final(tmp_path / "half", pipe.unet, pipe.text_encoder, dataclasses.replace(cfg, save_precision="fp16"))
     for part, name in [("unet", "diffusion_pytorch_model"), ("text_encoder", "model"), ("vae", "diffusion_pytorch_model")]:
         full, half = (load_file(root / part / f"{name}.safetensors") for root in (tmp_path / "run", tmp_path / "half"))
         assert full.keys() == half.keys() and all(half[k].dtype == torch.float16 for k in half), part
@@ -273,10 +283,10 @@ def test_full_run_writes_a_loadable_pipeline_and_summary(tiny_model_dir, instanc
 
 def prepared(cfg, models=None):
     """prepare_training on the tiny model with the instance photos, as train() calls it."""
-    tok = T.load_tokenizer(cfg)
+    tok = M.load_tokenizer(cfg)
     images = data.load_instance_images(cfg.instance_dir, cfg.resolution)
-    values = T.pixel_values([im.image for im in images], cfg, torch.Generator().manual_seed(0))
-    return T.prepare_training(cfg, models or T.load_models(cfg), T.make_accelerator(cfg), tok, values,
+    values = data.pixel_values([im.image for im in images], cfg, torch.Generator().manual_seed(0))
+    return T.prepare_training(cfg, models or M.load_models(cfg), T.make_accelerator(cfg), tok, values,
                               ["a photo of sks dog"] * len(values), log=lambda _: None)
 
 
@@ -296,14 +306,14 @@ def test_train_step_syncs_once_per_optimizer_step_and_stops_before_a_nan_update(
         monkeypatch.setattr(torch.Tensor, name, read)
 
     spy("tolist"), spy("item"), spy("__float__")
-    record = T.train_step(state, 0)
+    record = S.train_step(state, 0)
     assert reads == [("tolist", (3,))]  # one read of (loss, instance, prior) for 3 micro-steps
     assert record["step"] == 1 and record["prior_loss"] == 0.0 and record["loss"] == pytest.approx(record["instance_loss"])
     monkeypatch.undo()
 
     # NaN in the second of 3 micro-steps: found before the optimizer step, weights untouched.
     before = [p.detach().clone() for p in state.params]
-    real_loss = T.diffusion_loss
+    real_loss = S.diffusion_loss
     calls = []
 
     def nan_second(*a, **k):
@@ -311,15 +321,15 @@ def test_train_step_syncs_once_per_optimizer_step_and_stops_before_a_nan_update(
         loss, parts = real_loss(*a, **k)
         return (loss * float("nan"), parts) if len(calls) == 2 else (loss, parts)
 
-    monkeypatch.setattr(T, "diffusion_loss", nan_second)
-    with pytest.raises(T.TrainingDiverged, match="step 2"):
-        T.train_step(state, 1)
+    monkeypatch.setattr(S, "diffusion_loss", nan_second)
+    with pytest.raises(E.TrainingDiverged, match="step 2"):
+        S.train_step(state, 1)
     assert len(calls) == 3 and all(torch.equal(a, b) for a, b in zip(before, state.params))
 
 
 def test_prepare_training_takes_in_memory_models_and_compiles_the_unet(tiny_model_dir, instance_dir, tmp_path):
     cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, compile="unet", compile_check=False)
-    models = T.load_models(cfg)
+    models = M.load_models(cfg)
     models.unet.requires_grad_(True)  # whatever state they come in, LoRA trains only its adapters
     state = prepared(cfg, models)
     assert isinstance(state.unet, torch._dynamo.eval_frame.OptimizedModule) and state.unet._orig_mod is state.trained[0]
@@ -332,18 +342,18 @@ def test_prepare_training_takes_in_memory_models_and_compiles_the_unet(tiny_mode
     assert {p.dtype for p in state.params} == {torch.float32} and len(state.dataset) == 4 and state.text_cache
     # train() trains given models (in place) instead of loading its own.
     run_cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / "run", use_lora=True, max_train_steps=1)
-    given = T.load_models(run_cfg)
+    given = M.load_models(run_cfg)
     summary = T.train(run_cfg, progress=False, models=given)
     assert summary["steps"] == 1 and summary["seconds_per_step"] is None  # the only step was the warm-up one
-    saved = load_file(tmp_path / "run" / T.LORA_WEIGHTS)
-    assert all(torch.equal(v, saved["unet." + k]) for k, v in T.lora_layers(given.unet).items())
+    saved = load_file(tmp_path / "run" / W.LORA_WEIGHTS)
+    assert all(torch.equal(v, saved["unet." + k]) for k, v in W.lora_layers(given.unet).items())
 
 
 def test_saved_lora_loads_with_its_alpha(tiny_model_dir, instance_dir, tmp_path):
     # lora_alpha != rank: the file's metadata must carry the scale alpha / r = 2 to load_lora_weights.
     cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / "run", use_lora=True, train_text_encoder=True, lora_rank=4,
                    lora_alpha=8, max_train_steps=2, optimizer="adamw")
-    trained = T.load_models(cfg)
+    trained = M.load_models(cfg)
     T.train(cfg, progress=False, models=trained)
     pipe = load_pipeline(tiny_model_dir, lora_dir=tmp_path / "run", device="cpu")
     assert {m.scaling["subject"] for m in pipe.unet.modules() if hasattr(m, "scaling")} == {2.0}
@@ -359,7 +369,7 @@ def test_saved_lora_loads_with_its_alpha(tiny_model_dir, instance_dir, tmp_path)
 def test_seconds_per_step_excludes_the_first_step_and_checkpoints(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
     import time
 
-    real_step, real_save = T.train_step, T.save_checkpoint
+    real_step, real_save = S.train_step, CK.save_checkpoint
     real_seconds = []  # what the library's step itself took, measured here (load-independent comparison)
 
     def slow_first_step(state, step):
@@ -372,7 +382,7 @@ def test_seconds_per_step_excludes_the_first_step_and_checkpoints(tiny_model_dir
 
     monkeypatch.setattr(T, "train_step", slow_first_step)
     monkeypatch.setattr(T, "save_checkpoint", lambda *a, **k: time.sleep(0.5) or real_save(*a, **k))
-    real_cache, real_final = T.cache_text_embeddings, T.save_final
+    real_cache, real_final = S.cache_text_embeddings, CK.save_final
     monkeypatch.setattr(T, "cache_text_embeddings", lambda *a: time.sleep(0.3) or real_cache(*a))
     monkeypatch.setattr(T, "save_final", lambda *a: time.sleep(0.3) or real_final(*a))
     cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, max_train_steps=3, checkpointing_steps=1)
@@ -407,7 +417,7 @@ def steps_of(cfg, n=3):
     state = prepared(cfg)
     grads, real_step = [], state.optimizer.step
     state.optimizer.step = lambda *a, **k: grads.append([p.grad.clone() for p in state.params]) or real_step(*a, **k)
-    losses = [T.train_step(state, s)["loss"] for s in range(n)]
+    losses = [S.train_step(state, s)["loss"] for s in range(n)]
     return losses, grads[0], [p.detach().clone() for p in state.params], state
 
 
@@ -430,7 +440,7 @@ def test_channels_last_gives_the_same_losses_and_gradients(tiny_model_dir, insta
     conv = nhwc[-1].models.unet.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert plain[-1].models.unet.conv_in.weight.is_contiguous()
-    assert T.use_channels_last("auto", "cpu") is False and T.use_channels_last("auto", "cuda") is True
+    assert memory.use_channels_last("auto", "cpu") is False and memory.use_channels_last("auto", "cuda") is True
     assert_same_step(plain, nhwc)  # fp32 on the CPU: only the summation order of convolutions differs
 
 
@@ -457,7 +467,7 @@ def test_fused_adamw_matches_the_per_tensor_loop_in_one_op_per_step():
 
     kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     ref, ref_ops, _ = run(lambda groups: torch.optim.AdamW(groups, foreach=False, fused=False, **kw))
-    ours, our_ops, opt = run(lambda groups: T.make_optimizer(groups, cfg))
+    ours, our_ops, opt = run(lambda groups: M.make_optimizer(groups, cfg))
     assert opt.defaults["fused"] is True
     for a, b in zip(ref, ours):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
@@ -468,16 +478,16 @@ def test_fused_adamw_matches_the_per_tensor_loop_in_one_op_per_step():
 
 def test_memory_plan_resolves_auto_from_the_free_cuda_memory(tiny_model_dir, instance_dir, tmp_path, monkeypatch):
     cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, mixed_precision="no")
-    models = T.load_models(cfg)
-    cpu = T.memory_plan(cfg, models, "cpu")
+    models = M.load_models(cfg)
+    cpu = M.memory_plan(cfg, models, "cpu")
     assert (cpu.optimizer, cpu.gradient_checkpointing) == ("adamw8bit", False)  # as before "auto" existed
     for free, expected in [(80e9, ("adamw", False)), (1e3, ("adamw8bit", True))]:  # no CUDA here: free memory is given
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 80e9))
-        plan = T.memory_plan(cfg, models, "cuda")
+        plan = M.memory_plan(cfg, models, "cuda")
         assert (plan.optimizer, plan.gradient_checkpointing) == expected, plan.reason
     weights = sum(p.numel() * 4 for m in (models.unet, *models.text_encoders, models.vae) for p in m.parameters())
     grads_states = sum(p.numel() for p in models.unet.parameters()) * (4 + 2)  # fp32 grads + 8-bit states, no autocast copy
-    acts = T.memory.activation_bytes(models.unet.config, 1, 32, 4, True, vae_factor=2)
+    acts = memory.activation_bytes(models.unet.config, 1, 32, 4, True, vae_factor=2)
     assert plan.estimated_peak_gb == pytest.approx((weights + grads_states + acts) / 1e9, rel=1e-3)
     assert "NOTHING FITS" in plan.reason
 
@@ -497,7 +507,7 @@ def test_class_images_regenerate_when_the_sampler_or_dtype_changes(tiny_model_di
 
     def made(**kw):
         cfg = make_cfg(model, instance_dir, out, with_prior_preservation=True, num_class_images=2, class_inference_steps=2, **kw)
-        paths = T.class_image_paths(cfg, "a photo of a dog", log=lambda _: None)
+        paths = CI.class_image_paths(cfg, "a photo of a dog", log=lambda _: None)
         return json.loads((paths[0].parent / "manifest.json").read_text())
 
     assert TrainConfig().class_sampler == "dpmsolver++" and TrainConfig().class_inference_steps == 25
@@ -545,24 +555,24 @@ def test_compile_check_stops_a_compiled_step_whose_gradients_differ(tiny_model_d
         return run
 
     buggy = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=zeroing_backward)
-    monkeypatch.setattr(T, "compile_options", lambda cfg, device: {"backend": buggy})
+    monkeypatch.setattr(CO, "compile_options", lambda cfg, device: {"backend": buggy})
     cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path, compile="blocks", optimizer="adamw")  # blocks: traced fastest
-    with pytest.raises(T.CompiledStepMismatch, match=r"gradient norms of \d+ of 208 tensors differ.*Nothing was trained.*compile='off'"):
+    with pytest.raises(E.CompiledStepMismatch, match=r"gradient norms of \d+ of 208 tensors differ.*Nothing was trained.*compile='off'"):
         prepared(cfg)
     monkeypatch.undo()
     # The CPU workaround: inductor without its layout optimization (mode options kept); CUDA and other backends as asked.
     fast = dataclasses.replace(cfg, compile_mode="reduce-overhead")
-    assert T.compile_options(fast, "cpu") == {"backend": "inductor", "options": {"triton.cudagraphs": True,
+    assert CO.compile_options(fast, "cpu") == {"backend": "inductor", "options": {"triton.cudagraphs": True,
                                                                                  "layout_optimization": False}}
-    assert T.compile_options(fast, "cuda") == {"backend": "inductor", "mode": "reduce-overhead"}
-    assert T.compile_options(dataclasses.replace(cfg, compile_backend="aot_eager"), "cpu") == {"backend": "aot_eager"}
+    assert CO.compile_options(fast, "cuda") == {"backend": "inductor", "mode": "reduce-overhead"}
+    assert CO.compile_options(dataclasses.replace(cfg, compile_backend="aot_eager"), "cpu") == {"backend": "aot_eager"}
 
 
 def test_frozen_parts_load_straight_in_the_mixed_precision_dtype(tiny_model_dir, instance_dir, tmp_path):
-    fp32 = T.load_models(make_cfg(tiny_model_dir, instance_dir, tmp_path))
-    lora = T.load_models(make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, mixed_precision="bf16"))
-    full = T.load_models(make_cfg(tiny_model_dir, instance_dir, tmp_path, mixed_precision="bf16"))
-    full_te = T.load_models(make_cfg(tiny_model_dir, instance_dir, tmp_path, mixed_precision="bf16", train_text_encoder=True))
+    fp32 = M.load_models(make_cfg(tiny_model_dir, instance_dir, tmp_path))
+    lora = M.load_models(make_cfg(tiny_model_dir, instance_dir, tmp_path, use_lora=True, mixed_precision="bf16"))
+    full = M.load_models(make_cfg(tiny_model_dir, instance_dir, tmp_path, mixed_precision="bf16"))
+    full_te = M.load_models(make_cfg(tiny_model_dir, instance_dir, tmp_path, mixed_precision="bf16", train_text_encoder=True))
     dtype = lambda m: next(m.parameters()).dtype  # noqa: E731
     assert [dtype(m) for m in (lora.unet, lora.text_encoder, lora.vae)] == [torch.bfloat16, torch.bfloat16, torch.float32]
     assert [dtype(m) for m in (full.unet, full.text_encoder)] == [torch.float32, torch.bfloat16]  # the trained UNet: fp32
@@ -584,11 +594,11 @@ def test_disk_estimate_is_within_15_percent_of_what_is_written(mode, tiny_model_
     out = tmp_path / "run"
     summary = T.train(make_cfg(tiny_model_dir, instance_dir, out, checkpointing_steps=2, **kw), progress=False)
     disk = summary["disk"]
-    final = folder_bytes(out / T.LORA_WEIGHTS) if mode == "lora" else sum(
+    final = folder_bytes(out / W.LORA_WEIGHTS) if mode == "lora" else sum(
         folder_bytes(out / name) for name in ("unet", "text_encoder", "vae", "tokenizer", "scheduler", "model_index.json"))
     assert disk["checkpoint_bytes"] == pytest.approx(folder_bytes(out / "checkpoint-2"), rel=0.15)
     assert disk["final_bytes"] == pytest.approx(final, rel=0.15)
-    early = T.early_disk_check(make_cfg(tiny_model_dir, instance_dir, tmp_path / "new", checkpointing_steps=2, **kw))
+    early = DK.early_disk_check(make_cfg(tiny_model_dir, instance_dir, tmp_path / "new", checkpointing_steps=2, **kw))
     if mode == "full":  # before models load, from the base model's headers
         assert early["checkpoint_bytes"] == pytest.approx(folder_bytes(out / "checkpoint-2"), rel=0.15)
         assert early["final_bytes"] == pytest.approx(final, rel=0.15)
@@ -603,14 +613,14 @@ def test_optimizer_state_estimate_matches_the_saved_state(name, tmp_path):
     params = [torch.nn.Parameter(torch.randn(100, 100)), torch.nn.Parameter(torch.randn(300)),
               torch.nn.Parameter(torch.randn(64, 80))]
     cfg = TrainConfig(optimizer=name)
-    opt = T.make_optimizer([{"params": params, "lr": 1e-3}], cfg)
+    opt = M.make_optimizer([{"params": params, "lr": 1e-3}], cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    estimate = T.optimizer_state_bytes(opt)  # before the first step creates the state
+    estimate = DK.optimizer_state_bytes(opt)  # before the first step creates the state
     (tmp_path / "before").mkdir(), (tmp_path / "after").mkdir()
-    T.save_training_state(tmp_path / "before", 0, opt, sched, [], cfg)
+    CK.save_training_state(tmp_path / "before", 0, opt, sched, [], cfg)
     sum(p.sum() for p in params).backward()
     opt.step()
-    T.save_training_state(tmp_path / "after", 1, opt, sched, [], cfg)
+    CK.save_training_state(tmp_path / "after", 1, opt, sched, [], cfg)
     grown = folder_bytes(tmp_path / "after") - folder_bytes(tmp_path / "before")
     assert estimate == pytest.approx(grown, rel=0.1)
     fp32 = 2 * 4 * sum(p.numel() for p in params)
@@ -621,7 +631,7 @@ def test_disk_space_check_counts_kept_checkpoints(tmp_path):
     # A checkpoint of 100 bytes, final weights of 50, 4 checkpoints to write (steps 1-4).
     logs = []
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=2)
-    check = lambda free, start=0, **kw: T.check_disk_space(dataclasses.replace(cfg, **kw), 100, 50, start,  # noqa: E731
+    check = lambda free, start=0, **kw: DK.check_disk_space(dataclasses.replace(cfg, **kw), 100, 50, start,  # noqa: E731
                                                          logs.append, free=free)
     with pytest.raises(data.InputError) as err:
         check(149)  # the first checkpoint + the final weights: 150
@@ -639,7 +649,7 @@ def test_disk_space_check_counts_kept_checkpoints(tmp_path):
     # Resumed at step 2 with 2 checkpoints on disk: the next write needs one more, pruning frees the oldest.
     for step in (1, 2):
         (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
-        (tmp_path / "run" / f"checkpoint-{step}" / T.STATE_JSON).write_text("{}")
+        (tmp_path / "run" / f"checkpoint-{step}" / CK.STATE_JSON).write_text("{}")
     assert check(100, start=2)["needed_bytes"] == 100
 
 
@@ -651,7 +661,7 @@ def test_a_full_disk_is_refused_before_the_first_step(mode, tiny_model_dir, inst
     if mode == "full":
         monkeypatch.setattr(T, "class_image_paths", lambda *a, **k: pytest.fail("made class images on a full disk"))
         monkeypatch.setattr(T, "load_models", lambda *a: pytest.fail("loaded models for a full disk"))
-    monkeypatch.setattr(T.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=10**12, free=10**4))
+    monkeypatch.setattr(DK.shutil, "disk_usage", lambda path: types.SimpleNamespace(total=10**12, free=10**4))
     cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / "run", checkpointing_steps=1, use_lora=mode == "lora",
                    with_prior_preservation=mode == "full", num_class_images=2)
     with pytest.raises(data.InputError, match="not enough disk space in output_dir") as err:
@@ -671,15 +681,15 @@ def test_a_disk_that_fills_up_mid_save_loses_nothing_and_says_how_to_resume(tiny
     import errno
     out = tmp_path / "run"
     cfg = small_run(tiny_model_dir, instance_dir, out)
-    real_state = T.save_training_state
+    real_state = CK.save_training_state
 
     def fill_up(folder, step, *a, **k):  # writes the real files, then the disk is full (mid-checkpoint)
         real_state(folder, step, *a, **k)
         if step == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(folder / T.STATE_JSON))
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / CK.STATE_JSON))
 
-    monkeypatch.setattr(T, "save_training_state", fill_up)
-    with pytest.raises(T.SaveFailed) as err:
+    monkeypatch.setattr(CK, "save_training_state", fill_up)
+    with pytest.raises(E.SaveFailed) as err:
         T.train(cfg, progress=False)
     message = str(err.value)
     assert f"checkpoint-2 {out / '.tmp-checkpoint-2'}" in message and "No space left on device (ENOSPC)" in message
@@ -692,12 +702,12 @@ def test_a_disk_that_fills_up_mid_save_loses_nothing_and_says_how_to_resume(tiny
     assert resumed["resumed_from"] == str(out / "checkpoint-1") and resumed["steps"] == 3
 
     # The final LoRA file: its temp folder goes too, the message names the file and the last checkpoint.
-    monkeypatch.setattr(T, "publish", lambda tmp, final: (_ for _ in ()).throw(OSError(errno.EDQUOT, "Disk quota exceeded")))
-    models = T.load_models(cfg)
-    T.add_lora(models.unet, models.text_encoder, cfg)
-    with pytest.raises(T.SaveFailed, match="Disk quota exceeded") as err:
-        T.save_final(out, models.unet, models.text_encoder, cfg)
-    assert str(out / T.LORA_WEIGHTS) in str(err.value) and f"{out / 'checkpoint-3'} is intact" in str(err.value)
+    monkeypatch.setattr(CK, "publish", lambda tmp, final: (_ for _ in ()).throw(OSError(errno.EDQUOT, "Disk quota exceeded")))
+    models = M.load_models(cfg)
+    M.add_lora(models.unet, models.text_encoder, cfg)
+    with pytest.raises(E.SaveFailed, match="Disk quota exceeded") as err:
+        CK.save_final(out, models.unet, models.text_encoder, cfg)
+    assert str(out / W.LORA_WEIGHTS) in str(err.value) and f"{out / 'checkpoint-3'} is intact" in str(err.value)
     assert not (out / ".tmp-final").exists()
 
 
@@ -708,21 +718,21 @@ def test_the_real_writers_failing_give_the_same_clear_error(tiny_model_dir, inst
     import signal
     out = tmp_path / "run"
     cfg = make_cfg(tiny_model_dir, instance_dir, out, checkpoints_total_limit=None)
-    models = T.load_models(cfg)
+    models = M.load_models(cfg)
     opt = torch.optim.AdamW(models.unet.parameters())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    T.save_checkpoint(out, 1, models.unet, models.text_encoder, opt, sched, [], cfg)
+    CK.save_checkpoint(out, 1, models.unet, models.text_encoder, opt, sched, [], cfg)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
     resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, hard))  # the tiny UNet's weights are ~230 kB
     try:
-        with pytest.raises(T.SaveFailed) as err:
-            T.save_checkpoint(out, 2, models.unet, models.text_encoder, opt, sched, [], cfg)
+        with pytest.raises(E.SaveFailed) as err:
+            CK.save_checkpoint(out, 2, models.unet, models.text_encoder, opt, sched, [], cfg)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, handler)
     assert "File too large (EFBIG)" in str(err.value) and f"{out / 'checkpoint-1'} is intact" in str(err.value)
-    assert isinstance(err.value.__cause__, T.SafetensorError)
+    assert isinstance(err.value.__cause__, SafetensorError)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
 
 
@@ -733,44 +743,44 @@ def test_a_damaged_checkpoint_is_named_with_the_one_to_resume_instead(mode, tiny
     cfg = small_run(tiny_model_dir, instance_dir, out, max_train_steps=2, use_lora=mode == "lora")
     T.train(cfg, progress=False)
     latest = dataclasses.replace(cfg, resume="latest")
-    weights = T.LORA_WEIGHTS if mode == "lora" else "unet/diffusion_pytorch_model.safetensors"
-    files = [T.STATE_TENSORS, T.STATE_JSON, weights] + (["unet/config.json"] if mode == "full" else [])
+    weights = W.LORA_WEIGHTS if mode == "lora" else "unet/diffusion_pytorch_model.safetensors"
+    files = [CK.STATE_TENSORS, CK.STATE_JSON, weights] + (["unet/config.json"] if mode == "full" else [])
     for name in files:
         path = out / "checkpoint-2" / name
         whole = path.read_bytes()
         for damaged in (whole[:len(whole) // 2], b"", b"\x00" * len(whole)):  # truncated, emptied, overwritten
             path.write_bytes(damaged)
             with pytest.raises(data.InputError) as err:
-                T.resolve_resume(latest)
+                CK.resolve_resume(latest)
             message = str(err.value)
             assert f"({path} is cut short or corrupt: " in message and f"is {out / 'checkpoint-1'}: resume from it with resume='{out / 'checkpoint-1'}'" in message
         path.write_bytes(whole)
-    assert T.resolve_resume(latest) == out / "checkpoint-2"
+    assert CK.resolve_resume(latest) == out / "checkpoint-2"
     # Both damaged: no alternative; and train() says so before loading any model.
     for step in (1, 2):
-        (out / f"checkpoint-{step}" / T.STATE_TENSORS).write_bytes(b"")
+        (out / f"checkpoint-{step}" / CK.STATE_TENSORS).write_bytes(b"")
     monkeypatch.setattr(T, "load_models", lambda cfg: pytest.fail("loaded models for a damaged checkpoint"))
     with pytest.raises(data.InputError, match=f"No earlier complete checkpoint is in {out}"):
         T.train(latest, progress=False)
     with pytest.raises(data.InputError, match="checkpoint-1 is damaged"):
-        T.resolve_resume(dataclasses.replace(cfg, resume=str(out / "checkpoint-1")))
+        CK.resolve_resume(dataclasses.replace(cfg, resume=str(out / "checkpoint-1")))
 
 
 def test_weights_are_readable_by_others_as_the_umask_says(tiny_model_dir, instance_dir, tmp_path):
     import os
     for mode in ("lora", "full"):
         cfg = make_cfg(tiny_model_dir, instance_dir, tmp_path / mode, use_lora=mode == "lora", optimizer="adamw")
-        models = T.load_models(cfg)
+        models = M.load_models(cfg)
         if cfg.use_lora:
-            T.add_lora(models.unet, models.text_encoder, cfg)
+            M.add_lora(models.unet, models.text_encoder, cfg)
         opt = torch.optim.AdamW([p for p in models.unet.parameters() if p.requires_grad])
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         for umask in (0o022, 0o027):
             old = os.umask(umask)
             try:
                 out = tmp_path / mode / oct(umask)
-                T.save_checkpoint(out, 1, models.unet, models.text_encoder, opt, sched, [], cfg)
-                T.save_final(out, models.unet, models.text_encoder, cfg)
+                CK.save_checkpoint(out, 1, models.unet, models.text_encoder, opt, sched, [], cfg)
+                CK.save_final(out, models.unet, models.text_encoder, cfg)
             finally:
                 os.umask(old)
             files = [p for p in out.rglob("*") if p.is_file()]

@@ -7,7 +7,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from transformers import CLIPTextModel
 
-from . import CLIP_ATTENTION, Models, dtype_kw, load_denoiser_parts
+from .base import CLIP_ATTENTION, Models, dtype_kw, load_denoiser_parts
 
 NAME = "sd"
 PIPELINE_CLASS_NAMES = ("StableDiffusionPipeline",)
@@ -23,7 +23,7 @@ FIXED_VAE_HINT = None
 
 
 def check_config(cfg, vae_config: dict, warn) -> None:
-    """Nothing beyond data.validate_config's model-free checks."""
+    """Nothing beyond validate.validate_config's model-free checks."""
 
 
 def load_models(model: str, revision: str | None = None, vae_model: str | None = None, dtypes: dict | None = None) -> Models:

@@ -4,7 +4,7 @@ The UNet attends to both encoders' penultimate hidden states, concatenated on th
 (768 + 1280 = 2048 for SDXL base). Through its added "text_time" embedding it also takes the second
 encoder's pooled, projected embedding (text_embeds) and six numbers per image (time_ids): the original
 height and width, the crop's top-left corner and the target height and width. SDXL was trained with
-the real values; fine-tuning feeds each picture's own, recorded by the data pipeline (train.pixels_and_sizes).
+the real values; fine-tuning feeds each picture's own, recorded by the data pipeline (data.pixels_and_sizes).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from ..data import InputError
-from . import CLIP_ATTENTION, Models, dtype_kw, load_denoiser_parts, vae_scale_factor
+from ..errors import InputError
+from .base import CLIP_ATTENTION, Models, dtype_kw, load_denoiser_parts, vae_scale_factor
 
 NAME = "sdxl"
 PIPELINE_CLASS_NAMES = ("StableDiffusionXLPipeline",)
@@ -69,16 +69,11 @@ def encode_prompts(tokenizers, text_encoders, prompts: list[str]) -> dict[str, t
     return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": out[0]}
 
 
-def time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]) -> list[int]:
-    """SDXL's micro-conditioning of one image: (h, w) before resizing, the crop's (top, left), (h, w) trained at."""
-    return [*original_size, *crop_top_left, *target_size]
-
-
 def unet_conditioning(text: dict[str, torch.Tensor], sizes: torch.Tensor | None) -> dict:
     """UNet keyword arguments: the text hidden states, and the added (text_time) conditioning."""
     if sizes is None:
         raise ValueError("SDXL needs each image's original size / crop / target size (the batch's 'sizes'): "
-                         "build the dataset with sizes (train.pixels_and_sizes)")
+                         "build the dataset with sizes (data.pixels_and_sizes)")
     embeds = text["text_embeds"]
     return {"encoder_hidden_states": text["encoder_hidden_states"],
             "added_cond_kwargs": {"text_embeds": embeds, "time_ids": sizes.to(embeds.device, embeds.dtype)}}

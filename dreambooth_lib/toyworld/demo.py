@@ -35,7 +35,7 @@ PRES_SEEDS = list(range(32))  # class-prompt images for PRES: with 8, one image 
 def demo_config(subject: str = "marked_star", output_dir: str = "runs/toy_demo", **overrides) -> TrainConfig:
     """The toy world's default DreamBooth settings (full fine-tune, prior preservation on).
 
-    Differences from the SD defaults in TrainConfig, and why (swept on marked_star, README tables):
+    Differences from the SD defaults in TrainConfig, and why (swept on marked_star, docs/toy_world.md):
     32 px pictures; fewer class images and sampler steps (a 3-minute CPU budget); a UNet learning
     rate of 1e-4 instead of SD's 5e-6 (a 6M-parameter model trained from scratch); the text encoder
     trained at 3e-5, since the identifier's embedding must move (UNet-only runs reached subject
@@ -58,7 +58,7 @@ def demo_config(subject: str = "marked_star", output_dir: str = "runs/toy_demo",
 
 # LoRA on the toy model needs a larger rank, rate and step count than SD's (rank 4 at lr 1e-4 learnt
 # almost nothing here; 800 steps gave subject fidelity 0.17, or 0.42-0.88 over 3 seeds with the text
-# encoder at 3e-4; 1,600 steps 0.90-0.96 over 3 seeds): swept in the README and
+# encoder at 3e-4; 1,600 steps 0.90-0.96 over 3 seeds): swept in docs/toy_world.md and
 # images/toy_recipe_sweep*.json. With prior preservation, like the demo.
 TOY_LORA = dict(use_lora=True, lora_rank=32, learning_rate=1e-3, text_encoder_lr=1e-4, train_batch_size=1,
                 max_train_steps=1600)

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from dreambooth_lib.toyworld import render
-from dreambooth_lib.train import follow_umask
+from dreambooth_lib.fsio import follow_umask
 
 ORACLE_DIR = str(Path(__file__).resolve().parents[2] / "data" / "oracle")
 LABELS = {

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from dreambooth_lib.config import TOY_MODEL_DIR
-from dreambooth_lib.train import follow_umask
+from dreambooth_lib.fsio import follow_umask
 from dreambooth_lib.toyworld import render
 from dreambooth_lib.toyworld.tokenizer import build_tokenizer
 

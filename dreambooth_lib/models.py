@@ -1,0 +1,167 @@
+"""The models a run trains: loading (the family's components, frozen parts read in half precision),
+what is trainable, LoRA adapters (peft), the optimizer (8-bit AdamW or fused AdamW) and the memory plan
+that resolves "auto" gradient checkpointing / optimizer for the device."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+from transformers import CLIPTokenizer
+
+from . import families, memory
+from .config import TrainConfig
+from .families import Models, as_tuple
+from .memory import torch_dtype, use_channels_last
+
+
+def load_tokenizer(cfg: TrainConfig) -> CLIPTokenizer:
+    return CLIPTokenizer.from_pretrained(cfg.pretrained_model, subfolder="tokenizer", revision=cfg.revision)
+
+
+def load_models(cfg: TrainConfig) -> Models:
+    """The base model's components (its family's: families.of), frozen except what cfg trains. What
+    training freezes in half precision (a LoRA run's UNet, a frozen text encoder) is read straight in
+    cfg.mixed_precision's dtype, without an fp32 copy first; the rest (trained weights, VAE) in fp32."""
+    models = families.of(cfg).load_models(cfg.pretrained_model, cfg.revision, cfg.vae_model,
+                                          dtypes=frozen_load_dtypes(cfg))
+    set_trainable(models, cfg)
+    return models
+
+
+def frozen_load_dtypes(cfg: TrainConfig) -> dict:
+    """{part: dtype} of the big frozen parts that prepare_training keeps in the mixed-precision dtype."""
+    half = torch_dtype(cfg.mixed_precision)
+    if half == torch.float32:
+        return {}
+    text = None if cfg.train_text_encoder and not cfg.use_lora else half
+    return {"unet": half if cfg.use_lora else None, "text_encoder": text, "text_encoder_2": text}
+
+
+def set_trainable(models: Models, cfg: TrainConfig) -> None:
+    """requires_grad only on what a full fine-tune trains (LoRA adds its own trainable layers later)."""
+    models.vae.requires_grad_(False)
+    models.unet.requires_grad_(not cfg.use_lora)
+    for text_encoder in models.text_encoders:
+        text_encoder.requires_grad_(cfg.train_text_encoder and not cfg.use_lora)
+
+
+def place(module: torch.nn.Module, device, dtype: torch.dtype) -> None:
+    module.to(device)
+    if dtype != torch.float32:  # loaded in fp32; only cast what mixed precision freezes in half precision
+        module.to(dtype)
+
+
+def add_lora(unet: UNet2DConditionModel, text_encoder, cfg: TrainConfig) -> None:
+    """Attach trainable LoRA adapters ("default") to cfg.lora_unet_modules (and, when they are trained,
+    to the attention of the text encoder, or of each in a tuple); base weights stay frozen."""
+    def lora_config(targets):
+        return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=cfg.lora_dropout,
+                          init_lora_weights="gaussian", target_modules=targets)
+    unet.add_adapter(lora_config(list(cfg.lora_unet_modules)))
+    if cfg.train_text_encoder:
+        for encoder in as_tuple(text_encoder):
+            encoder.add_adapter(lora_config(families.of(cfg).TEXT_LORA_TARGETS))
+
+
+def trained_modules(models: Models, cfg: TrainConfig) -> list[torch.nn.Module]:
+    """The UNet, then the text encoders when they are trained (the order of TrainingState.trained)."""
+    return [models.unet, *models.text_encoders] if cfg.train_text_encoder else [models.unet]
+
+
+def parameter_groups(models: Models, cfg: TrainConfig) -> list[dict]:
+    groups = [{"params": [p for p in models.unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}]
+    if cfg.train_text_encoder:
+        groups.append({"params": [p for m in models.text_encoders for p in m.parameters() if p.requires_grad],
+                       "lr": cfg.text_encoder_lr or cfg.learning_rate})
+    return groups
+
+
+def make_optimizer(param_groups: list[dict], cfg: TrainConfig, log=print, name: str | None = None) -> torch.optim.Optimizer:
+    """AdamW with 8-bit states (bitsandbytes or torchao: 4x less optimizer memory) or torch AdamW.
+
+    name: the optimizer to build (default cfg.optimizer; "auto" unresolved by a memory plan = "adamw8bit",
+    the CPU choice). torch AdamW runs fused (CUDA and CPU: one op per step for all tensors, a few
+    multi-tensor kernels on CUDA) or foreach elsewhere, instead of ~10 ops per tensor; bitsandbytes
+    still steps each tensor with its own Python call and kernel (~690 for SD1.5's UNet).
+    """
+    name = name or cfg.optimizer
+    kw = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay,
+              eps=cfg.adam_epsilon)
+    if name in ("adamw8bit", "auto"):
+        try:
+            import bitsandbytes as bnb
+            return bnb.optim.AdamW8bit(param_groups, **kw)
+        except (ImportError, RuntimeError, OSError) as err:  # missing wheel or a failed CUDA setup
+            log(f"note: bitsandbytes AdamW8bit unavailable ({err}); using torch.optim.AdamW (more optimizer memory)")
+    if name == "adamw8bit-torchao":
+        from torchao.optim import AdamW8bit  # validate_config checked that torchao is installed
+        return AdamW8bit(param_groups, **kw)
+    fused = all(p.device.type in ("cuda", "cpu") and p.dtype.is_floating_point for g in param_groups for p in g["params"])
+    return torch.optim.AdamW(param_groups, **kw, **(dict(fused=True) if fused else dict(foreach=True)))
+
+
+def optimizer_name(optimizer) -> str:
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    return f"{type(inner).__module__}.{type(inner).__name__}"
+
+
+def memory_plan(cfg: TrainConfig, models: Models, device) -> memory.MemoryPlan:
+    """cfg's gradient checkpointing and optimizer with "auto" resolved for these models (weights already
+    placed in their training dtypes, LoRA attached) on `device` (see memory.plan_memory)."""
+    device = torch.device(device)
+    modules = (models.unet, *models.text_encoders, models.vae)
+    tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
+    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    free = None
+    if device.type == "cuda":  # free now + what these models already hold there = free before they were placed
+        free = torch.cuda.mem_get_info(device)[0] + sum(t.numel() * t.element_size() for t in tensors if t.is_cuda)
+    trainable = sum(p.numel() for m in trained_modules(models, cfg) for p in m.parameters() if p.requires_grad)
+    images = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
+    half = 0 if cfg.mixed_precision == "no" else 2
+    vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    acts = {c: memory.activation_bytes(models.unet.config, images, cfg.resolution, half or 4, c, vae_factor)
+            for c in (False, True)}
+    return memory.plan_memory(free, weight_bytes, trainable, acts, half, cfg.gradient_checkpointing, cfg.optimizer)
+
+
+def vae_precision(cfg: TrainConfig, family, vae: AutoencoderKL, weight_dtype: torch.dtype) -> tuple[torch.dtype, str]:
+    """The VAE's dtype and why. SDXL's VAE overflows in fp16 (NaN latents, black images): its config says
+    force_upcast, and it then runs in fp32 unless a fixed VAE (vae_model) is named."""
+    if cfg.vae_precision != "auto":
+        return torch_dtype(cfg.vae_precision), f"vae_precision={cfg.vae_precision!r}"
+    if weight_dtype == torch.float16 and family.VAE_FORCE_UPCAST and vae.config.force_upcast:
+        return torch.float32, (f"its config says force_upcast: {family.NAME}'s VAE overflows in fp16; "
+                               f"vae_model={family.FIXED_VAE_HINT!r} runs in fp16 with less memory")
+    return weight_dtype, f"mixed_precision={cfg.mixed_precision!r}"
+
+
+def prepare_models(models: Models, cfg: TrainConfig, device, log=print) -> memory.MemoryPlan:
+    """In place, before the optimizer exists: frozen parts to the mixed-precision dtype on `device` (trained
+    weights stay fp32), LoRA adapters, channels-last, then the memory plan and the gradient checkpointing it
+    chose. Returns the plan."""
+    weight_dtype = torch_dtype(cfg.mixed_precision)
+    set_trainable(models, cfg)
+    vae_dtype, why = vae_precision(cfg, families.get(models.family), models.vae, weight_dtype)
+    log(f"VAE: {cfg.vae_model or 'the model' + chr(39) + 's own'} in {str(vae_dtype).removeprefix('torch.')} ({why})")
+    place(models.vae, device, vae_dtype)
+    for text_encoder in models.text_encoders:
+        place(text_encoder, device, torch.float32 if cfg.train_text_encoder and not cfg.use_lora else weight_dtype)
+    place(models.unet, device, torch.float32 if not cfg.use_lora else weight_dtype)
+    if cfg.use_lora:
+        add_lora(models.unet, models.text_encoders, cfg)
+        cast_training_params(trained_modules(models, cfg), dtype=torch.float32)
+    if use_channels_last(cfg.channels_last, device):  # NHWC: cuDNN convolutions without layout conversions
+        models.unet.to(memory_format=torch.channels_last)
+        models.vae.to(memory_format=torch.channels_last)
+    plan = memory_plan(cfg, models, device)
+    log(f"memory plan: {plan.reason}")
+    if plan.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if cfg.train_text_encoder:
+            for text_encoder in models.text_encoders:
+                text_encoder.activation_checkpointing_enable()
+    return plan

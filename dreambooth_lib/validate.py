@@ -1,0 +1,134 @@
+"""Config validation: every check that needs no model, so bad input fails in seconds, not after
+loading Stable Diffusion. Each message names the setting (or file) and says what to do."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from . import families
+from .class_images import MANIFEST_NAME, manifest_differences, mismatch_message, weights_fingerprint
+from .data import _fill, _has_word, build_prompts, load_instance_images
+from .errors import InputError
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+PRECISIONS = ("fp32", "fp16", "bf16")  # of the VAE, the class images and the saved pipeline; plus "auto" for the first two
+OPTIMIZERS = ("auto", "adamw", "adamw8bit", "adamw8bit-torchao")
+COMPILE_TARGETS = ("off", "step", "unet", "blocks")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CLASS_SAMPLERS = ("dpmsolver++", "model")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InputError(message)
+
+
+def validate_config(cfg) -> None:
+    """Every check that needs no model, so bad input fails in seconds, not after loading SD."""
+    from diffusers.optimization import SchedulerType  # names only: no model code runs
+
+    _check_ranges(cfg, positive=["max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps",
+                                 "adam_epsilon", "max_grad_norm", "validation_inference_steps",
+                                 "num_validation_images"],
+                  non_negative=["prior_loss_weight", "lr_warmup_steps", "adam_weight_decay", "offset_noise",
+                                "checkpointing_steps", "validation_steps", "seed", "validation_guidance_scale"])
+    for name in ("text_encoder_lr", "snr_gamma", "lora_alpha"):
+        value = getattr(cfg, name)
+        _check(value is None or value > 0, f"{name} = {value} must be > 0 (or None)")
+    _check_resolution(cfg)
+    for name in ("adam_beta1", "adam_beta2"):
+        _check(0 <= getattr(cfg, name) < 1, f"{name} = {getattr(cfg, name)} must be in [0, 1)")
+    if cfg.use_lora:
+        _check(cfg.lora_rank > 0, f"lora_rank = {cfg.lora_rank} must be > 0 (4-64 is usual)")
+        _check(0 <= cfg.lora_dropout < 1, f"lora_dropout = {cfg.lora_dropout} must be in [0, 1)")
+        _check(len(cfg.lora_unet_modules) > 0, "lora_unet_modules is empty: name the UNet layers to adapt, e.g. to_q to_k to_v to_out.0")
+    limit = cfg.checkpoints_total_limit
+    _check(limit is None or limit >= 1, f"checkpoints_total_limit = {limit} must be >= 1 (or None for all)")
+    if cfg.with_prior_preservation:
+        _check(bool(cfg.class_noun.strip()),
+               "with_prior_preservation needs class_noun (e.g. 'dog'): set it, or turn prior preservation off")
+
+    _check(cfg.mixed_precision in MIXED_PRECISIONS, f"mixed_precision = {cfg.mixed_precision!r}: use one of {MIXED_PRECISIONS}")
+    _check(cfg.vae_precision == "auto" or cfg.vae_precision in PRECISIONS,
+           f"vae_precision = {cfg.vae_precision!r}: use 'auto' or one of {PRECISIONS}")
+    _check(cfg.model_family == "auto" or cfg.model_family in families.FAMILIES,
+           f"model_family = {cfg.model_family!r}: use 'auto' (read from the model) or one of {tuple(families.FAMILIES)}")
+    _check(cfg.optimizer in OPTIMIZERS, f"optimizer = {cfg.optimizer!r}: use one of {OPTIMIZERS}")
+    if cfg.optimizer == "adamw8bit-torchao":
+        _check(importlib.util.find_spec("torchao") is not None,
+               "optimizer = 'adamw8bit-torchao' needs torchao (not a dependency): pip install torchao, or use 'auto'")
+    for name in ("gradient_checkpointing", "channels_last"):
+        value = getattr(cfg, name)
+        _check(isinstance(value, bool) or value == "auto", f"{name} = {value!r}: use True, False or 'auto'")
+    _check(cfg.save_precision in PRECISIONS, f"save_precision = {cfg.save_precision!r}: use one of {PRECISIONS}")
+    _check(cfg.compile in COMPILE_TARGETS, f"compile = {cfg.compile!r}: use one of {COMPILE_TARGETS}")
+    _check(cfg.compile_mode in COMPILE_MODES, f"compile_mode = {cfg.compile_mode!r}: use one of {COMPILE_MODES}")
+    schedulers = tuple(s.value for s in SchedulerType)
+    _check(cfg.lr_scheduler in schedulers, f"lr_scheduler = {cfg.lr_scheduler!r}: use one of {schedulers}")
+    if cfg.resume not in (None, "latest"):
+        _check(Path(cfg.resume).is_dir(), f"resume = {cfg.resume!r}: use 'latest' or an existing checkpoint folder")
+
+    # Identifier: it must reach the text encoder, or the subject binds to nothing.
+    placeholder = "{identifier}"
+    if cfg.identifier is not None:
+        identifier = cfg.identifier.strip()
+        _check(len(identifier.split()) == 1, f"identifier = {cfg.identifier!r} must be one word, e.g. 'sks'")
+    else:
+        identifier = placeholder
+    instance_prompt, _ = build_prompts(cfg, identifier)
+    if not cfg.use_captions:
+        _check(_has_word(instance_prompt, identifier),
+               f"instance_prompt_template {cfg.instance_prompt_template!r} does not contain the identifier: "
+               f"add {placeholder}")
+
+    images = load_instance_images(cfg.instance_dir, cfg.resolution or 0, cfg.use_captions)
+    if cfg.use_captions:
+        for image in images:
+            _check(_has_word(image.caption, identifier) or placeholder in image.caption,
+                   f"caption of {image.path} does not contain the identifier {identifier!r}: add it or {placeholder}")
+    if cfg.with_prior_preservation:
+        validate_class_image_config(cfg)
+
+
+def validate_class_image_config(cfg) -> str:
+    """The checks that generating class images needs, and no more (`class-images` runs without subject
+    photos): count, sampler settings, class prompt, and a user's class_dir made by another model or
+    prompt. Returns the class prompt."""
+    _check_ranges(cfg, positive=["num_class_images", "class_inference_steps"],
+                  non_negative=["class_guidance_scale", "seed"])
+    _check(cfg.class_batch_size == "auto" or (isinstance(cfg.class_batch_size, int) and cfg.class_batch_size > 0),
+           f"class_batch_size = {cfg.class_batch_size!r}: use 'auto' or an integer > 0")
+    _check(cfg.class_sampler in CLASS_SAMPLERS, f"class_sampler = {cfg.class_sampler!r}: use one of {CLASS_SAMPLERS}")
+    _check_resolution(cfg)
+    _check(bool(cfg.class_noun.strip()), "class images need class_noun (e.g. 'dog'): it fills {class_noun} of the class prompt")
+    _check(cfg.prior_generation_precision == "auto" or cfg.prior_generation_precision in PRECISIONS,
+           f"prior_generation_precision = {cfg.prior_generation_precision!r}: use 'auto' or one of {PRECISIONS}")
+    class_prompt = _fill(cfg.class_prompt_template, "class_prompt_template", class_noun=cfg.class_noun)
+    manifest_path = Path(cfg.class_dir or ".") / MANIFEST_NAME
+    if cfg.class_dir and manifest_path.is_file():
+        made = json.loads(manifest_path.read_text())
+        wanted = {"model_weights": weights_fingerprint(cfg.pretrained_model, cfg.revision), "vae_model": cfg.vae_model,
+                  "class_prompt": class_prompt}
+        if "family" in made:  # manifests written before model families were all SD's
+            wanted["family"] = families.of(cfg).NAME
+        differ = manifest_differences(made, wanted)
+        _check(not differ, mismatch_message(manifest_path, differ))
+    return class_prompt
+
+
+def _check_resolution(cfg) -> None:
+    """None (the model's native size, filled in by families.with_native_resolution) or a multiple of 8."""
+    value = cfg.resolution
+    _check(value is None or value > 0, f"resolution = {value} must be > 0 (or None for the model's native size)")
+    _check(value is None or value % 8 == 0, f"resolution = {value} must be a multiple of 8 (the VAE downsamples by 8)")
+
+
+def _check_ranges(cfg, positive: list[str], non_negative: list[str]) -> None:
+    for name in positive:
+        value = getattr(cfg, name)
+        _check(value > 0, f"{name} = {value} must be > 0")
+    for name in non_negative:
+        value = getattr(cfg, name)
+        _check(value >= 0, f"{name} = {value} must be >= 0")
