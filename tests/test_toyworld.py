@@ -103,6 +103,32 @@ def test_oracle_knows_every_subject_on_fresh_renders(oracle):
         assert orc.subject_fidelity(oracle, _renders(8, seed=21, subject=a, style="photo"), b) == 0.0, (a, b)
 
 
+def test_base_subject_eval_counts_each_subject_on_its_own_prompts(oracle, monkeypatch):
+    """Stubbed sampler: for every prompt, seed 0 draws the subject being checked, seed 1 the next
+    subject, seeds 2-3 a plain picture; only seed 0 counts, so every share is 1/4."""
+    from dreambooth_lib import sample
+
+    names = list(render.SUBJECTS)
+    own = {n: _renders(1, seed=30, subject=n, style="photo")[0] for n in names}
+    plain = _renders(1, seed=31, cls="star", colour="red", style="photo")[0]
+    calls = []
+
+    def fake_generate(pipe, prompts, seeds, *a, **k):
+        name = names[len(calls)]  # one call per subject, in SUBJECTS order
+        calls.append(prompts)
+        other = own[names[len(calls) % len(names)]]
+        return [own[name] if s == 0 else other if s == 1 else plain for s in seeds]
+
+    monkeypatch.setattr(sample, "generate", fake_generate)
+    pipe = type("Pipe", (), {"tokenizer": CLIPTokenizer.from_pretrained(Path(TOY_MODEL_DIR) / "tokenizer")})()
+    result = orc.base_subject_eval(oracle, pipe, n=4, log=lambda *_: None)
+    assert result["identifier"] == "gtc" and list(result["per_subject"]) == names
+    for name, row in result["per_subject"].items():
+        assert row == dict(suite=0.25, class_prompt=0.25, worst_prompt_share=0.25,
+                           worst_prompt=orc.prompt_suite(name)["recontextualization"][0][0].format(identifier="gtc"))
+    assert calls[0][-1] == orc.class_prompt(names[0]) and len(calls[0]) == 4 * 19
+
+
 def test_metrics_on_known_renderer_images(oracle):
     stars = _renders(6, seed=11, cls="star", context="snow", style="photo", colour="red")
     assert orc.prompt_fidelity(oracle, stars, {"class": "star", "context": "snow"}) == 1.0
