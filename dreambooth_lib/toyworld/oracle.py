@@ -243,9 +243,9 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 # training and evaluation
 
 
-def train_oracle(out: str | Path = ORACLE_DIR, vae_path: str | Path | None = None, num_images: int = 24000,
-                 steps: int = 2000, batch_size: int = 128, lr: float = 3e-3, width: int = 16, seed: int = 0,
-                 num_vae_images: int = 8000, p_vae: float = 0.5, latent_noise: float = 0.3, minutes: float = 4.5,
+def train_oracle(out: str | Path = ORACLE_DIR, vae_path: str | Path | None = None, num_images: int = 36000,
+                 steps: int = 4000, batch_size: int = 128, lr: float = 3e-3, width: int = 16, seed: int = 0,
+                 num_vae_images: int = 12000, p_vae: float = 0.5, latent_noise: float = 0.3, minutes: float = 30.0,
                  eval_images: int = 3000, log=print) -> dict:
     """Train on freshly rendered pictures, evaluate on a fresh set, write oracle.safetensors + oracle.json.
 
@@ -319,6 +319,15 @@ def _accuracy(net: OracleNet, pixels: torch.Tensor, labels: torch.Tensor) -> dic
     is_subject = labels[:, -1] != subj
     out["subject_false_positive"] = round(float((pred[~is_subject] != subj).float().mean()), 4)
     out["subject_recall"] = round(float((pred[is_subject] == labels[is_subject, -1]).float().mean()), 4)
+    names = LABELS["subject"]
+
+    def share(true: str, called: str) -> float:  # of the pictures of `true`, the share called `called`
+        return round(float((pred[labels[:, -1] == names.index(true)] == names.index(called)).float().mean()), 4)
+
+    out["subject_recall_per_subject"] = {name: share(name, name) for name in names[1:]}
+    # the fine-grained case: how often a subject is called its look-alike (same class and colour)
+    out["lookalike_confusion"] = {f"{a} -> {b}": share(a, b) for x, y in render.lookalike_pairs()
+                                  for a, b in ((x, y), (y, x))}
     return out
 
 
@@ -502,10 +511,34 @@ def base_prompts() -> list[tuple[str, dict]]:
     return out
 
 
+def base_subject_eval(oracle: Oracle, pipe, n: int = 8, guidance_scale: float = 7.0, steps: int = 25,
+                      seed: int = 0, log=print) -> dict:
+    """Per subject, before any fine-tuning: the share of the base model's pictures for the subject's
+    prompt suite (identifier: the rare token training would pick) and for its plain class prompt that
+    the oracle identifies as that subject (target <= 0.05: the base model cannot draw the marking),
+    and the suite prompt where that share is highest."""
+    from dreambooth_lib.data import resolve_identifier
+    from dreambooth_lib.sample import generate
+
+    identifier = resolve_identifier(pipe.tokenizer, None, log=log)
+    out = {}
+    for name in render.SUBJECTS:
+        prompts = [t.format(identifier=identifier) for entries in prompt_suite(name).values() for t, _ in entries]
+        flat = [p for p in prompts + [class_prompt(name)] for _ in range(n)]
+        images = generate(pipe, flat, seeds=[seed + i for _ in range(len(prompts) + 1) for i in range(n)],
+                          guidance_scale=guidance_scale, num_inference_steps=steps, batch_size=16, progress=False)
+        hits = np.array([p["subject"] == name for p in oracle.predict(images)]).reshape(-1, n).mean(1)
+        worst = int(hits[:-1].argmax())
+        out[name] = dict(suite=round(float(hits[:-1].mean()), 4), class_prompt=round(float(hits[-1]), 4),
+                         worst_prompt=prompts[worst], worst_prompt_share=round(float(hits[worst]), 4))
+    return dict(identifier=identifier, n_per_prompt=n, per_subject=out)
+
+
 def base_eval(oracle: Oracle, model: str | Path, n: int = 8, guidance_scale: float = 7.0, steps: int = 25,
-              seed: int = 0) -> dict:
+              seed: int = 0, per_subject: bool = True) -> dict:
     """Generate n images per `base_prompts()` caption with the base model; report the share of images
-    following each asked-for attribute and the share identified as any subject (should be ~0)."""
+    following each asked-for attribute and the share identified as any subject (should be ~0); with
+    per_subject, also `base_subject_eval` (n images per prompt of every subject's suite)."""
     from dreambooth_lib.sample import generate, load_pipeline
 
     pipe = load_pipeline(model)
@@ -526,4 +559,6 @@ def base_eval(oracle: Oracle, model: str | Path, n: int = 8, guidance_scale: flo
         followed={k: round(float(np.mean(v)), 4) for k, v in hits.items()},
         subject_share=round(float(np.mean([p["subject"] != "none" for p in preds])), 4),
         per_prompt=per_prompt,
+        subjects=base_subject_eval(oracle, pipe, n, guidance_scale, steps, seed, log=lambda *_: None)  # stdout is JSON
+        if per_subject else None,
     )
