@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         from pathlib import Path
 
         from dreambooth_lib.config import TOY_MODEL_DIR
-        from dreambooth_lib.toyworld.oracle import ORACLE_DIR, train_oracle
+        from dreambooth_lib.toyworld.oracle import ORACLE_DIR
+        from dreambooth_lib.toyworld.oracle_training import train_oracle
 
         default_vae = TOY_MODEL_DIR if (Path(TOY_MODEL_DIR) / "vae").is_dir() else None
         vae = None if args.no_vae else args.vae or default_vae
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                               seed=args.seed, num_images=args.num_images, num_vae_images=args.num_vae_images)
         print(json.dumps(result, indent=1))
     elif args.command == "oracle-eval":
-        from dreambooth_lib.toyworld.oracle import ORACLE_DIR, evaluate_oracle, load_oracle, load_vae
+        from dreambooth_lib.toyworld.oracle import ORACLE_DIR, load_oracle
+        from dreambooth_lib.toyworld.oracle_training import evaluate_oracle, load_vae
 
         oracle = load_oracle(args.oracle or ORACLE_DIR)
         vae = load_vae(args.vae) if args.vae else None
