@@ -108,11 +108,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        values = {RENAMED.get(k, k): v for k, v in values.items()}  # configs, summaries and checkpoints of older runs
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {unknown}; valid fields: {sorted(known)}")
         return cls(**values)
+
+
+RENAMED = {"lora_unet_modules": "lora_modules"}  # old field name -> new (FLUX: the denoiser is not always a UNet)
 
 
 # --- "auto" learning rates and LoRA rank ----------------------------------------------------------

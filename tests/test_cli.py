@@ -11,6 +11,7 @@ import types
 
 import numpy as np
 import torch
+import pytest
 from PIL import Image
 
 from dreambooth_lib import __main__ as cli
@@ -34,6 +35,16 @@ def test_flags_override_config_file(tmp_path):
     assert (cfg.learning_rate, cfg.lora_rank, cfg.class_noun) == (1e-4, 16, "cat")
     assert cfg.center_crop is False and cfg.use_lora is True and cfg.checkpoints_total_limit is None
     assert cfg.validation_prompts == ["a {identifier} dog", "a dog"] and cfg.max_train_steps == TrainConfig.max_train_steps
+
+
+def test_a_config_file_of_an_older_run_still_loads(tmp_path):
+    # lora_unet_modules was renamed lora_modules (the denoiser may be a transformer): old files keep working.
+    (tmp_path / "old.json").write_text(json.dumps({"lora_unet_modules": ["to_q", "to_v"], "use_lora": True}))
+    cfg = cli.config_from_args(cli.build_parser().parse_args(["train", "--config", str(tmp_path / "old.json")]))
+    assert cfg.lora_modules == ["to_q", "to_v"]
+    (tmp_path / "bad.json").write_text(json.dumps({"lora_unet_module": ["to_q"]}))
+    with pytest.raises(ValueError, match="unknown TrainConfig fields \\['lora_unet_module'\\]"):
+        cli.config_from_args(cli.build_parser().parse_args(["train", "--config", str(tmp_path / "bad.json")]))
 
 
 def test_train_then_sample_end_to_end(tiny_model_dir, instance_dir, tmp_path):
