@@ -36,7 +36,7 @@ from . import data, distributed, families
 from .checkpoint import load_training_state, resolve_resume, save_checkpoint, save_final
 from .class_images import class_image_paths
 from .compiled import check_compiled_gradients, compile_step
-from .config import TrainConfig, resolve_auto
+from .config import TrainConfig, is_toy_model, resolve_auto
 from .disk import check_disk_space, checkpoint_bytes, early_disk_check, final_bytes, human_bytes, weights_bytes
 from .errors import InputError
 from .fsio import write_text_durably
@@ -278,10 +278,13 @@ def run_plan(cfg: TrainConfig, family: str, n_photos: int, instance_prompt: str,
             f"{cfg.max_train_steps} steps of {pictures} pictures at {cfg.resolution} px{prior}; output in {cfg.output_dir}")
 
 
+def where(name: str | None) -> str | None:
+    """A model name as summary.json records it: a local folder as its absolute path, a hub id as it is."""
+    return str(Path(name).resolve()) if name and Path(name).is_dir() else name
+
+
 def run_model(cfg: TrainConfig, family: str) -> dict:
     """What summary.json records to load the run again (sample.read_run): local folders as absolute paths."""
-    def where(name):
-        return str(Path(name).resolve()) if name and Path(name).is_dir() else name
     return dict(pretrained_model=where(cfg.pretrained_model), revision=cfg.revision, family=family,
                 vae_model=where(cfg.vae_model))
 
@@ -295,4 +298,15 @@ def finished_or_train(cfg: TrainConfig, log=print) -> dict:
     summary = Path(cfg.output_dir) / "summary.json"
     if not summary.is_file():
         train(cfg, log=log)
-    return json.loads(summary.read_text())
+    done = json.loads(summary.read_text())
+    if where(done["config"]["pretrained_model"]) != where(cfg.pretrained_model):  # its weights would not fit this model
+        raise InputError(f"{cfg.output_dir} holds a run of {done['config']['pretrained_model']}, not of "
+                         f"{cfg.pretrained_model}: delete that folder, or choose another output_dir")
+    return done
+
+
+def run_dir(runs: str | Path, cfg: TrainConfig, method: str = "lora", prior: bool = True) -> Path:
+    """The notebooks' run folder: runs/<subject>-<method>-<prior|noprior>, with the base model's folder name
+    appended for any model but the toy one, so runs of two models never share a folder (reused by folder)."""
+    name = f"{Path(cfg.instance_dir).name}-{method}-{'prior' if prior else 'noprior'}"
+    return Path(runs) / (name if is_toy_model(cfg.pretrained_model) else f"{name}-{Path(cfg.pretrained_model).name}")

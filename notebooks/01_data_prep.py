@@ -51,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 SMOKE = os.environ.get("DREAMBOOTH_SMOKE", "0") == "1"  # CI smoke run: tiny image counts and step numbers
 MODEL = ""  #@param {type:"string"}
 # "" = the embedded toy model (data/toy_model); real alternatives: "stable-diffusion-v1-5/stable-diffusion-v1-5",
-# "stabilityai/stable-diffusion-xl-base-1.0" (any SD 1.x/2.x or SDXL folder or hub id)
+# "stabilityai/stable-diffusion-xl-base-1.0", "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.2-klein-4B"
+# (any SD 1.x/2.x, SDXL, FLUX.1 or FLUX.2 [klein] folder or hub id)
 SUBJECT_DIR = ""  #@param {type:"string"}
 # "" = the toy subject (data/subjects/marked_star); any folder of 3-5 photos, e.g. /content/drive/MyDrive/my_dog
 UPLOAD = False  #@param {type:"boolean"}
@@ -60,7 +61,8 @@ CLASS_NOUN = "star"  #@param {type:"string"}
 IDENTIFIER = ""  #@param {type:"string"}
 # "" = pick a rare single-token word automatically (paper Sec. 4.1); or your own, e.g. "sks"
 RESOLUTION = 0  #@param {type:"integer"}
-# training side in pixels; 0 = the model's native size (32 for the toy model, 512 for SD 1.5, 1024 for SDXL)
+# training side in pixels; 0 = the model's native size (32 for the toy model, 512 for SD 1.5, 1024 for SDXL
+# and FLUX); a multiple of 8 (FLUX: 16)
 NUM_CLASS_IMAGES = 100  #@param {type:"integer"}
 CLASS_INFERENCE_STEPS = 25  #@param {type:"integer"}
 

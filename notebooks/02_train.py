@@ -51,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 SMOKE = os.environ.get("DREAMBOOTH_SMOKE", "0") == "1"  # CI smoke run: 2 steps, tiny grids
 MODEL = ""  #@param {type:"string"}
 # "" = the model chosen in notebook 01, else the embedded toy model (data/toy_model);
-# real alternatives: "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0"
+# real alternatives: "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0",
+# "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.2-klein-4B"
 # (resolution follows the model; another model than notebook 01's gets its own class images)
 METHOD = "lora"  #@param ["lora", "full"]
 LORA_RANK = 0  #@param {type:"slider", min:0, max:64, step:1}
@@ -89,7 +90,7 @@ from PIL import Image
 
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.toyworld.demo import demo_config, recipe
-from dreambooth_lib.train import train
+from dreambooth_lib.train import run_dir, train
 
 RUNS = ROOT / ("runs/smoke" if SMOKE else "runs")  # shared with notebooks 01 and 03-05
 IMAGES = RUNS / "images"  # figures; the README's copies in images/ change only by `make figures`
@@ -125,9 +126,9 @@ if SMOKE:
     cfg = dataclasses.replace(cfg, max_train_steps=2, validation_steps=2, num_validation_images=2,
                               validation_inference_steps=2, checkpointing_steps=0, num_class_images=2,
                               class_inference_steps=2)
-# One folder per method, found again by notebooks 03-05.
-RUN_NAME = f"{Path(cfg.instance_dir).name}-{METHOD}-{'prior' if PRIOR_PRESERVATION else 'noprior'}"
-cfg.output_dir = str(RUNS / RUN_NAME)
+# One folder per method (and base model), found again by notebooks 03-05.
+cfg.output_dir = str(run_dir(RUNS, cfg, METHOD, PRIOR_PRESERVATION))
+RUN_NAME = Path(cfg.output_dir).name
 print(json.dumps(cfg.to_dict(), indent=1))
 
 # %% [markdown]

@@ -20,11 +20,12 @@
 #
 # # 03 · Sweeps: LoRA scales, guidance, prompt suites
 #
-# A LoRA run adds $\Delta W = \tfrac{\alpha}{r} BA$ to the attention weights of the UNet and the text encoder.
+# A LoRA run adds $\Delta W = \tfrac{\alpha}{r} BA$ to the attention weights of the denoiser (the UNet;
+# FLUX: the transformer) and the text encoder.
 # At sampling time each component's update can be scaled separately, $W + s\,\Delta W$, with `s = 0` the base
 # model and `s = 1` the model as trained (`dreambooth_lib.sample.set_lora_scales`, i.e. diffusers
 # `set_adapters`; the LoRA is never fused, so every scale stays adjustable). This notebook sweeps
-# UNet scale x text-encoder scale, then guidance x scale, renders the paper's prompt categories, and ends
+# denoiser scale x text-encoder scale, then guidance x scale, renders the paper's prompt categories, and ends
 # with sliders. It uses notebook 02's LoRA run (`runs/<subject>-lora-prior`) and trains a small one if it is missing.
 
 # %%
@@ -51,11 +52,12 @@ PROMPT = "a photo of {identifier} {class_noun} in the water"  #@param {type:"str
 # a context the subject photos never show (recontextualization); on the toy model, water keeps the
 # subject's white disc visible (on snow it vanishes, so the grid could not show the subject appear)
 SEED = 0  #@param {type:"integer"}
-GUIDANCE = 7.5  #@param {type:"number"}
+GUIDANCE = 0.0  #@param {type:"number"}
+# 0 = the model family's default: 7.5 (toy model, SD, SDXL), 3.5 (FLUX.1 [dev]'s distilled guidance), 4 (FLUX.2 [klein])
 INFERENCE_STEPS = 25  #@param {type:"integer"}
 SCALES = [0.0, 0.25, 0.5, 0.75, 1.0]  #@param {type:"raw"}
 GUIDANCE_SCALES = [1, 3, 5, 7, 9, 11, 13]  #@param {type:"raw"}
-SUITE_SCALE_UNET = 1.0  #@param {type:"slider", min:0, max:1, step:0.05}
+SUITE_SCALE_DENOISER = 1.0  #@param {type:"slider", min:0, max:1, step:0.05}
 SUITE_SCALE_TEXT_ENCODER = 1.0  #@param {type:"slider", min:0, max:1, step:0.05}
 SUITE_SEEDS = [0, 1, 2, 3]  #@param {type:"raw"}
 FALLBACK_STEPS = 300  #@param {type:"integer"}
@@ -70,10 +72,11 @@ import matplotlib.pyplot as plt
 from IPython.display import display
 from PIL import Image
 
+from dreambooth_lib import families
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.sample import generate, load_pipeline, lora_scale_grid, save_grid, scale_guidance_grid, set_lora_scales
 from dreambooth_lib.toyworld.demo import demo_config, recipe
-from dreambooth_lib.train import finished_or_train
+from dreambooth_lib.train import finished_or_train, run_dir
 
 if SMOKE:
     INFERENCE_STEPS, SCALES, GUIDANCE_SCALES, SUITE_SEEDS, FALLBACK_STEPS = 2, [0.0, 1.0], [1, 13], [0], 2
@@ -84,8 +87,8 @@ DATA_PREP = RUNS / "data_prep.json"  # written by notebook 01
 base = TrainConfig.from_dict(json.loads(DATA_PREP.read_text())) if DATA_PREP.is_file() else demo_config()
 if SMOKE:
     base = dataclasses.replace(base, num_class_images=2, class_inference_steps=2)
-RUN_DIR = RUNS / f"{Path(base.instance_dir).name}-lora-prior"  # notebook 02's default run
-# notebook 02's run, or (run alone) a small LoRA run (UNet + text encoder) trained here first
+RUN_DIR = run_dir(RUNS, base)  # notebook 02's default run (LoRA with prior preservation)
+# notebook 02's run, or (run alone) a small LoRA run (denoiser + text encoder) trained here first
 fallback = dataclasses.replace(base, **recipe("lora", base.pretrained_model))  # the LoRA settings for this model
 summary = finished_or_train(dataclasses.replace(fallback, max_train_steps=FALLBACK_STEPS,
                                                 train_text_encoder=True, validation_steps=0,
@@ -93,6 +96,7 @@ summary = finished_or_train(dataclasses.replace(fallback, max_train_steps=FALLBA
 identifier, class_noun = summary["identifier"], summary["config"]["class_noun"]
 prompt = PROMPT.format(identifier=identifier, class_noun=class_noun)
 pipe = load_pipeline(summary["config"]["pretrained_model"], lora_dir=RUN_DIR)  # adapter "subject", not fused
+GUIDANCE = GUIDANCE or families.of_pipeline(pipe).DEFAULT_GUIDANCE
 IMAGES.mkdir(parents=True, exist_ok=True)
 print(f"run: {RUN_DIR}\nprompt: {prompt!r}")
 
@@ -107,15 +111,15 @@ def show(image, title):
 
 
 # %% [markdown]
-# ## UNet scale x text-encoder scale (fixed guidance and seed)
-# Rows: text-encoder scale; columns: UNet scale. The text-encoder LoRA changes what the prompt *means*
-# (does the identifier point at the subject), the UNet LoRA how it is *drawn*. A LoRA trained without
-# the text encoder has no text-encoder weights, and its rows are identical.
+# ## Denoiser scale x text-encoder scale (fixed guidance and seed)
+# Rows: text-encoder scale; columns: denoiser (UNet / transformer) scale, labelled u. The text-encoder LoRA
+# changes what the prompt *means* (does the identifier point at the subject), the denoiser's LoRA how it is
+# *drawn*. A LoRA trained without the text encoder has no text-encoder weights, and its rows are identical.
 
 # %%
 grid, _ = lora_scale_grid(pipe, prompt, SCALES, SCALES, SEED, guidance_scale=GUIDANCE,
                           num_inference_steps=INFERENCE_STEPS, path=IMAGES / "sweep_lora_scales.png")
-show(grid, f"rows: text-encoder scale {SCALES}, columns: UNet scale {SCALES}; guidance {GUIDANCE}, seed {SEED}")
+show(grid, f"rows: text-encoder scale {SCALES}, columns: denoiser scale {SCALES}; guidance {GUIDANCE}, seed {SEED}")
 
 # %% [markdown]
 # ## Guidance x LoRA scale (fixed seed)
@@ -146,11 +150,11 @@ PROMPT_SUITES = {
 if SMOKE:
     PROMPT_SUITES = {category: prompts[:1] for category, prompts in PROMPT_SUITES.items()}
 suite = [(c, p.format(identifier=identifier, class_noun=class_noun)) for c, ps in PROMPT_SUITES.items() for p in ps]
-set_lora_scales(pipe, SUITE_SCALE_UNET, SUITE_SCALE_TEXT_ENCODER)
+set_lora_scales(pipe, SUITE_SCALE_DENOISER, SUITE_SCALE_TEXT_ENCODER)
 images = generate(pipe, [p for _, p in suite for _ in SUITE_SEEDS], SUITE_SEEDS * len(suite), guidance_scale=GUIDANCE,
                   num_inference_steps=INFERENCE_STEPS)
 grid = save_grid(images, len(suite), len(SUITE_SEEDS), IMAGES / "prompt_suites.png")
-show(grid, f"LoRA scales unet {SUITE_SCALE_UNET} / text encoder {SUITE_SCALE_TEXT_ENCODER}, seeds {SUITE_SEEDS}")
+show(grid, f"LoRA scales denoiser {SUITE_SCALE_DENOISER} / text encoder {SUITE_SCALE_TEXT_ENCODER}, seeds {SUITE_SEEDS}")
 for row, (category, p) in enumerate(suite):
     print(f"row {row}: [{category}] {p}")
 
@@ -160,7 +164,7 @@ for row, (category, p) in enumerate(suite):
 # a fixed seed. The callback is also called once below, so headless CI exercises it.
 
 # %%
-unet_slider = widgets.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.05, description="LORA_SCALE_UNET",
+denoiser_slider = widgets.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.05, description="LORA_SCALE_DENOISER",
                                   continuous_update=False, style={"description_width": "initial"})
 text_slider = widgets.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.05, description="LORA_SCALE_TEXT_ENCODER",
                                   continuous_update=False, style={"description_width": "initial"})
@@ -172,7 +176,7 @@ canvas = widgets.Output()
 
 def render(_change=None):
     """Set the scales on the live pipeline and draw the prompt with SEED; returns the image."""
-    set_lora_scales(pipe, unet_slider.value, text_slider.value)
+    set_lora_scales(pipe, denoiser_slider.value, text_slider.value)
     image = generate(pipe, prompt_box.value, [SEED], guidance_scale=guidance_slider.value,
                      num_inference_steps=INFERENCE_STEPS, progress=False)[0]
     with canvas:
@@ -181,9 +185,9 @@ def render(_change=None):
     return image
 
 
-for control in (unet_slider, text_slider, guidance_slider, prompt_box):
+for control in (denoiser_slider, text_slider, guidance_slider, prompt_box):
     control.observe(render, names="value")
-display(widgets.VBox([unet_slider, text_slider, guidance_slider, prompt_box, canvas]))
+display(widgets.VBox([denoiser_slider, text_slider, guidance_slider, prompt_box, canvas]))
 first = render()
-print(f"rendered {first.size[0]}x{first.size[1]} at unet {unet_slider.value}, text encoder {text_slider.value}, "
+print(f"rendered {first.size[0]}x{first.size[1]} at denoiser {denoiser_slider.value}, text encoder {text_slider.value}, "
       f"guidance {guidance_slider.value}")

@@ -50,7 +50,8 @@ SMOKE = os.environ.get("DREAMBOOTH_SMOKE", "0") == "1"  # CI smoke run: 2 seeds,
 CLASS_PROMPT = ""  #@param {type:"string"}
 # "" = the class prompt the run was trained with, e.g. "a photo of a star"
 SEEDS = [0, 1, 2, 3, 4, 5, 6, 7]  #@param {type:"raw"}
-GUIDANCE = 7.5  #@param {type:"number"}
+GUIDANCE = 0.0  #@param {type:"number"}
+# 0 = the model family's default: 7.5 (toy model, SD, SDXL), 3.5 (FLUX.1 [dev]'s distilled guidance), 4 (FLUX.2 [klein])
 INFERENCE_STEPS = 25  #@param {type:"integer"}
 FALLBACK_STEPS = 300  #@param {type:"integer"}
 # only used when notebook 02's run is missing: the LoRA steps trained here
@@ -61,12 +62,13 @@ import json
 
 import matplotlib.pyplot as plt
 
+from dreambooth_lib import families
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.sample import generate, load_pipeline, set_lora_scales
 from dreambooth_lib.toyworld import oracle as oracle_lib
 from dreambooth_lib.toyworld import render
 from dreambooth_lib.toyworld.demo import demo_config, recipe
-from dreambooth_lib.train import finished_or_train
+from dreambooth_lib.train import finished_or_train, run_dir
 
 if SMOKE:
     SEEDS, INFERENCE_STEPS, FALLBACK_STEPS = [0, 1], 2, 2
@@ -77,8 +79,7 @@ DATA_PREP = RUNS / "data_prep.json"  # written by notebook 01
 base = TrainConfig.from_dict(json.loads(DATA_PREP.read_text())) if DATA_PREP.is_file() else demo_config()
 if SMOKE:
     base = dataclasses.replace(base, num_class_images=2, class_inference_steps=2)
-subject = Path(base.instance_dir).name
-PRIOR_RUN, NO_PRIOR_RUN = RUNS / f"{subject}-lora-prior", RUNS / f"{subject}-lora-noprior"
+PRIOR_RUN, NO_PRIOR_RUN = run_dir(RUNS, base), run_dir(RUNS, base, prior=False)
 # notebook 02's run, or (run alone) a small LoRA run with prior preservation trained here first
 fallback = dataclasses.replace(base, **recipe("lora", base.pretrained_model))  # the LoRA settings for this model
 prior = finished_or_train(dataclasses.replace(fallback, max_train_steps=FALLBACK_STEPS,
@@ -98,6 +99,7 @@ print(f"class prompt {class_prompt!r}, seeds {SEEDS}\nwith prior: {PRIOR_RUN}\nw
 # %%
 model = prior["config"]["pretrained_model"]
 pipe = load_pipeline(model, lora_dir=PRIOR_RUN)
+GUIDANCE = GUIDANCE or families.of_pipeline(pipe).DEFAULT_GUIDANCE
 set_lora_scales(pipe, 0.0, 0.0)
 rows = {"base model": generate(pipe, class_prompt, SEEDS, GUIDANCE, INFERENCE_STEPS)}
 set_lora_scales(pipe, 1.0, 1.0)

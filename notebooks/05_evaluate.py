@@ -51,7 +51,8 @@ LIVE_SUBJECT = False  #@param {type:"boolean"}
 N_PER_PROMPT = 4  #@param {type:"integer"}
 PROMPT_LIMIT = 0  #@param {type:"integer"}
 # real models: 0 = every prompt of the protocol; N = the first N of each category
-GUIDANCE = 7.5  #@param {type:"number"}
+GUIDANCE = 0.0  #@param {type:"number"}
+# 0 = the model family's default: 7.5 (toy model, SD, SDXL), 3.5 (FLUX.1 [dev]'s distilled guidance), 4 (FLUX.2 [klein])
 INFERENCE_STEPS = 25  #@param {type:"integer"}
 REAL_ENCODERS = False  #@param {type:"boolean"}
 # load DINO ViT-S/16 and CLIP ViT-B/32 (downloads ~0.5 GB): for real models, pointless on the toy world
@@ -65,6 +66,7 @@ import json
 import matplotlib.pyplot as plt
 from PIL import Image
 
+from dreambooth_lib import families
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.data import load_instance_images
 from dreambooth_lib.evaluate import evaluate_run, format_table, load_encoders_for_cli
@@ -72,7 +74,7 @@ from dreambooth_lib.metrics import Encoders, default_device
 from dreambooth_lib.sample import load_pipeline
 from dreambooth_lib.toyworld import demo, render
 from dreambooth_lib.toyworld import oracle as oracle_lib
-from dreambooth_lib.train import finished_or_train
+from dreambooth_lib.train import finished_or_train, run_dir
 
 if SMOKE:
     N_PER_PROMPT, PROMPT_LIMIT, INFERENCE_STEPS, FALLBACK_STEPS = 2, 1, 2, 2
@@ -83,8 +85,8 @@ DATA_PREP = RUNS / "data_prep.json"  # written by notebook 01
 base = TrainConfig.from_dict(json.loads(DATA_PREP.read_text())) if DATA_PREP.is_file() else demo.demo_config()
 if SMOKE:
     base = dataclasses.replace(base, num_class_images=2, class_inference_steps=2)
-RUN_DIR = RUNS / f"{Path(base.instance_dir).name}-lora-prior"  # notebook 02's default run
-# notebook 02's run, or (run alone) a small LoRA run (UNet + text encoder) trained here first
+RUN_DIR = run_dir(RUNS, base)  # notebook 02's default run (LoRA with prior preservation)
+# notebook 02's run, or (run alone) a small LoRA run (denoiser + text encoder) trained here first
 fallback = dataclasses.replace(base, **demo.recipe("lora", base.pretrained_model))  # the LoRA settings for this model
 summary = finished_or_train(dataclasses.replace(fallback, max_train_steps=FALLBACK_STEPS,
                                                 train_text_encoder=True, validation_steps=0,
@@ -106,6 +108,7 @@ print(f"run: {RUN_DIR} ({summary['steps']} steps), identifier {summary['identifi
 # %%
 # LoRA: base model + the run's adapter; full fine-tune: the run folder is a complete pipeline.
 pipe = load_pipeline(run_cfg["pretrained_model"], lora_dir=RUN_DIR) if run_cfg["use_lora"] else load_pipeline(RUN_DIR)
+GUIDANCE = GUIDANCE or families.of_pipeline(pipe).DEFAULT_GUIDANCE
 subject, identifier, class_noun = Path(run_cfg["instance_dir"]).name, summary["identifier"], run_cfg["class_noun"]
 seeds = list(range(N_PER_PROMPT))
 if subject in render.SUBJECTS:

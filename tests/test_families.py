@@ -54,6 +54,7 @@ def test_resolution_follows_the_model_unless_set(tmp_path, instance_dir):
         for part, config in (("unet", {"sample_size": sample_size}), ("vae", {"block_out_channels": [8] * vae_blocks})):
             (tmp_path / name / part).mkdir(parents=True)
             (tmp_path / name / part / "config.json").write_text(json.dumps(config))  # configs only: nothing else is read
+        (tmp_path / name / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))  # the family
         assert families.native_resolution(str(tmp_path / name)) == side
     assert TrainConfig().resolution is None
     assert families.with_native_resolution(TrainConfig()).resolution == 32  # the toy model: what the CLI trains at

@@ -784,3 +784,15 @@ def test_weights_are_readable_by_others_as_the_umask_says(tiny_model_dir, instan
             files = [p for p in out.rglob("*") if p.is_file()]
             assert any(p.suffix == ".safetensors" for p in files) and any(p.suffix == ".json" for p in files)
             assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o666 & ~umask)}, mode
+
+
+def test_notebook_run_folders_are_per_model_and_a_run_of_another_model_is_refused(tmp_path, instance_dir):
+    toy, other = TrainConfig(instance_dir=str(instance_dir)), TrainConfig(instance_dir=str(instance_dir), pretrained_model="/m/flux1")
+    assert T.run_dir(tmp_path, toy) == tmp_path / f"{instance_dir.name}-lora-prior"  # the toy model's folders keep their names
+    assert T.run_dir(tmp_path, other, "full", prior=False) == tmp_path / f"{instance_dir.name}-full-noprior-flux1"
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"config": {"pretrained_model": "/m/flux1"}, "steps": 2}))
+    assert T.finished_or_train(dataclasses.replace(other, output_dir=str(out)))["steps"] == 2  # reused, not retrained
+    with pytest.raises(E.InputError, match="holds a run of /m/flux1, not of"):
+        T.finished_or_train(dataclasses.replace(toy, output_dir=str(out)))

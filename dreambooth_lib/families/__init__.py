@@ -53,7 +53,6 @@ import warnings
 from . import flux, flux2, sd, sdxl
 from .base import (CLIP_ATTENTION, Models, as_tuple, base_quantization, check_quantization, dtype_kw,  # noqa: F401  (the seam's API)
                    encode_latents, load_vae, model_index, vae_config, vae_scale_factor)
-from .unet import native_resolution  # noqa: F401  (a UNet model's native side, read from configs only)
 from ..errors import InputError
 
 FAMILIES = {sd.NAME: sd, sdxl.NAME: sdxl, flux.NAME: flux, flux2.NAME: flux2}
@@ -119,6 +118,11 @@ def with_family_defaults(cfg):
         class_guidance_scale=family.DEFAULT_GUIDANCE if cfg.class_guidance_scale is None else cfg.class_guidance_scale,
         validation_guidance_scale=(family.DEFAULT_GUIDANCE if cfg.validation_guidance_scale is None
                                    else cfg.validation_guidance_scale))
+
+
+def native_resolution(model: str, revision: str | None = None) -> int:
+    """The side a model was trained at, asked of its family (configs only, no weights)."""
+    return get(detect(model, revision)).native_resolution(model, revision)
 
 
 def with_native_resolution(cfg):

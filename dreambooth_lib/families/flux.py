@@ -83,8 +83,9 @@ def resolution_multiple(vae_config: dict) -> tuple[int, str]:
 
 
 def native_resolution(model: str, revision: str | None = None) -> int:
-    """FluxPipeline's default size: 128 latent cells a side (1024 px with FLUX.1's VAE)."""
-    return FluxPipeline.default_sample_size * vae_scale_factor(vae_config(model, revision))
+    """FluxPipeline's default size: 128 latent cells a side (1024 px with FLUX.1's VAE). The pipeline sets
+    default_sample_size = 128 in __init__ only (not on the class), so it is written here."""
+    return 128 * vae_scale_factor(vae_config(model, revision))
 
 
 def load_models(model: str, revision: str | None = None, vae_model: str | None = None, dtypes: dict | None = None,
