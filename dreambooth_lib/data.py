@@ -245,15 +245,27 @@ def _is_rare_candidate(word: str) -> bool:
     )
 
 
+def _whole_word(token: str) -> str | None:
+    """The word a vocabulary token stands for when it follows a space in a prompt, else None (a word piece
+    would fuse with its neighbours): CLIP's BPE marks word ends ("sks</w>"), byte-level BPE (GPT-2, the Qwen
+    tokenizer of FLUX.2 [klein]) word starts ("Ġsks", Ġ the byte of a space)."""
+    if token.endswith("</w>"):
+        return token[: -len("</w>")]
+    return token[1:] if token.startswith("\u0120") else None
+
+
+def _prompt_ids(tokenizer, word: str) -> list[int]:
+    """The token ids of `word` as it stands in a prompt, after a space (CLIP ignores the space)."""
+    return tokenizer(" " + word, add_special_tokens=False).input_ids
+
+
 def _pick_rare_identifier(tokenizer, exclude) -> tuple[str, int]:
-    """Scan the vocabulary from the rare end (CLIP's BPE ids grow roughly as frequency falls)."""
+    """Scan the vocabulary from the rare end (BPE ids grow roughly as frequency falls)."""
     for token, token_id in sorted(tokenizer.get_vocab().items(), key=lambda kv: -kv[1]):
-        if not token.endswith("</w>"):  # whole words only: a word piece would fuse with neighbours
+        word = _whole_word(token)
+        if word is None or word in exclude or not _is_rare_candidate(word):
             continue
-        word = token[: -len("</w>")]
-        if word in exclude or not _is_rare_candidate(word):
-            continue
-        if tokenizer(word, add_special_tokens=False).input_ids == [token_id]:
+        if _prompt_ids(tokenizer, word) == [token_id]:
             return word, token_id
     raise InputError("no rare 1-3 letter single-token word found in the tokenizer: set identifier explicitly")
 
@@ -268,14 +280,14 @@ def resolve_identifier(tokenizer, identifier: str | None, log: Callable[[str], N
         vocab_size = len(tokenizer.get_vocab())
         rarest_pct = max(1, math.ceil(100 * (vocab_size - token_id) / vocab_size))
         log(
-            f"identifier '{word}': one CLIP token (id {token_id}), {len(word)} letters, "
+            f"identifier '{word}': one token (id {token_id}), {len(word)} letters, "
             f"from the rarest {rarest_pct}% of the vocabulary, not a common word"
         )
         return word
     identifier = identifier.strip()
     if not identifier or len(identifier.split()) != 1:
         raise InputError(f"identifier {identifier!r} must be one word: set e.g. 'sks', or None to pick one")
-    ids = tokenizer(identifier, add_special_tokens=False).input_ids
+    ids = _prompt_ids(tokenizer, identifier)
     if len(ids) != 1:
         pieces = tokenizer.convert_ids_to_tokens(ids)
         warnings.warn(

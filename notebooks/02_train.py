@@ -58,7 +58,7 @@ METHOD = "lora"  #@param ["lora", "full"]
 LORA_RANK = 0  #@param {type:"slider", min:0, max:64, step:1}
 # 0 = auto, as TrainConfig's lora_rank="auto" (config.AUTO_RECIPES): 32 on the toy model (swept, see docs/toy_world.md), 4 on Stable Diffusion
 TRAIN_TEXT_ENCODER = True  #@param {type:"boolean"}
-# needed for the text-encoder LoRA scale of notebook 03
+# needed for the text-encoder LoRA scale of notebook 03; off where the family trains none (FLUX.2 [klein])
 MAX_TRAIN_STEPS = 0  #@param {type:"integer"}
 # 0 = auto: toy model LoRA 1600 / full 400; Stable Diffusion LoRA 400 / full 800
 LEARNING_RATE = 0.0  #@param {type:"number"}
@@ -88,6 +88,7 @@ import matplotlib.pyplot as plt
 import torch
 from PIL import Image
 
+from dreambooth_lib import families
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.toyworld.demo import demo_config, recipe
 from dreambooth_lib.train import run_dir, train
@@ -103,6 +104,9 @@ cuda = torch.cuda.is_available()
 model = MODEL or base.pretrained_model
 if model != base.pretrained_model:  # notebook 01's class images and resolution were for its model
     base = dataclasses.replace(base, class_dir=None, resolution=None)
+if TRAIN_TEXT_ENCODER and not families.trains_text_encoder(model):
+    print(f"TRAIN_TEXT_ENCODER off: {families.resolve('auto', model).LABEL} keeps its text encoder frozen")
+    TRAIN_TEXT_ENCODER = False
 settings = recipe(METHOD, model)  # rank, rates, batch, steps for this model; a non-zero value above wins
 settings.update({k: v for k, v in (("lora_rank", LORA_RANK), ("max_train_steps", MAX_TRAIN_STEPS),
                                    ("learning_rate", LEARNING_RATE)) if v})

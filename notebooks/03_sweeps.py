@@ -91,8 +91,8 @@ RUN_DIR = run_dir(RUNS, base)  # notebook 02's default run (LoRA with prior pres
 # notebook 02's run, or (run alone) a small LoRA run (denoiser + text encoder) trained here first
 fallback = dataclasses.replace(base, **recipe("lora", base.pretrained_model))  # the LoRA settings for this model
 summary = finished_or_train(dataclasses.replace(fallback, max_train_steps=FALLBACK_STEPS,
-                                                train_text_encoder=True, validation_steps=0,
-                                                output_dir=str(RUN_DIR)))
+                                                train_text_encoder=families.trains_text_encoder(base.pretrained_model),
+                                                validation_steps=0, output_dir=str(RUN_DIR)))
 identifier, class_noun = summary["identifier"], summary["config"]["class_noun"]
 prompt = PROMPT.format(identifier=identifier, class_noun=class_noun)
 pipe = load_pipeline(summary["config"]["pretrained_model"], lora_dir=RUN_DIR)  # adapter "subject", not fused

@@ -83,8 +83,8 @@ PRIOR_RUN, NO_PRIOR_RUN = run_dir(RUNS, base), run_dir(RUNS, base, prior=False)
 # notebook 02's run, or (run alone) a small LoRA run with prior preservation trained here first
 fallback = dataclasses.replace(base, **recipe("lora", base.pretrained_model))  # the LoRA settings for this model
 prior = finished_or_train(dataclasses.replace(fallback, max_train_steps=FALLBACK_STEPS,
-                                              train_text_encoder=True, validation_steps=0,
-                                              output_dir=str(PRIOR_RUN)))
+                                              train_text_encoder=families.trains_text_encoder(base.pretrained_model),
+                                              validation_steps=0, output_dir=str(PRIOR_RUN)))
 # the same run with lambda's term switched off
 no_prior = finished_or_train(dataclasses.replace(TrainConfig.from_dict(prior["config"]), with_prior_preservation=False,
                                                  identifier=prior["identifier"], resume=None,

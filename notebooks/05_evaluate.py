@@ -89,8 +89,8 @@ RUN_DIR = run_dir(RUNS, base)  # notebook 02's default run (LoRA with prior pres
 # notebook 02's run, or (run alone) a small LoRA run (denoiser + text encoder) trained here first
 fallback = dataclasses.replace(base, **demo.recipe("lora", base.pretrained_model))  # the LoRA settings for this model
 summary = finished_or_train(dataclasses.replace(fallback, max_train_steps=FALLBACK_STEPS,
-                                                train_text_encoder=True, validation_steps=0,
-                                                output_dir=str(RUN_DIR)))
+                                                train_text_encoder=families.trains_text_encoder(base.pretrained_model),
+                                                validation_steps=0, output_dir=str(RUN_DIR)))
 run_cfg = summary["config"]
 print(f"run: {RUN_DIR} ({summary['steps']} steps), identifier {summary['identifier']!r}")
 

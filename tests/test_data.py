@@ -26,7 +26,7 @@ from dreambooth_lib.data import (
     resolve_identifier,
 )
 from dreambooth_lib.validate import validate_config
-from dreambooth_lib.tiny import TINY_WORDS, write_clip_tokenizer
+from dreambooth_lib.tiny import TINY_WORDS, write_clip_tokenizer, write_qwen_tokenizer
 from conftest import write_photos
 
 
@@ -248,10 +248,22 @@ def test_auto_identifier_on_the_tiny_tokenizer(tiny_tokenizer):
     assert resolve_identifier(tiny_tokenizer, None, log=logs.append) == "vqp"
     vqp_id = tiny_tokenizer.convert_tokens_to_ids("vqp</w>")
     assert len(logs) == 1 and re.fullmatch(
-        rf"identifier 'vqp': one CLIP token \(id {vqp_id}\), 3 letters, from the rarest \d+% of the vocabulary, "
+        rf"identifier 'vqp': one token \(id {vqp_id}\), 3 letters, from the rarest \d+% of the vocabulary, "
         "not a common word", logs[0])
     assert resolve_identifier(tiny_tokenizer, None, log=logs.append, exclude={"vqp"}) == "zwx"
     assert resolve_identifier(tiny_tokenizer, None, log=logs.append, exclude={"vqp", "zwx"}) == "sks"
+
+
+def test_auto_identifier_on_a_byte_level_tokenizer(tmp_path):
+    # FLUX.2 [klein]'s Qwen tokenizer marks word starts ("Ġpai"), not word ends ("pai</w>"): the pick is a token
+    # that stands alone after a space in a prompt, and an explicit identifier is checked in that position too.
+    tokenizer = write_qwen_tokenizer(TINY_WORDS, tmp_path)
+    word = resolve_identifier(tokenizer, None, log=lambda _: None, exclude={"star"})
+    token_id = tokenizer.convert_tokens_to_ids("\u0120" + word)
+    assert tokenizer(" " + word, add_special_tokens=False).input_ids == [token_id]
+    assert token_id in tokenizer(f"a photo of {word} star", add_special_tokens=False).input_ids
+    with pytest.warns(UserWarning, match="is 2 tokens"):
+        resolve_identifier(tokenizer, "zq")
 
 
 def test_auto_identifier_filters(tmp_path):

@@ -43,9 +43,10 @@ def make_cfg(model, instance_dir, out, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_native_resolution_is_asked_of_the_family(flux_dir, tiny_model_dir):
-    # 128 latent cells (FluxPipeline's default, set only on instances) x the 8x VAE; the toy SD model: UNet 16 x 2
+def test_native_resolution_and_text_encoder_training_are_asked_of_the_family(flux_dir, tiny_model_dir):
+    # 128 latent cells (FluxPipeline's default, set only on instances) x the 8x VAE; the tiny SD model: UNet 16 x 2
     assert families.native_resolution(str(flux_dir)) == 1024 and families.native_resolution(str(tiny_model_dir)) == 32
+    assert families.trains_text_encoder(str(flux_dir)) and families.trains_text_encoder(str(tiny_model_dir))  # CLIP
 
 
 def test_family_detected_and_bad_input_refused_before_model_work(flux_dir, schnell_dir, tiny_model_dir, instance_dir,

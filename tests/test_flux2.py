@@ -43,7 +43,8 @@ def make_cfg(model, instance_dir, out, **kw) -> TrainConfig:
 def test_family_detected_and_bad_input_refused_before_model_work(klein_dir, instance_dir, tmp_path, monkeypatch):
     assert families.detect(str(klein_dir)) == "flux2"
     assert families.of(make_cfg(klein_dir, instance_dir, tmp_path)) is flux2
-    assert flux2.native_resolution(str(klein_dir)) == 1024  # 128 latent cells x the 8x VAE
+    assert flux2.native_resolution(str(klein_dir)) == families.native_resolution(str(klein_dir)) == 1024  # 128 cells x 8
+    assert not families.trains_text_encoder(str(klein_dir))  # Qwen3 stays frozen: the notebooks leave it off
     monkeypatch.setattr(T, "load_tokenizer", lambda cfg: pytest.fail("bad input reached model work"))
     for bad, message in [(dict(resolution=40), r"resolution = 40: FLUX.2 \[klein\] needs a multiple of 16"),
                          (dict(mixed_precision="fp16"), "mixed_precision = 'fp16': FLUX.2"),

@@ -125,6 +125,11 @@ def native_resolution(model: str, revision: str | None = None) -> int:
     return get(detect(model, revision)).native_resolution(model, revision)
 
 
+def trains_text_encoder(model: str, revision: str | None = None) -> bool:
+    """Whether train_text_encoder may be set for this model (FLUX.2 [klein]: its Qwen3 encoder stays frozen)."""
+    return bool(get(detect(model, revision)).TRAINED_TEXT_ENCODERS)
+
+
 def with_native_resolution(cfg):
     """cfg with its resolution set: the user's, or (None) the model's native size."""
     if cfg.resolution is not None:
