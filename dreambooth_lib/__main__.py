@@ -192,23 +192,28 @@ def quiet_loading() -> None:
 def cmd_class_images(args) -> int:
     from . import distributed, families
     from .class_images import class_image_paths
+    from .subjects import default_class_dir, subjects_of
     from .validate import validate_class_image_config
     quiet_loading()
     cfg = families.with_family_defaults(config_from_args(args))
-    class_prompt = validate_class_image_config(cfg)  # no subject photos needed, unlike train
+    # one class noun, or (--subjects) each distinct class noun of the subjects in its own folder, as train makes them
+    classes = {s.cfg.class_noun: s.cfg for s in subjects_of(cfg)} if cfg.subjects is not None else {cfg.class_noun: cfg}
+    prompts = {noun: validate_class_image_config(c) for noun, c in classes.items()}  # no subject photos needed, unlike train
     families.check(cfg)
-    started = time.time()
     main = distributed.process_state().is_main_process
     info = print if main else (lambda *a, **k: None)
     state = distributed.check_launch(info)  # several processes share the images out (each has its own seed)
-    paths = class_image_paths(cfg, class_prompt, log=info)
-    folder = paths[0].parent
-    if main:
-        summary = dict(config=cfg.to_dict(), class_prompt=class_prompt, class_dir=str(folder), num_images=len(paths),
-                       wall_time_s=time.time() - started, device=_device(), num_processes=state.num_processes,
-                       **peak_memory())
-        (folder / "class_images_summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"{len(paths)} class images in {folder}")
+    for noun, class_cfg in classes.items():
+        started = time.time()
+        paths = class_image_paths(class_cfg, prompts[noun], log=info,
+                                  default_dir=default_class_dir(cfg, noun) if cfg.subjects is not None else None)
+        folder = paths[0].parent
+        if main:
+            summary = dict(config=class_cfg.to_dict(), class_prompt=prompts[noun], class_dir=str(folder),
+                           num_images=len(paths), wall_time_s=time.time() - started, device=_device(),
+                           num_processes=state.num_processes, **peak_memory())
+            (folder / "class_images_summary.json").write_text(json.dumps(summary, indent=2))
+            print(f"{len(paths)} class images in {folder}")
     return 0
 
 

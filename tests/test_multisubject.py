@@ -238,5 +238,29 @@ def test_evaluate_reports_each_subject_of_a_run(tiny_model_dir, two_subjects, tm
         assert result["settings"]["n_real_images"] == len(data.load_instance_images(record["instance_dir"], 0))
         assert result["rows"]["overall"]["DINO"] is not None
         assert f"subject {record['name']} ({record['identifier']} {record['class_noun']}):" in printed
+    from safetensors import safe_open
+    from dreambooth_lib.export import export_lora
+    with safe_open(export_lora(out, None, "kohya"), "pt") as f:  # the exported LoRA names every subject's trigger
+        comment = f.metadata()["ss_training_comment"]
+    for record in summary["subjects"]:
+        assert f"'{record['identifier']} {record['class_noun']}'" in comment
     assert evaluate.main([str(out), "--subject", "tom", "--dino", str(dino), "--clip", str(clip), "--smoke", "--out", str(tmp_path / "one")]) == 0
     assert json.loads((tmp_path / "one" / "results.json").read_text())["settings"]["class_noun"] == "cat"
+
+
+def test_class_images_command_makes_each_class_once_and_train_reuses_them(tiny_model_dir, two_subjects, tmp_path, capsys):
+    subjects = two_subjects + [dict(name="max", instance_dir=two_subjects[0]["instance_dir"], class_noun="dog")]
+    path = tmp_path / "subjects.json"
+    path.write_text(json.dumps(subjects))
+    out = tmp_path / "run"
+    flags = ["--subjects", str(path), "--pretrained_model", str(tiny_model_dir), "--output_dir", str(out),
+             "--resolution", "32", "--num_class_images", "2", "--class_inference_steps", "1"]
+    assert cli.main(["class-images", *flags]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("2 class images in") == 2  # dog (rex and max) and cat
+    assert sorted(p.name for p in (out / "class_images").iterdir()) == ["cat", "dog"]
+    made = {p: p.read_bytes() for p in (out / "class_images").rglob("*.png")}
+    lines = []
+    T.train(make_cfg(tiny_model_dir, subjects, out, max_train_steps=1, train_batch_size=3), log=lines.append, progress=False)
+    assert not any("generating" in line for line in lines)  # the command's images were reused
+    assert {p: p.read_bytes() for p in (out / "class_images").rglob("*.png")} == made
