@@ -23,13 +23,16 @@ def build_parser():
     p.add_argument("--init", default=None, help="continue from this pipeline folder (keeps its tokenizer and VAE)")
     p.add_argument("--images_dir", default="images", help="where the loss curve goes")
 
-    p = sub.add_parser("oracle-train", help="train the oracle classifier on rendered pictures (CPU, ~5 min)")
+    p = sub.add_parser("oracle-train", help="train the oracle classifier on rendered pictures (CPU, ~10 min)")
     p.add_argument("--out", default=None, help="folder for oracle.safetensors + oracle.json (default data/oracle)")
     p.add_argument("--vae", default=None, help="pipeline (or vae) folder whose VAE round trip augments training "
                    "(default data/toy_model when it exists)")
     p.add_argument("--no_vae", action="store_true", help="train without the VAE round trip")
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--minutes", type=float, default=4.5, help="cap on rendering + VAE round trips + training")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--num_images", type=int, default=36000, help="rendered training pictures")
+    p.add_argument("--num_vae_images", type=int, default=12000, help="of those, how many also get a VAE round trip")
+    p.add_argument("--minutes", type=float, default=30.0, help="cap on rendering + VAE round trips + training "
+                   "(a cut-short run anneals early: its result depends on the machine's speed)")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("oracle-eval", help="oracle accuracy per head on fresh renderer pictures (JSON)")
     p.add_argument("--oracle", default=None, help="oracle folder (default data/oracle)")
@@ -42,6 +45,8 @@ def build_parser():
     p.add_argument("--n", type=int, default=8, help="images per prompt")
     p.add_argument("--guidance_scale", type=float, default=7.0)
     p.add_argument("--num_inference_steps", "--steps", type=int, default=25, help="sampler steps")
+    p.add_argument("--no_per_subject", action="store_true", help="skip the per-subject check (every subject's "
+                   "prompt suite and class prompt: 19 prompts x n images per subject)")
     for name, what in (("demo", "DreamBooth on a toy subject end to end: train, grids, oracle metrics"),
                        ("ablate", "prior on/off, correct/no/wrong class noun, LoRA: table + figure")):
         p = sub.add_parser(name, help=what)
@@ -70,16 +75,18 @@ def main(argv: list[str] | None = None) -> int:
         from pathlib import Path
 
         from dreambooth_lib.config import TOY_MODEL_DIR
-        from dreambooth_lib.toyworld.oracle import ORACLE_DIR, train_oracle
+        from dreambooth_lib.toyworld.oracle import ORACLE_DIR
+        from dreambooth_lib.toyworld.oracle_training import train_oracle
 
         default_vae = TOY_MODEL_DIR if (Path(TOY_MODEL_DIR) / "vae").is_dir() else None
         vae = None if args.no_vae else args.vae or default_vae
         print(f"oracle-train: VAE round trip from {vae}" if vae else "oracle-train: no VAE round trip (--vae not given)")
         result = train_oracle(out=args.out or ORACLE_DIR, vae_path=vae, steps=args.steps, minutes=args.minutes,
-                              seed=args.seed)
+                              seed=args.seed, num_images=args.num_images, num_vae_images=args.num_vae_images)
         print(json.dumps(result, indent=1))
     elif args.command == "oracle-eval":
-        from dreambooth_lib.toyworld.oracle import ORACLE_DIR, evaluate_oracle, load_oracle, load_vae
+        from dreambooth_lib.toyworld.oracle import ORACLE_DIR, load_oracle
+        from dreambooth_lib.toyworld.oracle_training import evaluate_oracle, load_vae
 
         oracle = load_oracle(args.oracle or ORACLE_DIR)
         vae = load_vae(args.vae) if args.vae else None
@@ -90,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
         oracle = load_oracle(args.oracle or ORACLE_DIR)  # fails before the slow pipeline load
         print(json.dumps(base_eval(oracle, args.model or TOY_MODEL_DIR, n=args.n, guidance_scale=args.guidance_scale,
-                                   steps=args.num_inference_steps), indent=1))
+                                   steps=args.num_inference_steps, per_subject=not args.no_per_subject), indent=1))
     elif args.command in ("demo", "ablate"):
         from pathlib import Path
 

@@ -4,7 +4,7 @@ and the paper's metrics (Ruiz et al. 2023, Sec. 4.1) computed with it instead of
 One shared conv trunk, five heads: class, colour, context, style and subject (none / each name in
 `render.SUBJECTS`). It is trained on freshly rendered pictures only, with augmentation so it copes
 with generated images: shifts and rescaling, blur, noise, mild colour jitter and the VAE's
-encode/decode round trip (generated images come out of that decoder).
+encode/decode round trip (generated images come out of that decoder): toyworld/oracle_training.py.
 
 Metrics, named after the paper's:
   subject fidelity  share of generated images the oracle identifies as the subject   (cf. DINO, CLIP-I)
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,11 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+from safetensors.torch import load_file
 
 from dreambooth_lib.toyworld import render
-from dreambooth_lib.fsio import follow_umask
 
 ORACLE_DIR = str(Path(__file__).resolve().parents[2] / "data" / "oracle")
 LABELS = {
@@ -140,197 +136,6 @@ def load_oracle(path: str | Path = ORACLE_DIR) -> Oracle:
     net = OracleNet(width=info["width"], labels=labels)
     net.load_state_dict(load_file(weights_path))
     return Oracle(net.eval(), labels, info)
-
-
-# ---------------------------------------------------------------------------------------------
-# training data
-
-
-def label_row(spec: render.Spec) -> list[int]:
-    """Head labels of a spec, in LABELS order; the colour of a sketch is IGNORE."""
-    row = []
-    for head, values in LABELS.items():
-        value = getattr(spec, SPEC_FIELD[head])
-        if head == "subject":
-            value = value or "none"
-        row.append(IGNORE if head == "colour" and spec.style == "sketch" else values.index(value))
-    return row
-
-
-def oracle_specs(n: int, rng: np.random.Generator, p_sketch: float = 0.35) -> list[render.Spec]:
-    """Balanced mix: 1/3 subjects, 1/6 hard negatives (a subject's class AND colour, any pattern, no
-    marking), 1/2 ordinary pictures; every context, size, position and both styles throughout."""
-    names = list(render.SUBJECTS)
-    specs = []
-    for i in range(n):
-        kind, name = i % 6, names[(i // 6) % len(names)]
-        if kind < 2:
-            specs.append(render.sample_spec(rng, subject=name, p_sketch=p_sketch))
-        elif kind == 2:
-            fixed = render.SUBJECTS[name]
-            specs.append(render.sample_spec(rng, cls=fixed["cls"], colour=fixed["colour"], p_sketch=p_sketch))
-        else:
-            specs.append(render.sample_spec(rng, p_sketch=p_sketch))
-    return specs
-
-
-def render_labelled(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n pictures from `oracle_specs` as uint8 (n, 3, 32, 32) and their labels (n, heads)."""
-    rng = np.random.default_rng(seed)
-    specs = oracle_specs(n, rng)
-    seeds = rng.integers(0, 2**31, size=n)
-    pixels = np.stack([np.asarray(render.render(s, int(k))) for s, k in
-                       tqdm(zip(specs, seeds), total=n, desc="render", mininterval=5)])
-    labels = torch.tensor([label_row(s) for s in specs])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), labels
-
-
-def load_vae(path: str | Path):
-    """The AutoencoderKL of a pipeline folder (`<path>/vae`) or a vae folder itself."""
-    from diffusers import AutoencoderKL
-
-    path = Path(path)
-    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"--vae {path}: no vae/config.json or config.json there; give a diffusers "
-                                "pipeline folder (e.g. data/toy_model) or its vae subfolder")
-    return AutoencoderKL.from_pretrained(folder).eval()
-
-
-@torch.no_grad()
-def vae_round_trip(vae, pixels: torch.Tensor, latent_noise: float = 0.0, seed: int = 0,
-                   batch_size: int = 512) -> torch.Tensor:
-    """uint8 pictures -> VAE encode (posterior mean) -> + N(0, s^2) latent noise, s ~ U(0, latent_noise)
-    per picture (generated latents are not exact encodings) -> decode -> uint8, as the pipeline outputs."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in tqdm(range(0, len(pixels), batch_size), desc="vae round trip", mininterval=5):
-        z = vae.encode(_to_float(pixels[i:i + batch_size])).latent_dist.mode()
-        s = torch.rand(len(z), 1, 1, 1, generator=gen) * latent_noise * z.std()
-        x = vae.decode(z + s * torch.randn(z.shape, generator=gen)).sample
-        out.append(((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8))
-    return torch.cat(out)
-
-
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random shift (+-2 px) and scale (+-8%), colour jitter that keeps hues apart, blur, pixel noise."""
-    n = len(x)
-    u = lambda *shape: torch.rand(*shape, generator=gen)  # noqa: E731
-    scale = 1 + 0.16 * (u(n) - 0.5)
-    theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = scale
-    theta[:, :, 2] = (u(n, 2) - 0.5) * 0.25  # 0.125 of the half-width = 2 px
-    x = F.grid_sample(x, F.affine_grid(theta, x.shape, align_corners=False), padding_mode="border", align_corners=False)
-    brightness = 0.2 * (u(n, 1, 1, 1) - 0.5)
-    contrast = 1 + 0.3 * (u(n, 1, 1, 1) - 0.5)
-    gain = 1 + 0.08 * (u(n, 3, 1, 1) - 0.5)  # per channel, small: orange/yellow/red must stay distinct
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = (x - mean) * contrast + mean + brightness
-    x = (x + 1) * gain - 1
-    sigma = 0.3 + 0.9 * u(n)
-    blur = u(n) < 0.3
-    k = torch.exp(-torch.tensor([-1.0, 0.0, 1.0])[None] ** 2 / (2 * sigma[:, None] ** 2))
-    k = k / k.sum(-1, keepdim=True)
-    kernel = (k[:, :, None] * k[:, None, :]).repeat_interleave(3, 0)[:, None]  # (3n, 1, 3, 3)
-    blurred = F.conv2d(F.pad(x.reshape(1, 3 * n, *x.shape[2:]), (1, 1, 1, 1), mode="replicate"), kernel,
-                       groups=3 * n).reshape(x.shape)
-    x = torch.where(blur[:, None, None, None], blurred, x)
-    x = x + 0.06 * u(n, 1, 1, 1) * torch.randn(x.shape, generator=gen)
-    return x.clamp(-1, 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# training and evaluation
-
-
-def train_oracle(out: str | Path = ORACLE_DIR, vae_path: str | Path | None = None, num_images: int = 24000,
-                 steps: int = 2000, batch_size: int = 128, lr: float = 3e-3, width: int = 16, seed: int = 0,
-                 num_vae_images: int = 8000, p_vae: float = 0.5, latent_noise: float = 0.3, minutes: float = 4.5,
-                 eval_images: int = 3000, log=print) -> dict:
-    """Train on freshly rendered pictures, evaluate on a fresh set, write oracle.safetensors + oracle.json.
-
-    The first `num_vae_images` pictures also get a VAE round trip (the costly part on a CPU); a share
-    p_vae of every batch is drawn from those round trips. `minutes` caps the whole run."""
-    started = time.time()
-    vae = load_vae(vae_path) if vae_path is not None else None  # fails early on a bad path
-    torch.manual_seed(seed)
-    pixels, labels = render_labelled(num_images, seed)
-    decoded = vae_round_trip(vae, pixels[:num_vae_images], latent_noise, seed) if vae is not None else None
-    n_vae = int(batch_size * p_vae) if vae is not None else 0
-    net = OracleNet(width)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    gen = torch.Generator().manual_seed(seed)
-    net.train()
-    train_started = time.time()
-    budget_s = minutes * 60 - (train_started - started)  # what rendering and round trips left
-    bar = tqdm(range(steps), desc="oracle", mininterval=5)
-    for step in bar:
-        # Warmup then cosine decay over progress = max(step share, time share): a run that the time
-        # budget cuts short still anneals its learning rate to ~0.
-        progress = max(step / steps, (time.time() - train_started) / max(budget_s, 1.0))
-        if progress >= 1.0:
-            log(f"oracle: time budget of {minutes} min reached at step {step}")
-            break
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, progress / 0.05) * 0.5 * (1 + math.cos(math.pi * progress))
-        idx = torch.randint(0, num_images, (batch_size - n_vae,), generator=gen)
-        idx_vae = torch.randint(0, len(decoded), (n_vae,), generator=gen) if n_vae else idx[:0]
-        x = torch.cat([pixels[idx], decoded[idx_vae]]) if n_vae else pixels[idx]
-        y = labels[torch.cat([idx, idx_vae])]
-        _, logits = net(augment(_to_float(x), gen))
-        loss = sum(F.cross_entropy(logits[k], y[:, j], ignore_index=IGNORE) for j, k in enumerate(LABELS))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 100 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    net.eval()
-    train_s = time.time() - started
-    oracle = Oracle(net, dict(LABELS), {})
-    accuracy = evaluate_oracle(oracle, eval_images, seed=seed + 1, vae=vae)
-    info = dict(
-        width=width, labels={k: list(v) for k, v in LABELS.items()},
-        params=sum(p.numel() for p in net.parameters()),
-        training=dict(num_images=num_images, steps_planned=steps, steps_done=step + (progress < 1.0),
-                      batch_size=batch_size, lr=lr,
-                      seed=seed, vae=str(vae_path) if vae_path else None, num_vae_images=num_vae_images if vae else 0,
-                      p_vae=n_vae / batch_size,
-                      latent_noise=latent_noise, wall_time_s=round(train_s, 1)),
-        accuracy=accuracy,
-    )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, out / "oracle.safetensors")
-    follow_umask(out / "oracle.safetensors")  # safetensors writes 0600 files
-    (out / "oracle.json").write_text(json.dumps(info, indent=1))
-    oracle.info = info
-    return info
-
-
-@torch.no_grad()
-def _accuracy(net: OracleNet, pixels: torch.Tensor, labels: torch.Tensor) -> dict:
-    _, logits = net(_to_float(pixels))
-    out = {}
-    for j, k in enumerate(LABELS):
-        keep = labels[:, j] != IGNORE  # colour: photos only
-        out[k] = round(float((logits[k].argmax(-1)[keep] == labels[keep, j]).float().mean()), 4)
-    subj = LABELS["subject"].index("none")
-    pred = logits["subject"].argmax(-1)
-    is_subject = labels[:, -1] != subj
-    out["subject_false_positive"] = round(float((pred[~is_subject] != subj).float().mean()), 4)
-    out["subject_recall"] = round(float((pred[is_subject] == labels[is_subject, -1]).float().mean()), 4)
-    return out
-
-
-def evaluate_oracle(oracle: Oracle, n: int = 3000, seed: int = 1, vae=None) -> dict:
-    """Accuracy per head on n fresh pictures of the training mix (`oracle_specs`, new seed), colour on
-    photos only; with a VAE also on their VAE round trips (posterior mean, no latent noise)."""
-    pixels, labels = render_labelled(n, seed)
-    oracle.net.eval()
-    result = {"renderer": _accuracy(oracle.net, pixels, labels), "n": n, "seed": seed}
-    if vae is not None:
-        result["vae_round_trip"] = _accuracy(oracle.net, vae_round_trip(vae, pixels), labels)
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,10 +307,34 @@ def base_prompts() -> list[tuple[str, dict]]:
     return out
 
 
+def base_subject_eval(oracle: Oracle, pipe, n: int = 8, guidance_scale: float = 7.0, steps: int = 25,
+                      seed: int = 0, log=print) -> dict:
+    """Per subject, before any fine-tuning: the share of the base model's pictures for the subject's
+    prompt suite (identifier: the rare token training would pick) and for its plain class prompt that
+    the oracle identifies as that subject (target <= 0.05: the base model cannot draw the marking),
+    and the suite prompt where that share is highest."""
+    from dreambooth_lib.data import resolve_identifier
+    from dreambooth_lib.sample import generate
+
+    identifier = resolve_identifier(pipe.tokenizer, None, log=log)
+    out = {}
+    for name in render.SUBJECTS:
+        prompts = [t.format(identifier=identifier) for entries in prompt_suite(name).values() for t, _ in entries]
+        flat = [p for p in prompts + [class_prompt(name)] for _ in range(n)]
+        images = generate(pipe, flat, seeds=[seed + i for _ in range(len(prompts) + 1) for i in range(n)],
+                          guidance_scale=guidance_scale, num_inference_steps=steps, batch_size=16, progress=False)
+        hits = np.array([p["subject"] == name for p in oracle.predict(images)]).reshape(-1, n).mean(1)
+        worst = int(hits[:-1].argmax())
+        out[name] = dict(suite=round(float(hits[:-1].mean()), 4), class_prompt=round(float(hits[-1]), 4),
+                         worst_prompt=prompts[worst], worst_prompt_share=round(float(hits[worst]), 4))
+    return dict(identifier=identifier, n_per_prompt=n, per_subject=out)
+
+
 def base_eval(oracle: Oracle, model: str | Path, n: int = 8, guidance_scale: float = 7.0, steps: int = 25,
-              seed: int = 0) -> dict:
+              seed: int = 0, per_subject: bool = True) -> dict:
     """Generate n images per `base_prompts()` caption with the base model; report the share of images
-    following each asked-for attribute and the share identified as any subject (should be ~0)."""
+    following each asked-for attribute and the share identified as any subject (should be ~0); with
+    per_subject, also `base_subject_eval` (n images per prompt of every subject's suite)."""
     from dreambooth_lib.sample import generate, load_pipeline
 
     pipe = load_pipeline(model)
@@ -526,4 +355,6 @@ def base_eval(oracle: Oracle, model: str | Path, n: int = 8, guidance_scale: flo
         followed={k: round(float(np.mean(v)), 4) for k, v in hits.items()},
         subject_share=round(float(np.mean([p["subject"] != "none" for p in preds])), 4),
         per_prompt=per_prompt,
+        subjects=base_subject_eval(oracle, pipe, n, guidance_scale, steps, seed, log=lambda *_: None)  # stdout is JSON
+        if per_subject else None,
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 
 SIZE = 32  # output side in pixels
 SUPER = 4  # drawn at SUPER x SIZE then downsampled, for anti-aliased edges
@@ -42,11 +42,27 @@ STYLES = ("photo", "sketch")
 STYLE_PHRASES = {"photo": "a photo of", "sketch": "a pencil sketch of"}
 PATTERNS = ("plain", "stripes", "spots", "shine")  # intra-class variety that captions never mention
 
-# name -> fixed attributes. `marking` is drawn only for subjects (never in pretraining data).
+# name -> fixed attributes. `marking` is drawn only for subjects (never in pretraining data). Three
+# look-alike pairs share class and colour and differ only by their marking (the fine-grained case,
+# DreamBench's two similar dogs). New subjects go at the end: a subject's photos are seeded by its
+# position here.
 SUBJECTS = {
     "marked_star": dict(cls="star", colour="yellow", pattern="plain", marking="white_disc"),
     "cross_cube": dict(cls="cube", colour="blue", pattern="plain", marking="white_cross"),
+    "banded_star": dict(cls="star", colour="yellow", pattern="plain", marking="white_band"),  # ~ marked_star
+    "dotted_cube": dict(cls="cube", colour="blue", pattern="plain", marking="white_dots"),  # ~ cross_cube
+    "ringed_ball": dict(cls="ball", colour="red", pattern="plain", marking="white_ring"),
+    "banded_ball": dict(cls="ball", colour="red", pattern="plain", marking="white_band"),  # ~ ringed_ball
+    "dotted_heart": dict(cls="heart", colour="purple", pattern="plain", marking="white_dots"),
+    "striped_fish": dict(cls="fish", colour="orange", pattern="plain", marking="white_stripe"),
 }
+
+
+def lookalike_pairs() -> list[tuple[str, str]]:
+    """Pairs of subjects with the same class and colour: only their markings tell them apart."""
+    names = list(SUBJECTS)
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+            if (SUBJECTS[a]["cls"], SUBJECTS[a]["colour"]) == (SUBJECTS[b]["cls"], SUBJECTS[b]["colour"])]
 
 
 @dataclass(frozen=True)
@@ -253,17 +269,40 @@ def _draw_object(img: Image.Image, spec: Spec, rng: np.random.Generator) -> None
             d.polygon(top, fill=_shade(base, 0.35), outline=dark, width=lw)
             d.polygon(side, fill=_shade(base, -0.3), outline=dark, width=lw)
         d.polygon(pts, outline=dark, width=lw)
-    _draw_marking(d, spec, u)
+    _draw_marking(img, d, spec, u, mask)
 
 
-def _draw_marking(d: ImageDraw.ImageDraw, spec: Spec, u: float) -> None:
-    """The subject's distinguishing feature: white, bold, inexpressible in the caption vocabulary."""
+def _draw_marking(img: Image.Image, d: ImageDraw.ImageDraw, spec: Spec, u: float, mask: Image.Image) -> None:
+    """The subject's distinguishing feature: white, bold, inexpressible in the caption vocabulary.
+    Draws nothing (and uses no random numbers) for other pictures, so they are as before subjects existed."""
     if spec.subject is None:
         return
     w = SIZE * u
     cx, cy, r = spec.cx * w, spec.cy * w, spec.size * w
     marking = SUBJECTS[spec.subject]["marking"]
-    if marking == "white_disc":
+    white, edge = (255, 255, 255), (40, 40, 40)
+    if marking in ("white_band", "white_stripe"):  # a band across the body, dark-edged, cut to the silhouette
+        # the horizontal band is wide: a white area, not a pair of lines that a horizon seen through a
+        # generated object could mimic (a 0.34 r band: the oracle called 8 of 144 base-model stars banded)
+        half = 0.25 * r if marking == "white_band" else 0.17 * r
+        for colour, h in ((edge, half + 0.6 * u), (white, half)):
+            band = Image.new("L", img.size, 0)
+            box = [0, cy - h, w, cy + h] if marking == "white_band" else [cx - h, 0, cx + h, w]
+            ImageDraw.Draw(band).rectangle(box, fill=255)
+            img.paste(Image.new("RGB", img.size, colour), (0, 0), ImageChops.multiply(band, mask))
+    elif marking == "white_ring":
+        rr = 0.5 * r
+        d.ellipse([cx - rr, cy - rr, cx + rr, cy + rr], outline=white, width=int(1.4 * u))
+    elif marking == "white_dots" and spec.cls == "cube":  # two dots on the front face, diagonal (a die's 2)
+        a = r * 0.62
+        fx, fy, k, rr = cx - a * 0.22, cy + a * 0.4, a * 0.38, 0.32 * a
+        for x, y in ((fx - k, fy - k), (fx + k, fy + k)):
+            d.ellipse([x - rr, y - rr, x + rr, y + rr], fill=white, outline=edge, width=int(0.5 * u))
+    elif marking == "white_dots":  # two dots side by side, like eyes
+        rr = 0.17 * r
+        for x in (cx - 0.33 * r, cx + 0.33 * r):
+            d.ellipse([x - rr, cy - 0.1 * r - rr, x + rr, cy - 0.1 * r + rr], fill=white, outline=edge, width=int(0.5 * u))
+    elif marking == "white_disc":
         rr = 0.3 * r
         d.ellipse([cx - rr, cy - rr, cx + rr, cy + rr], fill=(255, 255, 255), outline=(40, 40, 40), width=int(0.6 * u))
     elif marking == "white_cross":  # a plus sign on the cube's front face
