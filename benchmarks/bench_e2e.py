@@ -39,18 +39,28 @@ DEFAULT_MODEL_DIRS = {"sd": Path(tempfile.gettempdir()) / "dreambooth_bench_sd15
 
 
 def ensure_model(folder: Path, smoke: bool, family: str = "sd") -> float:
-    """Save a random pipeline folder (SD1.5 or SDXL architecture; tiny with smoke) unless one is there;
+    """Save a random pipeline folder (SD1.5, SDXL or FLUX.1 [dev] architecture; tiny with smoke) unless one is there;
     returns seconds spent."""
     started = time.perf_counter()
     if smoke and family == "sd":
         save_tiny_pipeline(folder)
+    elif smoke and family == "flux":  # CLIP with 77 positions: diffusers' FLUX script pads CLIP to 77 whatever the
+        from diffusers import FluxPipeline  # tokenizer says (FLUX.1's CLIP has 77; tiny.save_tiny_flux_pipeline's 16)
+        from dreambooth_lib.tiny import TINY_WORDS, build_tiny_flux_components, write_clip_tokenizer, write_t5_tokenizer
+        write_clip_tokenizer(TINY_WORDS, folder / "tokenizer", model_max_length=77)
+        write_t5_tokenizer(TINY_WORDS, folder / "tokenizer_2")
+        FluxPipeline(**build_tiny_flux_components(0, folder / "tokenizer", folder / "tokenizer_2")).save_pretrained(
+            folder, safe_serialization=True)
     elif smoke:
         from dreambooth_lib.tiny import save_tiny_sdxl_pipeline
         save_tiny_sdxl_pipeline(folder)
     elif not (folder / "model_index.json").is_file():
         folder.mkdir(parents=True, exist_ok=True)
         parts = common.build_components(False, folder, "cuda", family=family)
-        common.pipeline(parts).save_pretrained(folder, safe_serialization=True)  # writes tokenizer/ over the draft
+        pipe = common.pipeline(parts)
+        if family == "flux":  # bf16 as released: 33 GB on disk (fp32's 67 GB would not fit the GPU machine's 64 GiB)
+            pipe.to(torch.bfloat16)
+        pipe.save_pretrained(folder, safe_serialization=True)  # writes tokenizer/ over the draft
         del parts
         torch.cuda.empty_cache()
     return time.perf_counter() - started

@@ -27,17 +27,26 @@ sys.path.insert(0, str(REPO))  # the scripts run as `python benchmarks/x.py`, wi
 import torch  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
+    AutoencoderKLFlux2,
     DDPMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PNDMScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer  # noqa: E402
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,  # noqa: E402
+                          Qwen3Config, Qwen3ForCausalLM, T5Config, T5EncoderModel)
 
-from dreambooth_lib.tiny import TINY_WORDS, build_tiny_components, write_clip_tokenizer  # noqa: E402
+from dreambooth_lib.tiny import (TINY_WORDS, build_tiny_components, build_tiny_flux2_components,  # noqa: E402
+                                 build_tiny_flux_components, write_clip_tokenizer, write_qwen_tokenizer,
+                                 write_t5_tokenizer)
 from dreambooth_lib import families  # noqa: E402
 from dreambooth_lib.families import Models  # noqa: E402
 
@@ -123,44 +132,132 @@ def sdxl_components(tokenizer: CLIPTokenizer) -> dict:
                 tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler)
 
 
-def build_components(smoke: bool, workdir: str | Path, device, seed: int = 0, family: str = "sd") -> dict:
-    """Pipeline components (unet, vae, text_encoder(s), tokenizer(s), scheduler) created directly on `device`:
+# FLUX.1 [dev]'s published component configs (black-forest-labs/FLUX.1-dev/{transformer,vae,text_encoder_2,
+# scheduler}/config.json; text_encoder is CLIP ViT-L/14's text tower, SD1.5's): transformer 11,901,408,320
+# parameters, T5-XXL encoder 4,762,310,656, CLIP 123,060,480, VAE 83,819,683 (counted on the meta device by a test).
+FLUX1_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                         guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX1_VAE = dict(SD15_VAE, latent_channels=16, sample_size=1024, scaling_factor=0.3611, shift_factor=0.1159,
+                 use_quant_conv=False, use_post_quant_conv=False, force_upcast=True)
+FLUX1_TEXT = dict(SD15_TEXT)
+FLUX1_T5 = dict(  # google/t5-v1_1-xxl's encoder
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, relative_attention_num_buckets=32,
+    relative_attention_max_distance=128, feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6,
+    tie_word_embeddings=False,
+)
+FLUX1_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                       base_image_seq_len=256, max_image_seq_len=4096)
+
+# FLUX.2 [klein] 4B (black-forest-labs/FLUX.2-klein-4B/transformer/config.json as several public loaders copy it:
+# 5 double- and 20 single-stream blocks, 24 heads x 128 = 3072 wide, text 3 x 2560 = 7680 wide; the hub file
+# itself was not readable here). Text encoder: Qwen3-4B's config (Qwen/Qwen3-4B/config.json, tied embeddings).
+# VAE: AutoencoderKLFlux2's defaults in diffusers 0.42.1, taken to be FLUX.2's VAE (unsure: not checked against
+# the hub's vae/config.json). Scheduler: as dreambooth_lib.tiny's klein (shift 3, dynamic; unsure of the hub
+# file's other fields, which only shape sampling, not a training step).
+KLEIN4B_TRANSFORMER = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+                           num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256,
+                           mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6,
+                           guidance_embeds=False)
+KLEIN4B_TEXT = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                    rope_theta=1000000, rms_norm_eps=1e-6, tie_word_embeddings=True)
+KLEIN4B_VAE = dict()  # AutoencoderKLFlux2() (see above)
+KLEIN4B_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+
+
+def flux_components(clip_tokenizer: CLIPTokenizer, t5_tokenizer) -> dict:
+    """Random-weight FLUX.1 [dev] transformer / VAE / CLIP / T5-XXL, built on the current default device.
+    The tiny word-level tokenizers give ids below both vocabularies; T5 is padded to max_sequence_length."""
+    with torch.device("cpu"):  # the sampler keeps its sigmas on the CPU
+        scheduler = FlowMatchEulerDiscreteScheduler(**FLUX1_SCHEDULER)
+    t5 = T5Config(**FLUX1_T5, pad_token_id=t5_tokenizer.pad_token_id, eos_token_id=t5_tokenizer.eos_token_id)
+    return dict(transformer=FluxTransformer2DModel(**FLUX1_TRANSFORMER), vae=AutoencoderKL(**FLUX1_VAE),
+                text_encoder=CLIPTextModel(_text_config(FLUX1_TEXT, clip_tokenizer)), text_encoder_2=T5EncoderModel(t5),
+                tokenizer=clip_tokenizer, tokenizer_2=t5_tokenizer, scheduler=scheduler)
+
+
+def flux2_components(qwen_tokenizer) -> dict:
+    """Random-weight FLUX.2 [klein] 4B transformer / VAE / Qwen3-4B, built on the current default device."""
+    with torch.device("cpu"):
+        scheduler = FlowMatchEulerDiscreteScheduler(**KLEIN4B_SCHEDULER)
+    text = Qwen3Config(**KLEIN4B_TEXT, pad_token_id=qwen_tokenizer.pad_token_id, eos_token_id=qwen_tokenizer.eos_token_id)
+    return dict(transformer=Flux2Transformer2DModel(**KLEIN4B_TRANSFORMER), vae=AutoencoderKLFlux2(**KLEIN4B_VAE),
+                text_encoder=Qwen3ForCausalLM(text), tokenizer=qwen_tokenizer, scheduler=scheduler)
+
+
+FAMILIES = ("sd", "sdxl", "flux", "flux2")
+
+
+def build_components(smoke: bool, workdir: str | Path, device, seed: int = 0, family: str = "sd",
+                     flux_width: int = 32) -> dict:
+    """Pipeline components (denoiser, vae, text_encoder(s), tokenizer(s), scheduler) created directly on `device`:
     random init on the GPU takes milliseconds where SD1.5 on the CPU takes many seconds.
-    family: "sd" (SD1.5 architecture) or "sdxl" (SDXL base 1.0 architecture)."""
-    if family not in ("sd", "sdxl"):
-        raise ValueError(f"unknown model family {family!r}: 'sd' or 'sdxl'")
-    tok_dir = Path(workdir) / "tokenizer"
-    tokenizer = write_clip_tokenizer(TINY_WORDS, tok_dir, model_max_length=16 if smoke else 77)
+    family: "sd" (SD1.5), "sdxl" (SDXL base 1.0), "flux" (FLUX.1 [dev]) or "flux2" (FLUX.2 [klein] 4B).
+    flux_width: the tiny FLUX.1's width (64: with 16 latent channels, what bitsandbytes' CPU 4-bit kernels take)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}: one of {FAMILIES}")
+    workdir = Path(workdir)
+    tok_dir = workdir / "tokenizer"
+    if family == "flux2":
+        write_qwen_tokenizer(TINY_WORDS, tok_dir)
+    else:
+        tokenizer = write_clip_tokenizer(TINY_WORDS, tok_dir, model_max_length=16 if smoke else 77)
+    if family == "flux":
+        t5_tokenizer = write_t5_tokenizer(TINY_WORDS, workdir / "tokenizer_2")
     torch.manual_seed(seed)
     with torch.device(device):
         if smoke and family == "sd":
             return build_tiny_components(seed=seed, sample_size=16, tokenizer_dir=tok_dir)
-        if smoke:
+        if smoke and family == "sdxl":
             from dreambooth_lib.tiny import build_tiny_sdxl_components
             return build_tiny_sdxl_components(seed=seed, sample_size=16, tokenizer_dir=tok_dir)
+        if smoke and family == "flux":
+            return build_tiny_flux_components(seed, tok_dir, workdir / "tokenizer_2", width=flux_width,
+                                              latent_channels=16 if flux_width == 64 else 4)
+        if smoke:
+            return build_tiny_flux2_components(seed, tok_dir)
+        if family == "flux":
+            return flux_components(tokenizer, t5_tokenizer)
+        if family == "flux2":
+            from transformers import Qwen2Tokenizer
+            return flux2_components(Qwen2Tokenizer.from_pretrained(tok_dir))
         return sd15_components(tokenizer) if family == "sd" else sdxl_components(tokenizer)
+
+
+def family_of(parts: dict) -> str:
+    if "transformer" in parts:
+        return "flux" if "text_encoder_2" in parts else "flux2"
+    return "sdxl" if "text_encoder_2" in parts else "sd"
 
 
 def training_models(parts: dict) -> Models:
     """The library's Models bundle, frozen like models.load_models leaves them (the caller unfreezes)."""
-    sdxl = "text_encoder_2" in parts
-    for name in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if sdxl else ()):
+    family = families.FAMILIES[family_of(parts)]
+    for name in (family.DENOISER, "vae") + family.TEXT_ENCODERS:
         parts[name].requires_grad_(False)
-    noise_scheduler = DDPMScheduler.from_config(parts["scheduler"].config)
-    family = families.sdxl if sdxl else families.sd
-    return Models(family, parts["unet"], parts["vae"], noise_scheduler,
+    # The UNet families train with DDPM's noise schedule; the flow-matching ones with the sampler's own sigmas
+    # (as their load_models returns it).
+    noise_scheduler = (parts["scheduler"] if family.DENOISER == "transformer"
+                       else DDPMScheduler.from_config(parts["scheduler"].config))
+    return Models(family, parts[family.DENOISER], parts["vae"], noise_scheduler,
                   tuple(parts[name] for name in family.TEXT_ENCODERS), tuple(parts[name] for name in family.TOKENIZERS))
 
 
 def pipeline(parts: dict) -> DiffusionPipeline:
-    if "text_encoder_2" in parts:
+    family = family_of(parts)
+    if family == "flux":
+        return FluxPipeline(**parts)
+    if family == "flux2":
+        return Flux2KleinPipeline(**parts)
+    if family == "sdxl":
         return StableDiffusionXLPipeline(**parts, add_watermarker=False)
     return StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
 def image_side(smoke: bool, family: str = "sd") -> int:
-    """Native side: tiny models 32 px (2x VAE, 16x16 latents); SD1.5 512 and SDXL 1024 (8x VAE)."""
-    return 32 if smoke else {"sd": 512, "sdxl": 1024}[family]
+    """Native side: tiny models 32 px (2x or 8x VAE); SD1.5 512, SDXL and FLUX 1024 (8x VAE)."""
+    return 32 if smoke else {"sd": 512, "sdxl": 1024, "flux": 1024, "flux2": 1024}[family]
 
 
 # --- measuring --------------------------------------------------------------------------------------

@@ -42,6 +42,25 @@ OPTIMIZERS = ["full-fp16-cached-auto", "full-fp16-cached-bnb8", "full-fp16-cache
 E2E_CONFIG = "full-fp16-cached-fast"  # the issue's "full DreamBooth under 60 s" is for the fast mode
 # Ours, SDXL architecture at 1024 px (issue 13): LoRA r4 and full with 8-bit AdamW, fp16 first.
 TRAIN_SDXL = ["sdxl-lora4-fp16-cached", "sdxl-full-fp16-cached", "sdxl-lora4-bf16-cached", "sdxl-full-bf16-cached"]
+# Ours, FLUX.1 [dev]'s architecture (issue 18): LoRA r16 over the bf16 base, then QLoRA (NF4 base), 1024 px first.
+TRAIN_FLUX = ["flux-lora16-bf16-cached-1024", "flux-qlora16-nf4-cached-1024", "flux-lora16-bf16-cached-512",
+              "flux-qlora16-nf4-cached-512"]
+
+
+def flux_anchor_args(inputs: Path, smoke: bool, out_dir: Path) -> list[str]:
+    """train_dreambooth_lora_flux.py as our flux-lora16-bf16-cached-1024: r16 on its default targets, bf16,
+    8-bit AdamW, checkpointing, cached latents (its prompts are encoded once: no custom captions, frozen text
+    encoders), T5 at 512 tokens, training guidance 1.0 (its default is 3.5; the value does not change the work).
+    CPU: 32 px, fp32 (its bf16 path is GPU-only), 8 T5 tokens, 4 steps."""
+    side, precision, steps, tokens = (32, "no", 4, 8) if smoke else (1024, "bf16", 25, 512)
+    return [f"--pretrained_model_name_or_path={inputs / 'model'}", f"--instance_data_dir={inputs / 'photos'}",
+            "--instance_prompt=a photo of sks dog", f"--class_data_dir={inputs / 'class'}",
+            "--class_prompt=a photo of dog", "--with_prior_preservation", "--prior_loss_weight=1.0",
+            "--num_class_images=4", f"--resolution={side}", "--train_batch_size=1", "--gradient_accumulation_steps=1",
+            "--gradient_checkpointing", "--use_8bit_adam", f"--mixed_precision={precision}", "--cache_latents",
+            "--rank=16", "--learning_rate=1e-4", "--guidance_scale=1.0", f"--max_sequence_length={tokens}",
+            "--lr_scheduler=constant", "--lr_warmup_steps=0", f"--max_train_steps={steps}", "--seed=0",
+            f"--output_dir={out_dir}"]
 
 
 def anchor_args(inputs: Path, smoke: bool, out_dir: Path, side: int = 512) -> list[str]:
@@ -65,7 +84,7 @@ class Part:
 
 def parts(py: str, out: Path, work: Path, anchors: Path, smoke: bool) -> list[Part]:
     smoke_flag = ["--smoke"] if smoke else []
-    inputs, inputs_xl = work / "sd15", work / "sdxl"
+    inputs, inputs_xl, inputs_flux = work / "sd15", work / "sdxl", work / "flux"
     if smoke:  # the anchors' CPU wrapper: diffusers' scripts without torchvision
         timed = [py, str(anchors / "cpu-dry-run" / "dry.py"), str(anchors / "timed.py")]
         warmup = "1"
@@ -114,6 +133,17 @@ def parts(py: str, out: Path, work: Path, anchors: Path, smoke: bool) -> list[Pa
         # Lowest priority: torchao compiles its step per parameter shape (minutes on the first run?).
         Part("optimizers", 120, 300, [[py, str(BENCH / "bench_train.py"), *smoke_flag, *train_args,
                                        "--results", str(out / "train_optimizers.json"), "--configs", *OPTIMIZERS]]),
+        # FLUX.1 [dev] (issue 18), past the SD budget: a second call `--parts train_flux flux_inputs
+        # diffusers_flux_lora`. Ours first (each QLoRA config writes and reads back a 24 GB transformer in /tmp and
+        # deletes it), then the 33 GB bf16 folder diffusers' script reads (the machine's disk: 64 GiB).
+        Part("train_flux", 240, 300, [[py, str(BENCH / "bench_train.py"), *smoke_flag, "--results",
+                                       str(out / "train_flux.json"), "--configs", *TRAIN_FLUX]
+                                      + (["--warmup", "1", "--steps", "2"] if smoke else ["--warmup", "2", "--steps", "6"])]),
+        Part("flux_inputs", 150, 120, [[py, str(BENCH / "gpu_check.py"), "--make-inputs", str(inputs_flux),
+                                        "--family", "flux", *smoke_flag]]),
+        Part("diffusers_flux_lora", 180, 300, [[*timed, str(out / "diffusers_flux_lora.json"), "2" if not smoke else warmup,
+                                                str(examples / "train_dreambooth_lora_flux.py"),
+                                                *flux_anchor_args(inputs_flux, smoke, work / "diffusers_flux_lora")]]),
     ]
 
 
@@ -171,14 +201,17 @@ def load(path: Path):
 def side_by_side(out: Path) -> list[dict]:
     """Each of our train records beside diffusers' script for the same job (full or LoRA), from this run."""
     anchors = {"full": load(out / "diffusers_full.json"), "lora": load(out / "diffusers_lora.json"),
-               "sdxl-lora": load(out / "diffusers_sdxl_lora.json"), "sdxl-full": None}  # diffusers has no full SDXL script
+               "sdxl-lora": load(out / "diffusers_sdxl_lora.json"), "sdxl-full": None,  # diffusers has no full SDXL script
+               "flux-lora": load(out / "diffusers_flux_lora.json")}  # ours at 1024 px (its run); the 512 px rows too
     rows = []
-    for r in [r for name in ("train", "train_sdxl", "train_optimizers") for r in load(out / f"{name}.json") or []]:
+    for r in [r for name in ("train", "train_sdxl", "train_optimizers", "train_flux")
+              for r in load(out / f"{name}.json") or []]:
         if r.get("status") != "ok":
             rows.append(dict(ours=r["config"], status=r.get("status")))
             continue
-        job = "lora" if r["method"].startswith("lora") else "full"
-        ref = anchors[f"sdxl-{job}" if r["config"].startswith("sdxl-") else job]
+        job = "lora" if "lora" in r["method"] else "full"  # qlora16-nf4 beside diffusers' bf16 LoRA (its QLoRA: none)
+        family = next((f for f in ("sdxl", "flux") if r["config"].startswith(f + "-")), None)
+        ref = anchors[f"{family}-{job}" if family else job]
         ratio = r["steps_per_s"] / ref["steps_per_s"] if ref and ref.get("steps_per_s") else None
         rows.append(dict(ours=r["config"], steps_per_s=r["steps_per_s"], peak_allocated_gb=r.get("peak_allocated_gb"),
                          mfu=r.get("mfu"), gpu_busy_share=r.get("gpu_busy_share"),
@@ -197,7 +230,7 @@ def main(argv=None) -> int:
     p.add_argument("--anchors", type=Path, default=REPO / ".anchors", help="copy of ../shared/bench-anchors")
     p.add_argument("--work", type=Path, help="scratch folder for models and runs (default /tmp/gpu_check)")
     p.add_argument("--make-inputs", type=Path, help=argparse.SUPPRESS)  # internal: the "inputs" parts
-    p.add_argument("--family", default="sd", help=argparse.SUPPRESS)  # with --make-inputs: "sd" or "sdxl"
+    p.add_argument("--family", default="sd", help=argparse.SUPPRESS)  # with --make-inputs: "sd", "sdxl" or "flux"
     args = p.parse_args(argv)
     if args.make_inputs:
         make_inputs(args.make_inputs, args.smoke, args.family)
@@ -218,7 +251,7 @@ def main(argv=None) -> int:
         p.error(f"unknown parts {unknown}: choose from {names}")
     chosen = [x for x in all_parts if not args.parts or x.name in args.parts]
     for stale in ("train.json", "e2e.json", "generate.json", "diffusers_full.json", "diffusers_lora.json",
-                  "train_sdxl.json", "diffusers_sdxl_lora.json"):
+                  "train_sdxl.json", "diffusers_sdxl_lora.json", "train_flux.json", "diffusers_flux_lora.json"):
         (args.out / stale).unlink(missing_ok=True)  # one run's records only: ratios never mix two runs
 
     def log(msg):

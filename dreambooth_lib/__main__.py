@@ -28,6 +28,7 @@ import typing
 from pathlib import Path
 
 from .config import TrainConfig
+from .errors import InputError
 
 
 def _flag_key(option: str) -> str:
@@ -108,7 +109,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         hint, default = hints[f.name], (f.default_factory() if callable(f.default_factory) else f.default)
         kw = dict(default=argparse.SUPPRESS, help=f"{comments.get(f.name, '')} (default: {default!r})")
         args = typing.get_args(hint)
-        if hint is bool:
+        if f.name == "subjects":  # a list of dicts: read from a JSON file (config_from_args)
+            parser.add_argument("--subjects", type=Path, metavar="SUBJECTS.JSON", **kw)
+        elif hint is bool:
             parser.add_argument(f"--{f.name}", action=BoolFlag, **kw)
         elif typing.get_origin(hint) is list:
             parser.add_argument(f"--{f.name}", nargs="*", type=args[0], metavar=args[0].__name__.upper(), **kw)
@@ -125,7 +128,20 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = json.loads(args.config.read_text()) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k in names})
+    if isinstance(values.get("subjects"), Path):
+        values["subjects"] = read_subjects(values["subjects"])
     return TrainConfig.from_dict(values)
+
+
+def read_subjects(path: Path) -> list:
+    """--subjects FILE: a JSON list of {"instance_dir", "class_noun", "identifier", "name"} (subjects.py checks it)."""
+    if not path.is_file():
+        raise InputError(f"--subjects {path} does not exist: write a JSON list of subjects, e.g. "
+                         '[{"instance_dir": "photos/dog", "class_noun": "dog"}, {"instance_dir": "photos/cat", "class_noun": "cat"}]')
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"--subjects {path} is not valid JSON ({err}): write a list of subject dicts") from err
 
 
 def peak_memory() -> dict:
@@ -153,10 +169,14 @@ def closing_lines(summary: dict) -> list[str]:
     parts += [f"{what} {out / name}" for what, name in (("validation grids", "validation"), ("checkpoints", "checkpoint-*"))
               if list(out.glob(name))]
     noun = cfg["class_noun"] or "subject"
-    return [f"summary: {out / 'summary.json'}", "run folder: " + "; ".join(parts),
-            f"next: python -m dreambooth_lib sample {shlex.quote(str(out))} --prompt \"a photo of {{identifier}} "
-            f"{{class_noun}} on the beach\"   ({{identifier}} = {summary['identifier']}, {{class_noun}} = {noun}; "
-            "also: evaluate RUN, export-lora RUN)"]
+    head = [f"summary: {out / 'summary.json'}", "run folder: " + "; ".join(parts)]
+    sample = f"next: python -m dreambooth_lib sample {shlex.quote(str(out))} --prompt \"a photo of {{identifier}} {{class_noun}} on the beach\""
+    if summary.get("subjects"):  # several subjects: --subject picks whose identifier fills the prompt
+        listed = "; ".join(f"{r['name']}: {r['identifier']} {r['class_noun']}" for r in summary["subjects"])
+        return head + [f"{sample} --subject {shlex.quote(summary['subjects'][0]['name'])}   (subjects {listed}; "
+                       "also: evaluate RUN, export-lora RUN)"]
+    return head + [f"{sample}   ({{identifier}} = {summary['identifier']}, {{class_noun}} = {noun}; "
+                   "also: evaluate RUN, export-lora RUN)"]
 
 
 def quiet_loading() -> None:
@@ -172,32 +192,40 @@ def quiet_loading() -> None:
 def cmd_class_images(args) -> int:
     from . import distributed, families
     from .class_images import class_image_paths
+    from .subjects import default_class_dir, subjects_of
     from .validate import validate_class_image_config
     quiet_loading()
     cfg = families.with_family_defaults(config_from_args(args))
-    class_prompt = validate_class_image_config(cfg)  # no subject photos needed, unlike train
+    # one class noun, or (--subjects) each distinct class noun of the subjects in its own folder, as train makes them
+    classes = {s.cfg.class_noun: s.cfg for s in subjects_of(cfg)} if cfg.subjects is not None else {cfg.class_noun: cfg}
+    prompts = {noun: validate_class_image_config(c) for noun, c in classes.items()}  # no subject photos needed, unlike train
     families.check(cfg)
-    started = time.time()
     main = distributed.process_state().is_main_process
     info = print if main else (lambda *a, **k: None)
     state = distributed.check_launch(info)  # several processes share the images out (each has its own seed)
-    paths = class_image_paths(cfg, class_prompt, log=info)
-    folder = paths[0].parent
-    if main:
-        summary = dict(config=cfg.to_dict(), class_prompt=class_prompt, class_dir=str(folder), num_images=len(paths),
-                       wall_time_s=time.time() - started, device=_device(), num_processes=state.num_processes,
-                       **peak_memory())
-        (folder / "class_images_summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"{len(paths)} class images in {folder}")
+    for noun, class_cfg in classes.items():
+        started = time.time()
+        paths = class_image_paths(class_cfg, prompts[noun], log=info,
+                                  default_dir=default_class_dir(cfg, noun) if cfg.subjects is not None else None)
+        folder = paths[0].parent
+        if main:
+            summary = dict(config=class_cfg.to_dict(), class_prompt=prompts[noun], class_dir=str(folder),
+                           num_images=len(paths), wall_time_s=time.time() - started, device=_device(),
+                           num_processes=state.num_processes, **peak_memory())
+            (folder / "class_images_summary.json").write_text(json.dumps(summary, indent=2))
+            print(f"{len(paths)} class images in {folder}")
     return 0
 
 
 def cmd_sample(args) -> int:
     from .data import fill_prompt
-    from .sample import generate, load_pipeline, read_run, run_sources, save_grid, set_lora_scales
+    from .sample import generate, load_pipeline, pick_subject, read_run, run_sources, save_grid, set_lora_scales
     started = time.time()
     quiet_loading()
     run = read_run(args.run, check_sources=args.model is None) if args.run else None  # a bad folder fails here
+    if run is not None:  # a several-subject run: --subject picks whose identifier and class noun fill the prompts
+        placeholders = any("{identifier}" in p or "{class_noun}" in p for p in args.prompt)
+        run = pick_subject(run, args.subject, needed=placeholders and not (args.identifier and args.class_noun))
     identifier = args.identifier or (run.identifier if run else None)
     class_noun = args.class_noun or (run.class_noun if run else None)
     given = "a run folder" if run is None else f"run {run.folder}"
@@ -253,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--lora_dir", type=Path, help="folder with pytorch_lora_weights.safetensors (default: a LoRA RUN)")
     sample.add_argument("--prompt", nargs="+", required=True,
                         help="one grid row per prompt; {identifier} and {class_noun} are filled in from RUN")
+    sample.add_argument("--subject", default=None, help="a several-subject RUN's subject (its name) whose identifier "
+                        "and class noun fill the prompts")
     sample.add_argument("--identifier", default=None, help="fills {identifier} (default: RUN's)")
     sample.add_argument("--class_noun", default=None, help="fills {class_noun} (default: RUN's)")
     sample.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="one grid column per seed")

@@ -280,10 +280,13 @@ def step_progress(bar, log: Callable[[str], None], what: str, steps: int, calls:
     return callback
 
 
-def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print, family=None) -> list[Path]:
-    """Generate (or reuse) the prior images x_pr = x_hat(z, c_pr) with the frozen base model (paper Sec. 3.3)."""
+def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print, family=None,
+                      default_dir: Path | None = None) -> list[Path]:
+    """Generate (or reuse) the prior images x_pr = x_hat(z, c_pr) with the frozen base model (paper Sec. 3.3).
+    default_dir: the folder when cfg.class_dir is unset (default <output_dir>/class_images; one per class
+    noun in a several-subject run, subjects.default_class_dir)."""
     cfg = families.with_family_defaults(cfg)
-    class_dir = Path(cfg.class_dir) if cfg.class_dir else Path(cfg.output_dir) / "class_images"
+    class_dir = Path(cfg.class_dir) if cfg.class_dir else Path(default_dir or Path(cfg.output_dir) / "class_images")
     family = family or families.of(cfg)
     sampler = family.class_sampler_config(cfg.pretrained_model, cfg.revision, cfg.class_sampler)
     manifest = ClassImageManifest(

@@ -30,6 +30,7 @@ class TrainConfig:
     instance_dir: str = ""  # folder with the 3-5 subject photos (jpg/png/webp)
     class_noun: str = ""  # coarse class of the subject ("dog"); required with prior preservation
     identifier: Optional[str] = None  # rare token for the subject; None = pick one automatically
+    subjects: Optional[list[dict]] = None  # several subjects in one run (subjects.py): [{"instance_dir", "class_noun", "identifier" (None = picked, distinct), "name"}, ...] instead of instance_dir / class_noun / identifier; the CLI takes a JSON file of that list
     instance_prompt_template: str = "a photo of {identifier} {class_noun}"  # paper: "a [V] dog"
     class_prompt_template: str = "a photo of a {class_noun}"  # prompt of the prior (class) images
     use_captions: bool = False  # read per-image captions from <image>.txt (must contain the identifier)

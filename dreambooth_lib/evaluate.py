@@ -9,6 +9,7 @@ paper's Table 1 rows, with one example grid per category. Under `accelerate laun
 the prompts are dealt to the processes and their images gathered: the table equals one process's.
 
     python -m dreambooth_lib evaluate runs/dog --live          # model, photos, class noun, identifier from the run
+    python -m dreambooth_lib evaluate runs/pets                # a several-subject run: each subject in turn (--subject NAME: one)
     python -m dreambooth_lib evaluate --model runs/dog --instance_dir data/dog --class_noun dog --identifier sks --live
 """
 
@@ -41,7 +42,7 @@ from .metrics import (
     pres_score,
     strip_identifier,
 )
-from .sample import generate, load_pipeline, read_run, run_sources, save_grid
+from .sample import generate, load_pipeline, pick_subject, read_run, run_sources, save_grid
 
 _RECONTEXT = [
     "a {identifier} {class_noun} on a wooden pier at sunset",
@@ -328,6 +329,8 @@ def build_parser():
     ap.add_argument("--lora_dir", "--lora", default=None, help="folder with LoRA weights to load into --model")
     ap.add_argument("--vae_model", default=None, help="a separate VAE to decode with (default: RUN's)")
     ap.add_argument("--instance_dir", "--subject_dir", default=None, help="folder with the real subject photos (default: RUN's)")
+    ap.add_argument("--subject", default=None, help="a several-subject RUN's subject (its name); default: each in turn, "
+                    "results in <out>/<name>")
     ap.add_argument("--class_noun", default=None, help="default: RUN's")
     ap.add_argument("--identifier", default=None, help="default: RUN's")
     ap.add_argument("--live", action="store_true", help="live subject (pet): adds accessorization prompts")
@@ -351,15 +354,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Cheap checks first: the run, subject photos, model folder, encoders; then the pipeline.
     run = read_run(args.run, check_sources=args.model is None) if args.run else None
-    subject_dir = args.instance_dir or (run.instance_dir if run else None)
-    class_noun = args.class_noun or (run.class_noun if run else "")
-    identifier = args.identifier or (run.identifier if run else None) or ""
     out = args.out or (str(Path(run.folder) / "evaluation") if run else "runs/evaluate")
-    if not subject_dir:
-        raise InputError("no subject photos: pass a run folder (train's output_dir) or --instance_dir")
-    seeds = list(range(args.seed, args.seed + args.n_per_prompt))
-    check_inputs(class_noun, identifier, args.n_per_prompt, seeds)
-    real = [im.image for im in load_instance_images(subject_dir, resolution=0)]
+    # A several-subject run: each subject (or --subject's) in turn, with its photos, identifier, class noun.
+    subjects = [r["name"] for r in run.subjects] if run and run.subjects and args.subject is None else [args.subject]
+    targets, seeds = [], list(range(args.seed, args.seed + args.n_per_prompt))
+    for name in subjects:
+        one = pick_subject(run, name, needed=False) if run else None
+        subject_dir = args.instance_dir or (one.instance_dir if one else None)
+        class_noun = args.class_noun or (one.class_noun if one else "")
+        identifier = args.identifier or (one.identifier if one else None) or ""
+        if not subject_dir:
+            raise InputError("no subject photos: pass a run folder (train's output_dir) or --instance_dir")
+        check_inputs(class_noun, identifier, args.n_per_prompt, seeds)
+        real = [im.image for im in load_instance_images(subject_dir, resolution=0)]
+        targets.append((name, real, class_noun, identifier, out if len(subjects) == 1 else str(Path(out) / name)))
     for flag, value in (("--model", args.model), ("--lora_dir", args.lora_dir)):
         if value and value.startswith(("/", ".", "~")) and not Path(value).expanduser().exists():
             raise InputError(f"{flag} {value} does not exist: pass the training output folder or a hub id")
@@ -372,15 +380,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in notes if is_main else []:
         print(f"[evaluate] {note}", file=sys.stderr)
     pipe = load_pipeline(**sources, device=device)
-    result = evaluate_run(
-        pipe, real, class_noun, identifier, args.live, encoders,
-        n_per_prompt=args.n_per_prompt, seeds=seeds,
-        guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
-        prompt_limit=args.prompt_limit, out_dir=out, batch_size=args.batch_size,
-    )
-    if is_main:
-        print(format_table(result))
-        print(f"[evaluate] wrote {result['files']['json']}, {result['files']['csv']} and grids in {out}")
+    for name, real, class_noun, identifier, subject_out in targets:
+        result = evaluate_run(
+            pipe, real, class_noun, identifier, args.live, encoders,
+            n_per_prompt=args.n_per_prompt, seeds=seeds,
+            guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
+            prompt_limit=args.prompt_limit, out_dir=subject_out, batch_size=args.batch_size,
+        )
+        if is_main:
+            if len(targets) > 1:
+                print(f"subject {name} ({identifier} {class_noun}):")
+            print(format_table(result))
+            print(f"[evaluate] wrote {result['files']['json']}, {result['files']['csv']} and grids in {subject_out}")
     return 0
 
 

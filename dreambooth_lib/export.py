@@ -202,7 +202,8 @@ def export_lora(path: str | Path, out: str | Path | None = None, format: str = "
     if len(ranks) == len(alphas) == 1:
         metadata |= {"ss_network_dim": str(ranks.pop()), "ss_network_alpha": f"{alphas.pop():g}"}
     if run:  # read without its sources: the base model is not needed to export
-        trigger = " ".join(w for w in (run.identifier, run.class_noun) if w)
+        subjects = run.subjects or [dict(identifier=run.identifier, class_noun=run.class_noun)]  # several: each one's
+        trigger = "', '".join(" ".join(w for w in (r["identifier"], r["class_noun"]) if w) for r in subjects)
         metadata |= {"ss_sd_model_name": run.base_model, "ss_training_comment": f"DreamBooth; prompt it with '{trigger}'"}
     tmp = out.with_name(f".tmp-{out.name}")
     save_file({k: v.contiguous() for k, v in kohya.items()}, tmp, metadata=metadata)

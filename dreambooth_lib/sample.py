@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -49,6 +49,7 @@ class Run:
     identifier: str | None  # the rare token [V] (None: a checkpoint of a run that never finished and picked it)
     class_noun: str
     instance_dir: str  # the subject photos, as the run named them
+    subjects: list[dict] = field(default_factory=list)  # a several-subject run's (name, identifier, class_noun, instance_dir, ...): pick_subject
 
 
 def is_run(folder: str | Path) -> bool:
@@ -65,8 +66,9 @@ def read_run(folder: str | Path, check_sources: bool = True) -> Run:
         summary = json.loads((folder / SUMMARY).read_text())
     elif (folder / STATE_JSON).is_file():
         parent = folder.parent / SUMMARY
+        finished = json.loads(parent.read_text()) if parent.is_file() else {}
         summary = {"config": json.loads((folder / STATE_JSON).read_text())["config"],
-                   **({"identifier": json.loads(parent.read_text()).get("identifier")} if parent.is_file() else {})}
+                   **{k: finished[k] for k in ("identifier", "subjects") if k in finished}}
     else:
         what = ("does not exist" if not folder.exists() else
                 "is a diffusers pipeline, not a run: pass it with --model (load_pipeline takes it as it is)"
@@ -79,13 +81,33 @@ def read_run(folder: str | Path, check_sources: bool = True) -> Run:
               revision=model.get("revision", cfg.get("revision")), family=model.get("family", cfg.get("model_family", "auto")),
               vae_model=model.get("vae_model", cfg.get("vae_model")), lora=bool(cfg.get("use_lora")),
               identifier=summary.get("identifier", cfg.get("identifier")), class_noun=cfg.get("class_noun", ""),
-              instance_dir=cfg.get("instance_dir", ""))
+              instance_dir=cfg.get("instance_dir", ""), subjects=summary.get("subjects") or [])
     sources = [("base model", "model", run.base_model), ("VAE", "vae_model", run.vae_model)] if run.lora else []
     for what, flag, path in sources if check_sources else []:  # a full fine-tune's folder holds both
         if path and Path(path).is_absolute() and not Path(path).exists():
             raise InputError(f"run {folder} was trained on the {what} {path}, which is not there any more: "
                              f"pass where it is now with --{flag} (load_pipeline's {flag})")
     return run
+
+
+def pick_subject(run: Run, name: str | None, needed: bool = True) -> Run:
+    """The run as seen by one of its subjects (identifier, class noun, photos: a several-subject run's
+    `name`d one). Without a name, a several-subject run is refused when `needed` (a prompt uses
+    {identifier}), with the list of its subjects."""
+    names = [f"{r['name']} ({r['identifier']} {r['class_noun']})".strip() for r in run.subjects]
+    if name is None:
+        if run.subjects and needed:
+            raise InputError(f"run {run.folder} has several subjects: choose one with --subject NAME, "
+                             f"one of: {'; '.join(names)}")
+        return run
+    if not run.subjects:
+        raise InputError(f"--subject {name}: run {run.folder} has one subject; leave --subject out")
+    found = [r for r in run.subjects if r["name"] == name]
+    if not found:
+        raise InputError(f"--subject {name}: run {run.folder} has no such subject; its subjects: {'; '.join(names)}")
+    r = found[0]
+    return replace(run, identifier=r["identifier"], class_noun=r["class_noun"], instance_dir=r["instance_dir"],
+                   subjects=[])
 
 
 def run_sources(run: Run | None, model: str | None = None, lora_dir: str | Path | None = None,

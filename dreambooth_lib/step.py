@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from . import data, loss, memory
+from . import data, loss, memory, subjects
 from .config import TrainConfig
 from .errors import TrainingDiverged
 from .families import Models
@@ -147,7 +147,7 @@ class TrainingState:
     params: list[torch.nn.Parameter]  # trainable parameters (clipped together)
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
-    dataset: data.DreamBoothDataset
+    dataset: data.DreamBoothDataset | subjects.SubjectsDataset
     text_cache: dict[str, torch.Tensor] | None  # prompt -> embeddings when the text encoder is frozen
     start_step: int = 0  # optimizer steps already done (a resumed run's checkpoint step)
     history: list[dict] = field(default_factory=list)  # one train_step record per optimizer step
@@ -162,9 +162,14 @@ def micro_step_loss(state: TrainingState, micro_step: int) -> tuple[torch.Tensor
     (seed, micro_step, rank). Returns diffusion_loss's (loss, parts)."""
     cfg, acc = state.cfg, state.accelerator
     gen = step_generator(cfg.seed, micro_step, acc.process_index, acc.device)
-    idx = batch_indices(len(state.dataset), cfg.train_batch_size, cfg.seed, micro_step, acc.process_index,
-                        acc.num_processes)
-    batch = data.collate_examples([state.dataset[i] for i in idx], cfg.with_prior_preservation)
+    if isinstance(state.dataset, subjects.SubjectsDataset):  # several subjects: rows cycle them (subjects.fair_rows)
+        examples = state.dataset.micro_batch(cfg.train_batch_size, cfg.seed, micro_step, acc.process_index,
+                                             acc.num_processes)
+    else:
+        idx = batch_indices(len(state.dataset), cfg.train_batch_size, cfg.seed, micro_step, acc.process_index,
+                            acc.num_processes)
+        examples = [state.dataset[i] for i in idx]
+    batch = data.collate_examples(examples, cfg.with_prior_preservation)
     latents, cond = latents_and_conditioning(batch, state.models, state.text_cache, cfg.cache_latents, gen,
                                              acc.device, cfg, state.trained[1:] or None)
     return diffusion_loss(state.models.family, state.denoiser, state.models.noise_scheduler, latents, cond, cfg,

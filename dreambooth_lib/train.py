@@ -32,7 +32,7 @@ from diffusers.optimization import get_scheduler
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import data, distributed, families
+from . import data, distributed, families, subjects
 from .checkpoint import load_training_state, resolve_resume, save_checkpoint, save_final
 from .class_images import class_image_paths
 from .compiled import check_compiled_gradients, compile_step
@@ -72,11 +72,12 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
                      instance_values: list[torch.Tensor], instance_prompts: list[str],
                      class_values: list[torch.Tensor] | None = None, class_prompt: str | None = None,
                      resume_from: Path | None = None, log=print, instance_sizes: list[list[int]] | None = None,
-                     class_sizes: list[list[int]] | None = None) -> TrainingState:
+                     class_sizes: list[list[int]] | None = None, layout: subjects.Layout | None = None) -> TrainingState:
     """Models (in memory, fp32 as loaded) + preprocessed pixels -> a state ready for train_step.
 
     Sizes: each picture's data.Crop.sizes() (pixels_and_sizes), which SDXL is conditioned on; None =
-    uncropped squares of the pixels' size.
+    uncropped squares of the pixels' size. layout: several subjects (subjects.prepare_subjects): which
+    subject / class each value is; the class prompts come from it (class_prompt unused).
 
     Frozen parts go to the mixed-precision dtype and trainable weights stay fp32; then LoRA, gradient
     checkpointing, optimizer, lr schedule, accelerate.prepare, optional torch.compile, latent and
@@ -86,7 +87,7 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
         raise ValueError(f"accelerator accumulates {accelerator.gradient_accumulation_steps} micro-steps but "
                          f"gradient_accumulation_steps = {cfg.gradient_accumulation_steps}: use make_accelerator(cfg)")
     with_prior = cfg.with_prior_preservation
-    if with_prior and (not class_values or class_prompt is None):
+    if with_prior and (not class_values or (class_prompt is None and layout is None)):
         raise ValueError("with_prior_preservation needs class_values and class_prompt (see class_image_paths)")
     if cfg.resolution is None and instance_values:  # the pixels given are the resolution (memory plan)
         cfg = dataclasses.replace(cfg, resolution=instance_values[0].shape[-1])
@@ -121,10 +122,15 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
     if cfg.cache_latents:
         instance_values = cache_latents(models, instance_values, cfg.seed)
         class_values = cache_latents(models, class_values, cfg.seed + 1) if with_prior else None
-    dataset = data.DreamBoothDataset(instance_values, instance_prompts, class_values if with_prior else None,
-                                     class_prompt if with_prior else None, instance_sizes, class_sizes)
-    text_cache = None if cfg.train_text_encoder else cache_text_embeddings(
-        models, instance_prompts + ([class_prompt] if with_prior else []), cfg)
+    if layout is None:
+        dataset = data.DreamBoothDataset(instance_values, instance_prompts, class_values if with_prior else None,
+                                         class_prompt if with_prior else None, instance_sizes, class_sizes)
+        class_prompts = [class_prompt] if with_prior else []
+    else:
+        dataset = subjects.SubjectsDataset(instance_values, instance_prompts, layout, class_values if with_prior else None,
+                                           instance_sizes, class_sizes)
+        class_prompts = layout.class_prompts if with_prior else []
+    text_cache = None if cfg.train_text_encoder else cache_text_embeddings(models, instance_prompts + class_prompts, cfg)
     state = TrainingState(cfg, accelerator, models, trained, denoiser, [p for g in groups for p in g["params"]],
                           optimizer, lr_scheduler, dataset, text_cache, last_checkpoint=resume_from, loss_fn=loss_fn,
                           memory_plan=plan, phase_s={"cache": time.perf_counter() - cache_started})
@@ -169,27 +175,37 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
 
     # 1. prompts and data: "a [V] dog" for the subject, "a dog" for the prior; pixels in [-1, 1].
     tokenizer = load_tokenizer(cfg)
-    identifier = data.resolve_identifier(tokenizer, cfg.identifier, log=info)
-    instance_prompt, class_prompt = data.build_prompts(cfg, identifier)
-    instances = data.load_instance_images(cfg.instance_dir, cfg.resolution, cfg.use_captions)
-    instance_prompts = data.instance_prompts_for(instances, cfg, identifier)
-    with_prior = cfg.with_prior_preservation
-    info(run_plan(cfg, family.NAME, len(instances), instance_prompts[0], class_prompt))
-    phase("data")
-    class_paths = class_image_paths(cfg, class_prompt, log=info, family=family) if with_prior else []
-    phase("class_images")
-    image_gen = torch.Generator().manual_seed(cfg.seed)  # random crops
-    inst_values, inst_sizes = data.pixels_and_sizes([im.image for im in instances], cfg, image_gen)
-    inst_prompts = instance_prompts * (2 if cfg.random_flip else 1)
-    cls_values, cls_sizes = data.pixels_and_sizes([Image.open(p).convert("RGB") for p in class_paths], cfg, image_gen)
-
+    with_prior, layout, records = cfg.with_prior_preservation, None, None
+    if cfg.subjects is None:
+        identifier = data.resolve_identifier(tokenizer, cfg.identifier, log=info)
+        instance_prompt, class_prompt = data.build_prompts(cfg, identifier)
+        instances = data.load_instance_images(cfg.instance_dir, cfg.resolution, cfg.use_captions)
+        instance_prompts = data.instance_prompts_for(instances, cfg, identifier)
+        with_prior = cfg.with_prior_preservation
+        info(run_plan(cfg, family.NAME, len(instances), instance_prompts[0], class_prompt))
+        phase("data")
+        class_paths = class_image_paths(cfg, class_prompt, log=info, family=family) if with_prior else []
+        phase("class_images")
+        image_gen = torch.Generator().manual_seed(cfg.seed)  # random crops
+        inst_values, inst_sizes = data.pixels_and_sizes([im.image for im in instances], cfg, image_gen)
+        inst_prompts = instance_prompts * (2 if cfg.random_flip else 1)
+        cls_values, cls_sizes = data.pixels_and_sizes([Image.open(p).convert("RGB") for p in class_paths], cfg, image_gen)
+        num_class_images = len(class_paths)
+    else:  # several subjects: identifiers, prompts, class images per class noun, pixels (subjects.py)
+        multi = subjects.prepare_subjects(cfg, tokenizer, torch.Generator().manual_seed(cfg.seed), info, family)
+        records, layout, num_class_images = multi.records, multi.layout, multi.num_class_images
+        identifier = instance_prompt = class_prompt = instance_prompts = None
+        inst_values, inst_sizes, inst_prompts = multi.instance_values, multi.instance_sizes, multi.instance_prompts
+        cls_values, cls_sizes = multi.class_values, multi.class_sizes
+        info(run_plan(cfg, family.NAME, len(inst_prompts) // (2 if cfg.random_flip else 1),
+                      ", ".join(r["instance_prompt"] for r in records), ", ".join(layout.class_prompts)))
     phase("data")
     # 2. models, optimizer, caches (and the checkpoint when resuming).
     models = models if models is not None else load_models(cfg, family, accelerator.device)
     phase("load")
     state = prepare_training(cfg, models, accelerator, inst_values, inst_prompts,
                              cls_values if with_prior else None, class_prompt if with_prior else None, resume_from, info,
-                             inst_sizes, cls_sizes if with_prior else None)
+                             inst_sizes, cls_sizes if with_prior else None, layout)
     trained = list(unwrap_all(accelerator, state.trained))  # before the first step: the checkpoint and final sizes
     disk = check_disk_space(cfg, checkpoint_bytes(trained, state.optimizer, cfg, accelerator.num_processes),
                             final_bytes(state.models, cfg, weights_bytes(trained, cfg)), state.start_step, info)
@@ -201,7 +217,11 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     denoiser = state.trained[0]  # uncompiled: what checkpoints unwrap and save
     # the text encoders as the pipeline takes them: the trained ones (accelerate-wrapped), then the frozen rest
     text_encoders = tuple(state.trained[1:]) + state.models.text_encoders[len(state.trained) - 1:]
-    val_prompts = [data.fill_prompt(p, identifier, cfg.class_noun, "validation_prompts") for p in cfg.validation_prompts] or [instance_prompt]
+    if records is None:
+        val_prompts = [data.fill_prompt(p, identifier, cfg.class_noun, "validation_prompts") for p in cfg.validation_prompts] or [instance_prompt]
+    else:  # several subjects: each prompt once per subject
+        val_prompts = [data.fill_prompt(p, r["identifier"], r["class_noun"], "validation_prompts")
+                       for p in cfg.validation_prompts for r in records] or [r["instance_prompt"] for r in records]
     step, n_params = state.start_step, sum(p.numel() for p in state.params)
     if resume_from is not None:
         info(f"resumed from {resume_from} at step {step}")
@@ -248,7 +268,7 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     history = state.history
     summary = dict(
         config=cfg.to_dict(), identifier=identifier, instance_prompt=instance_prompt, class_prompt=class_prompt,
-        instance_prompts=instance_prompts, num_class_images=len(class_paths), steps=step,
+        instance_prompts=instance_prompts, num_class_images=num_class_images, steps=step,
         resumed_from=str(resume_from) if resume_from else None, wall_time_s=time.time() - started,
         # train_step time only: not the first (warm-up / compile) step, checkpoints or validation grids.
         seconds_per_step=sum(step_seconds[1:]) / (len(step_seconds) - 1) if len(step_seconds) > 1 else None,
@@ -258,6 +278,8 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
         trainable_parameters=n_params, device=str(accelerator.device),
         num_processes=accelerator.num_processes, effective_batch_size=effective_batch, **peak_memory(),
         phase_s=phase_s, disk=disk, model=run_model(cfg, family.NAME))
+    if records is not None:
+        summary["subjects"] = records
     if main:
         summary["weights"] = str(save_final(output_dir, accelerator.unwrap_model(denoiser),
                                             unwrap_all(accelerator, text_encoders), cfg, family))
@@ -293,7 +315,7 @@ def finished_or_train(cfg: TrainConfig, log=print) -> dict:
     """The summary of the run already finished in cfg.output_dir, else train(cfg) first.
 
     For notebooks that reuse an earlier notebook's run and must also work alone. Reuse goes by folder,
-    not by config: delete the folder to retrain after changing settings or the base model.
+    not by config: delete the folder to retrain after changing settings. A run of another base model is refused.
     """
     summary = Path(cfg.output_dir) / "summary.json"
     if not summary.is_file():
@@ -306,7 +328,10 @@ def finished_or_train(cfg: TrainConfig, log=print) -> dict:
 
 
 def run_dir(runs: str | Path, cfg: TrainConfig, method: str = "lora", prior: bool = True) -> Path:
-    """The notebooks' run folder: runs/<subject>-<method>-<prior|noprior>, with the base model's folder name
-    appended for any model but the toy one, so runs of two models never share a folder (reused by folder)."""
-    name = f"{Path(cfg.instance_dir).name}-{method}-{'prior' if prior else 'noprior'}"
+    """The notebooks' run folder: runs/<subject>-<method>-<prior|noprior> (several subjects: their folder names
+    joined by "+"), with the base model's folder name appended for any model but the toy one, so runs of two
+    models never share a folder (reused by folder)."""
+    subject = ("+".join(Path(s["instance_dir"]).name for s in cfg.subjects) if cfg.subjects
+               else Path(cfg.instance_dir).name)
+    name = f"{subject}-{method}-{'prior' if prior else 'noprior'}"
     return Path(runs) / (name if is_toy_model(cfg.pretrained_model) else f"{name}-{Path(cfg.pretrained_model).name}")

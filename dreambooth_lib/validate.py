@@ -11,6 +11,7 @@ from . import families
 from .class_images import MANIFEST_NAME, manifest_differences, mismatch_message, vae_fingerprint, weights_fingerprint
 from .data import _has_word, build_prompts, fill_prompt, load_instance_images
 from .errors import InputError
+from .subjects import subjects_of
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 PRECISIONS = ("fp32", "fp16", "bf16")  # of the VAE, the class images and the saved pipeline; plus "auto" for the first two
@@ -64,9 +65,6 @@ def validate_config(cfg) -> None:
     families.check_quantization(cfg)  # bitsandbytes and a device diffusers' quantizer accepts
     limit = cfg.checkpoints_total_limit
     _check(limit is None or limit >= 1, f"checkpoints_total_limit = {limit} must be >= 1 (or None for all)")
-    if cfg.with_prior_preservation:
-        _check(bool(cfg.class_noun.strip()),
-               "with_prior_preservation needs class_noun (e.g. 'dog'): set it, or turn prior preservation off")
 
     _check(cfg.mixed_precision in MIXED_PRECISIONS, f"mixed_precision = {cfg.mixed_precision!r}: use one of {MIXED_PRECISIONS}")
     _check(cfg.vae_precision == "auto" or cfg.vae_precision in PRECISIONS,
@@ -87,6 +85,20 @@ def validate_config(cfg) -> None:
     _check(cfg.lr_scheduler in schedulers, f"lr_scheduler = {cfg.lr_scheduler!r}: use one of {schedulers}")
     if cfg.resume not in (None, "latest"):
         _check(Path(cfg.resume).is_dir(), f"resume = {cfg.resume!r}: use 'latest' or an existing checkpoint folder")
+
+    subjects = subjects_of(cfg)  # one: cfg itself; several: each subject's own config, checked alike
+    for subject in subjects:
+        try:
+            _validate_subject(subject.cfg)
+        except InputError as err:
+            raise (InputError(f"subject {subject.name!r}: {err}") if cfg.subjects is not None else err) from None
+
+
+def _validate_subject(cfg) -> None:
+    """One subject's checks: class noun, identifier, instance prompt, photos and captions, class images."""
+    if cfg.with_prior_preservation:
+        _check(bool(cfg.class_noun.strip()),
+               "with_prior_preservation needs class_noun (e.g. 'dog'): set it, or turn prior preservation off")
 
     # Identifier: it must reach the text encoder, or the subject binds to nothing.
     placeholder = "{identifier}"

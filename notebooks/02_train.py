@@ -54,6 +54,11 @@ MODEL = ""  #@param {type:"string"}
 # real alternatives: "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0",
 # "black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.2-klein-4B"
 # (resolution follows the model; another model than notebook 01's gets its own class images)
+SUBJECTS = ""  #@param {type:"string"}
+# "" = one subject (notebook 01's, else the toy subject marked_star). Several subjects in one run: "toy" (the toy
+# world's marked_star and cross_cube) or a JSON file listing them, e.g. [{"instance_dir": "photos/rex",
+# "class_noun": "dog"}, {"instance_dir": "photos/tom", "class_noun": "cat", "identifier": "zwx"}]; an identifier
+# left out is picked (distinct from the others), class images are made once per class noun, batches alternate subjects
 METHOD = "lora"  #@param ["lora", "full"]
 LORA_RANK = 0  #@param {type:"slider", min:0, max:64, step:1}
 # 0 = auto, as TrainConfig's lora_rank="auto" (config.AUTO_RECIPES): 32 on the toy model (swept, see docs/toy_world.md), 4 on Stable Diffusion
@@ -126,11 +131,16 @@ cfg = dataclasses.replace(
     resume="latest",  # re-running continues an interrupted run (e.g. a Colab disconnect) from its newest checkpoint
     validation_prompts=["a photo of {identifier} {class_noun} in the snow", "a pencil sketch of {identifier} {class_noun}"],
 )
+if SUBJECTS:  # several subjects: their own folders, class nouns and identifiers; class images per class in the run
+    subjects = ([dict(instance_dir=c.instance_dir, class_noun=c.class_noun)
+                 for c in map(demo_config, ("marked_star", "cross_cube"))] if SUBJECTS == "toy"
+                else json.loads(Path(SUBJECTS).read_text()))
+    cfg = dataclasses.replace(cfg, subjects=subjects, instance_dir="", class_noun="", identifier=None, class_dir=None)
 if SMOKE:
     cfg = dataclasses.replace(cfg, max_train_steps=2, validation_steps=2, num_validation_images=2,
                               validation_inference_steps=2, checkpointing_steps=0, num_class_images=2,
                               class_inference_steps=2)
-# One folder per method (and base model), found again by notebooks 03-05.
+# One folder per subject(s), method (and base model), found again by notebooks 03-05.
 cfg.output_dir = str(run_dir(RUNS, cfg, METHOD, PRIOR_PRESERVATION))
 RUN_NAME = Path(cfg.output_dir).name
 print(json.dumps(cfg.to_dict(), indent=1))
@@ -161,7 +171,10 @@ summary = train(cfg)
 print(f"{summary['steps']} steps in {summary['wall_time_s']:.0f} s on {summary['device']}, optimizer {summary['optimizer']}, "
       f"{summary['trainable_parameters']:,} trained parameters, peak memory {summary['peak_memory_mb']:.0f} MB "
       f"({summary['memory']})")
-print(f"subject prompt: {summary['instance_prompt']!r}; weights: {summary['weights']}")
+for s in summary.get("subjects") or [dict(name=Path(cfg.instance_dir).name, identifier=summary["identifier"],
+                                          instance_prompt=summary["instance_prompt"])]:
+    print(f"subject {s['name']}: identifier {s['identifier']!r}, prompt {s['instance_prompt']!r}")
+print(f"weights: {summary['weights']}")
 
 # %% [markdown]
 # ## Loss curve

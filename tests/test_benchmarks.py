@@ -52,6 +52,25 @@ def test_sdxl_build_has_the_published_parameter_counts(bench, tmp_path):
         common.build_components(smoke=False, workdir=tmp_path, device="meta", family="sd3")
 
 
+def test_flux_builds_have_the_published_parameter_counts(bench, tmp_path):
+    """FLUX.1 [dev]: the counts its model card and the hub's safetensors index give (transformer 11.9 B, T5-XXL
+    encoder 4.76 B); FLUX.2 [klein] 4B: Qwen3-4B's published 4,022,468,096, the transformer and VAE as built from
+    the configs in common.py (the hub's exact counts were not readable here)."""
+    common, _ = bench
+    flux = common.build_components(smoke=False, workdir=tmp_path / "flux", device="meta", family="flux")
+    counts = {k: sum(p.numel() for p in flux[k].parameters()) for k in ("transformer", "vae", "text_encoder", "text_encoder_2")}
+    assert counts == {"transformer": 11_901_408_320, "vae": 83_819_683, "text_encoder": 123_060_480,
+                      "text_encoder_2": 4_762_310_656}
+    assert (flux["vae"].config.scaling_factor, flux["vae"].config.shift_factor) == (0.3611, 0.1159)
+    assert flux["transformer"].config.guidance_embeds and flux["transformer"].config.in_channels == 64
+    klein = common.build_components(smoke=False, workdir=tmp_path / "klein", device="meta", family="flux2")
+    counts = {k: sum(p.numel() for p in klein[k].parameters()) for k in ("transformer", "vae", "text_encoder")}
+    assert counts == {"transformer": 3_875_544_576, "vae": 84_046_115, "text_encoder": 4_022_468_096}
+    width = klein["transformer"].config.num_attention_heads * klein["transformer"].config.attention_head_dim
+    assert width == 3072 and klein["transformer"].config.joint_attention_dim == 3 * 2560  # Qwen3 layers 9, 18, 27
+    assert common.training_models(klein).family.NAME == "flux2" and common.family_of(flux) == "flux"
+
+
 def test_profile_counts_operator_and_optimizer_calls_by_hand(bench):
     """4 parameters: a per-tensor SGD step calls add_ 4 times, a foreach one calls _foreach_add_ once."""
     common, _ = bench
@@ -128,7 +147,7 @@ def test_markdown_table(bench):
 def test_config_matrix_and_names(bench):
     _, bench_train = bench
     names = bench_train.config_names()
-    assert len(names) == len(set(names)) == (6 + 1) * 2 * 2 + 6 + 2 + 4  # methods (+ bf16 full) x cache x compile + modes + optimizers + SDXL
+    assert len(names) == len(set(names)) == (6 + 1) * 2 * 2 + 6 + 2 + 4 + 6  # methods (+ bf16 full) x cache x compile + modes + optimizers + SDXL + FLUX
     base, *_ = bench_train.parse_name("full-fp16-cached", smoke=False)  # the H200 table's baseline, levers off
     assert (base.optimizer, base.gradient_checkpointing, base.channels_last, base.compile) == ("adamw8bit", True, False, "off")
     fast, _, compiled, _, note = bench_train.parse_name("lora4-fp16-cached-fast", smoke=False)
@@ -153,7 +172,14 @@ def test_config_matrix_and_names(bench):
     assert (smoke_cfg.mixed_precision, smoke_cfg.resolution) == ("bf16", 32) and "bf16" in smoke_note
     cpu_cfg, *_ = bench_train.parse_name("lora4-fp16-cached", smoke=False, resolution=64, cpu=True)
     assert (cpu_cfg.mixed_precision, cpu_cfg.resolution) == ("bf16", 64)  # SD1.5's op counts on the CPU
-    for bad in ("full-fp8-cached", "lora8-fp16-cached", "full-fp16", "full-fp16-cached-turbo", "sdxl-lora16-fp16-cached"):
+    q, method, compiled, cached, _ = bench_train.parse_name("flux-qlora16-nf4-cached-1024", smoke=False)
+    assert (q.model_family, q.resolution, q.quantize_base, q.use_lora, q.lora_rank, q.mixed_precision, method) == \
+        ("flux", 1024, "nf4", True, 16, "bf16", "qlora16-nf4") and cached and not compiled
+    k, *_ = bench_train.parse_name("klein4b-lora16-bf16-cached-512", smoke=False)
+    assert (k.model_family, k.resolution, k.quantize_base, k.max_sequence_length) == ("flux2", 512, "no", 512)
+    assert bench_train.parse_name("klein4b-lora16-bf16-cached-512", smoke=True)[0].resolution == 32
+    for bad in ("full-fp8-cached", "lora8-fp16-cached", "full-fp16", "full-fp16-cached-turbo", "sdxl-lora16-fp16-cached",
+                "klein4b-qlora16-nf4-cached-1024", "flux-lora16-bf16-cached-768"):
         with pytest.raises(SystemExit, match="unknown config"):
             bench_train.parse_name(bad, smoke=False)
 
@@ -242,8 +268,22 @@ def test_gpu_check_sets_ours_beside_diffusers_from_one_run(monkeypatch, tmp_path
     assert {"--gradient_checkpointing", "--use_8bit_adam", "--mixed_precision=fp16", "--resolution=512",
             "--max_train_steps=25", "--with_prior_preservation", "--learning_rate=5e-6"} <= set(full)
     assert "--rank=4" in parts["diffusers_lora"].commands[0]
-    assert list(parts)[-1] == "optimizers" and parts["optimizers"].commands[0][-3:] == gpu_check.OPTIMIZERS
+    assert list(parts)[-4:] == ["optimizers", "train_flux", "flux_inputs", "diffusers_flux_lora"]  # FLUX: a second call
+    assert parts["optimizers"].commands[0][-3:] == gpu_check.OPTIMIZERS
     assert [c[3] for c in parts["compile_bug"].commands] == ["nchw", "channels-last", "nchw-no-layout-opt"]
+    # FLUX.1 (issue 18): diffusers' LoRA script with our flux-lora16-bf16-cached-1024's settings, beside ours
+    flux = parts["diffusers_flux_lora"].commands[0]
+    assert flux[4].endswith("train_dreambooth_lora_flux.py") and {
+        "--rank=16", "--mixed_precision=bf16", "--resolution=1024", "--cache_latents", "--use_8bit_adam",
+        "--gradient_checkpointing", "--with_prior_preservation", "--max_sequence_length=512", "--guidance_scale=1.0"} <= set(flux)
+    assert parts["train_flux"].commands[0][-8:-4] == gpu_check.TRAIN_FLUX
+    (tmp_path / "train_flux.json").write_text(json.dumps([
+        {"config": "flux-qlora16-nf4-cached-1024", "status": "ok", "method": "qlora16-nf4", "steps_per_s": 1.5}]))
+    (tmp_path / "diffusers_flux_lora.json").write_text(json.dumps({"script": "train_dreambooth_lora_flux.py",
+                                                                   "steps_per_s": 1.0}))
+    flux_row = gpu_check.side_by_side(tmp_path)[-1]
+    assert (flux_row["ours"], flux_row["diffusers"], flux_row["speedup"]) == \
+        ("flux-qlora16-nf4-cached-1024", "train_dreambooth_lora_flux.py", 1.5)
 
 
 def test_sdxl_bench_configs_train_the_tiny_sdxl_model_through_the_library(bench, tmp_path):
@@ -256,3 +296,40 @@ def test_sdxl_bench_configs_train_the_tiny_sdxl_model_through_the_library(bench,
     assert len(state.models.text_encoders) == 2 and state.models.denoiser.config.addition_embed_type == "text_time"
     losses = [train.train_step(state, step)["loss"] for step in range(2)]
     assert all(map(math.isfinite, losses)) and train.optimizer_name(state.optimizer).endswith("AdamW8bit")
+
+
+def test_flux_bench_configs_train_the_tiny_flux_models_through_the_library(bench, tmp_path):
+    """Issue 18's configs in --smoke size take the library's path: FLUX.1 QLoRA over an NF4 transformer (read back
+    through from_pretrained with the library's BitsAndBytesConfig; bitsandbytes runs NF4 on the CPU) and
+    FLUX.2 [klein] LoRA; two steps each, finite losses, LoRA (rank 16) the only trained weights."""
+    from bitsandbytes.nn import Linear4bit
+    from dreambooth_lib import train
+    _, bench_train = bench
+    for name, family, quantized in (("flux-qlora16-nf4-cached-1024", "flux", True),
+                                    ("klein4b-lora16-bf16-cached-1024", "flux2", False)):
+        cfg, *_ = bench_train.parse_name(name, smoke=True)
+        state = bench_train.build_state(cfg, True, tmp_path / name)
+        denoiser = state.models.denoiser
+        assert state.models.family.NAME == family and cfg.resolution == 32
+        assert any(isinstance(m, Linear4bit) for m in denoiser.modules()) == quantized
+        trained = [n for n, p in denoiser.named_parameters() if p.requires_grad]
+        assert trained and all("lora_" in n for n in trained)
+        assert {p.shape[0] for n, p in denoiser.named_parameters() if "lora_A" in n} == {16}
+        losses = [train.train_step(state, step)["loss"] for step in range(2)]
+        assert all(map(math.isfinite, losses)) and train.optimizer_name(state.optimizer).endswith("AdamW8bit")
+
+
+def test_memory_plan_estimates_for_flux_follow_the_published_sizes(bench, tmp_path):
+    """The README's estimate table (bench_train --plan): weights from the published parameter counts, by hand."""
+    _, bench_train = bench
+    weight_bytes, trainable, acts = bench_train.plan_inputs("flux-lora16-bf16-cached-1024", tmp_path)
+    frozen = 11_901_408_320 + 83_819_683 + 123_060_480 + 4_762_310_656  # transformer, VAE, CLIP, T5 (bf16)
+    # LoRA r16, diffusers' FLUX targets: per double block 8 attention projections 3072 -> 3072 and 4 feed-forward
+    # layers 3072 <-> 12288; per single block q, k, v (r x (in + out) each)
+    assert trainable == 19 * (8 * 16 * 6144 + 4 * 16 * 15360) + 38 * 3 * 16 * 6144
+    assert weight_bytes == 2 * (frozen + 77) + 4 * trainable  # + CLIP's 77 position ids (a buffer)
+    # tokens (1024 / 8 / 2)^2 + 512 text, 3072 wide, 2 x 19 + 38 blocks, 2 images, bf16; checkpointing: 1 value each
+    assert acts[True] == (64 * 64 + 512) * 3072 * 76 * 2 * 2 and acts[False] == 17 * acts[True]
+    q_bytes, q_trainable, q_acts = bench_train.plan_inputs("flux-qlora16-nf4-cached-1024", tmp_path)
+    assert (q_trainable, q_acts) == (trainable, acts)
+    assert 2 * frozen * 0.45 < q_bytes < 2 * frozen * 0.5  # the 11.9 B transformer at ~4 bits, T5 still bf16

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "dreambooth_lib"
 LAYERS = [
     ("foundation", ["errors", "config", "fsio", "loss", "memory", "tiny", "metrics"]),
     ("families and processes", ["families", "distributed"]),
-    ("data and files", ["data", "class_images", "validate", "weights", "checkpoint", "disk", "sample"]),
+    ("data and files", ["data", "class_images", "subjects", "validate", "weights", "checkpoint", "disk", "sample"]),
     ("training pieces", ["models", "step", "compiled"]),
     ("the loop", ["train"]),
     ("entry points", ["__main__", "__init__", "export", "evaluate", "toyworld"]),

@@ -790,6 +790,8 @@ def test_notebook_run_folders_are_per_model_and_a_run_of_another_model_is_refuse
     toy, other = TrainConfig(instance_dir=str(instance_dir)), TrainConfig(instance_dir=str(instance_dir), pretrained_model="/m/flux1")
     assert T.run_dir(tmp_path, toy) == tmp_path / f"{instance_dir.name}-lora-prior"  # the toy model's folders keep their names
     assert T.run_dir(tmp_path, other, "full", prior=False) == tmp_path / f"{instance_dir.name}-full-noprior-flux1"
+    two = dataclasses.replace(toy, subjects=[{"instance_dir": "/p/rex", "class_noun": "dog"}, {"instance_dir": "/p/tom", "class_noun": "cat"}])
+    assert T.run_dir(tmp_path, two) == tmp_path / "rex+tom-lora-prior"
     out = tmp_path / "run"
     out.mkdir()
     (out / "summary.json").write_text(json.dumps({"config": {"pretrained_model": "/m/flux1"}, "steps": 2}))
