@@ -321,9 +321,10 @@ def finished_or_train(cfg: TrainConfig, log=print) -> dict:
     if not summary.is_file():
         train(cfg, log=log)
     done = json.loads(summary.read_text())
-    if where(done["config"]["pretrained_model"]) != where(cfg.pretrained_model):  # its weights would not fit this model
-        raise InputError(f"{cfg.output_dir} holds a run of {done['config']['pretrained_model']}, not of "
-                         f"{cfg.pretrained_model}: delete that folder, or choose another output_dir")
+    base = done.get("config", {}).get("pretrained_model")  # None: a summary that names no model, taken as it is
+    if base is not None and where(base) != where(cfg.pretrained_model):  # its weights would not fit this model
+        raise InputError(f"{cfg.output_dir} holds a run of {base}, not of {cfg.pretrained_model}: delete that "
+                         "folder, or choose another output_dir")
     return done
 
 
