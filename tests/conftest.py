@@ -6,8 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+import dreambooth_lib.step as S
+from dreambooth_lib import data
 from dreambooth_lib.tiny import save_tiny_pipeline, save_tiny_sdxl_pipeline
 
 
@@ -44,3 +47,25 @@ def instance_dir(tmp_path) -> Path:
     folder = tmp_path / "instance"
     write_photos(folder)
     return folder
+
+
+def fixed_batch_losses(state, steps: int = 8) -> list[float]:
+    """Train `steps` train_steps and return the mean loss of one fixed batch (the dataset's first 4 items,
+    4 fixed noise / timestep draws) before training and after every second step: only the weights change
+    between the measurements, so a falling list means training learns this batch."""
+    batch = data.collate_examples([state.dataset[i] for i in range(4)], with_prior=False)
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            z, c = S.latents_and_conditioning(batch, state.models, state.text_cache, True, torch.Generator(), "cpu",
+                                              state.cfg)
+            return sum(float(S.diffusion_loss(state.models.family, state.denoiser, state.models.noise_scheduler, z, c,
+                                              state.cfg, False, torch.Generator().manual_seed(seed))[0])
+                       for seed in range(4)) / 4
+
+    losses = [fixed_loss()]
+    for step in range(steps):
+        S.train_step(state, step)
+        if step % 2:
+            losses.append(fixed_loss())
+    return losses

@@ -15,13 +15,13 @@ from diffusers.quantizers.bitsandbytes import bnb_quantizer
 from safetensors.torch import load_file
 
 import dreambooth_lib.models as M
-import dreambooth_lib.step as S
 import dreambooth_lib.train as T
 from dreambooth_lib import data, families
 from dreambooth_lib.config import TrainConfig
-from dreambooth_lib.families import flux
 from dreambooth_lib.sample import load_pipeline, set_lora_scales
 from dreambooth_lib.tiny import save_tiny_flux_pipeline
+
+from conftest import fixed_batch_losses
 
 T5_TOKENS = 8
 
@@ -87,19 +87,7 @@ def test_lora_over_a_quantized_base_lowers_the_loss(quantize_base, layer, wide_f
     assert isinstance(to_q.base_layer, layer)  # peft's bitsandbytes LoRA layer wraps the quantized one
     trained = [n for n, p in state.models.denoiser.named_parameters() if p.requires_grad]
     assert trained and all(".lora_" in n for n in trained)
-    batch = data.collate_examples([state.dataset[i] for i in range(4)], with_prior=False)
-
-    def fixed_loss() -> float:  # the same 4 items, noise draws and sigmas every time
-        with torch.no_grad():
-            z, c = S.latents_and_conditioning(batch, state.models, None, True, torch.Generator(), "cpu", cfg)
-            return sum(float(S.diffusion_loss(flux, state.denoiser, state.models.noise_scheduler, z, c, cfg, False,
-                                              torch.Generator().manual_seed(seed))[0]) for seed in range(4)) / 4
-
-    losses = [fixed_loss()]
-    for step in range(8):
-        S.train_step(state, step)
-        if step % 2:
-            losses.append(fixed_loss())
+    losses = fixed_batch_losses(state)  # before training, then every second of 8 steps
     # Measured: nf4 1.364 -> 1.174, int8 1.361 -> 1.205 (8 steps of the 4 items), falling at every check.
     assert losses == sorted(losses, reverse=True) and losses[-1] < 0.92 * losses[0], losses
     assert torch.equal(to_q.base_layer.weight, before)  # the quantized base never changes

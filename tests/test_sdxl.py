@@ -22,6 +22,8 @@ from dreambooth_lib import data, families
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.sample import generate, load_pipeline, set_lora_scales
 
+from conftest import fixed_batch_losses
+
 PROMPTS = ["a photo of sks dog", "sks dog on grass", "a photo of a dog"]
 
 
@@ -91,19 +93,7 @@ def test_short_runs_lower_the_loss_on_a_fixed_batch(mode, tiny_sdxl_dir, instanc
     pixels, sizes = data.pixels_and_sizes([im.image for im in data.load_instance_images(instance_dir, 32)], cfg, None)
     state = T.prepare_training(cfg, M.load_models(cfg), T.make_accelerator(cfg), pixels,
                                ["a photo of sks dog"] * 4, log=lambda _: None, instance_sizes=sizes)
-    batch = data.collate_examples([state.dataset[i] for i in range(4)], with_prior=False)
-
-    def fixed_loss() -> float:  # the same 4 items, noise draws and timesteps every time
-        with torch.no_grad():
-            z, c = S.latents_and_conditioning(batch, state.models, None, True, torch.Generator(), "cpu", cfg)
-            return sum(float(S.diffusion_loss(state.models.family, state.denoiser, state.models.noise_scheduler, z, c, cfg, False,
-                                              torch.Generator().manual_seed(seed))[0]) for seed in range(4)) / 4
-
-    losses = [fixed_loss()]
-    for step in range(8):
-        S.train_step(state, step)
-        if step % 2:
-            losses.append(fixed_loss())
+    losses = fixed_batch_losses(state)  # before training, then every second of 8 steps
     # Measured on this tiny model: full 1.12 -> 0.86, LoRA 1.12 -> 1.03, falling at every check.
     assert losses == sorted(losses, reverse=True) and losses[-1] < (0.85 if mode == "full" else 0.95) * losses[0]
 
