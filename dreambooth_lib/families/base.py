@@ -126,3 +126,14 @@ def transformer_layers_problem(shapes: dict[str, list[int]], model_class, config
         if shape[1 if part.startswith("A") else 0] != width:
             return f"its layer transformer.{module} is {shape} (lora_{part}), this {label} model's layer {linears[module]} wide"
     return None
+
+
+def refuse_ddpm_settings_and_fp16(cfg, label: str, fp16_reason: str) -> None:
+    """The flow-matching families' shared refusals: fp16 wherever they compute (fp16_reason says why) and
+    Min-SNR-gamma, which weights DDPM timesteps while they train on flow-matching sigmas."""
+    for name in ("mixed_precision", "prior_generation_precision", "vae_precision"):
+        if getattr(cfg, name) == "fp16":
+            raise InputError(f"{name} = 'fp16': {fp16_reason}. Use 'bf16' (or 'no' / 'auto')")
+    if cfg.snr_gamma is not None:
+        raise InputError(f"snr_gamma = {cfg.snr_gamma}: Min-SNR weights DDPM timesteps; {label} trains on flow-matching "
+                         "sigmas. Leave it None and pick weighting_scheme instead")

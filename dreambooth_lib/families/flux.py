@@ -21,8 +21,8 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 
 from .. import loss
 from ..errors import InputError
-from .base import (CLIP_ATTENTION, Models, dtype_kw, encode_latents, load_vae, model_index, transformer_layers_problem,  # noqa: F401  (encode_latents: the shift factor is in the VAE config)
-                   vae_config, vae_scale_factor)
+from .base import (CLIP_ATTENTION, Models, dtype_kw, encode_latents, load_vae, model_index,  # noqa: F401  (encode_latents: the shift factor is in the VAE config)
+                   refuse_ddpm_settings_and_fp16, transformer_layers_problem, vae_config, vae_scale_factor)
 
 NAME = "flux"
 LABEL = "FLUX.1"
@@ -62,13 +62,8 @@ def transformer_config(model: str, revision: str | None = None) -> dict:
 def check_config(cfg, vae_config: dict, warn) -> None:
     """No fp16 anywhere it computes; no DDPM-only setting; T5 length within the pipeline's; guidance only
     for a model with a guidance embedding."""
-    for name in ("mixed_precision", "prior_generation_precision", "vae_precision"):
-        if getattr(cfg, name) == "fp16":
-            raise InputError(f"{name} = 'fp16': FLUX.1 was trained in bf16 and its activations overflow fp16's range "
-                             "(NaN loss, black images; diffusers #8599). Use 'bf16' (or 'no' / 'auto')")
-    if cfg.snr_gamma is not None:
-        raise InputError(f"snr_gamma = {cfg.snr_gamma}: Min-SNR weights DDPM timesteps; FLUX trains on flow-matching "
-                         "sigmas. Leave it None and pick weighting_scheme instead")
+    refuse_ddpm_settings_and_fp16(cfg, "FLUX", "FLUX.1 was trained in bf16 and its activations overflow fp16's range "
+                                              "(NaN loss, black images; diffusers #8599)")
     if cfg.max_sequence_length > 512:
         raise InputError(f"max_sequence_length = {cfg.max_sequence_length}: FluxPipeline encodes at most 512 T5 tokens")
     if cfg.training_guidance is not None and not transformer_config(cfg.pretrained_model, cfg.revision)["guidance_embeds"]:

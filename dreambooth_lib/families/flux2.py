@@ -19,7 +19,7 @@ from diffusers.loaders import Flux2LoraLoaderMixin
 from transformers import Qwen2Tokenizer, Qwen3ForCausalLM
 
 from ..errors import InputError
-from .base import Models, dtype_kw, transformer_layers_problem, vae_scale_factor
+from .base import Models, dtype_kw, refuse_ddpm_settings_and_fp16, transformer_layers_problem, vae_scale_factor
 from .flux import (activation_bytes, class_sampler_config, draw_timesteps, loss_weighting,  # noqa: F401  (FLUX.1's flow-matching
                    noisy_and_target, validation_scheduler)  # objective, sampler and activation estimate: not calibrated on a GPU)
 
@@ -64,13 +64,7 @@ def transformer_config(model: str, revision: str | None = None) -> dict:
 def check_config(cfg, vae_config: dict, warn) -> None:
     """No fp16, no DDPM-only setting, no text-encoder training, no QLoRA (not wired for FLUX.2 yet); the
     Qwen3 length within the pipeline's."""
-    for name in ("mixed_precision", "prior_generation_precision", "vae_precision"):
-        if getattr(cfg, name) == "fp16":
-            raise InputError(f"{name} = 'fp16': FLUX.2 [klein] is released and trained in bf16; fp16 is not supported "
-                             "here. Use 'bf16' (or 'no' / 'auto')")
-    if cfg.snr_gamma is not None:
-        raise InputError(f"snr_gamma = {cfg.snr_gamma}: Min-SNR weights DDPM timesteps; FLUX.2 trains on flow-matching "
-                         "sigmas. Leave it None and pick weighting_scheme instead")
+    refuse_ddpm_settings_and_fp16(cfg, "FLUX.2", "FLUX.2 [klein] is released and trained in bf16; fp16 is not supported here")
     if cfg.train_text_encoder:
         raise InputError("train_text_encoder = True: FLUX.2 [klein]'s Qwen3 text encoder stays frozen (diffusers' "
                          "klein script; Flux2KleinPipeline.load_lora_weights loads transformer LoRA only). Set it False")
