@@ -337,9 +337,10 @@ def _grid(images, rows, cols, labels, path):
 
 @torch.no_grad()
 def render_validation(models: Models, denoiser, text_encoder, prompts: list[str], cfg: TrainConfig,
-                      path: Path, autocast) -> Path:
+                      path: Path | None, autocast) -> Path | None:
     """Grid (one row per prompt, seeds 0..n-1) from the in-memory models: no reload, no weight copy.
-    text_encoder: the (unwrapped) text encoder, or a tuple of the family's."""
+    text_encoder: the (unwrapped) text encoder, or a tuple of the family's. path None: render only (the
+    other processes of an FSDP run, whose sharded denoiser needs every process in each forward)."""
     family, encoders = models.family, as_tuple(text_encoder)
     pipe = family.PIPELINE(
         vae=models.vae, scheduler=family.validation_scheduler(models.noise_scheduler), **{family.DENOISER: denoiser},
@@ -362,6 +363,8 @@ def render_validation(models: Models, denoiser, text_encoder, prompts: list[str]
                           num_inference_steps=cfg.validation_inference_steps, progress=False)
     for m, flag in zip(modules, was_training):
         m.train(flag)
+    if path is None:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     make_image_grid(images, rows=len(prompts), cols=n).save(path)
     return path
