@@ -16,6 +16,7 @@ from typing import Optional
 
 # The project's own pretrained toy base model: the embedded default (see docs/toy_world.md).
 TOY_MODEL_DIR = str(Path(__file__).resolve().parent.parent / "data" / "toy_model")
+TOY_FLOW_MODEL_DIR = str(Path(TOY_MODEL_DIR).with_name("toy_flow_model"))  # FLUX.2 [klein] architecture (toyworld/pretrain_flow.py)
 
 
 @dataclass

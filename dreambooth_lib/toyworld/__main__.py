@@ -1,4 +1,4 @@
-"""python -m dreambooth_lib.toyworld demo | ablate | pretrain | oracle-train | oracle-eval | base-eval"""
+"""python -m dreambooth_lib.toyworld demo | ablate | pretrain | pretrain-flow | oracle-train | oracle-eval | base-eval"""
 
 from __future__ import annotations
 
@@ -23,6 +23,16 @@ def build_parser():
     p.add_argument("--init", default=None, help="continue from this pipeline folder (keeps its tokenizer and VAE)")
     p.add_argument("--images_dir", default="images", help="where the loss curve goes")
 
+    p = sub.add_parser("pretrain-flow", help="pretrain the toy flow model (FLUX.2 [klein] architecture; ~40 min on 2 cores)")
+    p.add_argument("--out", default=None, help="pipeline folder to write (default data/toy_flow_model)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=4000, help="transformer + text encoder optimizer steps")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--num_images", type=int, default=20000, help="size of the rendered pretraining set")
+    p.add_argument("--minutes", type=float, default=None, help="stop early after this wall time")
+    p.add_argument("--learning_rate", "--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--images_dir", default="images", help="where the loss curve goes")
+
     p = sub.add_parser("oracle-train", help="train the oracle classifier on rendered pictures (CPU, ~10 min)")
     p.add_argument("--out", default=None, help="folder for oracle.safetensors + oracle.json (default data/oracle)")
     p.add_argument("--vae", default=None, help="pipeline (or vae) folder whose VAE round trip augments training "
@@ -43,7 +53,7 @@ def build_parser():
     p.add_argument("--model", default=None, help="pipeline folder (default data/toy_model)")
     p.add_argument("--oracle", default=None, help="oracle folder (default data/oracle)")
     p.add_argument("--n", type=int, default=8, help="images per prompt")
-    p.add_argument("--guidance_scale", type=float, default=7.0)
+    p.add_argument("--guidance_scale", type=float, default=None, help="default: the demo's for the model (SD 7, flow 4)")
     p.add_argument("--num_inference_steps", "--steps", type=int, default=25, help="sampler steps")
     p.add_argument("--no_per_subject", action="store_true", help="skip the per-subject check (every subject's "
                    "prompt suite and class prompt: 19 prompts x n images per subject)")
@@ -51,6 +61,8 @@ def build_parser():
                        ("ablate", "prior on/off, correct/no/wrong class noun, LoRA: table + figure")):
         p = sub.add_parser(name, help=what)
         p.add_argument("--subject", default="marked_star", help="a folder name under data/subjects")
+        p.add_argument("--model", default=None, help="the toy base model: data/toy_model (default, SD architecture) "
+                       "or data/toy_flow_model (FLUX.2 [klein] architecture)")
         p.add_argument("--output_dir", default=f"runs/toy_{name}", help="where runs and metrics go")
         p.add_argument("--max_train_steps", "--steps", type=int, default=None, help="override max_train_steps")
         p.add_argument("--seed", type=int, default=None, help="override the training seed (data order, noise, class images)")
@@ -71,6 +83,14 @@ def main(argv: list[str] | None = None) -> int:
                           batch_size=args.batch_size, num_images=args.num_images, minutes=args.minutes,
                           lr=args.learning_rate, init=args.init, images_dir=args.images_dir)
         print(json.dumps({k: v for k, v in result.items() if k != "unet_loss"}, indent=1))
+    elif args.command == "pretrain-flow":
+        from dreambooth_lib.config import TOY_FLOW_MODEL_DIR
+        from dreambooth_lib.toyworld.pretrain_flow import pretrain_flow
+
+        result = pretrain_flow(out=args.out or TOY_FLOW_MODEL_DIR, seed=args.seed, steps=args.steps,
+                               batch_size=args.batch_size, num_images=args.num_images, minutes=args.minutes,
+                               lr=args.learning_rate, images_dir=args.images_dir)
+        print(json.dumps({k: v for k, v in result.items() if k != "loss"}, indent=1))
     elif args.command == "oracle-train":
         from pathlib import Path
 
@@ -95,15 +115,20 @@ def main(argv: list[str] | None = None) -> int:
         from dreambooth_lib.config import TOY_MODEL_DIR
         from dreambooth_lib.toyworld.oracle import ORACLE_DIR, base_eval, load_oracle
 
+        from dreambooth_lib.toyworld.demo import guidance_for
+
         oracle = load_oracle(args.oracle or ORACLE_DIR)  # fails before the slow pipeline load
-        print(json.dumps(base_eval(oracle, args.model or TOY_MODEL_DIR, n=args.n, guidance_scale=args.guidance_scale,
+        model = args.model or TOY_MODEL_DIR
+        guidance = guidance_for(model) if args.guidance_scale is None else args.guidance_scale
+        print(json.dumps(base_eval(oracle, model, n=args.n, guidance_scale=guidance,
                                    steps=args.num_inference_steps, per_subject=not args.no_per_subject), indent=1))
     elif args.command in ("demo", "ablate"):
         from pathlib import Path
 
         from dreambooth_lib.toyworld import demo
 
-        overrides = {k: v for k, v in (("max_train_steps", args.max_train_steps), ("seed", args.seed)) if v is not None}
+        overrides = {k: v for k, v in (("max_train_steps", args.max_train_steps), ("seed", args.seed),
+                                        ("model", args.model)) if v is not None}
         images_dir = Path(args.images_dir) if args.images_dir else None
         if args.command == "demo":
             demo.run_demo(args.subject, args.output_dir, images_dir, **overrides)

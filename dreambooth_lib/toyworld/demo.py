@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
+from dreambooth_lib import families
 from dreambooth_lib.config import TOY_MODEL_DIR, TrainConfig, is_toy_model, resolve_auto
 from dreambooth_lib.sample import generate, load_pipeline
 from dreambooth_lib.toyworld import oracle as oracle_lib
@@ -33,7 +34,20 @@ SEEDS = list(range(8))  # images per prompt; image k of every prompt uses seed k
 PRES_SEEDS = list(range(32))  # class-prompt images for PRES: with 8, one image moves PRES by 0.125
 
 
-def demo_config(subject: str = "marked_star", output_dir: str = "runs/toy_demo", **overrides) -> TrainConfig:
+# What changes when the toy base model is the flow model (data/toy_flow_model, FLUX.2 [klein] architecture):
+# its Qwen3 text encoder stays frozen (the family trains none, as diffusers' klein script), so the transformer
+# alone learns the identifier; its guidance for class images and every picture scored.
+FLOW_GUIDANCE = 4.0
+FLOW_RECIPE = dict(train_text_encoder=False, text_encoder_lr="auto", class_guidance_scale=FLOW_GUIDANCE)
+
+
+def guidance_for(model: str) -> float:
+    """Classifier-free guidance of the pictures the demo renders and scores with `model`."""
+    return 7.0 if families.detect(model) == "sd" else FLOW_GUIDANCE
+
+
+def demo_config(subject: str = "marked_star", output_dir: str = "runs/toy_demo", model: str = TOY_MODEL_DIR,
+                **overrides) -> TrainConfig:
     """The toy world's default DreamBooth settings (full fine-tune, prior preservation on).
 
     Differences from the SD defaults in TrainConfig, and why (swept on marked_star, docs/toy_world.md):
@@ -48,13 +62,15 @@ def demo_config(subject: str = "marked_star", output_dir: str = "runs/toy_demo",
     took 60 % of each step (37 of 62 s of the demo's training, profiled).
     """
     values = dict(
-        pretrained_model=TOY_MODEL_DIR, instance_dir=str(SUBJECTS_DIR / subject),
+        pretrained_model=model, instance_dir=str(SUBJECTS_DIR / subject),
         class_noun=render.SUBJECTS[subject]["cls"], resolution=render.SIZE, with_prior_preservation=True,
         num_class_images=100, class_batch_size=50, class_inference_steps=25, class_guidance_scale=7.0,
         max_train_steps=400, learning_rate=1e-4, train_text_encoder=True, text_encoder_lr=3e-5,
         train_batch_size=4, optimizer="adamw",
         checkpointing_steps=0, validation_steps=0, output_dir=output_dir, seed=0,
     )
+    if families.detect(model) != "sd":
+        values.update(FLOW_RECIPE)
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -97,7 +113,7 @@ def sample_suites(pipe, subject: str, subject_phrase: str, seeds=SEEDS, guidance
             for category, items in oracle_lib.prompt_suite(subject).items() for template, expected in items]
     seeds = list(seeds)
     images = generate(pipe, [prompt for _, prompt, _ in rows for _ in seeds], seeds * len(rows), guidance_scale, steps,
-                      batch_size=batch_size, progress=False)
+                      batch_size=batch_size, progress=False, resolution=render.SIZE)
     out: dict[str, list[dict]] = {}
     for k, (category, prompt, expected) in enumerate(rows):
         out.setdefault(category, []).append(dict(prompt=prompt, expected=expected,
@@ -108,7 +124,8 @@ def sample_suites(pipe, subject: str, subject_phrase: str, seeds=SEEDS, guidance
 def class_prompt_images(pipe, subject: str, seeds=PRES_SEEDS, guidance_scale: float = 7.0, steps: int = 25):
     """The plain class prompt ("a photo of a star") with fixed seeds: what PRES scores."""
     prompt = oracle_lib.class_prompt(subject)
-    return prompt, generate(pipe, prompt, list(seeds), guidance_scale, steps, batch_size=len(seeds), progress=False)
+    return prompt, generate(pipe, prompt, list(seeds), guidance_scale, steps, batch_size=len(seeds), progress=False,
+                            resolution=render.SIZE)
 
 
 def score(oracle, suites: dict, class_images: list[Image.Image], subject: str,
@@ -174,39 +191,41 @@ def load_tuned(cfg: TrainConfig):
 
 
 def run_demo(subject: str = "marked_star", output_dir: str = "runs/toy_demo", images_dir: Path | None = None,
-             log=print, **overrides) -> dict:
+             log=print, model: str = TOY_MODEL_DIR, **overrides) -> dict:
     """Train, render the suites and the class prompt before/after, score with the oracle, save PNGs + JSON
     (figures in images_dir, default <output_dir>/figures)."""
     started = time.time()
     images_dir = Path(images_dir) if images_dir else Path(output_dir) / "figures"
-    cfg = demo_config(subject, output_dir, **overrides)
+    cfg = demo_config(subject, output_dir, model, **overrides)
+    guidance = guidance_for(model)
     summary = train(cfg, log=log)
     identifier, class_noun = summary["identifier"], cfg.class_noun
     oracle = oracle_lib.load_oracle()
     base, tuned = load_pipeline(cfg.pretrained_model), load_tuned(cfg)
 
-    suites = sample_suites(tuned, subject, f"{identifier} {class_noun}")
-    class_prompt, before = class_prompt_images(base, subject)
-    _, after = class_prompt_images(tuned, subject)
+    suites = sample_suites(tuned, subject, f"{identifier} {class_noun}", guidance_scale=guidance)
+    class_prompt, before = class_prompt_images(base, subject, guidance_scale=guidance)
+    _, after = class_prompt_images(tuned, subject, guidance_scale=guidance)
     table = score(oracle, suites, after, subject, base_class_images=before)
     table["overall"]["pres_base_model"] = oracle_lib.pres(oracle, before, subject)
-    base_suites = sample_suites(base, subject, f"{identifier} {class_noun}", seeds=SEEDS[:4])
+    base_suites = sample_suites(base, subject, f"{identifier} {class_noun}", seeds=SEEDS[:4], guidance_scale=guidance)
     base_subject = oracle_lib.subject_fidelity(oracle, [im for rows in base_suites.values() for r in rows for im in r["images"]], subject)
     table["overall"]["subject_fidelity_base_model"] = base_subject
 
-    tag = f"toy_demo_{subject}"
+    tag = f"toy_demo_{subject}" if is_toy_model(model) else f"toy_demo_{Path(model).name}_{subject}"
     real = [Image.open(p).convert("RGB") for p in sorted(Path(cfg.instance_dir).glob("*.png"))]
     figures = [save_figure([("training photos", real)], images_dir / f"{tag}_training.png", f"{subject}: the {len(real)} training pictures")]
     for category, rows in suites.items():
         figures.append(save_figure([(r["prompt"], r["images"]) for r in rows], images_dir / f"{tag}_{category}.png",
-                                   f"DreamBooth ({'LoRA' if cfg.use_lora else 'full'}, prior on): {category}"))
+                                   f"DreamBooth ({'LoRA' if cfg.use_lora else 'full'}, prior on, "
+                                   f"{families.of(cfg).LABEL}): {category}"))
     figures.append(save_figure([(f"base: {class_prompt}", before[:8]), (f"fine-tuned: {class_prompt}", after[:8])],
                                images_dir / f"{tag}_class_before_after.png", "the plain class prompt before vs after"))
 
     columns = ["subject_fidelity", "prompt_fidelity", "div"]
     result = dict(
         subject=subject, identifier=identifier, class_noun=class_noun, instance_prompt=summary["instance_prompt"],
-        class_prompt=class_prompt, metrics=table, seeds=SEEDS, pres_seeds=PRES_SEEDS, guidance_scale=7.0, sampler_steps=25,
+        class_prompt=class_prompt, metrics=table, seeds=SEEDS, pres_seeds=PRES_SEEDS, guidance_scale=guidance, sampler_steps=25,
         train=dict(steps=summary["steps"], final_loss=summary["final_loss"], wall_time_s=summary["wall_time_s"],
                    seconds_per_step=summary["seconds_per_step"], optimizer=summary["optimizer"],
                    peak_memory_mb=summary["peak_memory_mb"], device=summary["device"]),
@@ -246,7 +265,8 @@ def run_ablations(subject: str = "marked_star", output_root: str = "runs/toy_abl
     images_dir = Path(images_dir) if images_dir else Path(output_root) / "figures"
     oracle = oracle_lib.load_oracle()
     base_model = demo_config(subject, output_root, **overrides).pretrained_model
-    _, base_class_images = class_prompt_images(load_pipeline(base_model), subject)
+    guidance = guidance_for(base_model)
+    _, base_class_images = class_prompt_images(load_pipeline(base_model), subject, guidance_scale=guidance)
     results = {}
     for name in names:
         changes, what = ABLATIONS[name]
@@ -255,8 +275,8 @@ def run_ablations(subject: str = "marked_star", output_root: str = "runs/toy_abl
         tuned = load_tuned(cfg)
         # Prompts always name the subject the way it was trained, and the class prompt is the TRUE class.
         noun = cfg.class_noun if "{class_noun}" in cfg.instance_prompt_template else ""
-        suites = sample_suites(tuned, subject, f"{summary['identifier']} {noun}".strip())
-        _, class_images = class_prompt_images(tuned, subject)
+        suites = sample_suites(tuned, subject, f"{summary['identifier']} {noun}".strip(), guidance_scale=guidance)
+        _, class_images = class_prompt_images(tuned, subject, guidance_scale=guidance)
         metrics = score(oracle, suites, class_images, subject, base_class_images)
         results[name] = dict(what=what, instance_prompt=summary["instance_prompt"], metrics=metrics["overall"],
                              per_category={k: v for k, v in metrics.items() if k != "overall"})

@@ -322,7 +322,8 @@ def base_subject_eval(oracle: Oracle, pipe, n: int = 8, guidance_scale: float = 
         prompts = [t.format(identifier=identifier) for entries in prompt_suite(name).values() for t, _ in entries]
         flat = [p for p in prompts + [class_prompt(name)] for _ in range(n)]
         images = generate(pipe, flat, seeds=[seed + i for _ in range(len(prompts) + 1) for i in range(n)],
-                          guidance_scale=guidance_scale, num_inference_steps=steps, batch_size=16, progress=False)
+                          guidance_scale=guidance_scale, num_inference_steps=steps, batch_size=16, progress=False,
+                          resolution=render.SIZE)
         hits = np.array([p["subject"] == name for p in oracle.predict(images)]).reshape(-1, n).mean(1)
         worst = int(hits[:-1].argmax())
         out[name] = dict(suite=round(float(hits[:-1].mean()), 4), class_prompt=round(float(hits[-1]), 4),
@@ -341,7 +342,7 @@ def base_eval(oracle: Oracle, model: str | Path, n: int = 8, guidance_scale: flo
     prompts = base_prompts()
     flat = [p for p, _ in prompts for _ in range(n)]
     images = generate(pipe, flat, seeds=[seed + i for _ in prompts for i in range(n)], guidance_scale=guidance_scale,
-                      num_inference_steps=steps, batch_size=16)
+                      num_inference_steps=steps, batch_size=16, resolution=render.SIZE)
     preds = oracle.predict(images)
     hits = {k: [] for k in ("class", "colour", "context", "style")}
     per_prompt = {}

@@ -37,7 +37,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from dreambooth_lib.config import TOY_MODEL_DIR
+from dreambooth_lib.config import TOY_FLOW_MODEL_DIR, TOY_MODEL_DIR
 from dreambooth_lib.families import flux2
 from dreambooth_lib.fsio import follow_umask
 from dreambooth_lib.tiny import write_qwen_tokenizer
@@ -45,7 +45,6 @@ from dreambooth_lib.toyworld import render
 from dreambooth_lib.toyworld.pretrain import plot_losses, to_tensor
 from dreambooth_lib.toyworld.tokenizer import caption_words, rare_tokens
 
-TOY_FLOW_MODEL_DIR = str(Path(__file__).resolve().parents[2] / "data" / "toy_flow_model")
 TEXT_LENGTH = 32  # tokens of a templated prompt: the longest caption is 26 in [klein]'s chat template
 TEXT_WIDTH = 32  # Qwen3's width; the transformer reads 3 of its layers stacked: 96 wide
 
