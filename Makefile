@@ -23,7 +23,7 @@ TEST_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo figures test unit notebooks notebooks-flux ablations pretrain bench train-2proc clean
+.PHONY: install demo demo-flow figures test unit notebooks notebooks-flux ablations pretrain pretrain-flow bench train-2proc clean
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,10 @@ notebooks-flux: install
 	$(PY) -c "from dreambooth_lib.tiny import save_tiny_flux_pipeline as s; s('runs/tiny_flux')"
 	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) .ci/run_notebooks.py --smoke -p MODEL='"$(CURDIR)/runs/tiny_flux"' -p RESOLUTION=32
 
+# DreamBooth on the toy flow model (FLUX.2 [klein] architecture, data/toy_flow_model), measured by the same oracle
+demo-flow: install
+	OMP_NUM_THREADS=1 $(PY) -m dreambooth_lib.toyworld demo --model data/toy_flow_model --output_dir runs/toy_demo_flow
+
 ablations: install
 	$(PY) -m dreambooth_lib.toyworld ablate --images_dir images
 
@@ -80,6 +84,11 @@ train-2proc: install
 	  --class_batch_size 50 --class_inference_steps 25 --class_guidance_scale 7 --max_train_steps 400 \
 	  --learning_rate 1e-4 --train_text_encoder --text_encoder_lr 3e-5 --train_batch_size 2 \
 	  --checkpointing_steps 200 --validation_steps 0 --output_dir runs/two_processes $(ARGS)
+
+# data/toy_flow_model: the transformer + Qwen3 from scratch on the toy SD model's VAE (one thread: on a busy
+# 2-core machine two OpenMP threads made its steps 20x slower)
+pretrain-flow: install
+	OMP_NUM_THREADS=1 $(PY) -m dreambooth_lib.toyworld pretrain-flow
 
 bench: install
 	$(PY) benchmarks/bench_train.py --smoke

@@ -1,0 +1,93 @@
+"""The toy flow model (FLUX.2 [klein] architecture): its tokenizer, its VAE moved over from the toy SD model,
+its pretraining, and the text length its tokenizer declares, used in training and by the stock pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, Flux2KleinPipeline
+
+from dreambooth_lib import families
+from dreambooth_lib.config import TOY_FLOW_MODEL_DIR, TOY_MODEL_DIR
+from dreambooth_lib.families import flux2
+from dreambooth_lib.tiny import write_qwen_tokenizer
+from dreambooth_lib.toyworld import render
+from dreambooth_lib.toyworld.pretrain import to_tensor
+from dreambooth_lib.toyworld.tokenizer import all_captions, caption_words
+
+
+def test_qwen_tokenizer_makes_every_word_one_token_with_or_without_its_space(tmp_path):
+    words = caption_words()
+    tokenizer = write_qwen_tokenizer(words, tmp_path / "tok", model_max_length=32)
+    for word in words + ["user", "assistant"]:
+        assert len(tokenizer(word).input_ids) == 1 and len(tokenizer(" " + word).input_ids) == 1, word
+    assert tokenizer.model_max_length == 32
+    longest = max(all_captions(), key=lambda c: len(c.split()))
+    text = tokenizer.apply_chat_template([{"role": "user", "content": longest}], tokenize=False,
+                                         add_generation_prompt=True, enable_thinking=False)
+    assert len(tokenizer(text).input_ids) <= 32  # pretrain_flow.TEXT_LENGTH holds every caption in the template
+
+
+def test_flux2_vae_from_the_sd_vae_decodes_and_encodes_the_same():
+    from dreambooth_lib.toyworld.pretrain_flow import flux2_vae_from
+
+    source = AutoencoderKL.from_pretrained(Path(TOY_MODEL_DIR) / "vae").eval()
+    vae = flux2_vae_from(Path(TOY_MODEL_DIR) / "vae")
+    pixels = to_tensor(np.stack([np.asarray(render.render(s, 1)) for s in render.subject_specs("marked_star")[:2]]))
+    with torch.no_grad():
+        z = source.encode(pixels).latent_dist.mode()
+        assert torch.equal(vae.encode(pixels).latent_dist.mode(), z)
+        assert torch.equal(vae.decode(z).sample, source.decode(z).sample)
+
+
+def test_the_tokenizers_length_pads_prompts_in_training_and_in_the_stock_pipeline(tmp_path):
+    """A model whose tokenizer declares 32 tokens: the family encodes 32 whatever max_sequence_length asks
+    (512 by default), and the pipeline, called with sampling_kwargs, builds the same text conditioning."""
+    from dreambooth_lib.tiny import TINY_WORDS, build_tiny_flux2_components
+
+    write_qwen_tokenizer(TINY_WORDS, tmp_path / "tok", model_max_length=32)
+    parts = build_tiny_flux2_components(0, tmp_path / "tok")
+    pipe = Flux2KleinPipeline(**parts)
+    assert flux2.sampling_kwargs(pipe) == {"max_sequence_length": 32}
+    ours = flux2.encode_prompts((parts["tokenizer"],), (parts["text_encoder"],), ["a photo of sks dog"],
+                                SimpleNamespace(max_sequence_length=512))["encoder_hidden_states"]
+    theirs, _ = pipe.encode_prompt(prompt=["a photo of sks dog"], **flux2.sampling_kwargs(pipe))
+    assert ours.shape[1] == 32 and torch.equal(ours, theirs)
+    # a tokenizer declaring 512 (as Qwen3's): the requested length, as before
+    write_qwen_tokenizer(TINY_WORDS, tmp_path / "tok512")
+    parts = build_tiny_flux2_components(0, tmp_path / "tok512")
+    assert flux2.sampling_kwargs(Flux2KleinPipeline(**parts)) == {"max_sequence_length": 512}
+    assert families.get("sd").sampling_kwargs(None) == {}
+
+
+def test_pretraining_writes_a_klein_pipeline_that_samples_at_the_toy_size(tmp_path):
+    from dreambooth_lib.sample import generate, load_pipeline
+    from dreambooth_lib.toyworld.pretrain_flow import pretrain_flow
+
+    out = tmp_path / "model"
+    log = pretrain_flow(out=out, num_images=32, steps=2, batch_size=4, images_dir=tmp_path, log=lambda *_: None)
+    assert log["steps_done"] == 2 and families.detect(str(out)) == "flux2"
+    pipe = load_pipeline(str(out))
+    vae = pipe.vae
+    # bn holds the patchified latents' statistics: normalised latents of the same pictures have mean ~0, var ~1
+    pixels, _ = render.render_dataset(32, seed=2)
+    z = flux2.encode_latents(vae, to_tensor(pixels), None)
+    # (var a little under 1: the pipeline divides by sqrt(var + batch_norm_eps), eps = 1e-4)
+    assert z.mean(dim=(0, 2, 3)).abs().max() < 1e-4 and (z.var(dim=(0, 2, 3)) - 1).abs().max() < 5e-3
+    images = generate(pipe, "a photo of a star", [0, 1], 4.0, 2, progress=False, resolution=render.SIZE)
+    assert images[0].size == (render.SIZE, render.SIZE)
+
+
+@pytest.mark.skipif(not (Path(TOY_FLOW_MODEL_DIR) / "model_index.json").is_file(), reason="no data/toy_flow_model")
+def test_committed_flow_model_follows_a_class_prompt():
+    from dreambooth_lib.sample import generate, load_pipeline
+    from dreambooth_lib.toyworld.oracle import load_oracle
+
+    images = generate(load_pipeline(TOY_FLOW_MODEL_DIR), "a photo of a star", list(range(8)), 4.0, 20, batch_size=8,
+                      progress=False, resolution=render.SIZE)
+    classes = [p["class"] for p in load_oracle().predict(images)]
+    assert classes.count("star") >= 6, classes
