@@ -191,13 +191,14 @@ PLAN_GB = (16, 24, 40, 80)
 def plan_inputs(name: str, workdir: Path) -> tuple[float, int, dict[bool, float]]:
     """memory.plan_memory's inputs for a flow-matching config, from its sizes alone (meta device: no weights, no
     GPU): weight bytes (frozen weights in bf16, the transformer's Linear weights at NF4_BYTES under QLoRA, fp32
-    LoRA adapters; the text encoders counted: they stay loaded after caching), trainable parameters, and the
-    family's activation estimate {checkpointing: bytes} for 1 + 1 images."""
+    LoRA adapters; the frozen text encoders not counted: they leave the GPU once their prompts are cached, as
+    models.memory_plan counts), trainable parameters, and the family's activation estimate {checkpointing: bytes}
+    for 1 + 1 images."""
     cfg, *_ = parse_name(name, smoke=False)
     bundle = common.training_models(common.build_components(False, workdir, "meta", family=cfg.model_family))
     models.add_lora(bundle.denoiser, bundle.text_encoders, cfg, bundle.family)
     trainable = sum(p.numel() for p in bundle.denoiser.parameters() if p.requires_grad)
-    frozen = (bundle.denoiser, bundle.vae, *bundle.text_encoders)
+    frozen = (bundle.denoiser, bundle.vae)
     weight_bytes = 2 * sum(t.numel() for m in frozen for t in (*m.parameters(), *m.buffers()) if not t.requires_grad)
     if cfg.quantize_base == "nf4":
         linear = [m.weight for n, m in bundle.denoiser.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n]

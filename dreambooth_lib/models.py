@@ -144,7 +144,11 @@ def memory_plan(cfg: TrainConfig, models: Models, device, shards: int = 0) -> me
     share = {id(t): 1 / shards for t in models.denoiser.parameters()} if shards else {}
     modules = (models.denoiser, *models.text_encoders, models.vae)
     tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
-    weight_bytes = sum(t.numel() * t.element_size() * share.get(id(t), 1) for t in tensors)
+    # Frozen text encoders leave the GPU once their prompts are cached (offload_frozen_text_encoders): not counted.
+    kept = (models.denoiser, *trained_text_encoders(models, cfg), models.vae) if cfg.train_text_encoder or \
+        device.type != "cuda" else (models.denoiser, models.vae)
+    weight_bytes = sum(t.numel() * t.element_size() * share.get(id(t), 1)
+                       for m in kept for t in itertools.chain(m.parameters(), m.buffers()))
     free = None
     if device.type == "cuda":  # free now + what these models already hold there = free before they were placed
         free = torch.cuda.mem_get_info(device)[0] + sum(t.numel() * t.element_size() for t in tensors if t.is_cuda)
@@ -157,6 +161,20 @@ def memory_plan(cfg: TrainConfig, models: Models, device, shards: int = 0) -> me
                                               cfg.max_sequence_length) for c in (False, True)}  # text tokens: FLUX's T5
     return memory.plan_memory(free, weight_bytes, trainable, acts, half, cfg.gradient_checkpointing, cfg.optimizer,
                               eight_bit=not shards)
+
+
+def offload_frozen_text_encoders(models: Models, device, log=print) -> None:
+    """After the text cache: the frozen text encoders to the CPU (FLUX.1's T5-XXL is 9.5 GB in bf16, FLUX.2
+    [klein]'s Qwen3 8 GB), as diffusers' FLUX scripts free them; validation grids bring them back for a moment
+    (sample.text_encoders_on). Nothing to do when training on the CPU."""
+    if torch.device(device).type == "cpu":
+        return
+    held = sum(p.numel() * p.element_size() for m in models.text_encoders for p in m.parameters() if p.device.type != "cpu")
+    for text_encoder in models.text_encoders:
+        text_encoder.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    log(f"text encoders: frozen, their prompts cached; moved to the CPU ({held / 2**30:.1f} GB freed)")
 
 
 def vae_precision(cfg: TrainConfig, family, vae: AutoencoderKL, weight_dtype: torch.dtype) -> tuple[torch.dtype, str]:

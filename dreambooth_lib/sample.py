@@ -336,6 +336,20 @@ def _grid(images, rows, cols, labels, path):
 
 
 @torch.no_grad()
+@contextmanager
+def text_encoders_on(encoders, device):
+    """The text encoders on `device` for the block, then back where they were (frozen ones wait on the CPU
+    during training: models.offload_frozen_text_encoders)."""
+    homes = [next(e.parameters()).device for e in encoders]
+    for encoder in encoders:
+        encoder.to(device)
+    try:
+        yield
+    finally:
+        for encoder, home in zip(encoders, homes):
+            encoder.to(home)
+
+
 def render_validation(models: Models, denoiser, text_encoder, prompts: list[str], cfg: TrainConfig,
                       path: Path | None, autocast) -> Path | None:
     """Grid (one row per prompt, seeds 0..n-1) from the in-memory models: no reload, no weight copy.
@@ -357,7 +371,8 @@ def render_validation(models: Models, denoiser, text_encoder, prompts: list[str]
     for m in modules:
         m.eval()
     # fork_rng: rendering must not move the global RNG that LoRA dropout draws from (exact resume).
-    with autocast, torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+    with autocast, torch.random.fork_rng(devices=range(torch.cuda.device_count())), \
+            text_encoders_on(encoders, models.vae.device):
         images = generate(pipe, [p for p in prompts for _ in range(n)], list(range(n)) * len(prompts),
                           guidance_scale=cfg.validation_guidance_scale,
                           num_inference_steps=cfg.validation_inference_steps, progress=False)

@@ -42,8 +42,8 @@ from .errors import InputError
 from .fsio import write_text_durably
 from .families import Models
 from .memory import peak_memory
-from .models import (load_models, load_tokenizer, make_optimizer, optimizer_name, parameter_groups, prepare_models,
-                     trained_modules)
+from .models import (load_models, load_tokenizer, make_optimizer, offload_frozen_text_encoders, optimizer_name,
+                     parameter_groups, prepare_models, trained_modules)
 from .sample import render_validation
 from .step import TrainingState, cache_latents, cache_text_embeddings, noised_loss, train_step
 from .validate import validate_config
@@ -138,6 +138,8 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
                                            instance_sizes, class_sizes)
         class_prompts = layout.class_prompts if with_prior else []
     text_cache = None if cfg.train_text_encoder else cache_text_embeddings(models, instance_prompts + class_prompts, cfg)
+    if text_cache is not None:
+        offload_frozen_text_encoders(models, device, log)
     # The parameters as the optimizer holds them after prepare: FSDP replaced the module's with sharded ones.
     params = [p for g in optimizer.param_groups for p in g["params"]]
     state = TrainingState(cfg, accelerator, models, trained, denoiser, params, optimizer, lr_scheduler, dataset,
