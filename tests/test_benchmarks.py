@@ -323,13 +323,13 @@ def test_memory_plan_estimates_for_flux_follow_the_published_sizes(bench, tmp_pa
     """The README's estimate table (bench_train --plan): weights from the published parameter counts, by hand."""
     _, bench_train = bench
     weight_bytes, trainable, acts = bench_train.plan_inputs("flux-lora16-bf16-cached-1024", tmp_path)
-    frozen = 11_901_408_320 + 83_819_683 + 123_060_480 + 4_762_310_656  # transformer, VAE, CLIP, T5 (bf16)
+    frozen = 11_901_408_320 + 83_819_683  # transformer, VAE (bf16); CLIP and T5 leave the GPU once cached
     # LoRA r16, diffusers' FLUX targets: per double block 8 attention projections 3072 -> 3072 and 4 feed-forward
     # layers 3072 <-> 12288; per single block q, k, v (r x (in + out) each)
     assert trainable == 19 * (8 * 16 * 6144 + 4 * 16 * 15360) + 38 * 3 * 16 * 6144
-    assert weight_bytes == 2 * (frozen + 77) + 4 * trainable  # + CLIP's 77 position ids (a buffer)
+    assert weight_bytes == 2 * frozen + 4 * trainable
     # tokens (1024 / 8 / 2)^2 + 512 text, 3072 wide, 2 x 19 + 38 blocks, 2 images, bf16; checkpointing: 1 value each
     assert acts[True] == (64 * 64 + 512) * 3072 * 76 * 2 * 2 and acts[False] == 17 * acts[True]
     q_bytes, q_trainable, q_acts = bench_train.plan_inputs("flux-qlora16-nf4-cached-1024", tmp_path)
     assert (q_trainable, q_acts) == (trainable, acts)
-    assert 2 * frozen * 0.45 < q_bytes < 2 * frozen * 0.5  # the 11.9 B transformer at ~4 bits, T5 still bf16
+    assert 2 * frozen * 0.25 < q_bytes < 2 * frozen * 0.3  # the 11.9 B transformer at ~4 bits (0.5 bytes + scales)
