@@ -219,7 +219,8 @@ def run_bench(output_dir="runs/toy_bench", subjects=None, seeds=(0, 1, 2), recip
               keep_weights=False, images_dir=None, oracle=None, log=print) -> dict:
     """Train and score every missing (recipe, subject, seed) run, seed by seed, then write the report.
     multi_subject trains each pair holding a selected subject (both records written)."""
-    subjects, recipes, seeds = list(subjects or render.SUBJECTS), list(recipes or RECIPES), [int(s) for s in seeds]
+    subjects, recipes = list(dict.fromkeys(subjects or render.SUBJECTS)), list(dict.fromkeys(recipes or RECIPES))
+    seeds = list(dict.fromkeys(int(s) for s in seeds))  # a name given twice runs once
     check_selection(subjects, seeds, recipes)
     root = Path(output_dir)
     pairs = [p for p in multi_subject_pairs() if set(p) & set(subjects)]
@@ -333,7 +334,7 @@ def write_report(root: Path, images_dir: Path, log=print) -> dict:
         lines += ["", "## Cross-talk: share of A's prompt pictures the oracle calls B", "",
                   "| A | B | A and B in one model | A alone (prior) |", "|---|---|---|---|"]
         lines += [f"| {t['subject']} | {t['called']} | " + " | ".join(
-            "-" if t[r] is None else f"{t[r]['mean']:.3f} ({t[r]['seeds']} seeds)" for r in ("multi_subject", "prior")) + " |"
+            "-" if t[r] is None else f"{t[r]['mean']:.3f} (seeds: {t[r]['seeds']})" for r in ("multi_subject", "prior")) + " |"
             for t in talk]
     lines += ["", "## Setup", "", "| recipe | what | training runs | mean wall time per run (s) |", "|---|---|---|---|"]
     lines += [f"| {r} | {RECIPES[r]} | {timing[r]['runs']} | {timing[r]['mean_wall_s']:.0f} |" for r in recipes]
@@ -354,7 +355,7 @@ def plot_bench(summary: dict, path: Path) -> None:
     """Grouped bars: per metric, one bar per recipe at its mean with its 95 % t-interval (none for n<2)."""
     metrics = [m for m in METRICS if m != "class_div"]
     x, width = np.arange(len(metrics)), 0.8 / len(summary)
-    fig = Figure(figsize=(12, 4))
+    fig = Figure(figsize=(12, 4.4))
     ax = fig.subplots()
     for i, (recipe, rows) in enumerate(summary.items()):
         means = np.array([rows[m]["mean"] for m in metrics])
@@ -364,7 +365,7 @@ def plot_bench(summary: dict, path: Path) -> None:
     ax.set_xticks(x + width * (len(summary) - 1) / 2, [m.replace("_", " ").replace("recontext ", "recontext.\n")
                                                        for m in metrics], fontsize=8)
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8, ncol=3)
+    ax.legend(fontsize=8, ncol=len(summary), loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: bars stay visible
     ax.set_title("toy DreamBench: mean and 95 % t-interval over subjects (PRES, context shift, cross-talk: lower is better)",
                  fontsize=9)
     fig.tight_layout()
