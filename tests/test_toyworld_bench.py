@@ -107,7 +107,7 @@ def test_interrupted_bench_resumes_without_redoing_finished_runs(tmp_path, fakes
     fakes(whole)
     bench.run_bench(tmp_path / "whole", **kw)
     assert [(Path(c.output_dir).parts[-3:]) for c in whole.calls] == [
-        ("prior", B, "seed0"), ("prior", A, "seed0"), ("no_prior", B, "seed0"), ("no_prior", A, "seed0")]
+        ("prior", A, "seed0"), ("prior", B, "seed0"), ("no_prior", A, "seed0"), ("no_prior", B, "seed0")]
 
     cut = FakeTrain(fail_at=3)
     fakes(cut)
@@ -115,15 +115,15 @@ def test_interrupted_bench_resumes_without_redoing_finished_runs(tmp_path, fakes
         bench.run_bench(tmp_path / "cut", **kw)
     runs = tmp_path / "cut" / "runs"
     assert sorted(p.relative_to(runs).as_posix() for p in runs.rglob("*.json") if p.name.startswith("seed")) == [
-        f"prior/{B}/seed0.json", f"prior/{A}/seed0.json"]
-    assert (runs / "no_prior" / B / "seed0" / "unet" / "weights.safetensors").is_file()  # the killed run's leftovers
+        f"prior/{B}/seed0.json", f"prior/{A}/seed0.json"]  # sorted by name
+    assert (runs / "no_prior" / A / "seed0" / "unet" / "weights.safetensors").is_file()  # the killed run's leftovers
     for subject in (A, B):  # finished runs keep only their summary (weights dropped once scored)
         assert [p.name for p in (runs / "prior" / subject / "seed0").iterdir()] == ["summary.json"]
 
     resumed = FakeTrain()
     fakes(resumed)
     bench.run_bench(tmp_path / "cut", **kw)
-    assert [(Path(c.output_dir).parts[-3:]) for c in resumed.calls] == [("no_prior", B, "seed0"), ("no_prior", A, "seed0")]
+    assert [(Path(c.output_dir).parts[-3:]) for c in resumed.calls] == [("no_prior", A, "seed0"), ("no_prior", B, "seed0")]
     for recipe in ("prior", "no_prior"):
         for subject in (A, B):
             got, want = (json.loads(bench.record_path(tmp_path / r, recipe, subject, 0).read_text()) for r in ("cut", "whole"))

@@ -224,15 +224,14 @@ def run_bench(output_dir="runs/toy_bench", subjects=None, seeds=(0, 1, 2), recip
     check_selection(subjects, seeds, recipes)
     root = Path(output_dir)
     pairs = [p for p in multi_subject_pairs() if set(p) & set(subjects)]
-    todo = [(seed, recipe, (subject,)) for seed in seeds for recipe in recipes if recipe != "multi_subject"
-            for subject in subjects] + [(seed, "multi_subject", pair) for seed in seeds if "multi_subject" in recipes
-                                        for pair in pairs]
-    todo = [t for t in todo if not all(record_path(root, t[1], s, t[0]).is_file() for s in t[2])]
+    todo = [(seed, recipe, members) for seed in seeds for recipe in RECIPES if recipe in recipes  # seed by seed
+            for members in (pairs if recipe == "multi_subject" else [(s,) for s in subjects])
+            if not all(record_path(root, recipe, s, seed).is_file() for s in members)]
     log(f"bench: {len(todo)} runs to do in {root} (finished runs skipped)")
     if todo:
         oracle = oracle or oracle_lib.load_oracle()
         base = base_class_pictures(TOY_MODEL_DIR, sorted({s for *_, ss in todo for s in ss}))
-    for k, (seed, recipe, members) in enumerate(sorted(todo, key=lambda t: (t[0], list(RECIPES).index(t[1]), t[2]))):
+    for k, (seed, recipe, members) in enumerate(todo):
         log(f"bench run {k + 1}/{len(todo)}: {recipe} {'+'.join(members)} seed {seed}")
         if recipe == "multi_subject":
             run_pair(root, members, seed, oracle, base, max_train_steps, keep_weights, log)
