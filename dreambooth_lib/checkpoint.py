@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from . import distributed, families
 from .config import TrainConfig
@@ -81,18 +81,22 @@ def decode_state(obj, tensors: dict):
 
 
 def save_training_state(folder: Path, step: int, optimizer, lr_scheduler, history: list[dict], cfg: TrainConfig,
-                        rng_states: list[dict] | None = None) -> None:
+                        rng_states: list[dict] | None = None, fsdp_optimizer_state: dict | None = None) -> None:
     """Optimizer + lr schedule + RNG states as safetensors + JSON (no pickles, so nothing runs on load).
 
     rng_states: every process's distributed.rng_state() in rank order (distributed.gather_rng_states);
     None = this process's only (one process). Optimizer and schedule are the same on every process.
+    fsdp_optimizer_state: under FSDP, the whole optimizer state gathered from the shards
+    (distributed.full_optimizer_state, keyed by parameter names), stored instead of optimizer.state_dict().
     """
     rng_states = [distributed.rng_state()] if rng_states is None else rng_states
     tensors = {}
+    fsdp = fsdp_optimizer_state is not None
     state = dict(
         global_step=step,
         num_processes=len(rng_states),
-        optimizer=encode_state(optimizer.state_dict(), "optimizer", tensors),
+        sharding="fsdp" if fsdp else None,  # how the optimizer state is keyed, and how it is loaded back
+        optimizer=encode_state(fsdp_optimizer_state if fsdp else optimizer.state_dict(), "optimizer", tensors),
         lr_scheduler=encode_state(lr_scheduler.state_dict(), "lr_scheduler", tensors),
         rng=encode_state(rng_states, "rng", tensors),  # rng[r] = process r's python / numpy / torch / cuda states
         history=history,
@@ -117,12 +121,33 @@ def check_processes(folder: Path, num_processes: int) -> None:
             f"{written}), or start a new run (resume=None) and load the weights yourself")
 
 
-def load_training_state(folder: Path, optimizer, lr_scheduler, rank: int = 0, num_processes: int = 1) -> tuple[int, list[dict]]:
-    """Restore optimizer, lr schedule and process `rank`'s RNG states; returns (step, history)."""
+def check_sharding(folder: Path, fsdp: bool) -> None:
+    """A checkpoint's optimizer state is FSDP's (keyed by parameter names) or a plain optimizer's: resumed alike."""
+    written = json.loads((folder / STATE_JSON).read_text()).get("sharding") == "fsdp"
+    if written != fsdp:
+        how = ("with FSDP (accelerate launch --config_file configs/accelerate_fsdp.yaml)" if written
+               else "without FSDP (a launch without an FSDP config)")
+        raise InputError(f"{folder} was written by a run {'with' if written else 'without'} FSDP and this run is "
+                         f"{'sharded' if fsdp else 'not'}: its optimizer state is stored for that kind of run. Resume "
+                         f"{how}, or start a new run (resume=None)")
+
+
+def load_training_state(folder: Path, optimizer, lr_scheduler, rank: int = 0, num_processes: int = 1,
+                        fsdp_module: torch.nn.Module | None = None) -> tuple[int, list[dict]]:
+    """Restore optimizer, lr schedule and process `rank`'s RNG states; returns (step, history).
+    fsdp_module: the FSDP-sharded model the optimizer steps: the main process reads the whole optimizer state
+    and each process gets its shard (a collective); the others read only their RNG states from the file."""
     check_processes(folder, num_processes)
-    tensors = load_file(folder / STATE_TENSORS)
+    check_sharding(folder, fsdp_module is not None)
+    skip = "optimizer." if fsdp_module is not None and rank > 0 else None
+    with safe_open(folder / STATE_TENSORS, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if skip is None or not k.startswith(skip)}
     state = json.loads((folder / STATE_JSON).read_text())
-    optimizer.load_state_dict(decode_state(state["optimizer"], tensors))
+    if fsdp_module is not None:
+        distributed.set_full_optimizer_state(fsdp_module, optimizer,
+                                             decode_state(state["optimizer"], tensors) if rank == 0 else {})
+    else:
+        optimizer.load_state_dict(decode_state(state["optimizer"], tensors))
     lr_scheduler.load_state_dict(decode_state(state["lr_scheduler"], tensors))
     if "rng" in state:
         distributed.set_rng_state(decode_state(state["rng"], tensors)[rank])
@@ -148,9 +173,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def resolve_resume(cfg: TrainConfig, log=print, num_processes: int = 1, family=None) -> Path | None:
+def resolve_resume(cfg: TrainConfig, log=print, num_processes: int = 1, family=None, fsdp: bool = False) -> Path | None:
     """The checkpoint to resume from (None: a new run), checked before any model is loaded: its files
-    are whole (check_checkpoint), it was written by as many processes, it holds the weights cfg trains.
+    are whole (check_checkpoint), it was written by as many processes, sharded alike (fsdp), it holds the
+    weights cfg trains.
 
     resume="latest" never skips a damaged newest checkpoint on its own: the error names it and the
     newest earlier complete one, so the user decides to go back (and lose those steps) knowingly."""
@@ -167,6 +193,7 @@ def resolve_resume(cfg: TrainConfig, log=print, num_processes: int = 1, family=N
             raise InputError(f"resume={cfg.resume!r}: no {STATE_JSON} there; pass a checkpoint-N folder or 'latest'")
     check_checkpoint(path)
     check_processes(path, num_processes)  # before anything is loaded
+    check_sharding(path, fsdp)
     weights = path / LORA_WEIGHTS if cfg.use_lora else path / (family or families.of(cfg)).DENOISER
     if not weights.exists():
         raise InputError(f"{path} holds no {weights.name} (use_lora={cfg.use_lora} needs it): it was saved by a "
@@ -242,9 +269,11 @@ def save_failed(what: str, path: Path, output_dir: Path, err: BaseException, lef
 
 
 def save_checkpoint(output_dir: str | Path, step: int, denoiser, text_encoder, optimizer, lr_scheduler,
-                    history: list[dict], cfg: TrainConfig, rng_states: list[dict] | None = None, family=None) -> Path:
+                    history: list[dict], cfg: TrainConfig, rng_states: list[dict] | None = None, family=None,
+                    fsdp_optimizer_state: dict | None = None) -> Path:
     """Write checkpoint-N durably (temp folder, fsync, rename, fsync), then prune to checkpoints_total_limit.
-    Called by the main process only, with every process's rng_states (see save_training_state)."""
+    Called by the main process only, with every process's rng_states (see save_training_state); under FSDP
+    with the denoiser and optimizer state gathered whole (distributed.unsharded_copy, full_optimizer_state)."""
     output_dir = Path(output_dir)
     tmp, final = output_dir / f".tmp-checkpoint-{step}", output_dir / f"checkpoint-{step}"
     old = output_dir / f".old-checkpoint-{step}"
@@ -252,7 +281,7 @@ def save_checkpoint(output_dir: str | Path, step: int, denoiser, text_encoder, o
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_weights(tmp, denoiser, text_encoder, cfg, family)
-        save_training_state(tmp, step, optimizer, lr_scheduler, history, cfg, rng_states)
+        save_training_state(tmp, step, optimizer, lr_scheduler, history, cfg, rng_states, fsdp_optimizer_state)
         shutil.rmtree(old, ignore_errors=True)  # left by a crash during an earlier re-save
         if final.exists():  # re-saving a step after resuming from an earlier checkpoint
             os.replace(final, old)

@@ -232,6 +232,7 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
                 guidance_scale=manifest.guidance_scale,
                 generator=generators,
                 callback_on_step_end=progress,
+                **family.sampling_kwargs(pipe),
             ).images
             for i, image in zip(batch, images):
                 tmp = paths[i].with_suffix(".png.tmp")

@@ -70,7 +70,7 @@ class MemoryPlan:
 
 def plan_memory(free_bytes: float | None, weight_bytes: float, trainable_params: int, activations: dict[bool, float],
                 half_copy_bytes: int = 0, gradient_checkpointing: bool | str = "auto",
-                optimizer: str = "auto") -> MemoryPlan:
+                optimizer: str = "auto", eight_bit: bool = True) -> MemoryPlan:
     """Resolve "auto" gradient checkpointing and optimizer: the fastest combination whose estimate fits
     HEADROOM x free_bytes, in the order (AdamW, no checkpointing) > (8-bit, no checkpointing) >
     (AdamW, checkpointing) > (8-bit, checkpointing). Checkpointing costs ~1.9x per SD1.5 step, 8-bit
@@ -78,17 +78,20 @@ def plan_memory(free_bytes: float | None, weight_bytes: float, trainable_params:
 
     free_bytes: free device memory plus what the models already hold there (None: not CUDA);
     weight_bytes: the models' weights as they will sit on the device; activations: {checkpointing:
-    bytes} (activation_bytes); half_copy_bytes: 2 under fp16/bf16 autocast, else 0.
+    bytes} (activation_bytes); half_copy_bytes: 2 under fp16/bf16 autocast, else 0. eight_bit=False:
+    8-bit AdamW is no choice (FSDP: bitsandbytes cannot step sharded parameters), "auto" means AdamW.
     """
     fixed_ckpt = None if gradient_checkpointing == "auto" else bool(gradient_checkpointing)
     fixed_opt = None if optimizer == "auto" else optimizer
+    cpu_default = "adamw8bit" if eight_bit else "adamw"
     if free_bytes is None:  # CPU: memory is the host's; keep the previous defaults (no checkpointing, 8-bit AdamW)
-        return MemoryPlan(bool(fixed_ckpt), fixed_opt or "adamw8bit",
+        return MemoryPlan(bool(fixed_ckpt), fixed_opt or cpu_default,
                           "not a CUDA device: " + ", ".join(
                               [f"checkpointing {'on' if fixed_ckpt else 'off'}" + (" (set)" if fixed_ckpt is not None else ""),
-                               f"optimizer {fixed_opt or 'adamw8bit'}" + (" (set)" if fixed_opt else " (the CPU default)")]))
+                               f"optimizer {fixed_opt or cpu_default}" + (" (set)" if fixed_opt else " (the CPU default)")]))
     budget = HEADROOM * free_bytes
-    order = [("adamw", False), ("adamw8bit", False), ("adamw", True), ("adamw8bit", True)]
+    order = [(o, c) for o, c in [("adamw", False), ("adamw8bit", False), ("adamw", True), ("adamw8bit", True)]
+             if eight_bit or o == "adamw"]
     candidates = [(fixed_opt or o, fixed_ckpt if fixed_ckpt is not None else c) for o, c in order]
     candidates = list(dict.fromkeys(candidates))  # fixed values collapse the order
     estimates = {c: step_bytes(weight_bytes, trainable_params, c[0], activations[c[1]], half_copy_bytes) for c in candidates}

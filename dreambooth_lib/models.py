@@ -135,23 +135,28 @@ def optimizer_name(optimizer) -> str:
     return f"{type(inner).__module__}.{type(inner).__name__}"
 
 
-def memory_plan(cfg: TrainConfig, models: Models, device) -> memory.MemoryPlan:
+def memory_plan(cfg: TrainConfig, models: Models, device, shards: int = 0) -> memory.MemoryPlan:
     """cfg's gradient checkpointing and optimizer with "auto" resolved for these models (weights already
-    placed in their training dtypes, LoRA attached) on `device` (see memory.plan_memory)."""
+    placed in their training dtypes, LoRA attached) on `device` (see memory.plan_memory). shards: FSDP's
+    number of processes (each holds 1/shards of the denoiser's weights, gradients and optimizer states);
+    0 = no FSDP."""
     device = torch.device(device)
+    share = {id(t): 1 / shards for t in models.denoiser.parameters()} if shards else {}
     modules = (models.denoiser, *models.text_encoders, models.vae)
     tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
-    weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    weight_bytes = sum(t.numel() * t.element_size() * share.get(id(t), 1) for t in tensors)
     free = None
     if device.type == "cuda":  # free now + what these models already hold there = free before they were placed
         free = torch.cuda.mem_get_info(device)[0] + sum(t.numel() * t.element_size() for t in tensors if t.is_cuda)
-    trainable = sum(p.numel() for m in trained_modules(models, cfg) for p in m.parameters() if p.requires_grad)
+    trainable = round(sum(p.numel() * share.get(id(p), 1) for m in trained_modules(models, cfg) for p in m.parameters()
+                          if p.requires_grad))
     images = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
     half = 0 if cfg.mixed_precision == "no" else 2
     vae_factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
     acts = {c: models.family.activation_bytes(models.denoiser.config, images, cfg.resolution, half or 4, c, vae_factor,
                                               cfg.max_sequence_length) for c in (False, True)}  # text tokens: FLUX's T5
-    return memory.plan_memory(free, weight_bytes, trainable, acts, half, cfg.gradient_checkpointing, cfg.optimizer)
+    return memory.plan_memory(free, weight_bytes, trainable, acts, half, cfg.gradient_checkpointing, cfg.optimizer,
+                              eight_bit=not shards)
 
 
 def vae_precision(cfg: TrainConfig, family, vae: AutoencoderKL, weight_dtype: torch.dtype) -> tuple[torch.dtype, str]:
@@ -165,10 +170,11 @@ def vae_precision(cfg: TrainConfig, family, vae: AutoencoderKL, weight_dtype: to
     return weight_dtype, f"mixed_precision={cfg.mixed_precision!r}"
 
 
-def prepare_models(models: Models, cfg: TrainConfig, device, log=print) -> memory.MemoryPlan:
+def prepare_models(models: Models, cfg: TrainConfig, device, log=print, fsdp_shards: int = 0) -> memory.MemoryPlan:
     """In place, before the optimizer exists: frozen parts to the mixed-precision dtype on `device` (trained
     weights stay fp32), LoRA adapters, channels-last, then the memory plan and the gradient checkpointing it
-    chose. Returns the plan."""
+    chose. Returns the plan. fsdp_shards: FSDP's number of processes (0: none); the denoiser then stays where
+    it was loaded (CPU), and accelerate.prepare (fully_shard) moves each process's shard to its device."""
     weight_dtype = torch_dtype(cfg.mixed_precision)
     set_trainable(models, cfg)
     vae_dtype, why = vae_precision(cfg, models.family, models.vae, weight_dtype)
@@ -179,15 +185,16 @@ def prepare_models(models: Models, cfg: TrainConfig, device, log=print) -> memor
         place(text_encoder, device, torch.float32 if text_encoder in trained and not cfg.use_lora else weight_dtype)
     if is_quantized(models.denoiser):  # QLoRA: on its device since loading; peft freezes it, upcasts norms to fp32
         prepare_model_for_kbit_training(models.denoiser, use_gradient_checkpointing=False)  # (the plan decides)
-    else:
+    elif not fsdp_shards:  # a whole FLUX.1 transformer in fp32 (48 GB) would not fit one GPU before sharding
         place(models.denoiser, device, torch.float32 if not cfg.use_lora else weight_dtype)
     if cfg.use_lora:
         add_lora(models.denoiser, models.text_encoders, cfg, models.family)
         cast_training_params(trained_modules(models, cfg), dtype=torch.float32)
     if use_channels_last(cfg.channels_last, device):  # NHWC: cuDNN convolutions without layout conversions
-        models.denoiser.to(memory_format=torch.channels_last)
+        if not fsdp_shards:  # fully_shard copies each shard into a contiguous (NCHW) buffer: a sharded UNet stays NCHW
+            models.denoiser.to(memory_format=torch.channels_last)
         models.vae.to(memory_format=torch.channels_last)
-    plan = memory_plan(cfg, models, device)
+    plan = memory_plan(cfg, models, device, fsdp_shards)
     log(f"memory plan: {plan.reason}")
     if plan.gradient_checkpointing:
         models.denoiser.enable_gradient_checkpointing()

@@ -236,15 +236,18 @@ def dropped_log(logger: str, text: str, when: bool = True):
 @torch.no_grad()
 def generate(pipe, prompts: str | list[str], seeds: list[int], guidance_scale: float = 7.5,
              num_inference_steps: int = 25, batch_size: int = 4, negative_prompt: str | None = None,
-             progress: bool = True) -> list[Image.Image]:
+             progress: bool = True, resolution: int | None = None) -> list[Image.Image]:
     """One image per seed (a str prompt is used for every seed; a list pairs prompts[i] with seeds[i]).
 
     Each image has its own CPU torch.Generator, so it depends only on its seed and prompt, not on the
-    batch it was drawn in or the device.
+    batch it was drawn in or the device. resolution: the side in pixels (None: the pipeline's default,
+    which for FLUX is 1024 px whatever the model was trained at).
     """
     prompts = [prompts] * len(seeds) if isinstance(prompts, str) else list(prompts)
     if len(prompts) != len(seeds):
         raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
+    size = {} if resolution is None else dict(height=resolution, width=resolution)
+    extra = families.of_pipeline(pipe).sampling_kwargs(pipe)
     images = []
     for i in tqdm(range(0, len(seeds), batch_size), desc="sample", disable=not progress):
         chunk = slice(i, i + batch_size)
@@ -252,7 +255,7 @@ def generate(pipe, prompts: str | list[str], seeds: list[int], guidance_scale: f
         # prompt by name (Flux2KleinPipeline's first argument is image); negative_prompt only when given (it has none)
         negative = {} if negative_prompt is None else dict(negative_prompt=[negative_prompt] * len(generators))
         images += pipe(prompt=prompts[chunk], generator=generators, guidance_scale=guidance_scale,
-                       num_inference_steps=num_inference_steps, **negative).images
+                       num_inference_steps=num_inference_steps, **negative, **size, **extra).images
     return images
 
 
@@ -334,9 +337,10 @@ def _grid(images, rows, cols, labels, path):
 
 @torch.no_grad()
 def render_validation(models: Models, denoiser, text_encoder, prompts: list[str], cfg: TrainConfig,
-                      path: Path, autocast) -> Path:
+                      path: Path | None, autocast) -> Path | None:
     """Grid (one row per prompt, seeds 0..n-1) from the in-memory models: no reload, no weight copy.
-    text_encoder: the (unwrapped) text encoder, or a tuple of the family's."""
+    text_encoder: the (unwrapped) text encoder, or a tuple of the family's. path None: render only (the
+    other processes of an FSDP run, whose sharded denoiser needs every process in each forward)."""
     family, encoders = models.family, as_tuple(text_encoder)
     pipe = family.PIPELINE(
         vae=models.vae, scheduler=family.validation_scheduler(models.noise_scheduler), **{family.DENOISER: denoiser},
@@ -359,6 +363,8 @@ def render_validation(models: Models, denoiser, text_encoder, prompts: list[str]
                           num_inference_steps=cfg.validation_inference_steps, progress=False)
     for m, flag in zip(modules, was_training):
         m.train(flag)
+    if path is None:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     make_image_grid(images, rows=len(prompts), cols=n).save(path)
     return path

@@ -280,26 +280,39 @@ QWEN_CHAT_TEMPLATE = (
 QWEN_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 
-def write_qwen_tokenizer(words: list[str], folder: str | Path) -> Qwen2Tokenizer:
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-level BPE of one pre-token: merge the lowest-ranked adjacent pair until none is in `ranks`."""
+    while len(pieces) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), k) for k, pair in enumerate(zip(pieces, pieces[1:]))]
+        rank, k = min(pairs)
+        if rank == len(ranks):
+            break
+        pieces = pieces[:k] + [pieces[k] + pieces[k + 1]] + pieces[k + 2:]
+    return pieces
+
+
+def write_qwen_tokenizer(words: list[str], folder: str | Path, model_max_length: int = 512) -> Qwen2Tokenizer:
     """A Qwen2Tokenizer (byte-level BPE, as GPT-2's: vocab.json + merges.txt, no end-of-word marks) in which
-    each word, with its leading space ("Ġ"), is one token; Qwen's chat special tokens and a chat template."""
+    each word, alone and with its leading space ("Ġ"), is one token; Qwen's chat special tokens and a chat
+    template (whose "user" / "assistant" are words too). Each word's merges join the pieces the merges before
+    it leave, so earlier words keep their one-token spelling (BPE applies the lowest rank first).
+    model_max_length: the text length the model was trained with (families pad prompts to at most this)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     space = bytes_to_unicode()[ord(" ")]
     vocab: list[str] = list(bytes_to_unicode().values())
-    merges: list[str] = []
-    for word in dict.fromkeys(w for word in words for w in (word, space + word)):
-        left = word[0]
-        for right in word[1:]:
-            if f"{left} {right}" not in merges:
-                merges.append(f"{left} {right}")
-                vocab.append(left + right)
-            left = left + right
+    ranks: dict[tuple[str, str], int] = {}
+    for word in dict.fromkeys(w for word in (*words, "user", "assistant") for w in (word, space + word)):
+        pieces = _bpe(list(word), ranks)
+        while len(pieces) > 1:
+            ranks[(pieces[0], pieces[1])] = len(ranks)
+            vocab.append(pieces[0] + pieces[1])
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
     vocab_ids = {tok: i for i, tok in enumerate(dict.fromkeys(vocab + QWEN_SPECIAL_TOKENS))}
     (folder / "vocab.json").write_text(json.dumps(vocab_ids))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in ranks) + "\n")
     tokenizer = Qwen2Tokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
-                               additional_special_tokens=QWEN_SPECIAL_TOKENS[1:], model_max_length=512)
+                               additional_special_tokens=QWEN_SPECIAL_TOKENS[1:], model_max_length=model_max_length)
     tokenizer.chat_template = QWEN_CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
     return Qwen2Tokenizer.from_pretrained(folder)

@@ -68,6 +68,12 @@ def unwrap_all(accelerator: Accelerator, modules) -> tuple:
     return tuple(accelerator.unwrap_model(m) for m in modules)
 
 
+def whole_denoiser(accelerator: Accelerator, denoiser, fsdp: bool):
+    """The denoiser as checkpoints and the final save write it: unwrapped; under FSDP gathered whole to the
+    main process (None on the others; every process must call)."""
+    return distributed.unsharded_copy(accelerator, denoiser) if fsdp else accelerator.unwrap_model(denoiser)
+
+
 def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
                      instance_values: list[torch.Tensor], instance_prompts: list[str],
                      class_values: list[torch.Tensor] | None = None, class_prompt: str | None = None,
@@ -81,7 +87,8 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
 
     Frozen parts go to the mixed-precision dtype and trainable weights stay fp32; then LoRA, gradient
     checkpointing, optimizer, lr schedule, accelerate.prepare, optional torch.compile, latent and
-    text-embedding caches, and the checkpoint's weights and training state when resuming.
+    text-embedding caches, and the checkpoint's weights and training state when resuming. Under FSDP
+    (accelerator.is_fsdp2) the denoiser is sharded by accelerate.prepare.
     """
     if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
         raise ValueError(f"accelerator accumulates {accelerator.gradient_accumulation_steps} micro-steps but "
@@ -97,8 +104,8 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
         raise InputError(f"the models are {models.family.NAME!r} components but the config's model is {family.NAME!r} "
                          f"(pretrained_model {cfg.pretrained_model}, model_family {cfg.model_family!r}): "
                          "set model_family to the family of the models")
-    device = accelerator.device
-    plan = prepare_models(models, cfg, device, log)
+    device, fsdp = accelerator.device, accelerator.is_fsdp2
+    plan = prepare_models(models, cfg, device, log, accelerator.num_processes if fsdp else 0)
     if resume_from is not None:
         load_weights(resume_from, models.denoiser, models.text_encoders, cfg, family)
     groups = parameter_groups(models, cfg)
@@ -131,12 +138,15 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
                                            instance_sizes, class_sizes)
         class_prompts = layout.class_prompts if with_prior else []
     text_cache = None if cfg.train_text_encoder else cache_text_embeddings(models, instance_prompts + class_prompts, cfg)
-    state = TrainingState(cfg, accelerator, models, trained, denoiser, [p for g in groups for p in g["params"]],
-                          optimizer, lr_scheduler, dataset, text_cache, last_checkpoint=resume_from, loss_fn=loss_fn,
-                          memory_plan=plan, phase_s={"cache": time.perf_counter() - cache_started})
+    # The parameters as the optimizer holds them after prepare: FSDP replaced the module's with sharded ones.
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = TrainingState(cfg, accelerator, models, trained, denoiser, params, optimizer, lr_scheduler, dataset,
+                          text_cache, last_checkpoint=resume_from, loss_fn=loss_fn, memory_plan=plan,
+                          phase_s={"cache": time.perf_counter() - cache_started})
     if resume_from is not None:  # restores the global RNG exactly as it was after the checkpoint's step
         state.start_step, state.history = load_training_state(resume_from, optimizer, lr_scheduler,
-                                                              accelerator.process_index, accelerator.num_processes)
+                                                              accelerator.process_index, accelerator.num_processes,
+                                                              trained[0] if fsdp else None)
     if cfg.compile != "off" and cfg.compile_check:
         check_compiled_gradients(state, log)
     return state
@@ -164,13 +174,14 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     main = accelerator.is_main_process
     info = log if main else (lambda *a, **k: None)
     distributed.check_launch(info)  # logs the number of processes; refuses N processes that each run alone
+    fsdp = distributed.check_sharding(accelerator, info)  # an FSDP launch that accelerate set up otherwise: refused
     for line in auto_lines:
         info(line)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     set_seed(cfg.seed)  # LoRA init and dropout; per-step draws use step_generator
     output_dir = Path(cfg.output_dir)
-    resume_from = resolve_resume(cfg, info, accelerator.num_processes, family)
+    resume_from = resolve_resume(cfg, info, accelerator.num_processes, family, fsdp)
     early_disk_check(cfg, resume_from, accelerator.num_processes, family)  # a full fine-tune's, before class images
 
     # 1. prompts and data: "a [V] dog" for the subject, "a dog" for the prior; pixels in [-1, 1].
@@ -249,16 +260,19 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
             bar.update()
             if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
                 rng_states = distributed.gather_rng_states()  # every process's, so each resumes its own stream
+                whole = whole_denoiser(accelerator, denoiser, fsdp)  # FSDP: gathered (a collective), as the optimizer
+                optimizer_state = distributed.full_optimizer_state(denoiser, state.optimizer) if fsdp else None
                 if main:
                     state.last_checkpoint = save_checkpoint(
-                        output_dir, step, accelerator.unwrap_model(denoiser), unwrap_all(accelerator, text_encoders),
-                        state.optimizer, state.lr_scheduler, state.history, cfg, rng_states, family)
+                        output_dir, step, whole, unwrap_all(accelerator, text_encoders), state.optimizer,
+                        state.lr_scheduler, state.history, cfg, rng_states, family, optimizer_state)
+                del whole, optimizer_state
                 accelerator.wait_for_everyone()
             if cfg.validation_steps and step % cfg.validation_steps == 0:
-                if main:
+                if main or fsdp:  # FSDP: the sharded forward is a collective, so every process renders the grid
                     render_validation(state.models, accelerator.unwrap_model(denoiser),
                                       unwrap_all(accelerator, text_encoders), val_prompts, cfg,
-                                      output_dir / "validation" / f"step-{step}.png",
+                                      output_dir / "validation" / f"step-{step}.png" if main else None,
                                       accelerator.autocast() if cfg.mixed_precision != "no" else nullcontext())
                 accelerator.wait_for_everyone()
 
@@ -280,9 +294,9 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
         phase_s=phase_s, disk=disk, model=run_model(cfg, family.NAME))
     if records is not None:
         summary["subjects"] = records
+    whole = whole_denoiser(accelerator, denoiser, fsdp)
     if main:
-        summary["weights"] = str(save_final(output_dir, accelerator.unwrap_model(denoiser),
-                                            unwrap_all(accelerator, text_encoders), cfg, family))
+        summary["weights"] = str(save_final(output_dir, whole, unwrap_all(accelerator, text_encoders), cfg, family))
         phase("save")
         write_text_durably(output_dir / "summary.json", json.dumps(summary, indent=2))
         info(f"done: {step} steps, final loss {summary['final_loss']}, weights in {summary['weights']}")

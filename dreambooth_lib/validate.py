@@ -7,7 +7,9 @@ import importlib.util
 import json
 from pathlib import Path
 
-from . import families
+from accelerate.utils import parse_flag_from_env
+
+from . import distributed, families
 from .class_images import MANIFEST_NAME, manifest_differences, mismatch_message, vae_fingerprint, weights_fingerprint
 from .data import _has_word, build_prompts, fill_prompt, load_instance_images
 from .errors import InputError
@@ -58,6 +60,7 @@ def validate_config(cfg) -> None:
         _check(0 <= cfg.lora_dropout < 1, f"lora_dropout = {cfg.lora_dropout} must be in [0, 1)")
         _check(len(cfg.lora_modules) > 0, "lora_modules is empty: name a preset ('default', 'attention') or the "
                                           "denoiser's layers to adapt, e.g. to_q to_k to_v to_out.0")
+    _check_sharding(cfg)
     _check(cfg.quantize_base in BASE_QUANTIZATIONS, f"quantize_base = {cfg.quantize_base!r}: use one of {BASE_QUANTIZATIONS}")
     _check(cfg.quantize_base == "no" or cfg.use_lora,
            f"quantize_base = {cfg.quantize_base!r} trains LoRA over a frozen quantized base (QLoRA): set use_lora = True, "
@@ -148,6 +151,36 @@ def validate_class_image_config(cfg) -> str:
         differ = manifest_differences(made, wanted)
         _check(not differ, mismatch_message(manifest_path, differ))
     return class_prompt
+
+
+def _check_sharding(cfg) -> None:
+    """What a sharded launch can train (the launcher's environment says; no model needed): under FSDP a full
+    fine-tune of the denoiser alone with torch AdamW; DeepSpeed not at all."""
+    kind = distributed.sharding_requested()
+    _check(kind != "deepspeed",
+           "the launch asks for DeepSpeed (ACCELERATE_USE_DEEPSPEED), which this library does not support: its "
+           "checkpoints store the optimizer's own state, which ZeRO partitions inside its engine. Shard a full "
+           f"fine-tune with FSDP instead: {distributed.FSDP_LAUNCH} (docs/scaling_out.md)")
+    if kind != "fsdp":
+        return
+    fsdp = "under FSDP (the launch config's distributed_type: FSDP)"
+    _check(cfg.quantize_base == "no",
+           f"quantize_base = {cfg.quantize_base!r} {fsdp}: FSDP shards a full fine-tune; QLoRA trains megabytes over a "
+           "frozen base, so launch it without the FSDP config (docs/scaling_out.md)")
+    _check(not cfg.use_lora,
+           f"use_lora = True {fsdp}: FSDP shards a full fine-tune; a LoRA run's trained weights are megabytes, so "
+           "launch it without the FSDP config (plain data parallel, docs/scaling_out.md), or set use_lora False")
+    _check(not cfg.train_text_encoder,
+           f"train_text_encoder = True {fsdp}: accelerate's FSDP2 shards one model per optimizer, the denoiser; set "
+           "train_text_encoder False, or train the text encoder without FSDP")
+    _check(cfg.optimizer in ("auto", "adamw"),
+           f"optimizer = {cfg.optimizer!r} {fsdp}: bitsandbytes' 8-bit AdamW cannot step FSDP's sharded (DTensor) "
+           "parameters and torchao's is untested with them; use 'adamw' or 'auto' (which picks it under FSDP: the "
+           "shards already divide its states by the number of processes)")
+    _check(cfg.compile == "off", f"compile = {cfg.compile!r} {fsdp}: untested with sharded modules; set compile 'off'")
+    _check(not parse_flag_from_env("FSDP_ACTIVATION_CHECKPOINTING"),
+           "fsdp_activation_checkpointing: true in the launch config: set it false and use gradient_checkpointing "
+           "(the denoiser's own, which the memory plan counts) instead of checkpointing twice")
 
 
 def _check_resolution(cfg) -> None:

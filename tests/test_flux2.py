@@ -148,13 +148,14 @@ def test_validation_grids_guide_the_base_and_not_the_distilled_model(distilled, 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_short_runs_lower_the_loss_on_a_fixed_batch(mode, klein_dir, instance_dir, tmp_path):
-    extra = dict(learning_rate=2e-3) if mode == "full" else dict(use_lora=True, lora_rank=8, learning_rate=1e-1)
+    extra = dict(learning_rate=2e-3) if mode == "full" else dict(use_lora=True, lora_rank=8, learning_rate=5e-2)
     cfg = make_cfg(klein_dir, instance_dir, tmp_path, **extra)
     pixels = data.pixel_values([im.image for im in data.load_instance_images(instance_dir, 32)], cfg, None)
     state = T.prepare_training(cfg, M.load_models(cfg), T.make_accelerator(cfg), pixels, ["a photo of sks dog"] * 4,
                                log=lambda _: None)
     losses = fixed_batch_losses(state)  # before training, then every second of 8 steps
-    # Measured on this tiny model: full 1.572 -> 1.356, LoRA (lr 0.1) 1.572 -> 1.309, falling at every check.
+    # Measured on this tiny model: full 1.605 -> 1.343, LoRA (lr 0.05) 1.605 -> 1.419, falling at every check
+    # (lr 0.1 rose at the third check after write_qwen_tokenizer made each word one token; 0.03 fell too little).
     assert losses == sorted(losses, reverse=True) and losses[-1] < 0.92 * losses[0], losses
 
 

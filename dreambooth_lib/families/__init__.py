@@ -38,6 +38,8 @@ resolved once per run (`of(cfg)`) and travels with the components (`Models.famil
     activation_bytes(denoiser_config, images, resolution, dtype_bytes, checkpointing, vae_factor, text_tokens)
     class_sampler_config(model, revision, sampler)      the class-image sampler's config (manifest, pipeline)
     validation_scheduler(noise_scheduler)               the sampler of in-training validation grids
+    sampling_kwargs(pipe)                               what every pipeline call passes besides prompts, seeds and
+                                                        guidance (FLUX: the text length the model trained at)
     lora_fit_problem(shapes, model, revision)           why a LoRA file ({key: shape}) cannot be this model's
 
 The family of a model is read from its model_index.json (`_class_name`), or named by the user

@@ -35,6 +35,13 @@ def as_tuple(text_encoder) -> tuple:
     return tuple(text_encoder) if isinstance(text_encoder, (tuple, list)) else (text_encoder,)
 
 
+def text_length(tokenizer, requested: int) -> int:
+    """Tokens a prompt is padded to: the requested max_sequence_length, at most what the model's tokenizer
+    declares (model_max_length): a model trained on shorter text (the toy flow model: 32) is sampled and
+    fine-tuned at its own length. T5's and Qwen3's tokenizers declare 512 or more: `requested` as before."""
+    return min(requested, tokenizer.model_max_length)
+
+
 def dtype_kw(dtypes: dict | None, part: str) -> dict:
     """from_pretrained's dtype argument for `part` when dtypes names one (diffusers and transformers: dtype=)."""
     return {"dtype": dtypes[part]} if dtypes and dtypes.get(part) is not None else {}

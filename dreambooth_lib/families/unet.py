@@ -106,6 +106,11 @@ def class_sampler_config(model: str, revision: str | None, sampler: str) -> dict
     return config
 
 
+def sampling_kwargs(pipe) -> dict:
+    """Pipeline-call arguments every sampler call passes: none for the UNet families."""
+    return {}
+
+
 def validation_scheduler(noise_scheduler):
     """The sampler of in-training validation grids: DPM-Solver++ on the training schedule (a new object:
     sampling sets timesteps on it)."""

@@ -150,7 +150,8 @@ def save_pipeline(folder: Path, vae, unet, text_encoder, tokenizer) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def plot_losses(history: dict, path: Path, earlier_cycles: list[dict] = ()) -> None:
+def plot_losses(history: dict, path: Path, earlier_cycles: list[dict] = (),
+                title: str = "UNet + text encoder (eps MSE)") -> None:
     """Loss curves; a continued model's earlier cycles (their 50-step means) come first on the UNet
     panel, and its VAE (trained in cycle 1, kept since) gets no panel, only its final loss."""
     vae, unet = np.asarray(history["vae"]), np.asarray(history["unet"])
@@ -174,7 +175,6 @@ def plot_losses(history: dict, path: Path, earlier_cycles: list[dict] = ()) -> N
         if offset:
             axes[-1].axvline(offset, color="grey", lw=0.8)
         axes[-1].plot(*smoothed(unet, offset), label=f"cycle {len(earlier_cycles) + 1}" if earlier_cycles else None)
-    title = "UNet + text encoder (eps MSE)"
     if earlier_cycles:
         axes[-1].legend()
         if not len(vae) and earlier_cycles[0].get("final_vae_loss"):

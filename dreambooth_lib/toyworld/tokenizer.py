@@ -49,8 +49,13 @@ def rare_tokens(corpus_words: set[str], n: int = NUM_RARE, seed: int = 0) -> lis
     return out
 
 
+def caption_words() -> list[str]:
+    """The captions' words, frequent first (the lowest merge ranks and ids)."""
+    counts = collections.Counter(word for caption in all_captions() for word in caption.split())
+    return [w for w, _ in counts.most_common()]
+
+
 def build_tokenizer(folder: str | Path, seed: int = 0) -> CLIPTokenizer:
     """Write vocab.json + merges.txt (+ tokenizer config) to `folder` and return the loaded tokenizer."""
-    counts = collections.Counter(word for caption in all_captions() for word in caption.split())
-    words = [w for w, _ in counts.most_common()]  # frequent first: lowest merge ranks and ids
+    words = caption_words()
     return write_clip_tokenizer(words + rare_tokens(set(words), seed=seed), folder, model_max_length=MAX_LENGTH)

@@ -1,0 +1,201 @@
+"""Pretrain the toy world's flow model: a FLUX.2 [klein]-architecture flow-matching transformer (issue 18).
+
+    python -m dreambooth_lib.toyworld pretrain-flow        # writes data/toy_flow_model
+
+Why [klein] of the two flow-matching families: its base model samples with classifier-free guidance (as
+the toy SD model does, learnt from captions dropped 10 % of the time), and it has one text encoder.
+Three stages, reproducible from `seed`:
+  1. The VAE is the toy SD model's autoencoder (data/toy_model/vae), its weights moved into an
+     AutoencoderKLFlux2 (the same encoder and decoder modules). FLUX.2 normalises the 2x2-patchified latents
+     with the VAE's batch-norm statistics: they are set to the pretraining set's. The codec is the one the
+     oracle was checked through (the subjects' markings survive its round trip).
+  2. A fixed pretraining set is rendered once and encoded once, by the family's own encode_latents.
+  3. Flux2Transformer2DModel + Qwen3 (28 narrow layers: the pipeline stacks hidden states 9, 18 and 27) from
+     scratch with the rectified-flow objective x_s = (1 - s) x + s eps, target eps - x, s ~ U(0, 1), captions
+     dropped 10 % of the time, an EMA of the weights saved. The prompts go through the family's
+     encode_prompts and the transformer through its predict: pretraining, DreamBooth and the stock
+     Flux2KleinPipeline share the text path, the packing and the ids.
+The result loads with `Flux2KleinPipeline.from_pretrained`. Its tokenizer declares the 32-token text length
+the model was trained at (model_max_length); the library pads prompts to it when training and sampling.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import (AutoencoderKL, AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                       Flux2Transformer2DModel)
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from dreambooth_lib.config import TOY_MODEL_DIR
+from dreambooth_lib.families import flux2
+from dreambooth_lib.fsio import follow_umask
+from dreambooth_lib.tiny import write_qwen_tokenizer
+from dreambooth_lib.toyworld import render
+from dreambooth_lib.toyworld.pretrain import plot_losses, to_tensor
+from dreambooth_lib.toyworld.tokenizer import caption_words, rare_tokens
+
+TOY_FLOW_MODEL_DIR = str(Path(__file__).resolve().parents[2] / "data" / "toy_flow_model")
+TEXT_LENGTH = 32  # tokens of a templated prompt: the longest caption is 26 in [klein]'s chat template
+TEXT_WIDTH = 32  # Qwen3's width; the transformer reads 3 of its layers stacked: 96 wide
+
+
+def build_tokenizer(folder: Path, seed: int = 0):
+    """[klein]'s tokenizer kind (Qwen2Tokenizer, byte-level BPE, chat template) over the caption words, frequent
+    first, and rare never-seen tokens at the high-id end for the identifier picker (as the toy CLIP tokenizer)."""
+    words = caption_words()
+    return write_qwen_tokenizer(words + rare_tokens(set(words), seed=seed), folder, model_max_length=TEXT_LENGTH)
+
+
+def build_text_encoder(tokenizer) -> Qwen3ForCausalLM:
+    return Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=TEXT_WIDTH, intermediate_size=2 * TEXT_WIDTH, num_hidden_layers=28,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=TEXT_LENGTH,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+
+
+def build_transformer(latent_channels: int = 4) -> Flux2Transformer2DModel:
+    """128 wide (4 heads of 32), 2 double- and 4 single-stream blocks, no guidance embedding ([klein])."""
+    return Flux2Transformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=2, num_single_layers=4, attention_head_dim=32,
+        num_attention_heads=4, joint_attention_dim=3 * TEXT_WIDTH, timestep_guidance_channels=64,
+        axes_dims_rope=(8, 8, 8, 8), guidance_embeds=False)
+
+
+def flux2_vae_from(sd_vae_folder: str | Path) -> AutoencoderKLFlux2:
+    """The toy SD autoencoder's weights in an AutoencoderKLFlux2 of the same shape (only `bn` is new)."""
+    source = AutoencoderKL.from_pretrained(sd_vae_folder)
+    c = source.config
+    vae = AutoencoderKLFlux2(in_channels=c.in_channels, out_channels=c.out_channels, down_block_types=c.down_block_types,
+                             up_block_types=c.up_block_types, block_out_channels=c.block_out_channels,
+                             layers_per_block=c.layers_per_block, latent_channels=c.latent_channels,
+                             norm_num_groups=c.norm_num_groups, sample_size=c.sample_size)
+    missing, unexpected = vae.load_state_dict(source.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("bn.") for k in missing):
+        raise RuntimeError(f"the SD VAE does not map onto AutoencoderKLFlux2: missing {missing}, unexpected {unexpected}")
+    return vae.eval()
+
+
+@torch.no_grad()
+def set_latent_statistics(vae: AutoencoderKLFlux2, pixels: np.ndarray, batch_size: int = 512) -> None:
+    """bn's running mean / variance := those of the patchified latent modes of `pixels`, per channel."""
+    z = torch.cat([Flux2KleinPipeline._patchify_latents(vae.encode(to_tensor(pixels[i:i + batch_size])).latent_dist.mode())
+                   for i in range(0, len(pixels), batch_size)])
+    vae.bn.running_mean.copy_(z.mean(dim=(0, 2, 3)))
+    vae.bn.running_var.copy_(z.var(dim=(0, 2, 3)))
+    vae.bn.num_batches_tracked.fill_(1)
+
+
+@torch.no_grad()
+def encode_latents(vae: AutoencoderKLFlux2, pixels: np.ndarray, batch_size: int = 512) -> torch.Tensor:
+    return torch.cat([flux2.encode_latents(vae, to_tensor(pixels[i:i + batch_size]), None)
+                      for i in range(0, len(pixels), batch_size)])
+
+
+def save_pipeline(folder: Path, transformer, vae, text_encoder, tokenizer) -> None:
+    """The Flux2KleinPipeline folder, written whole to a temporary folder and renamed into place."""
+    # Plain linear sigmas (no shift): the pipeline's size-dependent shift (mu) is calibrated on 1024 px
+    # pictures; at 16 latent tokens it would leave a last Euler step from sigma 0.2 to 0.
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    pipe = Flux2KleinPipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              scheduler=scheduler, is_distilled=False)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    follow_umask(tmp)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def pretrain_flow(out: str | Path = TOY_FLOW_MODEL_DIR, seed: int = 0, num_images: int = 40000, steps: int = 4000,
+                  batch_size: int = 64, lr: float = 3e-4, minutes: float | None = None, save_every_minutes: float = 10.0,
+                  caption_dropout: float = 0.1, images_dir: str | Path = "images", sd_model: str | Path = TOY_MODEL_DIR,
+                  log=print) -> dict:
+    """All three stages; writes the pipeline to `out` (also every save_every_minutes)."""
+    started = time.time()
+    out, images_dir = Path(out), Path(images_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(out.with_name(out.name + ".tokenizer"), seed=seed)
+    vae = flux2_vae_from(Path(sd_model) / "vae")
+    pixels, specs = render.render_dataset(num_images, seed=seed + 2)
+    set_latent_statistics(vae, pixels)
+    latents = encode_latents(vae, pixels)
+    captions = [render.caption(s) for s in specs]
+    log(f"{num_images} pictures encoded to {tuple(latents.shape[1:])} latents ({time.time() - started:.0f}s)")
+
+    transformer, text_encoder = build_transformer(vae.config.latent_channels), build_text_encoder(tokenizer)
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    log(f"transformer {sum(p.numel() for p in transformer.parameters()):,} + text encoder "
+        f"{sum(p.numel() for p in text_encoder.parameters()):,} parameters")
+    ema = EMAModel(params, decay=0.999)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    warmup = 300
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    text_cfg = SimpleNamespace(max_sequence_length=TEXT_LENGTH)
+    gen = torch.Generator().manual_seed(seed + 3)
+    losses: list[float] = []
+    last_save, step = time.time(), 0
+
+    def checkpoint():
+        ema.store(params)
+        ema.copy_to(params)  # save the EMA weights, then put the training weights back
+        save_pipeline(out, transformer, vae, text_encoder, tokenizer)
+        ema.restore(params)
+        (out / "pretrain_log.json").write_text(json.dumps(dict(
+            architecture="FLUX.2 [klein] (Flux2KleinPipeline, is_distilled=False)", seed=seed, steps_done=step,
+            steps_planned=steps, batch_size=batch_size, lr=lr, num_images=num_images, caption_dropout=caption_dropout,
+            text_length=TEXT_LENGTH, vae=f"{sd_model}/vae (weights moved into AutoencoderKLFlux2)",
+            wall_time_s=time.time() - started,
+            final_loss=float(np.mean(losses[-200:])) if losses else None,
+            loss=[float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)],
+        ), indent=1))
+        plot_losses({"vae": [], "unet": losses}, images_dir / "toy_flow_pretrain_loss.png",
+                    title="transformer + Qwen3 (flow matching, velocity MSE)")
+
+    bar = tqdm(range(steps), desc="transformer", mininterval=10)
+    for step in bar:
+        idx = torch.randint(0, num_images, (batch_size,), generator=gen)
+        x0 = latents[idx]
+        drop = (torch.rand(batch_size, generator=gen) < caption_dropout).tolist()
+        prompts = ["" if d else captions[i] for d, i in zip(drop, idx.tolist())]  # "": the pipeline's negative prompt
+        noise = torch.randn(x0.shape, generator=gen)
+        sigmas = torch.rand(batch_size, generator=gen)
+        x_s, target = (1 - sigmas.view(-1, 1, 1, 1)) * x0 + sigmas.view(-1, 1, 1, 1) * noise, noise - x0
+        cond = flux2.encode_prompts((tokenizer,), (text_encoder,), prompts, text_cfg)
+        loss = F.mse_loss(flux2.predict(transformer, x_s, sigmas, cond), target)  # || (eps - x) - v_theta(x_s, s, c) ||^2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.step(params)
+        losses.append(loss.item())
+        if step % 200 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
+            log(f"step {step} loss {np.mean(losses[-200:]):.4f} ({time.time() - started:.0f}s)")
+        if time.time() - last_save > save_every_minutes * 60:
+            checkpoint()
+            last_save = time.time()
+        if minutes is not None and time.time() - started > minutes * 60:
+            log(f"time budget of {minutes} min reached at step {step}")
+            break
+    step += 1
+    checkpoint()
+    shutil.rmtree(out.with_name(out.name + ".tokenizer"), ignore_errors=True)
+    log(f"pretraining done: {step} steps in {time.time() - started:.0f}s; model in {out}")
+    return json.loads((out / "pretrain_log.json").read_text())
