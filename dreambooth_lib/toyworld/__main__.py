@@ -1,4 +1,4 @@
-"""python -m dreambooth_lib.toyworld demo | ablate | pretrain | pretrain-flow | oracle-train | oracle-eval | base-eval"""
+"""python -m dreambooth_lib.toyworld demo | ablate | bench | pretrain | pretrain-flow | oracle-train | oracle-eval | base-eval"""
 
 from __future__ import annotations
 
@@ -68,6 +68,18 @@ def build_parser():
         p.add_argument("--seed", type=int, default=None, help="override the training seed (data order, noise, class images)")
         p.add_argument("--images_dir", default=None, help="where figures and tables go (default <output_dir>/figures; "
                        "'images' refreshes the README's committed ones, as make figures / make ablations do)")
+    p = sub.add_parser("bench", help="toy DreamBench: subjects x seeds x recipes, 95 %% t-intervals, paired differences")
+    p.add_argument("--subjects", nargs="+", default=None, help="a subset of the subjects (default: all 8)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument("--recipes", nargs="+", default=None, help="a subset of prior no_prior wrong_class_noun "
+                   "no_class_noun lora multi_subject (default: all)")
+    p.add_argument("--output_dir", default="runs/toy_bench", help="runs, class images and the per-run JSON")
+    p.add_argument("--images_dir", default=None, help="where toy_bench.{md,png} and toy_bench_runs.json go "
+                   "(default <output_dir>/report)")
+    p.add_argument("--max_train_steps", "--steps", type=int, default=None,
+                   help="steps of every single-subject recipe, for a smoke run (multi_subject: 2x this)")
+    p.add_argument("--report_only", action="store_true", help="only rebuild the report from the finished runs' JSON")
+    p.add_argument("--keep_weights", action="store_true", help="keep each run's weights (default: deleted once scored)")
     return parser
 
 
@@ -134,6 +146,22 @@ def main(argv: list[str] | None = None) -> int:
             demo.run_demo(args.subject, args.output_dir, images_dir, **overrides)
         else:
             demo.run_ablations(args.subject, args.output_dir, images_dir, **overrides)
+    elif args.command == "bench":
+        from pathlib import Path
+
+        from dreambooth_lib.errors import InputError
+        from dreambooth_lib.toyworld import bench
+
+        try:
+            if args.report_only:
+                root = Path(args.output_dir)
+                bench.write_report(root, Path(args.images_dir) if args.images_dir else root / "report")
+            else:
+                bench.run_bench(args.output_dir, args.subjects, args.seeds, args.recipes, args.max_train_steps,
+                                args.keep_weights, args.images_dir)
+        except InputError as err:  # the message says what to do; no traceback
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 
