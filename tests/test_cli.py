@@ -259,7 +259,7 @@ def test_one_flag_spelling_across_sub_commands_and_dashes_accepted():
     parsers = every_command_parser()
     assert set(parsers) == {"train", "class-images", "sample", "export-lora", "evaluate", "toyworld pretrain",
                             "toyworld oracle-train", "toyworld oracle-eval", "toyworld base-eval", "toyworld demo",
-                            "toyworld ablate", "toyworld bench"}
+                            "toyworld ablate", "toyworld bench", "toyworld pretrain-flow"}
     spellings = {}
     for name, parser in parsers.items():
         shown = parser.format_help()  # what --help prints
