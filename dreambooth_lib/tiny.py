@@ -302,7 +302,9 @@ def write_qwen_tokenizer(words: list[str], folder: str | Path, model_max_length:
     space = bytes_to_unicode()[ord(" ")]
     vocab: list[str] = list(bytes_to_unicode().values())
     ranks: dict[tuple[str, str], int] = {}
-    for word in dict.fromkeys(w for word in (*words, "user", "assistant") for w in (word, space + word)):
+    # the chat template's words first: the rare-token identifier picker scans from the highest ids, where `words`
+    # ends (pieces of "assistant" such as "Ġass" would otherwise be the rarest whole-word tokens)
+    for word in dict.fromkeys(w for word in ("user", "assistant", *words) for w in (word, space + word)):
         pieces = _bpe(list(word), ranks)
         while len(pieces) > 1:
             ranks[(pieces[0], pieces[1])] = len(ranks)

@@ -91,3 +91,13 @@ def test_committed_flow_model_follows_a_class_prompt():
                       progress=False, resolution=render.SIZE)
     classes = [p["class"] for p in load_oracle().predict(images)]
     assert classes.count("star") >= 6, classes
+
+
+def test_the_identifier_picker_finds_a_never_seen_token_in_the_flow_tokenizer(tmp_path):
+    """Not a piece of the chat template ("Ġass" of "assistant" once was the rarest whole-word token)."""
+    from dreambooth_lib.data import resolve_identifier
+    from dreambooth_lib.toyworld.pretrain_flow import build_tokenizer
+    from dreambooth_lib.toyworld.tokenizer import rare_tokens
+
+    identifier = resolve_identifier(build_tokenizer(tmp_path / "tok"), None, log=lambda *_: None)
+    assert identifier in rare_tokens(set(caption_words()))
