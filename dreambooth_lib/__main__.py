@@ -237,7 +237,8 @@ def cmd_sample(args) -> int:
         set_lora_scales(pipe, args.unet_scale, args.text_encoder_scale, text_encoder_2=args.text_encoder_2_scale)
     rows = [p for p in prompts for _ in args.seeds]
     images = generate(pipe, rows, list(args.seeds) * len(prompts), guidance_scale=args.guidance_scale,
-                      num_inference_steps=args.num_inference_steps)
+                      num_inference_steps=args.num_inference_steps,
+                      resolution=args.resolution or (run.resolution if run else None))
     save_grid(images, rows=len(prompts), cols=len(args.seeds), path=args.out)
     summary = dict({k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                    prompts=prompts, **{k: str(v) if v is not None else None for k, v in sources.items()},
@@ -288,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3], help="one grid column per seed")
     sample.add_argument("--guidance_scale", type=float, default=7.5)
     sample.add_argument("--num_inference_steps", type=int, default=25)
+    sample.add_argument("--resolution", type=int, default=None, help="side in pixels (default: the run's training "
+                        "resolution; without a run, the pipeline's default size: 1024 px for FLUX)")
     sample.add_argument("--unet_scale", type=float, default=1.0, help="LoRA scale of the UNet")
     sample.add_argument("--text_encoder_scale", type=float, default=1.0, help="LoRA scale of the text encoder(s)")
     sample.add_argument("--text_encoder_2_scale", type=float, default=None,

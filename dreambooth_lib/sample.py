@@ -49,6 +49,7 @@ class Run:
     identifier: str | None  # the rare token [V] (None: a checkpoint of a run that never finished and picked it)
     class_noun: str
     instance_dir: str  # the subject photos, as the run named them
+    resolution: int | None = None  # the side it trained at: what it is sampled at (None: the pipeline's default)
     subjects: list[dict] = field(default_factory=list)  # a several-subject run's (name, identifier, class_noun, instance_dir, ...): pick_subject
 
 
@@ -81,7 +82,8 @@ def read_run(folder: str | Path, check_sources: bool = True) -> Run:
               revision=model.get("revision", cfg.get("revision")), family=model.get("family", cfg.get("model_family", "auto")),
               vae_model=model.get("vae_model", cfg.get("vae_model")), lora=bool(cfg.get("use_lora")),
               identifier=summary.get("identifier", cfg.get("identifier")), class_noun=cfg.get("class_noun", ""),
-              instance_dir=cfg.get("instance_dir", ""), subjects=summary.get("subjects") or [])
+              instance_dir=cfg.get("instance_dir", ""), resolution=cfg.get("resolution"),
+              subjects=summary.get("subjects") or [])
     sources = [("base model", "model", run.base_model), ("VAE", "vae_model", run.vae_model)] if run.lora else []
     for what, flag, path in sources if check_sources else []:  # a full fine-tune's folder holds both
         if path and Path(path).is_absolute() and not Path(path).exists():
@@ -288,24 +290,26 @@ def _label(image: Image.Image, text: str) -> Image.Image:
 
 
 def _render_cells(pipe, prompt: str, seed: int, cells: list[dict], num_inference_steps: int,
-                  adapter_name: str) -> list[Image.Image]:
+                  adapter_name: str, resolution: int | None) -> list[Image.Image]:
     """One image per cell {unet, te, guidance} with the same seed; LoRA scales return to 1/1 after."""
     images = []
     for cell in cells:
         set_lora_scales(pipe, cell["unet"], cell["te"], adapter_name)
-        images += generate(pipe, prompt, [seed], cell["guidance"], num_inference_steps, progress=False)
+        images += generate(pipe, prompt, [seed], cell["guidance"], num_inference_steps, progress=False,
+                           resolution=resolution)
     set_lora_scales(pipe, 1.0, 1.0, adapter_name)
     return images
 
 
 def lora_scale_grid(pipe, prompt: str, unet_scales: list[float], te_scales: list[float], seed: int,
                     guidance_scale: float = 7.5, num_inference_steps: int = 25, adapter_name: str = "subject",
-                    path: str | Path | None = None) -> tuple[Image.Image, dict]:
-    """Rows: text-encoder scale, columns: UNet scale, same seed everywhere. Scales return to 1/1 after."""
+                    path: str | Path | None = None, resolution: int | None = None) -> tuple[Image.Image, dict]:
+    """Rows: text-encoder scale, columns: UNet scale, same seed everywhere. Scales return to 1/1 after.
+    resolution: as generate's (the run's resolution; None: the pipeline's default size)."""
     cells = [dict(row=r, col=c, unet_scale=un, te_scale=te)
              for r, te in enumerate(te_scales) for c, un in enumerate(unet_scales)]
     images = _render_cells(pipe, prompt, seed, [dict(unet=c["unet_scale"], te=c["te_scale"], guidance=guidance_scale)
-                                                for c in cells], num_inference_steps, adapter_name)
+                                                for c in cells], num_inference_steps, adapter_name, resolution)
     labels = [f"u{c['unet_scale']:g} t{c['te_scale']:g}" for c in cells]
     grid = _grid(images, len(te_scales), len(unet_scales), labels, path)
     return grid, dict(prompt=prompt, seed=seed, unet_scales=list(unet_scales), te_scales=list(te_scales),
@@ -314,7 +318,7 @@ def lora_scale_grid(pipe, prompt: str, unet_scales: list[float], te_scales: list
 
 def scale_guidance_grid(pipe, prompt: str, scales: list[float], guidance_scales: list[float], seed: int,
                         num_inference_steps: int = 25, adapter_name: str = "subject",
-                        path: str | Path | None = None) -> tuple[Image.Image, dict]:
+                        path: str | Path | None = None, resolution: int | None = None) -> tuple[Image.Image, dict]:
     """Rows: guidance scale, columns: LoRA scale (UNet and text encoder together), same seed everywhere.
     Labels name the family's guidance knob (GUIDANCE_KNOB): "g" classifier-free, "dg" FLUX.1 [dev]'s distilled
     guidance embedding; params["guidance"] says which."""
@@ -322,7 +326,7 @@ def scale_guidance_grid(pipe, prompt: str, scales: list[float], guidance_scales:
     cells = [dict(row=r, col=c, lora_scale=s, guidance_scale=g)
              for r, g in enumerate(guidance_scales) for c, s in enumerate(scales)]
     images = _render_cells(pipe, prompt, seed, [dict(unet=c["lora_scale"], te=c["lora_scale"], guidance=c["guidance_scale"])
-                                                for c in cells], num_inference_steps, adapter_name)
+                                                for c in cells], num_inference_steps, adapter_name, resolution)
     labels = [f"s{c['lora_scale']:g} {short}{c['guidance_scale']:g}" for c in cells]
     grid = _grid(images, len(guidance_scales), len(scales), labels, path)
     return grid, dict(prompt=prompt, seed=seed, scales=list(scales), guidance_scales=list(guidance_scales), guidance=knob,

@@ -97,6 +97,7 @@ identifier, class_noun = summary["identifier"], summary["config"]["class_noun"]
 prompt = PROMPT.format(identifier=identifier, class_noun=class_noun)
 pipe = load_pipeline(summary["config"]["pretrained_model"], lora_dir=RUN_DIR)  # adapter "subject", not fused
 GUIDANCE = GUIDANCE or families.of_pipeline(pipe).DEFAULT_GUIDANCE
+SIZE = summary["config"]["resolution"]  # sampled at the run's training size (FLUX pipelines default to 1024 px)
 IMAGES.mkdir(parents=True, exist_ok=True)
 print(f"run: {RUN_DIR}\nprompt: {prompt!r}")
 
@@ -117,7 +118,7 @@ def show(image, title):
 # *drawn*. A LoRA trained without the text encoder has no text-encoder weights, and its rows are identical.
 
 # %%
-grid, _ = lora_scale_grid(pipe, prompt, SCALES, SCALES, SEED, guidance_scale=GUIDANCE,
+grid, _ = lora_scale_grid(pipe, prompt, SCALES, SCALES, SEED, guidance_scale=GUIDANCE, resolution=SIZE,
                           num_inference_steps=INFERENCE_STEPS, path=IMAGES / "sweep_lora_scales.png")
 show(grid, f"rows: text-encoder scale {SCALES}, columns: denoiser scale {SCALES}; guidance {GUIDANCE}, seed {SEED}")
 
@@ -128,7 +129,7 @@ show(grid, f"rows: text-encoder scale {SCALES}, columns: denoiser scale {SCALES}
 
 # %%
 grid, _ = scale_guidance_grid(pipe, prompt, SCALES, GUIDANCE_SCALES, SEED, num_inference_steps=INFERENCE_STEPS,
-                              path=IMAGES / "sweep_guidance.png")
+                              path=IMAGES / "sweep_guidance.png", resolution=SIZE)
 show(grid, f"rows: guidance {GUIDANCE_SCALES}, columns: LoRA scale {SCALES}; seed {SEED}")
 
 # %% [markdown]
@@ -152,7 +153,7 @@ if SMOKE:
 suite = [(c, p.format(identifier=identifier, class_noun=class_noun)) for c, ps in PROMPT_SUITES.items() for p in ps]
 set_lora_scales(pipe, SUITE_SCALE_DENOISER, SUITE_SCALE_TEXT_ENCODER)
 images = generate(pipe, [p for _, p in suite for _ in SUITE_SEEDS], SUITE_SEEDS * len(suite), guidance_scale=GUIDANCE,
-                  num_inference_steps=INFERENCE_STEPS)
+                  num_inference_steps=INFERENCE_STEPS, resolution=SIZE)
 grid = save_grid(images, len(suite), len(SUITE_SEEDS), IMAGES / "prompt_suites.png")
 show(grid, f"LoRA scales denoiser {SUITE_SCALE_DENOISER} / text encoder {SUITE_SCALE_TEXT_ENCODER}, seeds {SUITE_SEEDS}")
 for row, (category, p) in enumerate(suite):
@@ -178,7 +179,7 @@ def render(_change=None):
     """Set the scales on the live pipeline and draw the prompt with SEED; returns the image."""
     set_lora_scales(pipe, denoiser_slider.value, text_slider.value)
     image = generate(pipe, prompt_box.value, [SEED], guidance_scale=guidance_slider.value,
-                     num_inference_steps=INFERENCE_STEPS, progress=False)[0]
+                     num_inference_steps=INFERENCE_STEPS, progress=False, resolution=SIZE)[0]
     with canvas:
         canvas.clear_output(wait=True)
         display(image.resize((256, 256), Image.Resampling.NEAREST))

@@ -101,11 +101,12 @@ model = prior["config"]["pretrained_model"]
 pipe = load_pipeline(model, lora_dir=PRIOR_RUN)
 GUIDANCE = GUIDANCE or families.of_pipeline(pipe).DEFAULT_GUIDANCE
 set_lora_scales(pipe, 0.0, 0.0)
-rows = {"base model": generate(pipe, class_prompt, SEEDS, GUIDANCE, INFERENCE_STEPS)}
+SIZE = prior["config"]["resolution"]  # sampled at the runs' training size (FLUX pipelines default to 1024 px)
+rows = {"base model": generate(pipe, class_prompt, SEEDS, GUIDANCE, INFERENCE_STEPS, resolution=SIZE)}
 set_lora_scales(pipe, 1.0, 1.0)
-rows["with prior"] = generate(pipe, class_prompt, SEEDS, GUIDANCE, INFERENCE_STEPS)
+rows["with prior"] = generate(pipe, class_prompt, SEEDS, GUIDANCE, INFERENCE_STEPS, resolution=SIZE)
 rows["without prior"] = generate(load_pipeline(model, lora_dir=NO_PRIOR_RUN), class_prompt, SEEDS,
-                                              GUIDANCE, INFERENCE_STEPS)
+                                              GUIDANCE, INFERENCE_STEPS, resolution=SIZE)
 fig, axes = plt.subplots(len(rows), len(SEEDS), figsize=(1.4 * len(SEEDS), 1.6 * len(rows)), squeeze=False)
 for r, (name, images) in enumerate(rows.items()):
     for c, image in enumerate(images):

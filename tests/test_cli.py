@@ -189,6 +189,12 @@ def test_sample_a_run_folder_gives_the_images_of_the_explicit_flags(tiny_model_d
     assert cli.main(["sample", str(full), "--prompt", "a {identifier} {class_noun}", "--out", str(tmp_path / "f1.png"), *common]) == 0
     assert cli.main(["sample", "--model", str(full), "--prompt", "a sks dog", "--out", str(tmp_path / "f2.png"), *common]) == 0
     assert np.array_equal(grid_pixels(tmp_path / "f1.png"), grid_pixels(tmp_path / "f2.png"))
+    # A run is sampled at the side it trained at; --resolution asks for another
+    side = json.loads((full / "summary.json").read_text())["config"]["resolution"]
+    assert Image.open(tmp_path / "f1.png").size == (2 * side, side)
+    assert cli.main(["sample", str(full), "--prompt", "a sks dog", "--out", str(tmp_path / "f3.png"), "--resolution",
+                     str(2 * side), *common]) == 0
+    assert Image.open(tmp_path / "f3.png").size == (4 * side, 2 * side)
 
 
 def test_sample_refuses_what_is_not_a_run(tiny_model_dir, instance_dir, tmp_path, capsys):
