@@ -164,9 +164,11 @@ def evaluate_run(
     out_dir: str | Path | None = None,
     batch_size: int = 32,
     grid_prompts: int = 5,
+    resolution: int | None = None,
 ) -> dict:
     """Generate the protocol's images with `pipe` and score them against the real `subject_images`.
 
+    resolution: the side rendered (the run's training size; None: the pipeline's default, 1024 px for FLUX).
     `extra_metrics(images_by_category)` (categories plus "class_prompt") returns
     {row: {column: value}}, merged into the table. With `out_dir`: results.json, results.csv,
     grid_<category>.png and every image under images/<category>/.
@@ -186,7 +188,8 @@ def evaluate_run(
     jobs.append((CLASS_CATEGORY, fill_prompt(CLASS_PROMPT, class_noun=class_noun)))
     is_main = distributed.process_state().is_main_process
     mine = distributed.my_share(jobs)
-    done = [(i, generate(pipe, prompt, seeds, guidance_scale, num_inference_steps, batch_size=len(seeds), progress=False))
+    done = [(i, generate(pipe, prompt, seeds, guidance_scale, num_inference_steps, batch_size=len(seeds), progress=False,
+                         resolution=resolution))
             for i, (cat, prompt) in tqdm(mine, desc="evaluate: generating", unit="prompt", disable=not is_main)]
     groups: dict[str, list[tuple[str, list[Image.Image]]]] = {}
     for (cat, prompt), images in zip(jobs, distributed.gather_results(done, len(jobs))):
@@ -244,7 +247,7 @@ def evaluate_run(
         "settings": dict(
             class_noun=class_noun, identifier=identifier, live=live, n_real_images=len(subject_images),
             n_per_prompt=n_per_prompt, seeds=seeds, guidance_scale=guidance_scale,
-            num_inference_steps=num_inference_steps, prompt_limit=prompt_limit,
+            num_inference_steps=num_inference_steps, prompt_limit=prompt_limit, resolution=resolution,
             dino=dino.name if dino else None, clip=clip.name if clip else None,
         ),
         "files": {},
@@ -340,6 +343,8 @@ def build_parser():
     ap.add_argument("--seed", type=int, default=0, help="image k of every prompt uses seed + k")
     ap.add_argument("--guidance_scale", type=float, default=7.5)
     ap.add_argument("--num_inference_steps", type=int, default=50)
+    ap.add_argument("--resolution", type=int, default=None, help="side in pixels (default: the run's training "
+                    "resolution; without a run, the pipeline's default size)")
     ap.add_argument("--prompt_limit", type=int, default=None, help="first N prompts per category")
     ap.add_argument("--batch_size", type=int, default=32, help="encoder batch size")
     ap.add_argument("--out", default=None, help="results folder (default: <RUN>/evaluation, else runs/evaluate)")
@@ -386,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_per_prompt=args.n_per_prompt, seeds=seeds,
             guidance_scale=args.guidance_scale, num_inference_steps=args.num_inference_steps,
             prompt_limit=args.prompt_limit, out_dir=subject_out, batch_size=args.batch_size,
+            resolution=args.resolution or (run.resolution if run else None),
         )
         if is_main:
             if len(targets) > 1:

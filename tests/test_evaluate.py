@@ -118,10 +118,12 @@ def test_main_on_a_run_folder_equals_the_explicit_flags(tiny_model_dir, instance
     encoders = ["--dino", encoder_dirs[0], "--clip", encoder_dirs[1], "--smoke"]
     assert evaluate.main([str(run), *encoders]) == 0  # model, LoRA, photos, class noun, identifier: the run's
     assert evaluate.main(["--model", str(tiny_model_dir), "--lora_dir", str(run), "--instance_dir", str(instance_dir),
-                          "--class_noun", "dog", "--identifier", "sks", "--out", str(tmp_path / "flags"), *encoders]) == 0
+                          "--class_noun", "dog", "--identifier", "sks", "--resolution", "32", "--out", str(tmp_path / "flags"),
+                          *encoders]) == 0
     from_run = json.loads((run / "evaluation" / "results.json").read_text())  # default out: <run>/evaluation
     flags = json.loads((tmp_path / "flags" / "results.json").read_text())
     assert from_run["rows"] == flags["rows"] and from_run["settings"] == flags["settings"]
     assert from_run["settings"]["identifier"] == "sks" and from_run["settings"]["class_noun"] == "dog"
+    assert from_run["settings"]["resolution"] == 32  # the run's training side
     with pytest.raises(InputError, match="is not a training run"):
         evaluate.main([str(tmp_path / "flags"), *encoders])
