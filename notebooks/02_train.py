@@ -109,8 +109,8 @@ cuda = torch.cuda.is_available()
 model = MODEL or base.pretrained_model
 if model != base.pretrained_model:  # notebook 01's class images and resolution were for its model
     base = dataclasses.replace(base, class_dir=None, resolution=None)
-if TRAIN_TEXT_ENCODER and not families.trains_text_encoder(model):
-    print(f"TRAIN_TEXT_ENCODER off: {families.resolve('auto', model).LABEL} keeps its text encoder frozen")
+if TRAIN_TEXT_ENCODER and not families.trains_text_encoder(model, lora=METHOD == "lora"):
+    print(f"TRAIN_TEXT_ENCODER off: {families.resolve('auto', model).LABEL} keeps its text encoder frozen in a {METHOD}")
     TRAIN_TEXT_ENCODER = False
 settings = recipe(METHOD, model)  # rank, rates, batch, steps for this model; a non-zero value above wins
 settings.update({k: v for k, v in (("lora_rank", LORA_RANK), ("max_train_steps", MAX_TRAIN_STEPS),

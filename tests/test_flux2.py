@@ -46,12 +46,13 @@ def test_family_detected_and_bad_input_refused_before_model_work(klein_dir, inst
     assert families.detect(str(klein_dir)) == "flux2"
     assert families.of(make_cfg(klein_dir, instance_dir, tmp_path)) is flux2
     assert flux2.native_resolution(str(klein_dir)) == families.native_resolution(str(klein_dir)) == 1024  # 128 cells x 8
-    assert not families.trains_text_encoder(str(klein_dir))  # Qwen3 stays frozen: the notebooks leave it off
+    assert not families.trains_text_encoder(str(klein_dir))  # no Qwen3 LoRA: the notebooks' LoRA runs leave it off
+    assert families.trains_text_encoder(str(klein_dir), lora=False)  # a full fine-tune may train Qwen3
     monkeypatch.setattr(T, "load_tokenizer", lambda cfg: pytest.fail("bad input reached model work"))
     for bad, message in [(dict(resolution=40), r"resolution = 40: FLUX.2 \[klein\] needs a multiple of 16"),
                          (dict(mixed_precision="fp16"), "mixed_precision = 'fp16': FLUX.2"),
                          (dict(snr_gamma=5.0), "snr_gamma = 5.0"),
-                         (dict(train_text_encoder=True), "Qwen3 text encoder stays frozen"),
+                         (dict(train_text_encoder=True, use_lora=True), "loads transformer LoRA only"),
                          (dict(max_sequence_length=600), "at most 512")]:
         with pytest.raises(data.InputError, match=message):
             T.train(make_cfg(klein_dir, instance_dir, tmp_path / "run", **bad), progress=False)
@@ -175,6 +176,20 @@ def test_full_fine_tune_with_prior_preservation_resumes_exactly(klein_dir, insta
     manifest = (tmp_path / "class" / "manifest.json").read_text()
     assert '"family": "flux2"' in manifest and '"guidance_scale": 4.0' in manifest
     assert type(load_pipeline(tmp_path / "whole", device="cpu")) is Flux2KleinPipeline  # a complete pipeline folder
+
+
+def test_full_fine_tune_trains_qwen3_with_train_text_encoder_and_resumes_exactly(klein_dir, instance_dir, tmp_path):
+    """Qwen3 in a full fine-tune (not diffusers' klein recipe: its text encoder stays frozen there): no text cache,
+    the encoder's weights move, the run folder's text_encoder holds them, and a resumed run equals the whole one."""
+    common = dict(max_train_steps=4, checkpointing_steps=2, train_text_encoder=True, text_encoder_lr=1e-3)
+    whole = T.train(make_cfg(klein_dir, instance_dir, tmp_path / "whole", **common), progress=False, log=lambda *_: None)
+    resumed = T.train(make_cfg(klein_dir, instance_dir, tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-2"),
+                               **common), progress=False, log=lambda *_: None)
+    assert [h["loss"] for h in resumed["loss_history"]] == [h["loss"] for h in whole["loss_history"]]
+    saved = {run: Flux2KleinPipeline.from_pretrained(tmp_path / run).text_encoder.state_dict() for run in ("whole", "resumed")}
+    base = Flux2KleinPipeline.from_pretrained(klein_dir).text_encoder.state_dict()
+    assert all(torch.equal(saved["whole"][k], saved["resumed"][k]) for k in base)
+    assert any(not torch.equal(saved["whole"][k], base[k]) for k in base)
 
 
 def test_lora_loads_in_the_stock_pipeline_and_families_refuse_each_others(klein_dir, instance_dir, tmp_path):

@@ -127,9 +127,11 @@ def native_resolution(model: str, revision: str | None = None) -> int:
     return get(detect(model, revision)).native_resolution(model, revision)
 
 
-def trains_text_encoder(model: str, revision: str | None = None) -> bool:
-    """Whether train_text_encoder may be set for this model (FLUX.2 [klein]: its Qwen3 encoder stays frozen)."""
-    return bool(get(detect(model, revision)).TRAINED_TEXT_ENCODERS)
+def trains_text_encoder(model: str, revision: str | None = None, lora: bool = True) -> bool:
+    """Whether train_text_encoder may be set for this model in a LoRA (lora) or a full fine-tune (FLUX.2 [klein]:
+    Qwen3 in full fine-tunes only; its pipeline loads no text-encoder LoRA)."""
+    family = get(detect(model, revision))
+    return bool(family.TRAINED_TEXT_ENCODERS) and (bool(family.TEXT_LORA_TARGETS) or not lora)
 
 
 def with_native_resolution(cfg):

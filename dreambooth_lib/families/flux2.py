@@ -36,9 +36,11 @@ LORA_OWN_LAYERS = (r"\.ff(_context)?\.linear_(in|out)$", r"\.attn\.to_qkv_mlp_pr
                    r"^single_transformer_blocks\.\d+\.attn\.to_out$")
 DENOISER = "transformer"
 DENOISER_CLASS = Flux2Transformer2DModel
-TEXT_ENCODERS = ("text_encoder",)  # Qwen3 (4 B / 8 B), frozen: diffusers' klein script never trains it
+TEXT_ENCODERS = ("text_encoder",)  # Qwen3 (4 B / 8 B)
 TOKENIZERS = ("tokenizer",)
-TRAINED_TEXT_ENCODERS = ()
+# A full fine-tune may train Qwen3 too (train_text_encoder; the saved pipeline folder holds it). diffusers' klein
+# script keeps it frozen, and Flux2KleinPipeline.load_lora_weights loads transformer LoRA only: no text LoRA.
+TRAINED_TEXT_ENCODERS = ("text_encoder",)
 TEXT_LORA_TARGETS = []
 VAE_FORCE_UPCAST = False
 FIXED_VAE_HINT = None
@@ -62,12 +64,13 @@ def transformer_config(model: str, revision: str | None = None) -> dict:
 
 
 def check_config(cfg, vae_config: dict, warn) -> None:
-    """No fp16, no DDPM-only setting, no text-encoder training, no QLoRA (not wired for FLUX.2 yet); the
-    Qwen3 length within the pipeline's."""
+    """No fp16, no DDPM-only setting, no text-encoder LoRA (a full fine-tune may train Qwen3), no QLoRA (not
+    wired for FLUX.2 yet); the Qwen3 length within the pipeline's."""
     refuse_ddpm_settings_and_fp16(cfg, "FLUX.2", "FLUX.2 [klein] is released and trained in bf16; fp16 is not supported here")
-    if cfg.train_text_encoder:
-        raise InputError("train_text_encoder = True: FLUX.2 [klein]'s Qwen3 text encoder stays frozen (diffusers' "
-                         "klein script; Flux2KleinPipeline.load_lora_weights loads transformer LoRA only). Set it False")
+    if cfg.train_text_encoder and cfg.use_lora:
+        raise InputError("train_text_encoder = True with use_lora: Flux2KleinPipeline.load_lora_weights loads transformer "
+                         "LoRA only, so a Qwen3 LoRA could not be loaded. Set train_text_encoder False (diffusers' klein "
+                         "script keeps Qwen3 frozen), or train it in a full fine-tune (use_lora False)")
     if cfg.quantize_base != "no":
         raise InputError(f"quantize_base = {cfg.quantize_base!r}: QLoRA is wired for FLUX.1 only so far; set "
                          "quantize_base = 'no' (LoRA on the bf16 base)")
