@@ -23,7 +23,7 @@ TEST_THREADS ?= 1
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo demo-flow figures test unit notebooks notebooks-flux ablations pretrain pretrain-flow bench train-2proc clean
+.PHONY: install demo demo-flow toy-bench figures test unit notebooks notebooks-flux ablations pretrain pretrain-flow bench train-2proc clean
 
 install: $(VENV)/.installed
 
@@ -64,6 +64,11 @@ notebooks-flux: install
 # DreamBooth on the toy flow model (FLUX.2 [klein] architecture, data/toy_flow_model), measured by the same oracle
 demo-flow: install
 	OMP_NUM_THREADS=1 $(PY) -m dreambooth_lib.toyworld demo --model data/toy_flow_model --output_dir runs/toy_demo_flow
+
+# The toy DreamBench (docs/toy_world.md): 8 subjects x seeds 0 1 2 x 6 recipes, resumable; the README's table
+# came from two such processes side by side (subjects split by class), then --report_only
+toy-bench: install
+	OMP_NUM_THREADS=1 $(PY) -m dreambooth_lib.toyworld bench --images_dir images
 
 ablations: install
 	$(PY) -m dreambooth_lib.toyworld ablate --images_dir images
