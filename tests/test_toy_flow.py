@@ -80,6 +80,12 @@ def test_pretraining_writes_a_klein_pipeline_that_samples_at_the_toy_size(tmp_pa
     assert z.mean(dim=(0, 2, 3)).abs().max() < 1e-4 and (z.var(dim=(0, 2, 3)) - 1).abs().max() < 5e-3
     images = generate(pipe, "a photo of a star", [0, 1], 4.0, 2, progress=False, resolution=render.SIZE)
     assert images[0].size == (render.SIZE, render.SIZE)
+    # a second cycle keeps the tokenizer and VAE, continues the weights, and logs the first cycle
+    again = pretrain_flow(out=tmp_path / "cycle2", init=out, seed=1, num_images=32, steps=1, batch_size=4,
+                          images_dir=tmp_path, log=lambda *_: None)
+    assert [c["steps_done"] for c in again["earlier_cycles"]] == [2] and again["init"] == str(out)
+    assert (tmp_path / "cycle2" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == \
+        (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
 
 
 @pytest.mark.skipif(not (Path(TOY_FLOW_MODEL_DIR) / "model_index.json").is_file(), reason="no data/toy_flow_model")

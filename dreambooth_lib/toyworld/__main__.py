@@ -31,6 +31,7 @@ def build_parser():
     p.add_argument("--num_images", type=int, default=20000, help="size of the rendered pretraining set")
     p.add_argument("--minutes", type=float, default=None, help="stop early after this wall time")
     p.add_argument("--learning_rate", "--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--init", default=None, help="continue from this pipeline folder (a second cycle)")
     p.add_argument("--images_dir", default="images", help="where the loss curve goes")
 
     p = sub.add_parser("oracle-train", help="train the oracle classifier on rendered pictures (CPU, ~10 min)")
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = pretrain_flow(out=args.out or TOY_FLOW_MODEL_DIR, seed=args.seed, steps=args.steps,
                                batch_size=args.batch_size, num_images=args.num_images, minutes=args.minutes,
-                               lr=args.learning_rate, images_dir=args.images_dir)
+                               lr=args.learning_rate, images_dir=args.images_dir, init=args.init)
         print(json.dumps({k: v for k, v in result.items() if k != "loss"}, indent=1))
     elif args.command == "oracle-train":
         from pathlib import Path

@@ -166,7 +166,7 @@ def plot_losses(history: dict, path: Path, earlier_cycles: list[dict] = (),
         axes[0].set_title("AutoencoderKL (MSE + KL)")
     offset = 0
     for n, cycle in enumerate(earlier_cycles, 1):
-        y = np.asarray(cycle["unet_loss"])
+        y = np.asarray(cycle.get("unet_loss", cycle.get("loss")))  # the flow model logs "loss"
         if offset:
             axes[-1].axvline(offset, color="grey", lw=0.8)
         axes[-1].plot(offset + 50 * np.arange(len(y)) + 25, y, label=f"cycle {n}: peak lr {cycle['lr']:g}")

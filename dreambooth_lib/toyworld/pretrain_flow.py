@@ -121,22 +121,36 @@ def save_pipeline(folder: Path, transformer, vae, text_encoder, tokenizer) -> No
 def pretrain_flow(out: str | Path = TOY_FLOW_MODEL_DIR, seed: int = 0, num_images: int = 40000, steps: int = 4000,
                   batch_size: int = 64, lr: float = 3e-4, minutes: float | None = None, save_every_minutes: float = 10.0,
                   caption_dropout: float = 0.1, images_dir: str | Path = "images", sd_model: str | Path = TOY_MODEL_DIR,
-                  log=print) -> dict:
-    """All three stages; writes the pipeline to `out` (also every save_every_minutes)."""
+                  init: str | Path | None = None, log=print) -> dict:
+    """All three stages; writes the pipeline to `out` (also every save_every_minutes).
+
+    `init`: a pipeline folder written by this function to continue from: its tokenizer, VAE (with its latent
+    statistics), transformer and text encoder are kept, and they train `steps` more on a fresh warm-up + cosine
+    schedule (a second cycle; the pretraining set is rendered anew from `seed`)."""
     started = time.time()
     out, images_dir = Path(out), Path(images_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     images_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(out.with_name(out.name + ".tokenizer"), seed=seed)
-    vae = flux2_vae_from(Path(sd_model) / "vae")
+    earlier_cycles: list[dict] = []
+    if init is not None:
+        parts = Flux2KleinPipeline.from_pretrained(init)
+        tokenizer, vae = parts.tokenizer, parts.vae.eval()
+        transformer, text_encoder = parts.transformer.train(), parts.text_encoder.train()
+        previous = json.loads((Path(init) / "pretrain_log.json").read_text())
+        earlier_cycles = previous.pop("earlier_cycles", []) + [previous]
+        log(f"continuing from {init}: its tokenizer, VAE, transformer and text encoder")
+    else:
+        tokenizer = build_tokenizer(out.with_name(out.name + ".tokenizer"), seed=seed)
+        vae = flux2_vae_from(Path(sd_model) / "vae")
     pixels, specs = render.render_dataset(num_images, seed=seed + 2)
-    set_latent_statistics(vae, pixels)
+    if init is None:
+        set_latent_statistics(vae, pixels)
+        transformer, text_encoder = build_transformer(vae.config.latent_channels), build_text_encoder(tokenizer)
     latents = encode_latents(vae, pixels)
     captions = [render.caption(s) for s in specs]
     log(f"{num_images} pictures encoded to {tuple(latents.shape[1:])} latents ({time.time() - started:.0f}s)")
 
-    transformer, text_encoder = build_transformer(vae.config.latent_channels), build_text_encoder(tokenizer)
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     log(f"transformer {sum(p.numel() for p in transformer.parameters()):,} + text encoder "
         f"{sum(p.numel() for p in text_encoder.parameters()):,} parameters")
@@ -156,14 +170,16 @@ def pretrain_flow(out: str | Path = TOY_FLOW_MODEL_DIR, seed: int = 0, num_image
         save_pipeline(out, transformer, vae, text_encoder, tokenizer)
         ema.restore(params)
         (out / "pretrain_log.json").write_text(json.dumps(dict(
-            architecture="FLUX.2 [klein] (Flux2KleinPipeline, is_distilled=False)", seed=seed, steps_done=step,
+            architecture="FLUX.2 [klein] (Flux2KleinPipeline, is_distilled=False)", seed=seed, init=str(init) if init else None,
+            steps_done=step,
             steps_planned=steps, batch_size=batch_size, lr=lr, num_images=num_images, caption_dropout=caption_dropout,
             text_length=TEXT_LENGTH, vae=f"{sd_model}/vae (weights moved into AutoencoderKLFlux2)",
             wall_time_s=time.time() - started,
             final_loss=float(np.mean(losses[-200:])) if losses else None,
             loss=[float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)],
+            earlier_cycles=earlier_cycles,
         ), indent=1))
-        plot_losses({"vae": [], "unet": losses}, images_dir / "toy_flow_pretrain_loss.png",
+        plot_losses({"vae": [], "unet": losses}, images_dir / "toy_flow_pretrain_loss.png", earlier_cycles,
                     title="transformer + Qwen3 (flow matching, velocity MSE)")
 
     bar = tqdm(range(steps), desc="transformer", mininterval=10)
