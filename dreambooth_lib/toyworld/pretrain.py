@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from dreambooth_lib.config import TOY_MODEL_DIR
-from dreambooth_lib.fsio import follow_umask
+from dreambooth_lib.fsio import publish
 from dreambooth_lib.toyworld import render
 from dreambooth_lib.toyworld.tokenizer import build_tokenizer
 
@@ -142,11 +142,17 @@ def save_pipeline(folder: Path, vae, unet, text_encoder, tokenizer) -> None:
     # vocab.json + merges.txt besides tokenizer.json: the files CLIP's tokenizer has always shipped, so
     # the slow CLIPTokenizer (and older transformers) load the model too
     tokenizer.backend_tokenizer.model.save(str(tmp / "tokenizer"))
-    follow_umask(tmp)  # safetensors writes 0600 files
+    replace_folder(tmp, folder)
+
+
+def replace_folder(tmp: Path, folder: Path) -> None:
+    """Put the written `tmp` folder in place of `folder` (kept as folder.old until tmp is published: a kill
+    in between leaves one of the two whole)."""
     old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
-    tmp.rename(folder)
+    publish(tmp, folder)  # follows the umask (safetensors writes 0600 files), fsyncs, renames
     shutil.rmtree(old, ignore_errors=True)
 
 

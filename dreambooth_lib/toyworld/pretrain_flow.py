@@ -39,10 +39,9 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from dreambooth_lib.config import TOY_FLOW_MODEL_DIR, TOY_MODEL_DIR
 from dreambooth_lib.families import flux2
-from dreambooth_lib.fsio import follow_umask
 from dreambooth_lib.tiny import write_qwen_tokenizer
 from dreambooth_lib.toyworld import render
-from dreambooth_lib.toyworld.pretrain import plot_losses, to_tensor
+from dreambooth_lib.toyworld.pretrain import plot_losses, replace_folder, to_tensor
 from dreambooth_lib.toyworld.tokenizer import caption_words, rare_tokens
 
 TEXT_LENGTH = 32  # tokens of a templated prompt: the longest caption is 26 in [klein]'s chat template
@@ -108,14 +107,10 @@ def save_pipeline(folder: Path, transformer, vae, text_encoder, tokenizer) -> No
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
     pipe = Flux2KleinPipeline(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler, is_distilled=False)
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    follow_umask(tmp)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, folder)
 
 
 def pretrain_flow(out: str | Path = TOY_FLOW_MODEL_DIR, seed: int = 0, num_images: int = 40000, steps: int = 4000,
