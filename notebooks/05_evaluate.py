@@ -123,7 +123,8 @@ else:
     subject_images = [im.image for im in load_instance_images(run_cfg["instance_dir"], resolution=0)]
     result = evaluate_run(pipe, subject_images, class_noun, identifier, LIVE_SUBJECT, encoders, n_per_prompt=N_PER_PROMPT,
                           seeds=seeds, guidance_scale=GUIDANCE, num_inference_steps=INFERENCE_STEPS,
-                          prompt_limit=PROMPT_LIMIT or None, out_dir=RUN_DIR / "evaluation")
+                          prompt_limit=PROMPT_LIMIT or None, out_dir=RUN_DIR / "evaluation",
+                          resolution=run_cfg["resolution"])  # the run's training size (FLUX pipelines: 1024 px)
     print(format_table(result))
     table = {row: {c: values.get(c) for c in result["columns"]} for row, values in result["rows"].items()}
     examples = {category: [("", [Image.open(path)])] for category, path in result["files"]["grids"].items()}
