@@ -56,7 +56,7 @@ notebooks: install
 	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) .ci/run_notebooks.py --smoke -p LORA_RANK=8 -p LEARNING_RATE=0.002 02_train
 
 # The five notebooks with MODEL = a tiny random FLUX.1 pipeline (issue 18): not part of `make test`, it costs
-# ~130 s more on the 2-core CPU (FluxPipeline samples at its default 1024 px whatever the tiny model trained at)
+# ~45 s more on the quiet 2-core CPU (the notebooks sample at the run's 32 px)
 notebooks-flux: install
 	$(PY) -c "from dreambooth_lib.tiny import save_tiny_flux_pipeline as s; s('runs/tiny_flux')"
 	OMP_NUM_THREADS=$(TEST_THREADS) $(PY) .ci/run_notebooks.py --smoke -p MODEL='"$(CURDIR)/runs/tiny_flux"' -p RESOLUTION=32
