@@ -193,6 +193,48 @@ def plot_losses(history: dict, path: Path, earlier_cycles: list[dict] = (),
     fig.savefig(path, dpi=100)
 
 
+def optimize(params: list, steps: int, lr: float, batch_loss, save, started: float, log=print, desc: str = "unet",
+             minutes: float | None = None, save_every_minutes: float = 10.0, warmup: int = 300) -> tuple[int, list[float]]:
+    """The pretraining loop both toy base models share: AdamW (weight decay 1e-2), `warmup` steps of linear
+    warm-up then cosine decay to `steps`, gradients clipped to norm 1, an EMA (0.999) of the weights.
+    batch_loss(step) -> the step's loss; save(steps_done, losses) writes the model, called with the EMA
+    weights in place every save_every_minutes and at the end. Returns (steps done, per-step losses)."""
+    ema = EMAModel(params, decay=0.999)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    losses: list[float] = []
+
+    def checkpoint(steps_done: int):
+        ema.store(params)
+        ema.copy_to(params)  # save the EMA weights, then put the training weights back
+        save(steps_done, losses)
+        ema.restore(params)
+
+    last_save, step = time.time(), 0
+    bar = tqdm(range(steps), desc=desc, mininterval=10)
+    for step in bar:
+        loss = batch_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.step(params)
+        losses.append(loss.item())
+        if step % 200 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
+            log(f"{desc} step {step} loss {np.mean(losses[-200:]):.4f} ({time.time() - started:.0f}s)")
+        if time.time() - last_save > save_every_minutes * 60:
+            checkpoint(step)
+            last_save = time.time()
+        if minutes is not None and time.time() - started > minutes * 60:
+            log(f"time budget of {minutes} min reached at step {step}")
+            break
+    checkpoint(step + 1)
+    return step + 1, losses
+
+
 def pretrain(out: str | Path = TOY_MODEL_DIR, seed: int = 0, num_images: int = 40000, vae_steps: int = 1500,
              steps: int = 7000, batch_size: int = 64, lr: float = 3e-4, minutes: float | None = None,
              save_every_minutes: float = 10.0, caption_dropout: float = 0.1, images_dir: str | Path = "images",
@@ -243,33 +285,10 @@ def pretrain(out: str | Path = TOY_MODEL_DIR, seed: int = 0, num_images: int = 4
     log(f"{num_images} pictures encoded, latent scaling factor {scaling:.4f}")
 
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    ema = EMAModel(params, decay=0.999)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    warmup = 300
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     noise_scheduler = DDPMScheduler(**BETAS, prediction_type="epsilon")
     gen = torch.Generator().manual_seed(seed + 3)
-    history = {"vae": vae_losses, "unet": []}
-    last_save, step = time.time(), 0
 
-    def checkpoint():
-        ema.store(params)
-        ema.copy_to(params)  # save the EMA weights, then put the training weights back
-        save_pipeline(out, vae, unet, text_encoder, tokenizer)
-        ema.restore(params)
-        (out / "pretrain_log.json").write_text(json.dumps(dict(
-            seed=seed, init=str(init) if init else None, steps_done=step, steps_planned=steps, batch_size=batch_size, lr=lr, num_images=num_images,
-            vae_steps=vae_steps, caption_dropout=caption_dropout, wall_time_s=time.time() - started,
-            final_vae_loss=float(np.mean(vae_losses[-50:])) if vae_losses else None,
-            final_unet_loss=float(np.mean(history["unet"][-200:])) if history["unet"] else None,
-            unet_loss=[float(np.mean(history["unet"][i:i + 50])) for i in range(0, len(history["unet"]), 50)],
-            earlier_cycles=earlier_cycles,
-        ), indent=1))
-        plot_losses(history, images_dir / "toy_pretrain_loss.png", earlier_cycles)
-
-    bar = tqdm(range(steps), desc="unet", mininterval=10)
-    for step in bar:
+    def batch_loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, num_images, (batch_size,), generator=gen)
         x0 = latents[idx]
         drop = torch.rand(batch_size, generator=gen) < caption_dropout
@@ -278,25 +297,21 @@ def pretrain(out: str | Path = TOY_MODEL_DIR, seed: int = 0, num_images: int = 4
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=gen)
         x_t = noise_scheduler.add_noise(x0, noise, t)
         pred = unet(x_t, t, text_encoder(input_ids)[0]).sample
-        loss = F.mse_loss(pred, noise)  # || eps - eps_theta(x_t, t, c) ||^2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.step(params)
-        history["unet"].append(loss.item())
-        if step % 200 == 0:
-            bar.set_postfix(loss=f"{np.mean(history['unet'][-200:]):.4f}")
-            log(f"unet step {step} loss {np.mean(history['unet'][-200:]):.4f} ({time.time() - started:.0f}s)")
-        if time.time() - last_save > save_every_minutes * 60:
-            checkpoint()
-            last_save = time.time()
-        if minutes is not None and time.time() - started > minutes * 60:
-            log(f"time budget of {minutes} min reached at step {step}")
-            break
-    step += 1
-    checkpoint()
+        return F.mse_loss(pred, noise)  # || eps - eps_theta(x_t, t, c) ||^2
+
+    def save(steps_done: int, losses: list[float]) -> None:
+        save_pipeline(out, vae, unet, text_encoder, tokenizer)
+        (out / "pretrain_log.json").write_text(json.dumps(dict(
+            seed=seed, init=str(init) if init else None, steps_done=steps_done, steps_planned=steps, batch_size=batch_size, lr=lr, num_images=num_images,
+            vae_steps=vae_steps, caption_dropout=caption_dropout, wall_time_s=time.time() - started,
+            final_vae_loss=float(np.mean(vae_losses[-50:])) if vae_losses else None,
+            final_unet_loss=float(np.mean(losses[-200:])) if losses else None,
+            unet_loss=[float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)],
+            earlier_cycles=earlier_cycles,
+        ), indent=1))
+        plot_losses({"vae": vae_losses, "unet": losses}, images_dir / "toy_pretrain_loss.png", earlier_cycles)
+
+    step, _ = optimize(params, steps, lr, batch_loss, save, started, log, "unet", minutes, save_every_minutes)
     shutil.rmtree(out.with_name(out.name + ".tokenizer"), ignore_errors=True)
     log(f"pretraining done: {step} steps in {time.time() - started:.0f}s; model in {out}")
     return json.loads((out / "pretrain_log.json").read_text())

@@ -22,7 +22,6 @@ the model was trained at (model_max_length); the library pads prompts to it when
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from pathlib import Path
@@ -33,15 +32,14 @@ import torch
 import torch.nn.functional as F
 from diffusers import (AutoencoderKL, AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
                        Flux2Transformer2DModel)
-from diffusers.training_utils import EMAModel
-from tqdm.auto import tqdm
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from dreambooth_lib.config import TOY_FLOW_MODEL_DIR, TOY_MODEL_DIR
 from dreambooth_lib.families import flux2
+from dreambooth_lib.loss import flow_matching_pair
 from dreambooth_lib.tiny import write_qwen_tokenizer
 from dreambooth_lib.toyworld import render
-from dreambooth_lib.toyworld.pretrain import plot_losses, replace_folder, to_tensor
+from dreambooth_lib.toyworld.pretrain import optimize, plot_losses, replace_folder, to_tensor
 from dreambooth_lib.toyworld.tokenizer import caption_words, rare_tokens
 
 TEXT_LENGTH = 32  # tokens of a templated prompt: the longest caption is 26 in [klein]'s chat template
@@ -149,24 +147,25 @@ def pretrain_flow(out: str | Path = TOY_FLOW_MODEL_DIR, seed: int = 0, num_image
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     log(f"transformer {sum(p.numel() for p in transformer.parameters()):,} + text encoder "
         f"{sum(p.numel() for p in text_encoder.parameters()):,} parameters")
-    ema = EMAModel(params, decay=0.999)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    warmup = 300
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     text_cfg = SimpleNamespace(max_sequence_length=TEXT_LENGTH)
     gen = torch.Generator().manual_seed(seed + 3)
-    losses: list[float] = []
-    last_save, step = time.time(), 0
 
-    def checkpoint():
-        ema.store(params)
-        ema.copy_to(params)  # save the EMA weights, then put the training weights back
+    def batch_loss(step: int) -> torch.Tensor:
+        idx = torch.randint(0, num_images, (batch_size,), generator=gen)
+        x0 = latents[idx]
+        drop = (torch.rand(batch_size, generator=gen) < caption_dropout).tolist()
+        prompts = ["" if d else captions[i] for d, i in zip(drop, idx.tolist())]  # "": the pipeline's negative prompt
+        noise = torch.randn(x0.shape, generator=gen)
+        sigmas = torch.rand(batch_size, generator=gen)
+        x_s, target = flow_matching_pair(x0, noise, sigmas)  # x_s = (1 - s) x + s eps, target eps - x
+        cond = flux2.encode_prompts((tokenizer,), (text_encoder,), prompts, text_cfg)
+        return F.mse_loss(flux2.predict(transformer, x_s, sigmas, cond), target)  # || (eps - x) - v_theta(x_s, s, c) ||^2
+
+    def save(steps_done: int, losses: list[float]) -> None:
         save_pipeline(out, transformer, vae, text_encoder, tokenizer)
-        ema.restore(params)
         (out / "pretrain_log.json").write_text(json.dumps(dict(
             architecture="FLUX.2 [klein] (Flux2KleinPipeline, is_distilled=False)", seed=seed, init=str(init) if init else None,
-            steps_done=step,
+            steps_done=steps_done,
             steps_planned=steps, batch_size=batch_size, lr=lr, num_images=num_images, caption_dropout=caption_dropout,
             text_length=TEXT_LENGTH, vae=f"{sd_model}/vae (weights moved into AutoencoderKLFlux2)",
             wall_time_s=time.time() - started,
@@ -177,35 +176,7 @@ def pretrain_flow(out: str | Path = TOY_FLOW_MODEL_DIR, seed: int = 0, num_image
         plot_losses({"vae": [], "unet": losses}, images_dir / "toy_flow_pretrain_loss.png", earlier_cycles,
                     title="transformer + Qwen3 (flow matching, velocity MSE)")
 
-    bar = tqdm(range(steps), desc="transformer", mininterval=10)
-    for step in bar:
-        idx = torch.randint(0, num_images, (batch_size,), generator=gen)
-        x0 = latents[idx]
-        drop = (torch.rand(batch_size, generator=gen) < caption_dropout).tolist()
-        prompts = ["" if d else captions[i] for d, i in zip(drop, idx.tolist())]  # "": the pipeline's negative prompt
-        noise = torch.randn(x0.shape, generator=gen)
-        sigmas = torch.rand(batch_size, generator=gen)
-        x_s, target = (1 - sigmas.view(-1, 1, 1, 1)) * x0 + sigmas.view(-1, 1, 1, 1) * noise, noise - x0
-        cond = flux2.encode_prompts((tokenizer,), (text_encoder,), prompts, text_cfg)
-        loss = F.mse_loss(flux2.predict(transformer, x_s, sigmas, cond), target)  # || (eps - x) - v_theta(x_s, s, c) ||^2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        ema.step(params)
-        losses.append(loss.item())
-        if step % 200 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-200:]):.4f}")
-            log(f"step {step} loss {np.mean(losses[-200:]):.4f} ({time.time() - started:.0f}s)")
-        if time.time() - last_save > save_every_minutes * 60:
-            checkpoint()
-            last_save = time.time()
-        if minutes is not None and time.time() - started > minutes * 60:
-            log(f"time budget of {minutes} min reached at step {step}")
-            break
-    step += 1
-    checkpoint()
+    step, _ = optimize(params, steps, lr, batch_loss, save, started, log, "transformer", minutes, save_every_minutes)
     shutil.rmtree(out.with_name(out.name + ".tokenizer"), ignore_errors=True)
     log(f"pretraining done: {step} steps in {time.time() - started:.0f}s; model in {out}")
     return json.loads((out / "pretrain_log.json").read_text())
