@@ -69,3 +69,22 @@ def fixed_batch_losses(state, steps: int = 8) -> list[float]:
         if step % 2:
             losses.append(fixed_loss())
     return losses
+
+
+CAPTIONS = ["a photo of sks dog", "sks dog on grass", "sks dog in snow", "sks dog at the beach"]
+
+
+def cached_and_uncached_conditioning(cfg, instance_dir) -> tuple:
+    """Three instance items (2, 1, 0: shuffled) + class rows in one batch, conditioned from the text cache and
+    from the encoders: (batch, latents, cache, z, cached, uncached), for the FLUX families' pairing tests."""
+    from dreambooth_lib import models as M
+
+    models = M.load_models(cfg)
+    pixels = data.pixel_values([im.image for im in data.load_instance_images(instance_dir, 32)], cfg, None)
+    latents = S.cache_latents(models, pixels, seed=0)
+    dataset = data.DreamBoothDataset(latents, CAPTIONS, latents[:1], "a photo of a dog")
+    batch = data.collate_examples([dataset[i] for i in (2, 1, 0)], with_prior=True)
+    cache = S.cache_text_embeddings(models, CAPTIONS + ["a photo of a dog"], cfg)
+    z, cached = S.latents_and_conditioning(batch, models, cache, True, torch.Generator(), "cpu", cfg)
+    _, uncached = S.latents_and_conditioning(batch, models, None, True, torch.Generator(), "cpu", cfg)
+    return batch, latents, cache, z, cached, uncached

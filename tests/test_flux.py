@@ -21,7 +21,7 @@ from dreambooth_lib.families import flux
 from dreambooth_lib.sample import check_lora_fits, load_pipeline, scale_guidance_grid, set_lora_scales
 from dreambooth_lib.tiny import save_tiny_flux_pipeline
 
-from conftest import fixed_batch_losses
+from conftest import CAPTIONS, cached_and_uncached_conditioning, fixed_batch_losses
 
 PROMPTS = ["a photo of sks dog", "a dog in the snow", "sks dog"]
 T5_TOKENS = 16  # max_sequence_length of the tiny runs
@@ -153,15 +153,8 @@ def test_sigma_densities_means_and_shapes(scheme, mean, below_tenth, flux_dir, i
 
 def test_cached_conditioning_equals_uncached_and_rows_stay_paired(flux_dir, instance_dir):
     cfg = make_cfg(flux_dir, instance_dir, "unused")
-    models = M.load_models(cfg)
-    pixels = data.pixel_values([im.image for im in data.load_instance_images(instance_dir, 32)], cfg, None)
-    captions = ["a photo of sks dog", "sks dog on grass", "sks dog in snow", "sks dog at the beach"]
-    latents = S.cache_latents(models, pixels, seed=0)
-    dataset = data.DreamBoothDataset(latents, captions, latents[:1], "a photo of a dog")
-    batch = data.collate_examples([dataset[i] for i in (2, 1, 0)], with_prior=True)
-    cache = S.cache_text_embeddings(models, captions + ["a photo of a dog"], cfg)
-    z, cached = S.latents_and_conditioning(batch, models, cache, True, torch.Generator(), "cpu", cfg)
-    _, uncached = S.latents_and_conditioning(batch, models, None, True, torch.Generator(), "cpu", cfg)
+    batch, latents, cache, z, cached, uncached = cached_and_uncached_conditioning(cfg, instance_dir)
+    captions = CAPTIONS
     assert cached.keys() == uncached.keys() == {"encoder_hidden_states", "pooled_projections", "guidance"}
     for key in cached:
         torch.testing.assert_close(cached[key], uncached[key], rtol=0, atol=0)

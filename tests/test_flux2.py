@@ -23,7 +23,7 @@ from dreambooth_lib.families import flux, flux2
 from dreambooth_lib.sample import check_lora_fits, load_pipeline, render_validation, scale_guidance_grid, set_lora_scales
 from dreambooth_lib.tiny import save_tiny_flux2_pipeline, save_tiny_flux_pipeline
 
-from conftest import fixed_batch_losses
+from conftest import CAPTIONS, cached_and_uncached_conditioning, fixed_batch_losses
 
 PROMPTS = ["a photo of sks dog", "a dog in the snow", "sks dog"]
 TOKENS = 40  # max_sequence_length of the tiny runs: the chat template alone is ~25 tokens
@@ -114,15 +114,8 @@ def test_conditioning_latents_and_packing_are_what_the_stock_pipeline_builds(kle
 
 def test_cached_conditioning_equals_uncached_and_rows_stay_paired(klein_dir, instance_dir):
     cfg = make_cfg(klein_dir, instance_dir, "unused")
-    models = M.load_models(cfg)
-    pixels = data.pixel_values([im.image for im in data.load_instance_images(instance_dir, 32)], cfg, None)
-    captions = ["a photo of sks dog", "sks dog on grass", "sks dog in snow", "sks dog at the beach"]
-    latents = S.cache_latents(models, pixels, seed=0)
-    dataset = data.DreamBoothDataset(latents, captions, latents[:1], "a photo of a dog")
-    batch = data.collate_examples([dataset[i] for i in (2, 1, 0)], with_prior=True)
-    cache = S.cache_text_embeddings(models, captions + ["a photo of a dog"], cfg)
-    z, cached = S.latents_and_conditioning(batch, models, cache, True, torch.Generator(), "cpu", cfg)
-    _, uncached = S.latents_and_conditioning(batch, models, None, True, torch.Generator(), "cpu", cfg)
+    batch, latents, cache, z, cached, uncached = cached_and_uncached_conditioning(cfg, instance_dir)
+    captions = CAPTIONS
     assert cached.keys() == uncached.keys() == {"encoder_hidden_states"}
     torch.testing.assert_close(cached["encoder_hidden_states"], uncached["encoder_hidden_states"], rtol=0, atol=0)
     for row, prompt in enumerate(batch["prompts"]):
