@@ -71,6 +71,26 @@ def fixed_batch_losses(state, steps: int = 8) -> list[float]:
     return losses
 
 
+def train_killed_after_checkpoint(monkeypatch, cfg, step: int, **train_kw) -> None:
+    """Run train(cfg) as a process killed right after it wrote checkpoint-`step` (the KeyboardInterrupt is
+    raised once that checkpoint is complete); the next train() of the same folder can resume from it."""
+    import dreambooth_lib.checkpoint as CK
+    import dreambooth_lib.train as T
+
+    real_save = CK.save_checkpoint
+
+    def save_then_die(output_dir, saved_step, *args, **kw):
+        path = real_save(output_dir, saved_step, *args, **kw)
+        if saved_step == step:
+            raise KeyboardInterrupt
+        return path
+
+    with monkeypatch.context() as patched:
+        patched.setattr(T, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            T.train(cfg, **train_kw)
+
+
 CAPTIONS = ["a photo of sks dog", "sks dog on grass", "sks dog in snow", "sks dog at the beach"]
 
 

@@ -10,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 from dreambooth_lib import __main__ as cli
-from dreambooth_lib import checkpoint as CK
 from dreambooth_lib import class_images as CI
 from dreambooth_lib import data, evaluate
 from dreambooth_lib import step as S
@@ -22,7 +21,7 @@ from dreambooth_lib.errors import InputError
 from dreambooth_lib.sample import pick_subject, read_run
 from dreambooth_lib.tiny import save_tiny_clip, save_tiny_dino
 
-from conftest import write_photos
+from conftest import train_killed_after_checkpoint, write_photos
 
 
 @pytest.fixture
@@ -139,19 +138,9 @@ def test_two_subject_resume_equals_uninterrupted(tiny_model_dir, two_subjects, t
     common = dict(max_train_steps=4, checkpointing_steps=2, lr_scheduler="linear", use_lora=True, train_text_encoder=True,
                   lora_dropout=0.1, class_dir=str(tmp_path / "class"))
     whole = T.train(make_cfg(tiny_model_dir, two_subjects, tmp_path / "whole", **common), log=lambda *a: None, progress=False)
-    real_save = CK.save_checkpoint
-
-    def save_then_die(output_dir, step, *args, **kw):
-        path = real_save(output_dir, step, *args, **kw)
-        if step == 2:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
     cut = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        T.train(make_cfg(tiny_model_dir, two_subjects, cut, **common), log=lambda *a: None, progress=False)
-    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    train_killed_after_checkpoint(monkeypatch, make_cfg(tiny_model_dir, two_subjects, cut, **common), 2,
+                                  log=lambda *a: None, progress=False)
     resumed = T.train(make_cfg(tiny_model_dir, two_subjects, cut, resume="latest", **common), log=lambda *a: None,
                       progress=False)
     assert resumed["resumed_from"].endswith("checkpoint-2") and resumed["steps"] == 4

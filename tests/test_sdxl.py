@@ -11,7 +11,6 @@ from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-import dreambooth_lib.checkpoint as CK
 import dreambooth_lib.class_images as CI
 import dreambooth_lib.models as M
 import dreambooth_lib.step as S
@@ -22,7 +21,7 @@ from dreambooth_lib import data, families
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.sample import generate, load_pipeline, set_lora_scales
 
-from conftest import fixed_batch_losses
+from conftest import fixed_batch_losses, train_killed_after_checkpoint
 
 PROMPTS = ["a photo of sks dog", "sks dog on grass", "a photo of a dog"]
 
@@ -106,18 +105,8 @@ def test_lora_run_resumes_exactly_and_loads_in_stock_sdxl_pipeline(tiny_sdxl_dir
     assert "AdamW8bit" in whole["optimizer"]
     manifest = json.loads((tmp_path / "class" / CI.MANIFEST_NAME).read_text())
     assert manifest["family"] == "sdxl"
-    real_save = CK.save_checkpoint
-
-    def save_then_die(output_dir, step, *args, **kw):
-        path = real_save(output_dir, step, *args, **kw)
-        if step == 2:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        T.train(make_cfg(tiny_sdxl_dir, instance_dir, tmp_path / "cut", **common), progress=False)
-    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    train_killed_after_checkpoint(monkeypatch, make_cfg(tiny_sdxl_dir, instance_dir, tmp_path / "cut", **common), 2,
+                                  progress=False)
     resumed = T.train(make_cfg(tiny_sdxl_dir, instance_dir, tmp_path / "cut", resume="latest", **common), progress=False)
     assert [h["loss"] for h in resumed["loss_history"]] == pytest.approx([h["loss"] for h in whole["loss_history"]], abs=1e-6)
     a, b = load_file(tmp_path / "whole" / W.LORA_WEIGHTS), load_file(tmp_path / "cut" / W.LORA_WEIGHTS)

@@ -28,6 +28,7 @@ import dreambooth_lib.train as T
 from dreambooth_lib import data, families, memory
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.sample import load_pipeline
+from conftest import train_killed_after_checkpoint
 
 
 def make_cfg(model, instance_dir, out, **kw) -> TrainConfig:
@@ -52,19 +53,8 @@ def test_resume_equals_uninterrupted_run(mode, tiny_model_dir, instance_dir, tmp
     whole = T.train(make_cfg(tiny_model_dir, instance_dir, tmp_path / "whole", validation_steps=3, **common),
                     progress=False)
 
-    real_save = CK.save_checkpoint
-
-    def save_then_die(output_dir, step, *args, **kw):  # the process is killed right after checkpoint-3
-        path = real_save(output_dir, step, *args, **kw)
-        if step == 3:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
     cut = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        T.train(make_cfg(tiny_model_dir, instance_dir, cut, **common), progress=False)
-    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    train_killed_after_checkpoint(monkeypatch, make_cfg(tiny_model_dir, instance_dir, cut, **common), 3, progress=False)
     resumed = T.train(make_cfg(tiny_model_dir, instance_dir, cut, resume="latest", **common), progress=False)
 
     assert resumed["resumed_from"].endswith("checkpoint-3") and resumed["steps"] == whole["steps"] == 6
