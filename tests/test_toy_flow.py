@@ -64,6 +64,24 @@ def test_the_tokenizers_length_pads_prompts_in_training_and_in_the_stock_pipelin
     assert families.get("sd").sampling_kwargs(None) == {}
 
 
+def test_a_fresh_toy_qwen3_keeps_each_word_distinct_in_the_layers_the_transformer_reads(tmp_path):
+    """The word embeddings start N(0, 1): swapping the class word moves that word's hidden state in each stacked
+    layer (9, 18, 27) by more than a token's mean norm. The LM init N(0, 0.02) gave 0.65, 0.45, 0.37 of it,
+    shrinking with depth (the first model, whose class words stayed nearly indistinct after pretraining)."""
+    from dreambooth_lib.toyworld.pretrain_flow import TEXT_LENGTH, TEXT_WIDTH, build_text_encoder, build_tokenizer
+
+    tokenizer = build_tokenizer(tmp_path / "tok")
+    qwen = build_text_encoder(tokenizer, seed=0)
+    with torch.no_grad():
+        hidden = flux2.encode_prompts((tokenizer,), (qwen,), ["a photo of a star", "a photo of a cube"],
+                                      SimpleNamespace(max_sequence_length=TEXT_LENGTH))["encoder_hidden_states"]
+    for k, layer in enumerate(flux2.TEXT_LAYERS):
+        part = hidden[..., k * TEXT_WIDTH:(k + 1) * TEXT_WIDTH]
+        moved = (part[0] - part[1]).norm(dim=-1)
+        assert moved[:7].max() == 0  # the chat template's start and "a photo of a": causal, unchanged
+        assert moved.max() > part[0].norm(dim=-1).mean(), (layer, moved.max(), part[0].norm(dim=-1).mean())
+
+
 def test_pretraining_writes_a_klein_pipeline_that_samples_at_the_toy_size(tmp_path):
     from dreambooth_lib.sample import generate, load_pipeline
     from dreambooth_lib.toyworld.pretrain_flow import pretrain_flow
@@ -89,18 +107,21 @@ def test_pretraining_writes_a_klein_pipeline_that_samples_at_the_toy_size(tmp_pa
 
 
 @pytest.mark.skipif(not (Path(TOY_FLOW_MODEL_DIR) / "model_index.json").is_file(), reason="no data/toy_flow_model")
-def test_committed_flow_model_follows_the_prompted_context_and_colour():
-    """What the committed flow model does reliably (base-eval: colour 0.96, context 1.00). It does not yet
-    follow the class word well (0.39, target 0.85: docs/toy_world.md), so that is not asserted here."""
+def test_committed_flow_model_follows_the_prompted_class_context_and_colour():
+    """What the committed flow model does reliably (base-eval: colour 0.98, context 1.00; class 0.72 over all
+    prompts, below the 0.85 target: docs/toy_world.md; the first model drew no cube and 3 hearts in 8 for these prompts)."""
     from dreambooth_lib.sample import generate, load_pipeline
     from dreambooth_lib.toyworld.oracle import load_oracle
 
-    prompts = ["a photo of a star in the snow", "a photo of a blue star at night"]
-    images = generate(load_pipeline(TOY_FLOW_MODEL_DIR), [p for p in prompts for _ in range(8)], list(range(8)) * 2,
-                      4.0, 20, batch_size=16, progress=False, resolution=render.SIZE)
+    prompts = ["a photo of a star in the snow", "a photo of a blue star at night", "a photo of a cube on the beach",
+               "a photo of a heart on the beach"]
+    images = generate(load_pipeline(TOY_FLOW_MODEL_DIR), [p for p in prompts for _ in range(8)], list(range(8)) * 4,
+                      4.0, 20, batch_size=32, progress=False, resolution=render.SIZE)
     predicted = load_oracle().predict(images)
     assert sum(p["context"] == "snow" for p in predicted[:8]) >= 6, predicted[:8]
-    assert sum(p["context"] == "night" and p["colour"] == "blue" for p in predicted[8:]) >= 6, predicted[8:]
+    assert sum(p["context"] == "night" and p["colour"] == "blue" for p in predicted[8:16]) >= 6, predicted[8:16]
+    for cls, chunk in (("cube", predicted[16:24]), ("heart", predicted[24:])):
+        assert sum(p["class"] == cls and p["context"] == "beach" for p in chunk) >= 5, [p["class"] for p in chunk]
 
 
 def test_the_identifier_picker_finds_a_never_seen_token_in_the_flow_tokenizer(tmp_path):

@@ -23,14 +23,14 @@ def build_parser():
     p.add_argument("--init", default=None, help="continue from this pipeline folder (keeps its tokenizer and VAE)")
     p.add_argument("--images_dir", default="images", help="where the loss curve goes")
 
-    p = sub.add_parser("pretrain-flow", help="pretrain the toy flow model (FLUX.2 [klein] architecture; ~40 min on 2 cores)")
+    p = sub.add_parser("pretrain-flow", help="pretrain the toy flow model (FLUX.2 [klein] architecture; ~90 min at one thread on 2 busy cores)")
     p.add_argument("--out", default=None, help="pipeline folder to write (default data/toy_flow_model)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=4000, help="transformer + text encoder optimizer steps")
+    p.add_argument("--steps", type=int, default=3000, help="transformer + text encoder optimizer steps")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_images", type=int, default=20000, help="size of the rendered pretraining set")
     p.add_argument("--minutes", type=float, default=None, help="stop early after this wall time")
-    p.add_argument("--learning_rate", "--lr", type=float, default=3e-4, help="peak learning rate")
+    p.add_argument("--learning_rate", "--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--init", default=None, help="continue from this pipeline folder (a second cycle)")
     p.add_argument("--images_dir", default="images", help="where the loss curve goes")
 
