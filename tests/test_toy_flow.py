@@ -109,7 +109,7 @@ def test_pretraining_writes_a_klein_pipeline_that_samples_at_the_toy_size(tmp_pa
 @pytest.mark.skipif(not (Path(TOY_FLOW_MODEL_DIR) / "model_index.json").is_file(), reason="no data/toy_flow_model")
 def test_committed_flow_model_follows_the_prompted_class_context_and_colour():
     """What the committed flow model does reliably (base-eval: colour 0.98, context 1.00; class 0.72 over all
-    prompts, below the 0.85 target: docs/toy_world.md; the first model drew no cube and 3 hearts in 8 for these prompts)."""
+    prompts, below the 0.85 target: docs/toy_world.md). The first model fails the cube check: 0 cubes of 8."""
     from dreambooth_lib.sample import generate, load_pipeline
     from dreambooth_lib.toyworld.oracle import load_oracle
 

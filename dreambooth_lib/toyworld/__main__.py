@@ -23,7 +23,7 @@ def build_parser():
     p.add_argument("--init", default=None, help="continue from this pipeline folder (keeps its tokenizer and VAE)")
     p.add_argument("--images_dir", default="images", help="where the loss curve goes")
 
-    p = sub.add_parser("pretrain-flow", help="pretrain the toy flow model (FLUX.2 [klein] architecture; ~90 min at one thread on 2 busy cores)")
+    p = sub.add_parser("pretrain-flow", help="pretrain the toy flow model (FLUX.2 [klein] architecture; ~90 min, one thread)")
     p.add_argument("--out", default=None, help="pipeline folder to write (default data/toy_flow_model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=3000, help="transformer + text encoder optimizer steps")
