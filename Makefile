@@ -93,10 +93,15 @@ train-2proc: install
 	  --learning_rate 1e-4 --train_text_encoder --text_encoder_lr 3e-5 --train_batch_size 2 \
 	  --checkpointing_steps 200 --validation_steps 0 --output_dir runs/two_processes $(ARGS)
 
-# data/toy_flow_model: the transformer + Qwen3 from scratch on the toy SD model's VAE (one thread: on a busy
-# 2-core machine two OpenMP threads made its steps 20x slower)
+# data/toy_flow_model: the transformer + Qwen3 from scratch on the toy SD model's VAE, then two cycles on freshly
+# rendered sets (docs/toy_world.md; ~3 h at one thread: on a busy 2-core machine two OpenMP threads made its steps
+# 20x slower). Each cycle writes images/toy_flow_pretrain_loss.png with the earlier cycles' curves.
 pretrain-flow: install
-	OMP_NUM_THREADS=1 $(PY) -m dreambooth_lib.toyworld pretrain-flow
+	OMP_NUM_THREADS=1 $(PY) -m dreambooth_lib.toyworld pretrain-flow --seed 0 --steps 3000 --out runs/toy_flow_cycle1
+	OMP_NUM_THREADS=1 $(PY) -m dreambooth_lib.toyworld pretrain-flow --init runs/toy_flow_cycle1 --seed 2 --steps 2000 \
+	  --learning_rate 1e-3 --out runs/toy_flow_cycle2
+	OMP_NUM_THREADS=1 $(PY) -m dreambooth_lib.toyworld pretrain-flow --init runs/toy_flow_cycle2 --seed 3 --steps 1600 \
+	  --learning_rate 1e-3 --out data/toy_flow_model
 
 bench: install
 	$(PY) benchmarks/bench_train.py --smoke

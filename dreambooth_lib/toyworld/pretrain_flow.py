@@ -105,8 +105,12 @@ def encode_latents(vae: AutoencoderKLFlux2, pixels: np.ndarray, batch_size: int 
                       for i in range(0, len(pixels), batch_size)])
 
 
-def save_pipeline(folder: Path, transformer, vae, text_encoder, tokenizer) -> None:
-    """The Flux2KleinPipeline folder, written whole to a temporary folder and renamed into place."""
+def save_pipeline(folder: Path, transformer, vae, text_encoder, tokenizer, tokenizer_dir: Path | None = None) -> None:
+    """The Flux2KleinPipeline folder, written whole to a temporary folder and renamed into place.
+
+    A continued cycle's files differ from its init's only where the weights do: the tokenizer is copied from
+    `tokenizer_dir` (saved again, it gains the loader's defaults) and no config keeps the `_name_or_path` it
+    was loaded from (a local path)."""
     # Plain linear sigmas (no shift): the pipeline's size-dependent shift (mu) is calibrated on 1024 px
     # pictures; at 16 latent tokens it would leave a last Euler step from sigma 0.2 to 0.
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
@@ -115,6 +119,13 @@ def save_pipeline(folder: Path, transformer, vae, text_encoder, tokenizer) -> No
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    for config in tmp.glob("*/config.json"):
+        values = json.loads(config.read_text())
+        if values.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(values, indent=2, sort_keys=True) + "\n")
+    if tokenizer_dir is not None:
+        shutil.rmtree(tmp / "tokenizer")
+        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
     replace_folder(tmp, folder)
 
 
@@ -170,7 +181,7 @@ def pretrain_flow(out: str | Path = TOY_FLOW_MODEL_DIR, seed: int = 0, num_image
         return F.mse_loss(flux2.predict(transformer, x_s, sigmas, cond), target)  # || (eps - x) - v_theta(x_s, s, c) ||^2
 
     def save(steps_done: int, losses: list[float]) -> None:
-        save_pipeline(out, transformer, vae, text_encoder, tokenizer)
+        save_pipeline(out, transformer, vae, text_encoder, tokenizer, Path(init) / "tokenizer" if init else None)
         (out / "pretrain_log.json").write_text(json.dumps(dict(
             architecture="FLUX.2 [klein] (Flux2KleinPipeline, is_distilled=False)", seed=seed, init=str(init) if init else None,
             steps_done=steps_done,
