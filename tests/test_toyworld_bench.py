@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from dreambooth_lib import data
+from dreambooth_lib.errors import InputError
 from dreambooth_lib.subjects import subjects_of
 from dreambooth_lib.toyworld import __main__ as toy_cli
 from dreambooth_lib.toyworld import bench, demo, render, stats
@@ -48,7 +49,7 @@ class FakeOracle:
 def fake_pictures(who: list[str]):
     """render_pictures' stand-in: each prompt's 8 pictures show the subjects `who` (in that order), as the
     prompt asks (prompt fidelity 1); the class prompt's 32 pictures are plain stars on grass."""
-    def render_pictures(pipe, subject, phrase):
+    def render_pictures(pipe, subject, phrase, guidance_scale):
         suites = {}
         for category, items in oracle_lib.prompt_suite(subject).items():
             suites[category] = [dict(prompt=t.replace("{identifier} star", phrase), expected=dict(e),
@@ -89,7 +90,7 @@ def fakes(monkeypatch):
     def install(train, who=(A,) * 6 + (B, "none")):
         monkeypatch.setattr(bench, "train", train)
         monkeypatch.setattr(bench, "render_pictures", fake_pictures(list(who)))
-        monkeypatch.setattr(bench, "base_class_pictures", lambda model, subjects: {
+        monkeypatch.setattr(bench, "base_class_pictures", lambda model, subjects, guidance_scale: {
             "star": [picture(context="night")] * 16 + [picture(context="grass")] * 16})
         monkeypatch.setattr(demo, "load_tuned", lambda cfg: cfg)  # the 'pipeline' render_pictures gets: its config
     return install
@@ -155,7 +156,7 @@ def test_wrong_class_noun_is_a_fixed_other_class_and_the_run_says_which(tmp_path
     fakes(train)
     seen = []
     real = bench.render_pictures
-    monkeypatch.setattr(bench, "render_pictures", lambda pipe, subject, phrase: seen.append(phrase) or real(pipe, subject, phrase))
+    monkeypatch.setattr(bench, "render_pictures", lambda pipe, subject, phrase, g: seen.append(phrase) or real(pipe, subject, phrase, g))
     bench.run_bench(tmp_path, subjects=[A], seeds=[1], recipes=["wrong_class_noun", "no_class_noun"],
                     oracle=FakeOracle(), log=lambda *a: None)
     wrong = json.loads(bench.record_path(tmp_path, "wrong_class_noun", A, 1).read_text())
@@ -176,8 +177,8 @@ def test_multi_subject_run_writes_one_record_per_subject_with_its_cross_talk(tmp
     train = FakeTrain()
     fakes(train)
     who = {"gtc star": [A] * 6 + [B, "none"], "pkx star": [B] * 5 + [A, A, "none"]}  # the pair's, by identifier
-    monkeypatch.setattr(bench, "render_pictures", lambda pipe, subject, phrase: fake_pictures(
-        who[phrase] if pipe.subjects else [subject] * 8)(pipe, subject, phrase))  # single runs: only the subject
+    monkeypatch.setattr(bench, "render_pictures", lambda pipe, subject, phrase, g: fake_pictures(
+        who[phrase] if pipe.subjects else [subject] * 8)(pipe, subject, phrase, g))  # single runs: only the subject
     bench.run_bench(tmp_path, subjects=[A], seeds=[0], recipes=["prior", "multi_subject"], max_train_steps=3,
                     oracle=FakeOracle(), log=lambda *a: None)
     pair_cfg = train.calls[-1]
@@ -243,3 +244,39 @@ def test_bench_refuses_unknown_names_and_an_empty_report_before_any_work(tmp_pat
     assert toy_cli.main(["bench", "--recipes", "prior", "dreams", "--output_dir", str(tmp_path)]) == 2
     assert toy_cli.main(["bench", "--report_only", "--output_dir", str(tmp_path)]) == 2
     assert "no finished runs" in capsys.readouterr().err
+
+
+def test_a_flow_model_bench_uses_its_recipe_and_guidance_and_keeps_to_its_own_folder(tmp_path, fakes, monkeypatch):
+    from dreambooth_lib.config import TOY_FLOW_MODEL_DIR, TOY_MODEL_DIR
+
+    train, guidance = FakeTrain(), []
+    fakes(train)
+    render_fake = bench.render_pictures
+    monkeypatch.setattr(bench, "render_pictures", lambda pipe, subject, phrase, g: guidance.append(g) or render_fake(pipe, subject, phrase, g))
+    base_fake = bench.base_class_pictures
+    monkeypatch.setattr(bench, "base_class_pictures", lambda model, subjects, g: guidance.append((model, g)) or base_fake(model, subjects, g))
+    flow = tmp_path / "flow"
+    bench.run_bench(flow, subjects=[A], seeds=[0], oracle=FakeOracle(), log=lambda *a: None, model=TOY_FLOW_MODEL_DIR)
+    # every recipe but lora (swept on the toy SD model only), each from the flow model with its demo recipe
+    assert [Path(c.output_dir).parts[-3] for c in train.calls] == ["prior", "no_prior", "wrong_class_noun", "no_class_noun",
+                                                                   "multi_subject"]
+    assert {c.pretrained_model for c in train.calls} == {TOY_FLOW_MODEL_DIR}
+    prior = train.calls[0]
+    assert (prior.learning_rate, prior.train_text_encoder, prior.class_guidance_scale) == (
+        demo.FLOW_RECIPE["learning_rate"], demo.FLOW_RECIPE["train_text_encoder"], demo.FLOW_RECIPE["class_guidance_scale"])
+    assert guidance == [(TOY_FLOW_MODEL_DIR, demo.FLOW_GUIDANCE)] + [demo.FLOW_GUIDANCE] * 6  # 4 single runs + a pair's 2
+    record = json.loads(bench.record_path(flow, "prior", A, 0).read_text())
+    assert record["model"] == TOY_FLOW_MODEL_DIR and record["config"]["class_guidance_scale"] == 1.0
+    assert f"Base model: `{TOY_FLOW_MODEL_DIR}`" in (flow / "report" / "toy_bench.md").read_text()
+
+    # refused before any work: the SD model's runs into the flow folder (its finished runs would be skipped by
+    # name), an older bench folder (no bench.json: the SD model's), the lora recipe on the flow model
+    monkeypatch.setattr(bench, "train", lambda *a, **k: pytest.fail("trained"))
+    quiet = dict(subjects=[A], seeds=[1], oracle=FakeOracle(), log=lambda *a: None)
+    with pytest.raises(InputError, match="holds a bench of .*toy_flow_model.*another --output_dir"):
+        bench.run_bench(flow, recipes=["prior"], model=TOY_MODEL_DIR, **quiet)
+    (tmp_path / "older" / "runs").mkdir(parents=True)
+    with pytest.raises(InputError, match="holds a bench of .*toy_model, not"):
+        bench.run_bench(tmp_path / "older", recipes=["prior"], model=TOY_FLOW_MODEL_DIR, **quiet)
+    with pytest.raises(InputError, match="--recipes lora: .*leave it out"):
+        bench.run_bench(tmp_path / "flow_lora", recipes=["prior", "lora"], model=TOY_FLOW_MODEL_DIR, **quiet)

@@ -74,7 +74,9 @@ def build_parser():
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
     p.add_argument("--recipes", nargs="+", default=None, help="a subset of prior no_prior wrong_class_noun "
                    "no_class_noun lora multi_subject (default: all)")
-    p.add_argument("--output_dir", default="runs/toy_bench", help="runs, class images and the per-run JSON")
+    p.add_argument("--model", default=None, help="the toy base model the runs start from: data/toy_model (default) "
+                   "or data/toy_flow_model (its demo recipe; the lora recipe is the toy SD model's only)")
+    p.add_argument("--output_dir", default="runs/toy_bench", help="runs, class images and the per-run JSON (one model's)")
     p.add_argument("--images_dir", default=None, help="where toy_bench.{md,png} and toy_bench_runs.json go "
                    "(default <output_dir>/report)")
     p.add_argument("--max_train_steps", "--steps", type=int, default=None,
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "bench":
         from pathlib import Path
 
+        from dreambooth_lib.config import TOY_MODEL_DIR
         from dreambooth_lib.errors import InputError
         from dreambooth_lib.toyworld import bench
 
@@ -159,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 bench.write_report(root, Path(args.images_dir) if args.images_dir else root / "report")
             else:
                 bench.run_bench(args.output_dir, args.subjects, args.seeds, args.recipes, args.max_train_steps,
-                                args.keep_weights, args.images_dir)
+                                args.keep_weights, args.images_dir, model=args.model or TOY_MODEL_DIR)
         except InputError as err:  # the message says what to do; no traceback
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -5,8 +5,10 @@ differences between recipes on the same (subject, seed) (stats.py says why that 
     python -m dreambooth_lib.toyworld bench                      # 8 subjects x seeds 0 1 2 x 6 recipes
     python -m dreambooth_lib.toyworld bench --subjects marked_star banded_star --seeds 0 --max_train_steps 20
     python -m dreambooth_lib.toyworld bench --report_only        # table + figure again from the runs' JSON
+    python -m dreambooth_lib.toyworld bench --model data/toy_flow_model --recipes prior no_prior --output_dir runs/toy_bench_flow
 
 Under --output_dir (default runs/toy_bench):
+    bench.json                             the base model the runs train from: a folder holds one model's runs
     class_images/seed<k>/<class>/          class images of one class and seed, shared by its subjects and recipes
     runs/<recipe>/<subject>/seed<k>.json   one finished run, written atomically once scored: a rerun skips it
     runs/<recipe>/<subject>/seed<k>/       its training folder (weights deleted after scoring unless keep_weights)
@@ -25,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from dreambooth_lib.config import TOY_MODEL_DIR
+from dreambooth_lib.config import TOY_MODEL_DIR, is_toy_model
 from dreambooth_lib.errors import InputError
 from dreambooth_lib.fsio import write_text_durably
 from dreambooth_lib.sample import load_pipeline
@@ -54,7 +56,7 @@ KEY_METRICS = ["pres", "subject_fidelity", "recontext_subject_fidelity", "prompt
                "class_context_shift", "cross_talk"]
 CONFIG_FIELDS = ("use_lora", "lora_rank", "learning_rate", "text_encoder_lr", "train_batch_size", "max_train_steps",
                  "with_prior_preservation", "num_class_images", "class_dir", "instance_prompt_template", "class_noun",
-                 "subjects", "optimizer", "seed")
+                 "subjects", "optimizer", "class_guidance_scale", "train_text_encoder", "seed")
 INTERVAL = ("95 % Student t-interval with the subject as the unit: each subject's value is its mean over seeds, "
             "the interval mean +- t(0.975, n-1) sd / sqrt(n) over the n subjects (stats.py)")
 
@@ -87,25 +89,27 @@ def record_path(root: Path, recipe: str, subject: str, seed: int) -> Path:
     return root / "runs" / recipe / subject / f"seed{seed}.json"
 
 
-def run_config(root: Path, recipe: str, subject: str, seed: int, max_train_steps: int | None = None):
-    """demo_config with the recipe's changes and the seed; class images in the shared (class, seed) folder."""
+def run_config(root: Path, recipe: str, subject: str, seed: int, max_train_steps: int | None = None,
+               model: str = TOY_MODEL_DIR):
+    """demo_config (for `model`) with the recipe's changes and the seed; class images in the shared (class, seed) folder."""
     changes = dict(demo.ABLATIONS[recipe][0])
     if recipe == "wrong_class_noun":
         changes["class_noun"] = wrong_class_noun(subject)
     if max_train_steps:
         changes["max_train_steps"] = max_train_steps
-    cfg = demo.demo_config(subject, str(record_path(root, recipe, subject, seed).with_suffix("")), seed=seed, **changes)
+    cfg = demo.demo_config(subject, str(record_path(root, recipe, subject, seed).with_suffix("")), model, seed=seed, **changes)
     if cfg.with_prior_preservation:
         cfg = dataclasses.replace(cfg, class_dir=str(root / "class_images" / f"seed{seed}" / class_folder_name(cfg.class_noun)))
     return cfg
 
 
-def pair_config(root: Path, pair: tuple[str, str], seed: int, max_train_steps: int | None = None):
+def pair_config(root: Path, pair: tuple[str, str], seed: int, max_train_steps: int | None = None,
+                model: str = TOY_MODEL_DIR):
     """The two subjects in one run with distinct picked identifiers; steps = len(pair) x a single run's.
     The loss is a mean over the batch's rows and each subject fills 1 / len(pair) of them, so each gets
     the gradient weight of its single run (its 1,600 instance rows); at the demo's 400 steps each would
     get half. class_dir is the seed's folder: subjects.py puts each class in <class_dir>/<class>."""
-    single = demo.demo_config(pair[0], str(root / "runs" / "multi_subject" / "+".join(pair) / f"seed{seed}"), seed=seed)
+    single = demo.demo_config(pair[0], str(root / "runs" / "multi_subject" / "+".join(pair) / f"seed{seed}"), model, seed=seed)
     entries = [dict(name=s, instance_dir=str(demo.SUBJECTS_DIR / s), class_noun=render.SUBJECTS[s]["cls"], identifier=None)
                for s in pair]
     return dataclasses.replace(single, instance_dir="", class_noun="", identifier=None, subjects=entries,
@@ -113,18 +117,19 @@ def pair_config(root: Path, pair: tuple[str, str], seed: int, max_train_steps: i
                                max_train_steps=len(pair) * (max_train_steps or single.max_train_steps))
 
 
-def render_pictures(pipe, subject: str, phrase: str):
+def render_pictures(pipe, subject: str, phrase: str, guidance_scale: float):
     """The subject's prompt suites (named by `phrase`) and the plain class prompt, from a tuned pipeline."""
-    return demo.sample_suites(pipe, subject, phrase), demo.class_prompt_images(pipe, subject)[1]
+    return (demo.sample_suites(pipe, subject, phrase, guidance_scale=guidance_scale),
+            demo.class_prompt_images(pipe, subject, guidance_scale=guidance_scale)[1])
 
 
-def base_class_pictures(model: str, subjects) -> dict[str, list]:
+def base_class_pictures(model: str, subjects, guidance_scale: float) -> dict[str, list]:
     """The base model's class-prompt pictures (PRES seeds) of each class of `subjects`, rendered once per class."""
     pipe, out = load_pipeline(model), {}
     for subject in subjects:
         cls = render.SUBJECTS[subject]["cls"]
         if cls not in out:
-            out[cls] = demo.class_prompt_images(pipe, subject)[1]
+            out[cls] = demo.class_prompt_images(pipe, subject, guidance_scale=guidance_scale)[1]
     return out
 
 
@@ -144,7 +149,8 @@ def score_subject(oracle, suites: dict, class_images, subject: str, base_images,
 def make_record(recipe: str, subject: str, seed: int, summary: dict, identifier: str, instance_prompt: str,
                 class_noun: str, scored: dict, started: float) -> dict:
     cfg = summary["config"]
-    return dict(recipe=recipe, what=RECIPES[recipe], subject=subject, seed=seed, true_class=render.SUBJECTS[subject]["cls"],
+    return dict(recipe=recipe, what=RECIPES[recipe], model=cfg.get("pretrained_model"), subject=subject, seed=seed,
+                true_class=render.SUBJECTS[subject]["cls"],
                 class_noun=class_noun, identifier=identifier, instance_prompt=instance_prompt, partner=partner(subject),
                 **scored, config={k: cfg.get(k) for k in CONFIG_FIELDS},
                 train=dict(steps=summary["steps"], final_loss=summary["final_loss"], wall_time_s=summary["wall_time_s"],
@@ -170,13 +176,14 @@ def drop_weights(folder: Path) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def run_single(root, recipe, subject, seed, oracle, base, max_train_steps, keep_weights, log) -> None:
+def run_single(root, recipe, subject, seed, oracle, base, max_train_steps, keep_weights, log, model=TOY_MODEL_DIR) -> None:
     started = time.time()
-    cfg = run_config(root, recipe, subject, seed, max_train_steps)
+    cfg = run_config(root, recipe, subject, seed, max_train_steps, model)
     fresh_folder(Path(cfg.output_dir))
     summary = train(cfg, log=log, progress=False)
     noun = cfg.class_noun if "{class_noun}" in cfg.instance_prompt_template else ""  # as trained; class prompt: true class
-    suites, class_images = render_pictures(demo.load_tuned(cfg), subject, f"{summary['identifier']} {noun}".strip())
+    suites, class_images = render_pictures(demo.load_tuned(cfg), subject, f"{summary['identifier']} {noun}".strip(),
+                                           demo.guidance_for(model))
     scored = score_subject(oracle, suites, class_images, subject, base[render.SUBJECTS[subject]["cls"]], partner(subject))
     record = make_record(recipe, subject, seed, summary, summary["identifier"], summary["instance_prompt"], noun, scored, started)
     write_record(root, record)
@@ -184,15 +191,16 @@ def run_single(root, recipe, subject, seed, oracle, base, max_train_steps, keep_
         drop_weights(Path(cfg.output_dir))
 
 
-def run_pair(root, pair, seed, oracle, base, max_train_steps, keep_weights, log) -> None:
+def run_pair(root, pair, seed, oracle, base, max_train_steps, keep_weights, log, model=TOY_MODEL_DIR) -> None:
     started = time.time()
-    cfg = pair_config(root, pair, seed, max_train_steps)
+    cfg = pair_config(root, pair, seed, max_train_steps, model)
     fresh_folder(Path(cfg.output_dir))
     summary = train(cfg, log=log, progress=False)
     pipe = demo.load_tuned(cfg)
     records = []
     for subject, entry in zip(pair, summary["subjects"]):
-        suites, class_images = render_pictures(pipe, subject, f"{entry['identifier']} {entry['class_noun']}")
+        suites, class_images = render_pictures(pipe, subject, f"{entry['identifier']} {entry['class_noun']}",
+                                               demo.guidance_for(model))
         scored = score_subject(oracle, suites, class_images, subject, base[entry["class_noun"]], partner(subject))
         records.append(make_record("multi_subject", subject, seed, summary, entry["identifier"], entry["instance_prompt"],
                                    entry["class_noun"], dict(scored, pair=list(pair)), started))
@@ -201,6 +209,23 @@ def run_pair(root, pair, seed, oracle, base, max_train_steps, keep_weights, log)
         write_record(root, record)
     if not keep_weights:
         drop_weights(Path(cfg.output_dir))
+
+
+def check_model(root: Path, model: str) -> None:
+    """One base model per bench folder: finished runs are skipped by name, so another model's would be taken
+    for this one's. bench.json records the model; a folder of runs without it is the toy SD model's (older benches)."""
+    manifest = root / "bench.json"
+    if manifest.is_file():
+        made_with = json.loads(manifest.read_text())["model"]
+    elif (root / "runs").is_dir():
+        made_with = TOY_MODEL_DIR
+    else:
+        made_with = model
+    if Path(made_with).resolve() != Path(model).resolve():
+        raise InputError(f"{root} holds a bench of {made_with}, not {model}: give another --output_dir")
+    if not manifest.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        write_text_durably(manifest, json.dumps(dict(model=made_with), indent=1))
 
 
 def check_selection(subjects, seeds, recipes) -> None:
@@ -216,13 +241,20 @@ def check_selection(subjects, seeds, recipes) -> None:
 
 
 def run_bench(output_dir="runs/toy_bench", subjects=None, seeds=(0, 1, 2), recipes=None, max_train_steps=None,
-              keep_weights=False, images_dir=None, oracle=None, log=print) -> dict:
+              keep_weights=False, images_dir=None, oracle=None, log=print, model: str = TOY_MODEL_DIR) -> dict:
     """Train and score every missing (recipe, subject, seed) run, seed by seed, then write the report.
-    multi_subject trains each pair holding a selected subject (both records written)."""
-    subjects, recipes = list(dict.fromkeys(subjects or render.SUBJECTS)), list(dict.fromkeys(recipes or RECIPES))
+    multi_subject trains each pair holding a selected subject (both records written). `model`: the toy base
+    model the runs start from (demo_config's recipe for it; the flow model's pictures at its guidance)."""
+    if recipes is None:  # the lora recipe's rank, rates and steps were swept on the toy SD model only
+        recipes = [r for r in RECIPES if r != "lora" or is_toy_model(model)]
+    subjects, recipes = list(dict.fromkeys(subjects or render.SUBJECTS)), list(dict.fromkeys(recipes))
     seeds = list(dict.fromkeys(int(s) for s in seeds))  # a name given twice runs once
     check_selection(subjects, seeds, recipes)
+    if "lora" in recipes and not is_toy_model(model):
+        raise InputError(f"--recipes lora: its rank, rates and steps were swept on {TOY_MODEL_DIR} only, not on {model}; "
+                         "leave it out")
     root = Path(output_dir)
+    check_model(root, model)
     pairs = [p for p in multi_subject_pairs() if set(p) & set(subjects)]
     todo = [(seed, recipe, members) for seed in seeds for recipe in RECIPES if recipe in recipes  # seed by seed
             for members in (pairs if recipe == "multi_subject" else [(s,) for s in subjects])
@@ -230,13 +262,13 @@ def run_bench(output_dir="runs/toy_bench", subjects=None, seeds=(0, 1, 2), recip
     log(f"bench: {len(todo)} runs to do in {root} (finished runs skipped)")
     if todo:
         oracle = oracle or oracle_lib.load_oracle()
-        base = base_class_pictures(TOY_MODEL_DIR, sorted({s for *_, ss in todo for s in ss}))
+        base = base_class_pictures(model, sorted({s for *_, ss in todo for s in ss}), demo.guidance_for(model))
     for k, (seed, recipe, members) in enumerate(todo):
         log(f"bench run {k + 1}/{len(todo)}: {recipe} {'+'.join(members)} seed {seed}")
         if recipe == "multi_subject":
-            run_pair(root, members, seed, oracle, base, max_train_steps, keep_weights, log)
+            run_pair(root, members, seed, oracle, base, max_train_steps, keep_weights, log, model)
         else:
-            run_single(root, recipe, members[0], seed, oracle, base, max_train_steps, keep_weights, log)
+            run_single(root, recipe, members[0], seed, oracle, base, max_train_steps, keep_weights, log, model)
     return write_report(root, Path(images_dir) if images_dir else root / "report", log)
 
 
@@ -320,7 +352,10 @@ def write_report(root: Path, images_dir: Path, log=print) -> dict:
         mine = [x for x in runs if x["recipe"] == recipe]
         return f"{_subject_count(runs, recipe)} x {len({x['seed'] for x in mine})}"
 
-    lines = ["# Toy DreamBench", "", f"Each cell: mean [95 % interval]. Interval: {INTERVAL}; n<2: runs of one subject, "
+    manifest = root / "bench.json"
+    model = json.loads(manifest.read_text())["model"] if manifest.is_file() else TOY_MODEL_DIR
+    lines = ["# Toy DreamBench", "", f"Base model: `{model}`.", "",
+             f"Each cell: mean [95 % interval]. Interval: {INTERVAL}; n<2: runs of one subject, "
              "no interval. Metrics: oracle shares (docs/toy_world.md); PRES, class context shift and cross-talk: "
              "lower is better.", "", "## Per recipe", "",
              "| recipe | subjects x seeds | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 2) + "|"]
@@ -342,7 +377,7 @@ def write_report(root: Path, images_dir: Path, log=print) -> dict:
               "Multi-subject pairs: " + ", ".join(" + ".join(p) for p in multi_subject_pairs()) + "."]
     images_dir.mkdir(parents=True, exist_ok=True)
     (images_dir / "toy_bench.md").write_text("\n".join(lines) + "\n")
-    result = dict(interval=INTERVAL, summary=summary, paired=paired, cross_talk=talk, timing=timing, runs=runs)
+    result = dict(model=model, interval=INTERVAL, summary=summary, paired=paired, cross_talk=talk, timing=timing, runs=runs)
     (images_dir / "toy_bench_runs.json").write_text(json.dumps(result, indent=1))
     plot_bench(summary, images_dir / "toy_bench.png")
     log("\n".join(lines))
