@@ -40,7 +40,7 @@ from safetensors.torch import save_file
 
 from . import families
 from .errors import InputError
-from .fsio import publish
+from .fsio import publish, sort_safetensors_metadata
 from .sample import is_run, read_run
 from .weights import LORA_WEIGHTS
 
@@ -207,5 +207,6 @@ def export_lora(path: str | Path, out: str | Path | None = None, format: str = "
         metadata |= {"ss_sd_model_name": run.base_model, "ss_training_comment": f"DreamBooth; prompt it with '{trigger}'"}
     tmp = out.with_name(f".tmp-{out.name}")
     save_file({k: v.contiguous() for k, v in kohya.items()}, tmp, metadata=metadata)
+    sort_safetensors_metadata(tmp)
     publish(tmp, out)
     return out

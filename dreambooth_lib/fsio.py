@@ -8,6 +8,7 @@ of the disk (full, quota, I/O) is told apart from a bug (`is_write_failure`) and
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 from pathlib import Path
@@ -44,6 +45,24 @@ def publish(tmp: Path, final: Path) -> None:
         fsync(tmp)
     os.replace(tmp, final)
     fsync(final.parent)
+
+
+def sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header with its __metadata__ keys sorted, so that the same weights give the
+    same bytes: safetensors writes that map in hash order, different in every process (the tensors' entries
+    are already in a fixed order). Same keys and values, so the header keeps its length and the tensor data
+    is not touched; a file being written (a temporary copy before `publish`) is the one to pass."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        if not header.get("__metadata__"):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) > size:  # an escape written otherwise than safetensors did: keep its header as it is
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
 
 
 def write_text_durably(path: Path, text: str) -> None:

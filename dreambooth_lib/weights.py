@@ -13,6 +13,7 @@ from . import families
 from .config import TrainConfig
 from .errors import InputError
 from .families import as_tuple
+from .fsio import sort_safetensors_metadata
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file training writes and load_lora_weights reads
 
@@ -21,6 +22,12 @@ def lora_layers(model: torch.nn.Module, key_format: str = "diffusers") -> dict[s
     """The adapter weights of `model`, keyed as the family's loader writes them (family.LORA_KEY_FORMAT)."""
     layers = get_peft_model_state_dict(model, save_embedding_layers=False)
     return convert_state_dict_to_diffusers(layers) if key_format == "diffusers" else layers
+
+
+def adapter_metadata(module) -> dict:
+    """The module's LoraConfig as saved beside its LoRA weights: sets as sorted lists, dropout 0 (see save_weights)."""
+    config = module.peft_config["default"].to_dict()
+    return {**{k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}, "lora_dropout": 0.0}
 
 
 def save_weights(folder: Path, denoiser, text_encoder, cfg: TrainConfig, family=None) -> None:
@@ -34,11 +41,12 @@ def save_weights(folder: Path, denoiser, text_encoder, cfg: TrainConfig, family=
         # lora_alpha = rank, and a run trained with another alpha would be sampled at the wrong scale.
         # Dropout is left out (0): diffusers builds the loaded adapter's Dropout in training mode, which
         # would make sampling random for a run trained with lora_dropout > 0.
+        # Sets (target_modules) are written sorted and the header's keys in order: the same weights, the same file.
         named = [(family.DENOISER, denoiser)] + (list(zip(family.TEXT_ENCODERS, encoders)) if cfg.train_text_encoder else [])
         family.LORA_LOADER.save_lora_weights(
             folder, **{f"{name}_lora_layers": lora_layers(module, family.LORA_KEY_FORMAT) for name, module in named},
-            **{f"{name}_lora_adapter_metadata": {**module.peft_config["default"].to_dict(), "lora_dropout": 0.0}
-               for name, module in named})
+            **{f"{name}_lora_adapter_metadata": adapter_metadata(module) for name, module in named})
+        sort_safetensors_metadata(folder / LORA_WEIGHTS)
     else:
         denoiser.save_pretrained(folder / family.DENOISER)
         if cfg.train_text_encoder:

@@ -69,6 +69,8 @@ def test_kohya_file_holds_every_tensor_under_kohya_names_with_alphas(lora_run, t
         # From the run folder: its base model and trigger words, as its summary.json records them.
         assert f.metadata()["ss_sd_model_name"] == str(tiny_model_dir.resolve())
         assert "'sks dog'" in f.metadata()["ss_training_comment"]
+    # the same LoRA, the same bytes (safetensors writes its metadata in hash order; export sorts it)
+    assert export_lora(lora_run, out.with_name("again.safetensors")).read_bytes() == out.read_bytes()
 
 
 def test_diffusers_loads_the_kohya_file_back_to_the_same_adapters_and_images(lora_run, tiny_model_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -43,6 +44,26 @@ def lora_dir(tiny_model_dir, tmp_path, request):
     in_memory = generate(pipe, PROMPT, [0, 1], num_inference_steps=2, progress=False)
     W.save_weights(tmp_path / "lora", pipe.unet, pipe.text_encoder, cfg)
     return tmp_path / "lora", in_memory
+
+
+def test_the_same_lora_is_saved_as_the_same_bytes(tiny_model_dir, tmp_path):
+    """safetensors writes its metadata map in hash order (it changes from save to save within one process) and
+    peft keeps target_modules as a set (its order follows PYTHONHASHSEED): save_weights sorts both."""
+    cfg = TrainConfig(pretrained_model=str(tiny_model_dir), use_lora=True, train_text_encoder=True)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir)
+    M.add_lora(pipe.unet, pipe.text_encoder, cfg)
+    files = []
+    for k in range(8):  # 2 metadata keys: unsorted, 8 saves all alike by chance 1 time in 128
+        W.save_weights(tmp_path / f"lora{k}", pipe.unet, pipe.text_encoder, cfg)
+        files.append((tmp_path / f"lora{k}" / W.LORA_WEIGHTS).read_bytes())
+    assert all(f == files[0] for f in files)
+    size = int.from_bytes(files[0][:8], "little")
+    meta = json.loads(files[0][8:8 + size])["__metadata__"]  # as written (safe_open's metadata() is a hash map)
+    assert list(meta) == sorted(meta) == ["format", "lora_adapter_metadata"]
+    adapters = json.loads(meta["lora_adapter_metadata"])
+    targets = {k: v for k, v in adapters.items() if k.endswith(".target_modules")}
+    assert set(targets) == {"unet.target_modules", "text_encoder.target_modules"}
+    assert all(v == sorted(v) and len(v) > 1 for v in targets.values())
 
 
 def test_lora_round_trip_and_zero_scales(tiny_model_dir, lora_dir):
