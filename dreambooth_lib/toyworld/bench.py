@@ -379,13 +379,13 @@ def write_report(root: Path, images_dir: Path, log=print) -> dict:
     (images_dir / "toy_bench.md").write_text("\n".join(lines) + "\n")
     result = dict(model=model, interval=INTERVAL, summary=summary, paired=paired, cross_talk=talk, timing=timing, runs=runs)
     (images_dir / "toy_bench_runs.json").write_text(json.dumps(result, indent=1))
-    plot_bench(summary, images_dir / "toy_bench.png")
+    plot_bench(summary, images_dir / "toy_bench.png", model)
     log("\n".join(lines))
     log(f"bench report written to {images_dir}/toy_bench.{{md,png}} and toy_bench_runs.json ({len(runs)} runs)")
     return result
 
 
-def plot_bench(summary: dict, path: Path) -> None:
+def plot_bench(summary: dict, path: Path, model: str = TOY_MODEL_DIR) -> None:
     """Grouped bars: per metric, one bar per recipe at its mean with its 95 % t-interval (none for n<2)."""
     metrics = [m for m in METRICS if m != "class_div"]
     x, width = np.arange(len(metrics)), 0.8 / len(summary)
@@ -400,7 +400,8 @@ def plot_bench(summary: dict, path: Path) -> None:
                                                        for m in metrics], fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=8, ncol=len(summary), loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: bars stay visible
-    ax.set_title("toy DreamBench: mean and 95 % t-interval over subjects (PRES, context shift, cross-talk: lower is better)",
+    ax.set_title(f"toy DreamBench on {Path(model).name}: mean and 95 % t-interval over subjects "
+                 "(PRES, context shift, cross-talk: lower is better)",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
