@@ -135,6 +135,34 @@ def test_interrupted_bench_resumes_without_redoing_finished_runs(tmp_path, fakes
     assert again.calls == []  # everything finished: nothing trains, the report is rebuilt
 
 
+def test_a_run_killed_after_its_record_loses_its_weights_on_the_next_bench(tmp_path, fakes, monkeypatch):
+    kw = dict(subjects=[A], seeds=[0], recipes=["prior", "multi_subject"], max_train_steps=3, oracle=FakeOracle(),
+              log=lambda *a: None)
+    fakes(FakeTrain())
+    drop = bench.drop_weights
+
+    def killed(folder):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(bench, "drop_weights", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_bench(tmp_path, **kw)  # killed between the single run's record and its weights' deletion
+    single = bench.record_path(tmp_path, "prior", A, 0)
+    assert single.is_file() and (single.with_suffix("") / "unet" / "weights.safetensors").is_file()
+    monkeypatch.setattr(bench, "drop_weights", drop)
+    again = FakeTrain()
+    fakes(again)
+    bench.run_bench(tmp_path, **kw)
+    assert [Path(c.output_dir).parts[-3] for c in again.calls] == ["multi_subject"]  # the single run is not redone
+    pair = tmp_path / "runs" / "multi_subject" / f"{A}+{B}" / "seed0"
+    for folder in (single.with_suffix(""), pair):
+        assert [p.name for p in folder.iterdir()] == ["summary.json"], folder
+    kept = tmp_path / "kept"  # with keep_weights, nothing is dropped
+    fakes(FakeTrain())
+    bench.run_bench(kept, keep_weights=True, **kw)
+    assert (bench.record_path(kept, "prior", A, 0).with_suffix("") / "unet" / "weights.safetensors").is_file()
+
+
 def test_scores_are_the_oracle_shares_of_the_pictures(tmp_path, fakes):
     fakes(FakeTrain())
     bench.run_bench(tmp_path, subjects=[A], seeds=[0], recipes=["prior"], oracle=FakeOracle(), log=lambda *a: None)

@@ -13,7 +13,8 @@ Under --output_dir (default runs/toy_bench):
     runs/<recipe>/<subject>/seed<k>.json   one finished run, written atomically once scored: a rerun skips it
     runs/<recipe>/<subject>/seed<k>/       its training folder (weights deleted after scoring unless keep_weights)
     runs/multi_subject/<a>+<b>/seed<k>/    a two-subject run; its records are runs/multi_subject/<a>/seed<k>.json and <b>'s
-A training folder without its JSON is an interrupted run: it is deleted and trained again from scratch.
+A training folder without its JSON is an interrupted run: it is deleted and trained again from scratch; one
+with its JSON keeps only its summary.json (unless keep_weights), as when the run was scored.
 """
 
 from __future__ import annotations
@@ -211,6 +212,15 @@ def run_pair(root, pair, seed, oracle, base, max_train_steps, keep_weights, log,
         drop_weights(Path(cfg.output_dir))
 
 
+def drop_leftover_weights(root: Path) -> None:
+    """The weights of finished runs: a run killed between writing its JSON and dropping them left them behind."""
+    for folder in root.glob("runs/*/*/seed*"):
+        if folder.is_dir() and folder.name[4:].isdigit():
+            recipe, members, seed = folder.parts[-3], folder.parts[-2].split("+"), int(folder.name[4:])
+            if all(record_path(root, recipe, s, seed).is_file() for s in members):
+                drop_weights(folder)
+
+
 def check_model(root: Path, model: str) -> None:
     """One base model per bench folder: finished runs are skipped by name, so another model's would be taken
     for this one's. bench.json records the model; a folder of runs without it is the toy SD model's (older benches)."""
@@ -259,6 +269,8 @@ def run_bench(output_dir="runs/toy_bench", subjects=None, seeds=(0, 1, 2), recip
     todo = [(seed, recipe, members) for seed in seeds for recipe in RECIPES if recipe in recipes  # seed by seed
             for members in (pairs if recipe == "multi_subject" else [(s,) for s in subjects])
             if not all(record_path(root, recipe, s, seed).is_file() for s in members)]
+    if not keep_weights:
+        drop_leftover_weights(root)
     log(f"bench: {len(todo)} runs to do in {root} (finished runs skipped)")
     if todo:
         oracle = oracle or oracle_lib.load_oracle()
