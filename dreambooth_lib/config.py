@@ -14,9 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+REPO = Path(__file__).resolve().parent.parent
 # The project's own pretrained toy base model: the embedded default (see docs/toy_world.md).
-TOY_MODEL_DIR = str(Path(__file__).resolve().parent.parent / "data" / "toy_model")
+TOY_MODEL_DIR = str(REPO / "data" / "toy_model")
 TOY_FLOW_MODEL_DIR = str(Path(TOY_MODEL_DIR).with_name("toy_flow_model"))  # FLUX.2 [klein] architecture (toyworld/pretrain_flow.py)
+
+
+def repo_relative(path: str | Path) -> str:
+    """A path as committed logs record it: relative to the checkout when inside it (not this machine's folder)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO) if path.is_relative_to(REPO) else path)
 
 
 @dataclass
@@ -80,7 +87,7 @@ class TrainConfig:
     lora_modules: list[str] = field(default_factory=lambda: ["default"])  # the denoiser's Linear layers given adapters: a preset of the family ("default": SD/SDXL attention to_q to_k to_v to_out.0, as diffusers; FLUX.1 diffusers' set with the feed-forwards; "attention": attention only) or layer names (e.g. to_q to_k to_v to_out.0 ff.net.0.proj ff.net.2). Conv2d adapters did not survive diffusers 0.42's load_lora_weights in our round-trip test
     train_text_encoder: bool = False  # also train the text encoder(s) (full or LoRA q/k/v/out); off as in diffusers (SD's text encoder costs memory); the toy sweeps trained it (UNet only: subject fidelity ~0.4); FLUX: CLIP only, T5 stays frozen
     # --- speed and memory --------------------------------------------------------------------
-    mixed_precision: str = "no"  # "no", "fp16" or "bf16"; trainable weights stay fp32. FLUX: "bf16" or "no" (fp16 overflows its activations: refused)
+    mixed_precision: str = "no"  # "no", "fp16" or "bf16"; trainable weights stay fp32. FLUX: "bf16" or "no" (fp16 overflows its activations: refused). "auto" = the family's half precision on CUDA (SD/SDXL fp16, FLUX bf16), "no" on a CPU
     gradient_checkpointing: bool | str = "auto"  # recompute activations in backward (~1.9x slower SD1.5 steps, less memory); "auto" = only when the step would not fit free CUDA memory without it (never on CPU)
     channels_last: bool | str = "auto"  # NHWC memory layout for UNet and VAE (cuDNN's own: no layout-conversion kernels around convolutions); "auto" = on CUDA only
     cache_latents: bool = True  # encode instance/class images with the VAE once

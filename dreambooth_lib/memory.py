@@ -142,6 +142,20 @@ def torch_dtype(precision: str) -> torch.dtype:
     return DTYPES[precision]
 
 
+def bf16_hardware_warning(device) -> str | None:
+    """A warning for bf16 on a CUDA GPU without bf16 units (compute capability < 8.0: T4, V100, RTX 20xx), else
+    None. torch.cuda.is_bf16_supported() answers True there (it counts emulation), so nothing else says it."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return None
+    return (f"warning: {torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has no bf16 units: "
+            "bf16 runs emulated there, not at its fp16 speed. FLUX needs bf16 (fp16 overflows its activations); "
+            "an Ampere or newer GPU (A100, L4, A10, RTX 30xx / 40xx) runs it natively")
+
+
 def use_channels_last(setting: bool | str, device) -> bool:
     """channels_last resolved: "auto" = on CUDA (cuDNN's native layout), off elsewhere."""
     return torch.device(device).type == "cuda" if setting == "auto" else bool(setting)

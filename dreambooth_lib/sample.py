@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from .config import TrainConfig
 from .data import fill_prompt  # noqa: F401  (for the prompts of a run, as above)
 from .errors import InputError
 from .families import Models, as_tuple
-from .memory import torch_dtype
+from .memory import bf16_hardware_warning, torch_dtype
 from .weights import LORA_WEIGHTS
 
 SUMMARY = "summary.json"  # what train writes into a finished run's output_dir
@@ -156,6 +157,8 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
         vae_model = vae_model or config.get("vae_model")
     family = families.resolve(model_family, str(model), revision)
     dtype = dtype or (torch_dtype(family.HALF_DTYPE) if device.type == "cuda" else torch.float32)
+    if dtype == torch.bfloat16 and (warning := bf16_hardware_warning(device)):
+        warnings.warn(warning.removeprefix("warning: "), stacklevel=2)
     if checkpoint:
         if (folder / family.DENOISER).is_dir():
             parts[family.DENOISER] = family.DENOISER_CLASS.from_pretrained(folder / family.DENOISER, dtype=dtype)

@@ -41,7 +41,7 @@ from .disk import check_disk_space, checkpoint_bytes, early_disk_check, final_by
 from .errors import InputError
 from .fsio import write_text_durably
 from .families import Models
-from .memory import peak_memory
+from .memory import bf16_hardware_warning, peak_memory
 from .models import (load_models, load_tokenizer, make_optimizer, offload_frozen_text_encoders, optimizer_name,
                      parameter_groups, prepare_models, trained_modules)
 from .sample import render_validation
@@ -179,6 +179,8 @@ def train(cfg: TrainConfig, log=print, progress: bool = True, models: Models | N
     fsdp = distributed.check_sharding(accelerator, info)  # an FSDP launch that accelerate set up otherwise: refused
     for line in auto_lines:
         info(line)
+    if cfg.mixed_precision == "bf16" and (warning := bf16_hardware_warning(accelerator.device)):
+        info(warning)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     set_seed(cfg.seed)  # LoRA init and dropout; per-step draws use step_generator

@@ -15,7 +15,7 @@ from .data import _has_word, build_prompts, fill_prompt, load_instance_images
 from .errors import InputError
 from .subjects import subjects_of
 
-MIXED_PRECISIONS = ("no", "fp16", "bf16")
+MIXED_PRECISIONS = ("no", "fp16", "bf16", "auto")  # "auto": families.with_family_defaults
 PRECISIONS = ("fp32", "fp16", "bf16")  # of the VAE, the class images and the saved pipeline; plus "auto" for the first two
 OPTIMIZERS = ("auto", "adamw", "adamw8bit", "adamw8bit-torchao")
 COMPILE_TARGETS = ("off", "step", "unet", "blocks")

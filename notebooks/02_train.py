@@ -75,7 +75,7 @@ PRIOR_LOSS_WEIGHT = 1.0  #@param {type:"number"}
 USE_8BIT_ADAM = "auto"  #@param ["auto", "yes", "no"]
 # auto = on a GPU, torch AdamW when its fp32 states fit the free memory, else bitsandbytes AdamW8bit; torch AdamW on a CPU
 MIXED_PRECISION = "auto"  #@param ["auto", "no", "fp16", "bf16"]
-# auto = fp16 on a GPU, none on a CPU
+# auto = the family's half precision on a GPU (Stable Diffusion fp16, FLUX bf16), none on a CPU
 GRADIENT_CHECKPOINTING = "auto"  #@param ["auto", "on", "off"]
 # auto = only when the step would not fit the GPU's free memory without it (~1.9x slower steps); never on a CPU
 VALIDATION_STEPS = 100  #@param {type:"integer"}
@@ -123,7 +123,7 @@ cfg = dataclasses.replace(
     with_prior_preservation=PRIOR_PRESERVATION,
     prior_loss_weight=PRIOR_LOSS_WEIGHT,
     optimizer={"yes": "adamw8bit", "no": "adamw"}.get(USE_8BIT_ADAM, "auto" if cuda else "adamw"),
-    mixed_precision=("fp16" if cuda else "no") if MIXED_PRECISION == "auto" else MIXED_PRECISION,
+    mixed_precision=MIXED_PRECISION,
     gradient_checkpointing={"on": True, "off": False}.get(GRADIENT_CHECKPOINTING, "auto"),
     validation_steps=VALIDATION_STEPS,
     checkpointing_steps=CHECKPOINTING_STEPS,
@@ -160,7 +160,7 @@ if cuda:
     free, total = torch.cuda.mem_get_info()
     print(f"device: {gpu.name}, {total / 2**30:.1f} GiB total, {free / 2**30:.1f} GiB free")
 else:
-    print(f"device: CPU only ({os.cpu_count()} cores); optimizer {cfg.optimizer}, mixed precision {cfg.mixed_precision}")
+    print(f"device: CPU only ({os.cpu_count()} cores); optimizer {cfg.optimizer}, mixed precision {families.with_family_defaults(cfg).mixed_precision}")
 
 # %% [markdown]
 # ## Train

@@ -11,7 +11,7 @@ import dreambooth_lib.models as M
 import dreambooth_lib.validate as V
 import dreambooth_lib.train as T
 from dreambooth_lib import data, families
-from dreambooth_lib.config import TOY_MODEL_DIR, TrainConfig
+from dreambooth_lib.config import TOY_FLOW_MODEL_DIR, TOY_MODEL_DIR, TrainConfig
 from dreambooth_lib.tiny import save_tiny_pipeline
 
 
@@ -39,6 +39,26 @@ def test_unknown_or_missing_models_fail_with_what_to_do(tiny_model_dir, tmp_path
     assert not (tmp_path / "run").exists()
 
 
+def test_a_gated_hub_model_says_to_accept_its_licence_and_log_in(monkeypatch, tmp_path, instance_dir):
+    import httpx2
+    from diffusers import DiffusionPipeline
+    from huggingface_hub.errors import GatedRepoError
+
+    def gated(model, **_):  # what diffusers' load_config does with huggingface_hub's answer for a gated repo
+        try:
+            raise GatedRepoError("401: access to this model is restricted",
+                                 response=httpx2.Response(401, request=httpx2.Request("GET", "https://huggingface.co")))
+        except GatedRepoError:
+            raise EnvironmentError(f"{model} is not a local folder and is not a valid model identifier")
+
+    monkeypatch.setattr(DiffusionPipeline, "load_config", gated)
+    cfg = TrainConfig(pretrained_model="black-forest-labs/FLUX.1-dev", instance_dir=str(instance_dir),
+                      class_noun="dog", output_dir=str(tmp_path / "run"), resolution=32)
+    with pytest.raises(data.InputError, match=r"gated hub repository.*huggingface.co/black-forest-labs/FLUX.1-dev.*hf auth login"):
+        T.train(cfg, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_prepare_training_refuses_models_of_another_family(tiny_model_dir, tmp_path, instance_dir):
     cfg = TrainConfig(pretrained_model=str(tiny_model_dir), instance_dir=str(instance_dir), resolution=32,
                       with_prior_preservation=False)
@@ -62,6 +82,19 @@ def test_resolution_follows_the_model_unless_set(tmp_path, instance_dir):
     small = save_tiny_pipeline(tmp_path / "small", sample_size=8)  # 16 px pictures
     summary = T.train(TrainConfig(pretrained_model=str(small), instance_dir=str(instance_dir), class_noun="dog",
                                   identifier="sks", with_prior_preservation=False, max_train_steps=1, optimizer="adamw",
-                                  checkpointing_steps=0, validation_steps=0, output_dir=str(tmp_path / "run")),
+                                  checkpointing_steps=0, validation_steps=0, output_dir=str(tmp_path / "run"),
+                                  mixed_precision="auto"),
                       progress=False)
     assert summary["config"]["resolution"] == 16
+    assert summary["config"]["mixed_precision"] == "no"  # "auto" on a CPU
+
+
+def test_auto_mixed_precision_is_the_familys_half_precision_on_cuda_and_none_on_a_cpu():
+    # configs only: the committed toy models stand for SD (fp16) and FLUX.2 (bf16; fp16 overflows FLUX)
+    for model, on_cuda in ((TOY_MODEL_DIR, "fp16"), (TOY_FLOW_MODEL_DIR, "bf16")):
+        cfg = TrainConfig(pretrained_model=model, mixed_precision="auto")
+        assert families.with_family_defaults(cfg, cuda=True).mixed_precision == on_cuda
+        assert families.with_family_defaults(cfg, cuda=False).mixed_precision == "no"
+        families.check(families.with_family_defaults(cfg, cuda=True))  # FLUX's fp16 refusal is not triggered
+    set_value = TrainConfig(pretrained_model=TOY_FLOW_MODEL_DIR, mixed_precision="no")
+    assert families.with_family_defaults(set_value, cuda=True).mixed_precision == "no"  # a set value wins

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dreambooth_lib import memory
 
@@ -88,3 +89,14 @@ def test_class_batch_size_from_free_memory():
     assert memory.class_batch_size(16 * GB, SD15_UNET, 64, 4, 0, most=200) == 200  # 64 px: every image in one call
     assert memory.class_batch_size(16 * GB, SD15_UNET, 64, 4, 0, most=3) == 3
     assert memory.class_batch_size(3 * GB, SD15_UNET, 512, 2, weights) == 1  # barely room for the weights: 1, not 0
+
+
+def test_bf16_on_a_gpu_without_bf16_units_is_named_as_emulated(monkeypatch):
+    # torch.cuda.is_bf16_supported() is True on a T4 (it counts emulation): the capability decides
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    warning = memory.bf16_hardware_warning("cuda:0")
+    assert "Tesla T4 (compute capability 7.5) has no bf16 units" in warning and "FLUX needs bf16" in warning
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))  # L4
+    assert memory.bf16_hardware_warning("cuda:0") is None
+    assert memory.bf16_hardware_warning("cpu") is None

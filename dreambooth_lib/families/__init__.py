@@ -52,6 +52,8 @@ import dataclasses
 import re
 import warnings
 
+import torch
+
 from . import flux, flux2, sd, sdxl
 from .base import (CLIP_ATTENTION, Models, as_tuple, base_quantization, check_quantization, dtype_kw,  # noqa: F401  (the seam's API)
                    encode_latents, load_vae, model_index, vae_config, vae_scale_factor)
@@ -110,11 +112,15 @@ def lora_targets(family, names: list[str]) -> list[str]:
     return list(names)
 
 
-def with_family_defaults(cfg):
+def with_family_defaults(cfg, cuda: bool | None = None):
     """cfg with what "the family's" settings leave open filled in: resolution (with_native_resolution),
-    class and validation guidance, class-image sampler."""
+    class and validation guidance, class-image sampler, and "auto" mixed precision: the family's half
+    precision when training on CUDA (cuda=None: torch.cuda.is_available()), "no" on a CPU."""
     cfg = with_native_resolution(cfg)
     family = of(cfg)
+    if cfg.mixed_precision == "auto":
+        cuda = torch.cuda.is_available() if cuda is None else cuda
+        cfg = dataclasses.replace(cfg, mixed_precision=family.HALF_DTYPE if cuda else "no")
     return dataclasses.replace(
         cfg, class_sampler=family.CLASS_SAMPLERS[0] if cfg.class_sampler == "auto" else cfg.class_sampler,
         class_guidance_scale=family.DEFAULT_GUIDANCE if cfg.class_guidance_scale is None else cfg.class_guidance_scale,

@@ -12,6 +12,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, BitsAndBytesConfig, DiffusionPipeline
 from diffusers.quantizers import DiffusersAutoQuantizer
+from huggingface_hub.errors import GatedRepoError
 
 from ..errors import InputError
 from ..memory import torch_dtype
@@ -89,6 +90,10 @@ def model_index(model: str, revision: str | None = None) -> dict:
     try:
         return DiffusionPipeline.load_config(model, revision=revision)
     except OSError as err:
+        if isinstance(err.__context__, GatedRepoError):  # diffusers reports it as "not a valid model identifier"
+            raise InputError(f"pretrained_model {model!r} is a gated hub repository (e.g. FLUX.1 [dev]): accept its "
+                             f"licence at https://huggingface.co/{model} with your account, then log in here "
+                             "(`hf auth login`; in Colab an HF_TOKEN secret) and run again") from err
         raise InputError(f"pretrained_model {model!r} is neither a local folder nor a reachable hub id ({err}); "
                          "check the path, or download the model first") from err
 

@@ -22,13 +22,12 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from dreambooth_lib import families
-from dreambooth_lib.config import TOY_MODEL_DIR, TrainConfig, is_toy_model, resolve_auto
+from dreambooth_lib.config import REPO, TOY_MODEL_DIR, TrainConfig, is_toy_model, repo_relative, resolve_auto
 from dreambooth_lib.sample import generate, load_pipeline
 from dreambooth_lib.toyworld import oracle as oracle_lib
 from dreambooth_lib.toyworld import render
 from dreambooth_lib.train import train
 
-REPO = Path(__file__).resolve().parents[2]
 SUBJECTS_DIR = REPO / "data" / "subjects"
 SEEDS = list(range(8))  # images per prompt; image k of every prompt uses seed k
 PRES_SEEDS = list(range(32))  # class-prompt images for PRES: with 8, one image moves PRES by 0.125
@@ -235,7 +234,7 @@ def run_demo(subject: str = "marked_star", output_dir: str = "runs/toy_demo", im
         train=dict(steps=summary["steps"], final_loss=summary["final_loss"], wall_time_s=summary["wall_time_s"],
                    seconds_per_step=summary["seconds_per_step"], optimizer=summary["optimizer"],
                    peak_memory_mb=summary["peak_memory_mb"], device=summary["device"]),
-        config=cfg.to_dict(), figures=[str(f.relative_to(REPO) if f.is_relative_to(REPO) else f) for f in figures], wall_time_s=time.time() - started,
+        config=cfg.to_dict(), figures=[repo_relative(f) for f in figures], wall_time_s=time.time() - started,
         note="oracle metrics (toy world); DINO / CLIP-I / CLIP-T need real encoders: python -m dreambooth_lib evaluate",
     )
     out = Path(output_dir) / "demo_metrics.json"

@@ -34,7 +34,7 @@ from diffusers import (AutoencoderKL, AutoencoderKLFlux2, FlowMatchEulerDiscrete
                        Flux2Transformer2DModel)
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from dreambooth_lib.config import TOY_FLOW_MODEL_DIR, TOY_MODEL_DIR
+from dreambooth_lib.config import TOY_FLOW_MODEL_DIR, TOY_MODEL_DIR, repo_relative
 from dreambooth_lib.families import flux2
 from dreambooth_lib.loss import flow_matching_pair
 from dreambooth_lib.tiny import write_qwen_tokenizer
@@ -186,7 +186,7 @@ def pretrain_flow(out: str | Path = TOY_FLOW_MODEL_DIR, seed: int = 0, num_image
             architecture="FLUX.2 [klein] (Flux2KleinPipeline, is_distilled=False)", seed=seed, init=str(init) if init else None,
             steps_done=steps_done,
             steps_planned=steps, batch_size=batch_size, lr=lr, num_images=num_images, caption_dropout=caption_dropout,
-            text_length=TEXT_LENGTH, vae=f"{sd_model}/vae (weights moved into AutoencoderKLFlux2)",
+            text_length=TEXT_LENGTH, vae=f"{repo_relative(sd_model)}/vae (weights moved into AutoencoderKLFlux2)",
             wall_time_s=time.time() - started,
             final_loss=float(np.mean(losses[-200:])) if losses else None,
             loss=[float(np.mean(losses[i:i + 50])) for i in range(0, len(losses), 50)],
