@@ -27,7 +27,7 @@ from . import distributed, families, memory
 from .config import TrainConfig
 from .data import IMAGE_EXTENSIONS
 from .errors import InputError
-from .memory import torch_dtype, use_channels_last
+from .memory import module_bytes, torch_dtype, use_channels_last
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -51,6 +51,7 @@ class ClassImageManifest:
     family: str = "sd"  # families.FAMILIES key of the model: a class folder of another family is refused
     vae_model: str | None = None  # the separate VAE that decoded them as it was named (None = the model's own): recorded
     vae_weights: str | None = None  # vae_fingerprint(vae_model), its identity (compared, like model_weights)
+    base_quantization: str | None = None  # "nf4" / "int8": drawn by the quantized denoiser a QLoRA run trains on
 
 
 def sampler_name(scheduler_config: dict) -> str:
@@ -205,16 +206,16 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
         raise ValueError(f"make_pipeline samples with {used}, but the manifest says {manifest.scheduler}")
     if pipe.dtype != dtype:  # casting warns in diffusers (modules kept in fp32), so only when needed
         pipe.to(dtype=dtype)
-    pipe.to(device)
     family = families.get(manifest.family)
     denoiser = getattr(pipe, family.DENOISER)
+    resident = place_pipeline(pipe, denoiser, device, log)
     if channels_last:  # NHWC: cuDNN's native layout, no conversion kernels around each convolution
         denoiser.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     pipe.vae.enable_slicing()  # decode one image at a time: VAE memory does not grow with the batch
     pipe.set_progress_bar_config(disable=True)
     if batch_size == "auto":
-        batch_size = auto_class_batch_size(pipe, denoiser, family, device, manifest, dtype, len(indices), log)
+        batch_size = auto_class_batch_size(pipe, denoiser, family, device, manifest, dtype, len(indices), log, resident)
     calls, steps = -(-len(indices) // batch_size), manifest.num_inference_steps
     rate = "{l_bar}{bar}| {n_fmt}/{total_fmt} sampler steps [{elapsed}<{remaining}]"
     with tqdm(total=calls * steps, desc=f"class images ({len(indices)}, {batch_size} per call)", disable=not show,
@@ -243,17 +244,46 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
         torch.cuda.empty_cache()
 
 
+def place_pipeline(pipe, denoiser, device: torch.device, log: Callable[[str], None] = print) -> int:
+    """Put the class-image pipeline on `device` as memory.pipeline_placement says for its free memory; returns
+    the bytes of weights that sit there while the denoiser runs (all of them, or the denoiser's alone)."""
+    parts = {name: module_bytes(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    if device.type != "cuda":
+        pipe.to(device)
+        return sum(parts.values())
+    on_device = sum(module_bytes(m) for m in pipe.components.values()  # a quantized denoiser loads onto the GPU
+                    if isinstance(m, torch.nn.Module) and any(p.is_cuda for p in m.parameters()))
+    placement = memory.pipeline_placement(parts, torch.cuda.mem_get_info(device)[0] + on_device)
+    if placement == "device":
+        pipe.to(device)
+        return sum(parts.values())
+    sizes = ", ".join(f"{name} {b / 1e9:.1f}" for name, b in parts.items())
+    if placement == "model_offload":
+        log(f"class images: the pipeline's weights ({sizes} GB) do not fit the free GPU memory together: "
+            "its parts take turns on the GPU (diffusers' model CPU offload)")
+        pipe.enable_model_cpu_offload(device=device)
+        return module_bytes(denoiser)
+    log(f"class images: {max(parts, key=parts.get)} alone does not fit the free GPU memory ({sizes} GB): sampling "
+        "layer by layer from the CPU (diffusers' sequential offload), slowly. Faster: quantize_base='nf4' (QLoRA; "
+        "its class images come from the 4-bit base), or class images made on a larger GPU as class_dir")
+    pipe.enable_sequential_cpu_offload(device=device)
+    return 0
+
+
 def auto_class_batch_size(pipe, denoiser, family, device: torch.device, manifest: ClassImageManifest, dtype: torch.dtype,
-                          count: int, log: Callable[[str], None] = print) -> int:
+                          count: int, log: Callable[[str], None] = print, resident_bytes: int | None = None) -> int:
     """class_batch_size "auto": what memory.class_batch_size fits in free CUDA memory (at most 32), or on a CPU
-    in the available RAM (at most the `count` images to make: one call for all when they fit)."""
+    in the available RAM (at most the `count` images to make: one call for all when they fit).
+    resident_bytes: the weights on the GPU while the denoiser runs (place_pipeline's; None = all of them)."""
     import psutil  # an accelerate dependency
 
-    weights = sum(t.numel() * t.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
-                  for t in m.parameters())
     kw = dict(guidance=manifest.guidance_scale > 1, vae_factor=pipe.vae_scale_factor, activation_bytes=family.activation_bytes)
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0] + weights
+        weights = resident_bytes if resident_bytes is not None else sum(
+            module_bytes(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+        on_device = sum(module_bytes(m) for m in pipe.components.values()
+                        if isinstance(m, torch.nn.Module) and any(p.is_cuda for p in m.parameters()))
+        free = torch.cuda.mem_get_info(device)[0] + on_device
         size = memory.class_batch_size(free, denoiser.config, manifest.resolution, dtype.itemsize, weights, **kw)
     else:
         free = psutil.virtual_memory().available
@@ -295,15 +325,19 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print, family=Non
         class_prompt=class_prompt, resolution=cfg.resolution,
         scheduler=sampler_name(sampler), num_inference_steps=cfg.class_inference_steps,
         guidance_scale=cfg.class_guidance_scale, seed=cfg.seed, family=family.NAME, vae_model=cfg.vae_model,
-        vae_weights=vae_fingerprint(cfg.vae_model))
+        vae_weights=vae_fingerprint(cfg.vae_model), base_quantization=None if cfg.quantize_base == "no" else cfg.quantize_base)
 
     device = distributed.process_state().device
     dtype = class_image_dtype(cfg.prior_generation_precision, device, family.HALF_DTYPE)
 
     def make_pipeline():  # loaded in the sampling dtype: no cast afterwards
-        vae = dict(vae=families.load_vae(cfg.vae_model).to(dtype=dtype)) if cfg.vae_model else {}
+        parts = dict(vae=families.load_vae(cfg.vae_model).to(dtype=dtype)) if cfg.vae_model else {}
+        if cfg.quantize_base != "no":  # QLoRA: the prior of the frozen base the run trains, and one a 16 GB GPU holds
+            parts[family.DENOISER] = family.DENOISER_CLASS.from_pretrained(
+                cfg.pretrained_model, subfolder=family.DENOISER, revision=cfg.revision, dtype=dtype,
+                quantization_config=families.base_quantization(cfg), device_map={"": device})
         pipe = family.PIPELINE.from_pretrained(cfg.pretrained_model, revision=cfg.revision, dtype=dtype,
-                                               **family.PIPELINE_EXTRAS, **vae)
+                                               **family.PIPELINE_EXTRAS, **parts)
         if cfg.class_sampler == "dpmsolver++":
             pipe.scheduler = DPMSolverMultistepScheduler.from_config(sampler)
         return pipe

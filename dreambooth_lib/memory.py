@@ -132,6 +132,29 @@ def class_batch_size(free_bytes: float, unet_config: dict, resolution: int, dtyp
     return most if fit >= most else 2 ** int(math.log2(fit))  # a power of two: stable kernels, even shards
 
 
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers as they are stored (a 4-bit weight counts its packed bytes)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def fits_free_memory(device, nbytes: float) -> bool:
+    """Whether nbytes more fit HEADROOM of the device's free memory now (always, off CUDA)."""
+    device = torch.device(device)
+    return device.type != "cuda" or nbytes <= HEADROOM * torch.cuda.mem_get_info(device)[0]
+
+
+def pipeline_placement(part_bytes: dict[str, float], free_bytes: float) -> str:
+    """How a sampling pipeline sits on a CUDA device with free_bytes free (plus what the pipeline already
+    holds there): "device" when all its components fit HEADROOM of it; "model_offload" when only each one
+    alone does (diffusers' enable_model_cpu_offload: the text encoders, the denoiser and the VAE take turns
+    on the GPU; e.g. FLUX.1 with an NF4 transformer, 6.5 GB, and bf16 T5, 9.5 GB, on a 16 GB T4);
+    "sequential_offload" when one component alone does not (layer by layer from the CPU: slow)."""
+    budget = HEADROOM * free_bytes
+    if sum(part_bytes.values()) <= budget:
+        return "device"
+    return "model_offload" if max(part_bytes.values()) <= budget else "sequential_offload"
+
+
 # --- dtypes and layouts ---------------------------------------------------------------------------
 
 # Precision names of the config -> torch dtypes: mixed_precision says "no" for fp32, the rest "fp32".

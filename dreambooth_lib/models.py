@@ -166,7 +166,7 @@ def memory_plan(cfg: TrainConfig, models: Models, device, shards: int = 0) -> me
 def offload_frozen_text_encoders(models: Models, device, log=print) -> None:
     """After the text cache: the frozen text encoders to the CPU (FLUX.1's T5-XXL is 9.5 GB in bf16, FLUX.2
     [klein]'s Qwen3 8 GB), as diffusers' FLUX scripts free them; validation grids bring them back for a moment
-    (sample.text_encoders_on). Nothing to do when training on the CPU."""
+    or stream them (sample.text_encoders_on). Nothing to do when training on the CPU."""
     if torch.device(device).type == "cpu":
         return
     held = sum(p.numel() * p.element_size() for m in models.text_encoders for p in m.parameters() if p.device.type != "cpu")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import Flux2KleinPipeline
+from PIL import Image
 from safetensors.torch import load_file
 
 import dreambooth_lib.models as M
@@ -138,6 +139,35 @@ def test_validation_grids_guide_the_base_and_not_the_distilled_model(distilled, 
     render_validation(models, models.denoiser, models.text_encoders, ["sks dog"], cfg, tmp_path / "grid.png",
                       contextlib.nullcontext())
     assert len(calls) == (2 if distilled else 4) and (tmp_path / "grid.png").is_file()
+
+
+def test_a_frozen_text_encoder_that_does_not_fit_beside_training_is_streamed_for_the_grid(klein_dir, instance_dir,
+                                                                                           tmp_path, monkeypatch):
+    # On a GPU: Qwen3 (8 GB for the 4B) beside the training state; here the choice is forced and accelerate
+    # streams it from the CPU to the CPU: the same grid, and the encoder whole afterwards.
+    import dreambooth_lib.sample as sample
+
+    cfg = families.with_family_defaults(make_cfg(klein_dir, instance_dir, tmp_path / "run", validation_inference_steps=2,
+                                                 num_validation_images=2))
+    models = M.load_models(cfg)
+    weights = {k: v.clone() for k, v in models.text_encoders[0].state_dict().items()}
+
+    def grid(name):
+        render_validation(models, models.denoiser, models.text_encoders, ["sks dog"], cfg, tmp_path / name,
+                          contextlib.nullcontext())
+        return np.asarray(Image.open(tmp_path / name))
+
+    resident = grid("resident.png")
+    streamed_calls = []
+    monkeypatch.setattr(sample, "to_be_streamed", lambda encoder, home, device: streamed_calls.append(home) or True)
+    # A GPU pipeline's device is the component on the accelerator (DiffusionPipeline.device skips CPU and meta
+    # ones); with everything on the CPU it is the first, the streamed encoder on meta: pinned to the CPU here.
+    monkeypatch.setattr(Flux2KleinPipeline, "device", property(lambda self: torch.device("cpu")))
+    assert np.array_equal(grid("streamed.png"), resident) and streamed_calls
+    encoder = models.text_encoders[0]
+    assert not any(hasattr(m, "_hf_hook") for m in encoder.modules())
+    assert all(t.device.type == "cpu" for t in (*encoder.parameters(), *encoder.buffers()))  # not left on meta
+    assert all(torch.equal(v, weights[k]) for k, v in encoder.state_dict().items())
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

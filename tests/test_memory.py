@@ -100,3 +100,50 @@ def test_bf16_on_a_gpu_without_bf16_units_is_named_as_emulated(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))  # L4
     assert memory.bf16_hardware_warning("cuda:0") is None
     assert memory.bf16_hardware_warning("cpu") is None
+
+
+def test_a_pipeline_that_fits_only_part_by_part_takes_turns_on_the_gpu(monkeypatch):
+    from dreambooth_lib.class_images import place_pipeline
+
+    t4 = 15.0 * GB  # a free Colab T4
+    sd15 = {"unet": 1.72 * GB, "text_encoder": 0.25 * GB, "vae": 0.17 * GB}  # fp16
+    flux_nf4 = {"transformer": 6.5 * GB, "text_encoder_2": 9.5 * GB, "text_encoder": 0.25 * GB, "vae": 0.17 * GB}
+    flux_bf16 = {**flux_nf4, "transformer": 23.8 * GB}
+    assert memory.pipeline_placement(sd15, t4) == "device"
+    assert memory.pipeline_placement(flux_nf4, t4) == "model_offload"
+    assert memory.pipeline_placement(flux_bf16, t4) == "sequential_offload"
+    assert memory.pipeline_placement(flux_bf16, 40 * GB) == "device"
+
+    class Pipe:  # what place_pipeline uses of a diffusers pipeline; records which placement it was given
+        def __init__(self, sizes):
+            self.components = {name: torch.nn.Linear(n, 1, bias=False) for name, n in sizes.items()}
+            self.placed = None
+
+        def to(self, device):
+            self.placed = "device"
+
+        def enable_model_cpu_offload(self, device):
+            self.placed = "model_offload"
+
+        def enable_sequential_cpu_offload(self, device):
+            self.placed = "sequential_offload"
+
+    # parameter counts as bytes / 4 (fp32 Linear weights): the FLUX NF4 shape of sizes, scaled to a 15-byte "T4"
+    pipe = Pipe({"transformer": 650, "text_encoder_2": 950, "vae": 17})
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (15_00 * 4, 16_00 * 4))
+    lines = []
+    resident = place_pipeline(pipe, pipe.components["transformer"], torch.device("cuda"), lines.append)
+    assert pipe.placed == "model_offload" and resident == 650 * 4  # the denoiser alone is there while it runs
+    assert "take turns on the GPU" in lines[0]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (30_00 * 4, 32_00 * 4))
+    assert place_pipeline(pipe, pipe.components["transformer"], torch.device("cuda"), lines.append) == 1617 * 4
+    assert pipe.placed == "device"
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5_00 * 4, 16_00 * 4))
+    place_pipeline(pipe, pipe.components["transformer"], torch.device("cuda"), lines.append)
+    assert pipe.placed == "sequential_offload" and "text_encoder_2 alone does not fit" in lines[-1]
+
+
+def test_fits_free_memory_reads_the_device_now(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * GB, 16 * GB))
+    assert memory.fits_free_memory("cuda:0", 8.9 * GB) and not memory.fits_free_memory("cuda:0", 9.5 * GB)  # T5-XXL
+    assert memory.fits_free_memory("cpu", 1e15)

@@ -6,12 +6,15 @@ that GPU check (`cpu_quantizer`) and run the rest of the path as a user's GPU wo
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from bitsandbytes.nn import Linear4bit, Linear8bitLt
 from diffusers import FluxPipeline
 from diffusers.quantizers.bitsandbytes import bnb_quantizer
+from PIL import Image
 from safetensors.torch import load_file
 
 import dreambooth_lib.models as M
@@ -121,3 +124,30 @@ def test_qlora_resumes_exactly_and_its_lora_loads_into_the_unquantized_model(wid
     assert np.array_equal(image(pipe), base)
     set_lora_scales(pipe, denoiser=1.0, text_encoder=0.0)
     assert np.abs(image(pipe) - base).max() > 1e-4
+
+
+def test_class_images_of_a_qlora_run_come_from_its_quantized_base(wide_flux_dir, instance_dir, tmp_path, cpu_quantizer,
+                                                                  monkeypatch):
+    """The prior of the frozen base a QLoRA run trains on (and the one a 16 GB GPU holds with T5): the class-image
+    pipeline gets the quantized transformer; the manifest tells those images from the unquantized base's."""
+    import json
+
+    from dreambooth_lib.class_images import class_image_paths
+
+    loaded = []
+    real = FluxPipeline.from_pretrained.__func__
+    monkeypatch.setattr(FluxPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **kw: loaded.append(real(cls, *a, **kw)) or loaded[-1]))
+    cfg = make_cfg(wide_flux_dir, instance_dir, tmp_path / "run", with_prior_preservation=True, num_class_images=2,
+                   class_inference_steps=2, class_guidance_scale=1.0)
+    nf4 = class_image_paths(cfg, "a photo of a dog", log=lambda *_: None)
+    assert isinstance(loaded[-1].transformer.transformer_blocks[0].attn.to_q, Linear4bit)
+    manifest = tmp_path / "run" / "class_images" / "manifest.json"
+    assert json.loads(manifest.read_text())["base_quantization"] == "nf4"
+    nf4_pixels = [np.asarray(Image.open(p)) for p in nf4]
+    # the same settings on the unquantized base: another prior, so the folder is made again
+    plain = class_image_paths(dataclasses.replace(cfg, quantize_base="no"), "a photo of a dog", log=lambda *_: None)
+    assert not M.is_quantized(loaded[-1].transformer)
+    assert json.loads(manifest.read_text())["base_quantization"] is None
+    assert (tmp_path / "run" / "class_images.replaced-1" / "00000.png").is_file()
+    assert any(not np.array_equal(a, np.asarray(Image.open(p))) for a, p in zip(nf4_pixels, plain))
