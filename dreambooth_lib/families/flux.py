@@ -164,19 +164,21 @@ def loss_weighting(noise_scheduler, sigmas: torch.Tensor, cfg) -> torch.Tensor:
 
 # Saved activations per token, per hidden unit, per block, in units of the activation dtype: a transformer
 # layer with flash/SDPA attention keeps ~34 bytes per token per hidden unit in 16-bit (Korthikanti et al. 2022,
-# "Reducing Activation Recomputation in Large Transformer Models"), i.e. 17 values; with checkpointing only
-# each block's input (1 value). Not calibrated on FLUX (no GPU measurement yet): an estimate.
-ACTIVATION_VALUES = {False: 17.0, True: 1.0}
+# "Reducing Activation Recomputation in Large Transformer Models"), i.e. 17 values; with checkpointing each
+# block's input (1 value), plus the 17 of the one block recomputed during backward (as the UNet's estimate
+# counts its block's temporaries). Not calibrated on FLUX (no GPU measurement yet): an estimate.
+LAYER_VALUES = 17.0
 
 
 def activation_bytes(denoiser_config: dict, images: int, resolution: int, dtype_bytes: int, checkpointing: bool,
                      vae_factor: int, text_tokens: int = 512) -> float:
-    """What the transformer's forward keeps for backward: (image + text tokens) x width x blocks, a double-
-    stream block counted twice (two streams of the same width)."""
+    """What the transformer's forward keeps for backward: (image + text tokens) x width x blocks. A token
+    passes one layer per block: a double-stream block's image and text streams hold their own tokens."""
     tokens = (resolution // vae_factor // 2) ** 2 + text_tokens
     width = denoiser_config["num_attention_heads"] * denoiser_config["attention_head_dim"]
-    blocks = 2 * denoiser_config["num_layers"] + denoiser_config["num_single_layers"]
-    return ACTIVATION_VALUES[checkpointing] * tokens * width * blocks * images * dtype_bytes
+    blocks = denoiser_config["num_layers"] + denoiser_config["num_single_layers"]
+    values = blocks + LAYER_VALUES if checkpointing else blocks * LAYER_VALUES
+    return values * tokens * width * images * dtype_bytes
 
 
 def lora_fit_problem(shapes: dict[str, list[int]], model: str, revision: str | None) -> str | None:
