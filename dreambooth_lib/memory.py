@@ -138,9 +138,13 @@ def module_bytes(module: torch.nn.Module) -> int:
 
 
 def fits_free_memory(device, nbytes: float) -> bool:
-    """Whether nbytes more fit HEADROOM of the device's free memory now (always, off CUDA)."""
+    """Whether nbytes more fit HEADROOM of the device's free memory now (always, off CUDA): what the driver has
+    free plus what torch's caching allocator holds unused (a training step's activations, freed but kept)."""
     device = torch.device(device)
-    return device.type != "cuda" or nbytes <= HEADROOM * torch.cuda.mem_get_info(device)[0]
+    if device.type != "cuda":
+        return True
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return nbytes <= HEADROOM * (torch.cuda.mem_get_info(device)[0] + cached)
 
 
 def pipeline_placement(part_bytes: dict[str, float], free_bytes: float) -> str:

@@ -145,5 +145,10 @@ def test_a_pipeline_that_fits_only_part_by_part_takes_turns_on_the_gpu(monkeypat
 
 def test_fits_free_memory_reads_the_device_now(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * GB, 16 * GB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * GB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 6 * GB)
     assert memory.fits_free_memory("cuda:0", 8.9 * GB) and not memory.fits_free_memory("cuda:0", 9.5 * GB)  # T5-XXL
+    # 2 GB that torch holds unused (the last step's activations) count as free
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 4 * GB)
+    assert memory.fits_free_memory("cuda:0", 9.5 * GB)
     assert memory.fits_free_memory("cpu", 1e15)
