@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import math
 import resource
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
+from accelerate import cpu_offload
+from accelerate.hooks import remove_hook_from_module
 
 GB = 1e9
 HEADROOM = 0.9  # share of free memory an estimate may fill: the rest for fragmentation and cuDNN/cuBLAS workspaces
@@ -145,6 +148,39 @@ def fits_free_memory(device, nbytes: float) -> bool:
         return True
     cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return nbytes <= HEADROOM * (torch.cuda.mem_get_info(device)[0] + cached)
+
+
+def to_be_streamed(encoder, home: torch.device, device) -> bool:
+    """text_encoders_on's choice: an encoder away from `device` whose weights do not fit its free memory."""
+    return home != torch.device(device) and not fits_free_memory(device, module_bytes(encoder))
+
+
+@contextmanager
+def text_encoders_on(encoders, device, log=None):
+    """The text encoders on `device` for the block, then back where they were. Frozen ones wait on the CPU in
+    training (prepare_models) and come for the prompt cache and the validation grids. One that does not fit
+    the free memory beside what is there (T5-XXL's 9.5 GB next to a QLoRA run's 6.5 GB transformer on a 16 GB
+    GPU) stays on the CPU and is streamed: accelerate's cpu_offload brings its weights to `device` layer by
+    layer in each forward, and removing its hooks puts them back on the CPU. log: told which are streamed."""
+    homes = [next(e.parameters()).device for e in encoders]
+    streamed = []
+    for encoder, home in zip(encoders, homes):
+        if to_be_streamed(encoder, home, device):
+            if log:
+                log(f"text encoder {type(encoder).__name__} ({module_bytes(encoder) / 2**30:.1f} GB) does not fit "
+                    f"the free memory of {device}: streamed layer by layer from the CPU")
+            cpu_offload(encoder, execution_device=device)
+            streamed.append(encoder)
+        else:
+            encoder.to(device)
+    try:
+        yield
+    finally:
+        for encoder, home in zip(encoders, homes):
+            if any(encoder is e for e in streamed):
+                remove_hook_from_module(encoder, recurse=True)  # its weights back from meta to the CPU
+            else:
+                encoder.to(home)
 
 
 def pipeline_placement(part_bytes: dict[str, float], free_bytes: float) -> str:

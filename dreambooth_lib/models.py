@@ -144,7 +144,7 @@ def memory_plan(cfg: TrainConfig, models: Models, device, shards: int = 0) -> me
     share = {id(t): 1 / shards for t in models.denoiser.parameters()} if shards else {}
     modules = (models.denoiser, *models.text_encoders, models.vae)
     tensors = [t for m in modules for t in itertools.chain(m.parameters(), m.buffers())]
-    # Frozen text encoders leave the GPU once their prompts are cached (offload_frozen_text_encoders): not counted.
+    # Frozen text encoders wait on the CPU once their prompts are cached (prepare_models): not counted.
     kept = (models.denoiser, *trained_text_encoders(models, cfg), models.vae) if cfg.train_text_encoder or \
         device.type != "cuda" else (models.denoiser, models.vae)
     weight_bytes = sum(t.numel() * t.element_size() * share.get(id(t), 1)
@@ -161,20 +161,6 @@ def memory_plan(cfg: TrainConfig, models: Models, device, shards: int = 0) -> me
                                               cfg.max_sequence_length) for c in (False, True)}  # text tokens: FLUX's T5
     return memory.plan_memory(free, weight_bytes, trainable, acts, half, cfg.gradient_checkpointing, cfg.optimizer,
                               eight_bit=not shards)
-
-
-def offload_frozen_text_encoders(models: Models, device, log=print) -> None:
-    """After the text cache: the frozen text encoders to the CPU (FLUX.1's T5-XXL is 9.5 GB in bf16, FLUX.2
-    [klein]'s Qwen3 8 GB), as diffusers' FLUX scripts free them; validation grids bring them back for a moment
-    or stream them (sample.text_encoders_on). Nothing to do when training on the CPU."""
-    if torch.device(device).type == "cpu":
-        return
-    held = sum(p.numel() * p.element_size() for m in models.text_encoders for p in m.parameters() if p.device.type != "cpu")
-    for text_encoder in models.text_encoders:
-        text_encoder.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    log(f"text encoders: frozen, their prompts cached; moved to the CPU ({held / 2**30:.1f} GB freed)")
 
 
 def vae_precision(cfg: TrainConfig, family, vae: AutoencoderKL, weight_dtype: torch.dtype) -> tuple[torch.dtype, str]:
@@ -200,7 +186,11 @@ def prepare_models(models: Models, cfg: TrainConfig, device, log=print, fsdp_sha
     place(models.vae, device, vae_dtype)
     trained = trained_text_encoders(models, cfg)
     for text_encoder in models.text_encoders:
-        place(text_encoder, device, torch.float32 if text_encoder in trained and not cfg.use_lora else weight_dtype)
+        # With no text encoder trained, the prompts are cached (prepare_training) and the frozen encoders wait on
+        # the CPU: they come to the GPU for the cache and the validation grids only (memory.text_encoders_on),
+        # as diffusers' FLUX scripts free T5 after caching, or are streamed when they do not fit there.
+        home = "cpu" if not cfg.train_text_encoder else device
+        place(text_encoder, home, torch.float32 if text_encoder in trained and not cfg.use_lora else weight_dtype)
     if is_quantized(models.denoiser):  # QLoRA: on its device since loading; peft freezes it, upcasts norms to fp32
         prepare_model_for_kbit_training(models.denoiser, use_gradient_checkpointing=False)  # (the plan decides)
     elif not fsdp_shards:  # a whole FLUX.1 transformer in fp32 (48 GB) would not fit one GPU before sharding

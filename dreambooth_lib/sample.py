@@ -20,21 +20,19 @@ from pathlib import Path
 
 import torch
 import transformers
-from accelerate import cpu_offload
-from accelerate.hooks import remove_hook_from_module
 from diffusers import DiffusionPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from . import families, memory
+from . import families
 from .checkpoint import STATE_JSON, check_checkpoint
 from .config import TrainConfig
 from .data import fill_prompt  # noqa: F401  (for the prompts of a run, as above)
 from .errors import InputError
 from .families import Models, as_tuple
-from .memory import bf16_hardware_warning, module_bytes, torch_dtype
+from .memory import bf16_hardware_warning, text_encoders_on, torch_dtype
 from .weights import LORA_WEIGHTS
 
 SUMMARY = "summary.json"  # what train writes into a finished run's output_dir
@@ -342,37 +340,6 @@ def _grid(images, rows, cols, labels, path):
     if path is not None:
         return save_grid(images, rows, cols, path, labels)
     return make_image_grid([_label(im, t) for im, t in zip(images, labels)], rows=rows, cols=cols)
-
-
-def to_be_streamed(encoder, home: torch.device, device) -> bool:
-    """text_encoders_on's choice: an encoder away from `device` whose weights do not fit its free memory."""
-    return home != torch.device(device) and not memory.fits_free_memory(device, module_bytes(encoder))
-
-
-@torch.no_grad()
-@contextmanager
-def text_encoders_on(encoders, device):
-    """The text encoders on `device` for the block, then back where they were (frozen ones wait on the CPU
-    during training: models.offload_frozen_text_encoders). One that does not fit the free memory beside the
-    training state (T5-XXL's 9.5 GB next to a QLoRA run on a 16 GB GPU) stays on the CPU and is streamed:
-    accelerate's cpu_offload brings its weights to `device` layer by layer in each forward, and removing
-    its hooks puts them back on the CPU."""
-    homes = [next(e.parameters()).device for e in encoders]
-    streamed = []
-    for encoder, home in zip(encoders, homes):
-        if to_be_streamed(encoder, home, device):
-            cpu_offload(encoder, execution_device=device)
-            streamed.append(encoder)
-        else:
-            encoder.to(device)
-    try:
-        yield
-    finally:
-        for encoder, home in zip(encoders, homes):
-            if any(encoder is e for e in streamed):
-                remove_hook_from_module(encoder, recurse=True)  # its weights back from meta to the CPU
-            else:
-                encoder.to(home)
 
 
 def render_validation(models: Models, denoiser, text_encoder, prompts: list[str], cfg: TrainConfig,

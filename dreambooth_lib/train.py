@@ -41,9 +41,9 @@ from .disk import check_disk_space, checkpoint_bytes, early_disk_check, final_by
 from .errors import InputError
 from .fsio import write_text_durably
 from .families import Models
-from .memory import bf16_hardware_warning, peak_memory
-from .models import (load_models, load_tokenizer, make_optimizer, offload_frozen_text_encoders, optimizer_name,
-                     parameter_groups, prepare_models, trained_modules)
+from .memory import bf16_hardware_warning, peak_memory, text_encoders_on
+from .models import (load_models, load_tokenizer, make_optimizer, optimizer_name, parameter_groups, prepare_models,
+                     trained_modules)
 from .sample import render_validation
 from .step import TrainingState, cache_latents, cache_text_embeddings, noised_loss, train_step
 from .validate import validate_config
@@ -137,9 +137,10 @@ def prepare_training(cfg: TrainConfig, models: Models, accelerator: Accelerator,
         dataset = subjects.SubjectsDataset(instance_values, instance_prompts, layout, class_values if with_prior else None,
                                            instance_sizes, class_sizes)
         class_prompts = layout.class_prompts if with_prior else []
-    text_cache = None if cfg.train_text_encoder else cache_text_embeddings(models, instance_prompts + class_prompts, cfg)
-    if text_cache is not None:
-        offload_frozen_text_encoders(models, device, log)
+    text_cache = None
+    if not cfg.train_text_encoder:  # frozen: each prompt encoded once, the encoders on the device for that moment
+        with text_encoders_on(models.text_encoders, device, log):
+            text_cache = cache_text_embeddings(models, instance_prompts + class_prompts, cfg)
     # The parameters as the optimizer holds them after prepare: FSDP replaced the module's with sharded ones.
     params = [p for g in optimizer.param_groups for p in g["params"]]
     state = TrainingState(cfg, accelerator, models, trained, denoiser, params, optimizer, lr_scheduler, dataset,

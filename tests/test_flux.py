@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import dreambooth_lib.models as M
 import dreambooth_lib.step as S
 import dreambooth_lib.train as T
-from dreambooth_lib import data, families, loss
+from dreambooth_lib import data, families, loss, memory
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.families import flux
 from dreambooth_lib.sample import check_lora_fits, load_pipeline, scale_guidance_grid, set_lora_scales
@@ -244,3 +244,21 @@ def test_full_fine_tune_resumes_exactly_and_saves_a_pipeline(variant, flux_dir, 
     assert '"family": "flux"' in manifest and '"guidance_scale": 3.5' in manifest and "FlowMatchEulerDiscreteScheduler" in manifest
     pipe = FluxPipeline.from_pretrained(tmp_path / "whole")  # a complete pipeline folder, T5 included
     assert pipe.text_encoder_2 is not None and type(load_pipeline(tmp_path / "whole", device="cpu")) is FluxPipeline
+
+
+def test_the_prompt_cache_with_t5_streamed_equals_it_resident(flux_dir, instance_dir, tmp_path, monkeypatch):
+    # On a GPU: T5-XXL (9.5 GB) beside a QLoRA run's NF4 transformer on a 16 GB card; here the choice is forced and
+    # accelerate streams it from the CPU to the CPU: the same cache, its inputs sent where its hooks compute.
+    cfg = make_cfg(flux_dir, instance_dir, tmp_path)
+    models = M.load_models(cfg)
+    clip, t5 = models.text_encoders
+    prompts = ["a photo of sks dog", "a photo of a dog"]
+    resident = S.cache_text_embeddings(models, prompts, cfg)
+    monkeypatch.setattr(memory, "to_be_streamed", lambda encoder, home, device: encoder is t5)
+    lines = []
+    with memory.text_encoders_on(models.text_encoders, "cpu", lines.append):
+        assert {p.device.type for p in t5.parameters()} == {"meta"} and {p.device.type for p in clip.parameters()} == {"cpu"}
+        streamed = S.cache_text_embeddings(models, prompts, cfg)
+    assert len(lines) == 1 and "T5EncoderModel" in lines[0] and "streamed layer by layer" in lines[0]
+    assert all(torch.equal(streamed[p][k], resident[p][k]) for p in prompts for k in resident[p])
+    assert {t.device.type for t in (*t5.parameters(), *t5.buffers())} == {"cpu"}

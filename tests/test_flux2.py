@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import dreambooth_lib.models as M
 import dreambooth_lib.step as S
 import dreambooth_lib.train as T
-from dreambooth_lib import data, families
+from dreambooth_lib import data, families, memory
 from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.export import export_lora
 from dreambooth_lib.families import flux, flux2
@@ -145,7 +145,6 @@ def test_a_frozen_text_encoder_that_does_not_fit_beside_training_is_streamed_for
                                                                                            tmp_path, monkeypatch):
     # On a GPU: Qwen3 (8 GB for the 4B) beside the training state; here the choice is forced and accelerate
     # streams it from the CPU to the CPU: the same grid, and the encoder whole afterwards.
-    import dreambooth_lib.sample as sample
 
     cfg = families.with_family_defaults(make_cfg(klein_dir, instance_dir, tmp_path / "run", validation_inference_steps=2,
                                                  num_validation_images=2))
@@ -159,7 +158,7 @@ def test_a_frozen_text_encoder_that_does_not_fit_beside_training_is_streamed_for
 
     resident = grid("resident.png")
     streamed_calls = []
-    monkeypatch.setattr(sample, "to_be_streamed", lambda encoder, home, device: streamed_calls.append(home) or True)
+    monkeypatch.setattr(memory, "to_be_streamed", lambda encoder, home, device: streamed_calls.append(home) or True)
     # A GPU pipeline's device is the component on the accelerator (DiffusionPipeline.device skips CPU and meta
     # ones); with everything on the CPU it is the first, the streamed encoder on meta: pinned to the CPU here.
     monkeypatch.setattr(Flux2KleinPipeline, "device", property(lambda self: torch.device("cpu")))

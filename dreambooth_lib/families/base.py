@@ -12,6 +12,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, BitsAndBytesConfig, DiffusionPipeline
 from diffusers.quantizers import DiffusersAutoQuantizer
+from diffusers.utils.torch_utils import get_module_execution_device
 from huggingface_hub.errors import GatedRepoError
 
 from ..errors import InputError
@@ -76,6 +77,12 @@ def encode_latents(vae: AutoencoderKL, pixels: torch.Tensor, generator: torch.Ge
     if shift is not None:
         sample = sample - shift
     return (sample * vae.config.scaling_factor).float()
+
+
+def input_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's inputs go: its weights' device, through a DDP wrapper too, or while accelerate streams it
+    (its weights wait on meta: memory.text_encoders_on) its hooks' execution device (diffusers' helper)."""
+    return get_module_execution_device(module)
 
 
 def model_index(model: str, revision: str | None = None) -> dict:

@@ -21,7 +21,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 
 from .. import loss
 from ..errors import InputError
-from .base import (CLIP_ATTENTION, Models, dtype_kw, encode_latents, load_vae, model_index, text_length,  # noqa: F401  (encode_latents: the shift factor is in the VAE config)
+from .base import (CLIP_ATTENTION, Models, dtype_kw, encode_latents, input_device, load_vae, model_index, text_length,  # noqa: F401  (encode_latents: the shift factor is in the VAE config)
                    refuse_ddpm_settings_and_fp16, transformer_layers_problem, vae_config, vae_scale_factor)
 
 NAME = "flux"
@@ -106,11 +106,11 @@ def encode_prompts(tokenizers, text_encoders, prompts: list[str], cfg) -> dict[s
     (clip_tokenizer, t5_tokenizer), (clip, t5) = tokenizers, text_encoders
     ids = clip_tokenizer(prompts, padding="max_length", max_length=clip_tokenizer.model_max_length, truncation=True,
                          return_tensors="pt").input_ids
-    pooled = clip(ids.to(next(clip.parameters()).device), output_hidden_states=False).pooler_output  # DDP wrapper too
+    pooled = clip(ids.to(input_device(clip)), output_hidden_states=False).pooler_output
     ids = t5_tokenizer(prompts, padding="max_length", max_length=text_length(t5_tokenizer, cfg.max_sequence_length),
                        truncation=True,
                        return_tensors="pt").input_ids
-    sequence = t5(ids.to(next(t5.parameters()).device), output_hidden_states=False)[0]
+    sequence = t5(ids.to(input_device(t5)), output_hidden_states=False)[0]
     return {"encoder_hidden_states": sequence, "pooled_projections": pooled}
 
 

@@ -19,7 +19,7 @@ from diffusers.loaders import Flux2LoraLoaderMixin
 from transformers import Qwen2Tokenizer, Qwen3ForCausalLM
 
 from ..errors import InputError
-from .base import Models, dtype_kw, refuse_ddpm_settings_and_fp16, text_length, transformer_layers_problem, vae_scale_factor
+from .base import Models, dtype_kw, input_device, refuse_ddpm_settings_and_fp16, text_length, transformer_layers_problem, vae_scale_factor
 from .flux import (activation_bytes, class_sampler_config, draw_timesteps, loss_weighting,  # noqa: F401  (FLUX.1's flow-matching
                    noisy_and_target, validation_scheduler)  # objective, sampler and activation estimate: not calibrated on a GPU)
 
@@ -125,7 +125,7 @@ def encode_prompts(tokenizers, text_encoders, prompts: list[str], cfg) -> dict[s
                                            enable_thinking=False) for p in prompts]
     inputs = tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True,
                        max_length=text_length(tokenizer, cfg.max_sequence_length))
-    device = next(qwen.parameters()).device
+    device = input_device(qwen)
     hidden = qwen(input_ids=inputs.input_ids.to(device), attention_mask=inputs.attention_mask.to(device),
                   output_hidden_states=True, use_cache=False).hidden_states
     stacked = torch.stack([hidden[k] for k in TEXT_LAYERS], dim=2)  # [B, L, layers, D]

@@ -9,7 +9,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.loaders import StableDiffusionLoraLoaderMixin
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .base import CLIP_ATTENTION, Models, dtype_kw, vae_scale_factor
+from .base import CLIP_ATTENTION, Models, dtype_kw, input_device, vae_scale_factor
 from .unet import (CLASS_SAMPLERS, DEFAULT_GUIDANCE, DENOISER, DENOISER_CLASS, GUIDANCE_KNOB, HALF_DTYPE,  # noqa: F401  (the UNet families' answers)
                    LORA_KEY_FORMAT, LORA_OWN_LAYERS, LORA_PRESETS, activation_bytes, check_objective, class_sampler_config,
                    draw_timesteps, encode_latents, load_denoiser_parts, lora_fit_problem, loss_weighting,
@@ -53,7 +53,7 @@ def encode_prompts(tokenizers, text_encoders, prompts: list[str], cfg=None) -> t
     (tokenizer,), (text_encoder,) = tokenizers, text_encoders
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
-    return text_encoder(ids.to(next(text_encoder.parameters()).device))[0]  # also through a DDP wrapper
+    return text_encoder(ids.to(input_device(text_encoder)))[0]
 
 
 def denoiser_conditioning(text: torch.Tensor, sizes: torch.Tensor | None, cfg=None, denoiser_config=None) -> torch.Tensor:

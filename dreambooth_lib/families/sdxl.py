@@ -16,7 +16,7 @@ from diffusers import StableDiffusionXLPipeline
 from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .base import CLIP_ATTENTION, Models, dtype_kw, vae_scale_factor
+from .base import CLIP_ATTENTION, Models, dtype_kw, input_device, vae_scale_factor
 from .unet import (CLASS_SAMPLERS, DEFAULT_GUIDANCE, DENOISER, DENOISER_CLASS, GUIDANCE_KNOB, HALF_DTYPE,  # noqa: F401  (the UNet families' answers)
                    LORA_KEY_FORMAT, LORA_OWN_LAYERS, LORA_PRESETS, activation_bytes, check_objective, class_sampler_config,
                    draw_timesteps, encode_latents, load_denoiser_parts, lora_fit_problem, loss_weighting,
@@ -70,7 +70,7 @@ def encode_prompts(tokenizers, text_encoders, prompts: list[str], cfg=None) -> d
     for tokenizer, text_encoder in zip(tokenizers, text_encoders):
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
-        out = text_encoder(ids.to(next(text_encoder.parameters()).device), output_hidden_states=True)  # DDP wrapper too
+        out = text_encoder(ids.to(input_device(text_encoder)), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])  # penultimate layer, as SDXL was trained
     # out[0] of the last (projection) encoder: its pooled, projected embedding.
     return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": out[0]}
