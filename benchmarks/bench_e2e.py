@@ -4,6 +4,8 @@
     python benchmarks/bench_e2e.py --config lora4-fp16-cached
     python benchmarks/bench_e2e.py --config sdxl-lora4-fp16-cached --class-images 50 --train-steps 200   # SDXL, 1024 px
     python benchmarks/bench_e2e.py --smoke                    # tiny model on the CPU, a few images and steps (CI)
+    python benchmarks/bench_e2e.py --config flux-qlora16-nf4-cached-1024 --model-dir DIR --class-images 2 \
+        --class-steps 4 --train-steps 4 --validation --memory-cap-gib 15   # FLUX.1 QLoRA as on a 16 GB T4
 
 A random-weight pipeline folder is saved once (SD1.5: ~4.3 GB fp32 in --model-dir, reused by later runs;
 its build time is not part of the end-to-end time), 5 random 512 px "photos" stand in for the subject,
@@ -35,7 +37,8 @@ from dreambooth_lib import class_images, data, train, validate
 from dreambooth_lib.tiny import save_tiny_pipeline
 
 DEFAULT_MODEL_DIRS = {"sd": Path(tempfile.gettempdir()) / "dreambooth_bench_sd15",
-                      "sdxl": Path(tempfile.gettempdir()) / "dreambooth_bench_sdxl"}
+                      "sdxl": Path(tempfile.gettempdir()) / "dreambooth_bench_sdxl",
+                     "flux": Path(tempfile.gettempdir()) / "dreambooth_bench_flux"}
 
 
 def ensure_model(folder: Path, smoke: bool, family: str = "sd") -> float:
@@ -73,6 +76,16 @@ def write_photos(folder: Path, n: int, side: int, seed: int = 0) -> None:
         Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(folder / f"photo{i}.jpg")
 
 
+def cap_device_memory(cap_bytes: float) -> None:
+    """Act as a GPU of cap_bytes with this process alone on it: torch's allocator refuses to hold more
+    (set_per_process_memory_fraction), and torch.cuda.mem_get_info, which the library's placement decisions
+    read (class images, text encoders, the memory plan), reports what is left of the cap. A real card also
+    loses ~0.3-0.5 GB to the CUDA context, which this does not count."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(cap_bytes / total)
+    torch.cuda.mem_get_info = lambda device=None: (max(0.0, cap_bytes - torch.cuda.memory_reserved(device)), cap_bytes)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny model on the CPU: exercises the code path (CI)")
@@ -83,6 +96,10 @@ def main(argv=None) -> int:
     p.add_argument("--model-dir", type=Path, help="where the random pipeline folder is kept (default "
                    f"{DEFAULT_MODEL_DIRS['sd']}, SDXL: {DEFAULT_MODEL_DIRS['sdxl']})")
     p.add_argument("--results", type=Path, help="JSON list to append to (default benchmarks/results/e2e[_smoke].json)")
+    p.add_argument("--class-steps", type=int, help="sampler steps per class image (default 50; smoke 2)")
+    p.add_argument("--validation", action="store_true", help="one validation grid (1 image) at the last step")
+    p.add_argument("--memory-cap-gib", type=float, help="CUDA: act as a GPU of this size (cap_device_memory), e.g. 15 "
+                   "for a 16 GB T4 (15.1 GiB usable)")
     args = p.parse_args(argv)
     cfg, *_, note = parse_name(args.config, args.smoke)
     if not args.smoke and not torch.cuda.is_available():
@@ -100,14 +117,21 @@ def main(argv=None) -> int:
         cfg.pretrained_model, cfg.instance_dir, cfg.output_dir = str(model_dir), str(work / "photos"), str(work / "run")
         cfg.identifier, cfg.num_class_images, cfg.max_train_steps = "sks", n_class, steps
         cfg.class_batch_size = args.class_batch_size or (2 if args.smoke else 8)
-        cfg.class_inference_steps = 2 if args.smoke else 50
+        cfg.class_inference_steps = args.class_steps or (2 if args.smoke else 50)
+        if args.validation:
+            cfg.validation_steps, cfg.num_validation_images = steps, 1
+            cfg.validation_inference_steps = cfg.class_inference_steps
+            cfg.validation_prompts = ["a photo of {identifier} {class_noun} on the beach"]
         validate.validate_config(cfg)
         _, class_prompt = data.build_prompts(cfg, cfg.identifier)
+        if args.memory_cap_gib and torch.cuda.is_available():
+            cap_device_memory(args.memory_cap_gib * 2**30)
 
         started = time.perf_counter()
         class_images.class_image_paths(cfg, class_prompt)
         class_s = time.perf_counter() - started
-        summary = train.train(cfg)
+        class_peak = torch.cuda.max_memory_reserved() / 1e9 if torch.cuda.is_available() else None
+        summary = train.train(cfg)  # resets the peak statistics: its peaks are the training run's
         total_s = time.perf_counter() - started
 
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -122,6 +146,8 @@ def main(argv=None) -> int:
         train_peak_memory_gb=summary["peak_memory_mb"] * 2**20 / 1e9, train_peak_memory_kind=summary["memory"],
         train_peak_reserved_gb=summary["peak_memory_reserved_mb"] and summary["peak_memory_reserved_mb"] * 2**20 / 1e9,
         final_loss=summary["final_loss"], optimizer=summary["optimizer"], model_build_s=build_s, phase_s=phase_s,
+        memory_cap_gib=args.memory_cap_gib if device == "cuda" else None, class_images_peak_reserved_gb=class_peak,
+        validation=args.validation, memory_plan=summary.get("memory_plan"),
         class_images_per_s=n_class / class_s,
         **common.environment(device),
     )

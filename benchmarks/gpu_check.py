@@ -144,6 +144,15 @@ def parts(py: str, out: Path, work: Path, anchors: Path, smoke: bool) -> list[Pa
         Part("diffusers_flux_lora", 180, 300, [[*timed, str(out / "diffusers_flux_lora.json"), "2" if not smoke else warmup,
                                                 str(examples / "train_dreambooth_lora_flux.py"),
                                                 *flux_anchor_args(inputs_flux, smoke, work / "diffusers_flux_lora")]]),
+        # The 16 GB claim end to end (a later call: `--parts flux_inputs flux_16gb`): FLUX.1 QLoRA with prior
+        # preservation through train() on flux_inputs' folder, the H200 capped to a 16 GB T4's 15 GiB: class images
+        # (parts taking turns on the GPU), the prompt cache (T5 streamed), steps, a validation grid, the save. The
+        # smoke run takes the bf16 LoRA config (the tiny model's 32-wide layers are too narrow for 4-bit on a CPU).
+        Part("flux_16gb", 240, 120, [[py, str(BENCH / "bench_e2e.py"), *smoke_flag, "--config",
+                                      "flux-lora16-bf16-cached-512" if smoke else "flux-qlora16-nf4-cached-1024",
+                                      "--class-images", "2", "--class-steps", "4", "--train-steps", "4", "--validation",
+                                      "--memory-cap-gib", "15", "--results", str(out / "e2e_flux_16gb.json")]
+                                     + ([] if smoke else ["--model-dir", str(inputs_flux / "model")])]),
     ]
 
 

@@ -365,9 +365,10 @@ def render_validation(models: Models, denoiser, text_encoder, prompts: list[str]
     # fork_rng: rendering must not move the global RNG that LoRA dropout draws from (exact resume).
     with autocast, torch.random.fork_rng(devices=range(torch.cuda.device_count())), \
             text_encoders_on(encoders, models.vae.device):
+        # at the training side: a FLUX pipeline's default is 1024 px whatever the model was trained at
         images = generate(pipe, [p for p in prompts for _ in range(n)], list(range(n)) * len(prompts),
                           guidance_scale=cfg.validation_guidance_scale,
-                          num_inference_steps=cfg.validation_inference_steps, progress=False)
+                          num_inference_steps=cfg.validation_inference_steps, progress=False, resolution=cfg.resolution)
     for m, flag in zip(modules, was_training):
         m.train(flag)
     if path is None:

@@ -268,7 +268,10 @@ def test_gpu_check_sets_ours_beside_diffusers_from_one_run(monkeypatch, tmp_path
     assert {"--gradient_checkpointing", "--use_8bit_adam", "--mixed_precision=fp16", "--resolution=512",
             "--max_train_steps=25", "--with_prior_preservation", "--learning_rate=5e-6"} <= set(full)
     assert "--rank=4" in parts["diffusers_lora"].commands[0]
-    assert list(parts)[-4:] == ["optimizers", "train_flux", "flux_inputs", "diffusers_flux_lora"]  # FLUX: a second call
+    assert list(parts)[-5:] == ["optimizers", "train_flux", "flux_inputs", "diffusers_flux_lora", "flux_16gb"]  # FLUX: later calls
+    e2e = parts["flux_16gb"].commands[0]
+    assert e2e[1].endswith("bench_e2e.py") and e2e[e2e.index("--config") + 1] == "flux-qlora16-nf4-cached-1024"
+    assert e2e[e2e.index("--memory-cap-gib") + 1] == "15" and e2e[-1] == str(tmp_path / "flux" / "model")
     assert parts["optimizers"].commands[0][-3:] == gpu_check.OPTIMIZERS
     assert [c[3] for c in parts["compile_bug"].commands] == ["nchw", "channels-last", "nchw-no-layout-opt"]
     # FLUX.1 (issue 18): diffusers' LoRA script with our flux-lora16-bf16-cached-1024's settings, beside ours
@@ -335,3 +338,16 @@ def test_memory_plan_estimates_for_flux_follow_the_published_sizes(bench, tmp_pa
     q_bytes, q_trainable, q_acts = bench_train.plan_inputs("flux-qlora16-nf4-cached-1024", tmp_path)
     assert (q_trainable, q_acts) == (trainable, acts)
     assert 2 * frozen * 0.25 < q_bytes < 2 * frozen * 0.3  # the 11.9 B transformer at ~4 bits (0.5 bytes + scales)
+
+
+def test_the_memory_cap_makes_the_gpu_act_as_a_smaller_one(monkeypatch):
+    """bench_e2e --memory-cap-gib: the allocator's fraction, and the free memory the library reads, follow the cap."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_e2e
+    gib, fractions = 2**30, []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"total_memory": 150 * gib}))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device=None: fractions.append(fraction))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * gib)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", torch.cuda.mem_get_info)  # put back after the test
+    bench_e2e.cap_device_memory(15 * gib)
+    assert fractions == [pytest.approx(0.1)] and torch.cuda.mem_get_info(0) == (9 * gib, 15 * gib)

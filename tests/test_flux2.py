@@ -157,6 +157,7 @@ def test_a_frozen_text_encoder_that_does_not_fit_beside_training_is_streamed_for
         return np.asarray(Image.open(tmp_path / name))
 
     resident = grid("resident.png")
+    assert resident.shape[:2] == (cfg.resolution, 2 * cfg.resolution)  # 1 x 2 cells at the training side, not 1024 px
     streamed_calls = []
     monkeypatch.setattr(memory, "to_be_streamed", lambda encoder, home, device: streamed_calls.append(home) or True)
     # A GPU pipeline's device is the component on the accelerator (DiffusionPipeline.device skips CPU and meta
