@@ -208,7 +208,7 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
         pipe.to(dtype=dtype)
     family = families.get(manifest.family)
     denoiser = getattr(pipe, family.DENOISER)
-    resident = place_pipeline(pipe, denoiser, device, log)
+    resident = memory.place_pipeline(pipe, denoiser, device, log, "class images")
     if channels_last:  # NHWC: cuDNN's native layout, no conversion kernels around each convolution
         denoiser.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
@@ -242,32 +242,6 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
     del pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def place_pipeline(pipe, denoiser, device: torch.device, log: Callable[[str], None] = print) -> int:
-    """Put the class-image pipeline on `device` as memory.pipeline_placement says for its free memory; returns
-    the bytes of weights that sit there while the denoiser runs (all of them, or the denoiser's alone)."""
-    parts = {name: module_bytes(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
-    if device.type != "cuda":
-        pipe.to(device)
-        return sum(parts.values())
-    on_device = sum(module_bytes(m) for m in pipe.components.values()  # a quantized denoiser loads onto the GPU
-                    if isinstance(m, torch.nn.Module) and any(p.is_cuda for p in m.parameters()))
-    placement = memory.pipeline_placement(parts, torch.cuda.mem_get_info(device)[0] + on_device)
-    if placement == "device":
-        pipe.to(device)
-        return sum(parts.values())
-    sizes = ", ".join(f"{name} {b / 1e9:.1f}" for name, b in parts.items())
-    if placement == "model_offload":
-        log(f"class images: the pipeline's weights ({sizes} GB) do not fit the free GPU memory together: "
-            "its parts take turns on the GPU (diffusers' model CPU offload)")
-        pipe.enable_model_cpu_offload(device=device)
-        return module_bytes(denoiser)
-    log(f"class images: {max(parts, key=parts.get)} alone does not fit the free GPU memory ({sizes} GB): sampling "
-        "layer by layer from the CPU (diffusers' sequential offload), slowly. Faster: quantize_base='nf4' (QLoRA; "
-        "its class images come from the 4-bit base), or class images made on a larger GPU as class_dir")
-    pipe.enable_sequential_cpu_offload(device=device)
-    return 0
 
 
 def auto_class_batch_size(pipe, denoiser, family, device: torch.device, manifest: ClassImageManifest, dtype: torch.dtype,

@@ -195,6 +195,34 @@ def pipeline_placement(part_bytes: dict[str, float], free_bytes: float) -> str:
     return "model_offload" if max(part_bytes.values()) <= budget else "sequential_offload"
 
 
+def place_pipeline(pipe, denoiser, device, log=print, what: str = "sampling") -> int:
+    """Put a sampling pipeline on `device` as pipeline_placement says for its free memory (class images,
+    sample.load_pipeline); returns the bytes of weights that sit there while the denoiser runs (all of them,
+    or the denoiser's alone). what: how the log names the use."""
+    device = torch.device(device)
+    parts = {name: module_bytes(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    if device.type != "cuda":
+        pipe.to(device)
+        return sum(parts.values())
+    on_device = sum(module_bytes(m) for m in pipe.components.values()  # a quantized denoiser loads onto the GPU
+                    if isinstance(m, torch.nn.Module) and any(p.is_cuda for p in m.parameters()))
+    placement = pipeline_placement(parts, torch.cuda.mem_get_info(device)[0] + on_device)
+    if placement == "device":
+        pipe.to(device)
+        return sum(parts.values())
+    sizes = ", ".join(f"{name} {b / 1e9:.1f}" for name, b in parts.items())
+    if placement == "model_offload":
+        log(f"{what}: the pipeline's weights ({sizes} GB) do not fit the free GPU memory together: "
+            "its parts take turns on the GPU (diffusers' model CPU offload)")
+        pipe.enable_model_cpu_offload(device=device)
+        return module_bytes(denoiser)
+    log(f"{what}: {max(parts, key=parts.get)} alone does not fit the free GPU memory ({sizes} GB): sampling "
+        "layer by layer from the CPU (diffusers' sequential offload), slowly. Faster: a 4-bit base (QLoRA, "
+        "quantize_base='nf4': its class images and samples come from it), or a larger GPU")
+    pipe.enable_sequential_cpu_offload(device=device)
+    return 0
+
+
 # --- dtypes and layouts ---------------------------------------------------------------------------
 
 # Precision names of the config -> torch dtypes: mixed_precision says "no" for fp32, the rest "fp32".

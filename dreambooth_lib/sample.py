@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from . import families
+from . import families, memory
 from .checkpoint import STATE_JSON, check_checkpoint
 from .config import TrainConfig
 from .data import fill_prompt  # noqa: F401  (for the prompts of a run, as above)
@@ -52,6 +52,7 @@ class Run:
     instance_dir: str  # the subject photos, as the run named them
     resolution: int | None = None  # the side it trained at: what it is sampled at (None: the pipeline's default)
     subjects: list[dict] = field(default_factory=list)  # a several-subject run's (name, identifier, class_noun, instance_dir, ...): pick_subject
+    quantize_base: str = "no"  # a QLoRA run's 4-bit / 8-bit base ("nf4", "int8"): load_pipeline's quantize="auto" on CUDA
 
 
 def is_run(folder: str | Path) -> bool:
@@ -84,7 +85,7 @@ def read_run(folder: str | Path, check_sources: bool = True) -> Run:
               vae_model=model.get("vae_model", cfg.get("vae_model")), lora=bool(cfg.get("use_lora")),
               identifier=summary.get("identifier", cfg.get("identifier")), class_noun=cfg.get("class_noun", ""),
               instance_dir=cfg.get("instance_dir", ""), resolution=cfg.get("resolution"),
-              subjects=summary.get("subjects") or [])
+              subjects=summary.get("subjects") or [], quantize_base=cfg.get("quantize_base", "no"))
     sources = [("base model", "model", run.base_model), ("VAE", "vae_model", run.vae_model)] if run.lora else []
     for what, flag, path in sources if check_sources else []:  # a full fine-tune's folder holds both
         if path and Path(path).is_absolute() and not Path(path).exists():
@@ -129,7 +130,7 @@ def run_sources(run: Run | None, model: str | None = None, lora_dir: str | Path 
 
 def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=None, dtype=None,
                   adapter_name: str = "subject", model_family: str = "auto", vae_model: str | None = None,
-                  ) -> DiffusionPipeline:
+                  quantize: str = "auto", log=print) -> DiffusionPipeline:
     """A run folder (train's output_dir: a LoRA run is loaded on the base model its summary.json names), a
     train.py checkpoint-N folder, or a pipeline folder / hub id, optionally + LoRA weights.
 
@@ -140,12 +141,17 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
     bf16), fp32 on CPU. Per-component LoRA scales: set_lora_scales. The NSFW safety
     checker is not loaded (as in diffusers' DreamBooth scripts): it blacks out false positives,
     which would corrupt the metrics.
+
+    quantize: the denoiser read 4-bit ("nf4") or 8-bit ("int8") by bitsandbytes, the LoRA on top; "auto" = a
+    QLoRA run's own base when sampling on CUDA (the model it was trained on, and one a 16 GB GPU holds: FLUX.1's
+    bf16 transformer alone is 24 GB), "no" = unquantized. On CUDA a pipeline whose parts do not fit the free
+    memory together takes turns on the GPU (memory.place_pipeline; log says so).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    parts, revision, folder = {}, None, Path(model)
+    parts, revision, folder, run_quantization = {}, None, Path(model), "no"
     if (folder / SUMMARY).is_file():  # a finished run
         run = read_run(folder)
-        model_family = run.family
+        model_family, run_quantization = run.family, run.quantize_base
         if run.lora:
             model, revision, lora_dir, vae_model = run.base_model, run.revision, lora_dir or folder, vae_model or run.vae_model
     checkpoint = (folder / STATE_JSON).is_file()
@@ -174,6 +180,17 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
         text_parts = check_lora_fits(Path(lora_dir) / LORA_WEIGHTS, str(model), family, revision)
     if vae_model:
         parts["vae"] = families.load_vae(vae_model).to(dtype=dtype)
+    quantize = (run_quantization if device.type == "cuda" else "no") if quantize == "auto" else quantize
+    if quantize != "no":
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+        settings = TrainConfig(pretrained_model=str(model), use_lora=True, quantize_base=quantize, mixed_precision=precision)
+        try:
+            families.check_quantization(settings)  # bitsandbytes and a GPU, or what to do
+        except InputError as err:
+            raise InputError(f"{err}. To sample: load_pipeline(..., quantize='no'), the unquantized base") from err
+        parts[family.DENOISER] = family.DENOISER_CLASS.from_pretrained(
+            model, subfolder=family.DENOISER, revision=revision, dtype=dtype,
+            quantization_config=families.base_quantization(settings), device_map={"": device})
     pipe = family.PIPELINE.from_pretrained(model, revision=revision, dtype=dtype, **family.PIPELINE_EXTRAS, **parts)
     if lora_dir is not None:
         # diffusers warns that a UNet-only LoRA has no text-encoder keys ("safe to ignore"): known here, not shown.
@@ -183,7 +200,8 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
         if isinstance(component, torch.nn.Module):  # file's lora_dropout > 0 every image would drop random units
             component.eval()
     pipe.set_progress_bar_config(disable=True)  # generate() shows one bar over all images instead
-    return pipe.to(device)
+    memory.place_pipeline(pipe, getattr(pipe, family.DENOISER), device, log, "load_pipeline")
+    return pipe
 
 
 def set_lora_scales(pipe, denoiser: float, text_encoder: float, adapter_name: str = "subject",

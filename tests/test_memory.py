@@ -103,8 +103,6 @@ def test_bf16_on_a_gpu_without_bf16_units_is_named_as_emulated(monkeypatch):
 
 
 def test_a_pipeline_that_fits_only_part_by_part_takes_turns_on_the_gpu(monkeypatch):
-    from dreambooth_lib.class_images import place_pipeline
-
     t4 = 15.0 * GB  # a free Colab T4
     sd15 = {"unet": 1.72 * GB, "text_encoder": 0.25 * GB, "vae": 0.17 * GB}  # fp16
     flux_nf4 = {"transformer": 6.5 * GB, "text_encoder_2": 9.5 * GB, "text_encoder": 0.25 * GB, "vae": 0.17 * GB}
@@ -132,14 +130,14 @@ def test_a_pipeline_that_fits_only_part_by_part_takes_turns_on_the_gpu(monkeypat
     pipe = Pipe({"transformer": 650, "text_encoder_2": 950, "vae": 17})
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (15_00 * 4, 16_00 * 4))
     lines = []
-    resident = place_pipeline(pipe, pipe.components["transformer"], torch.device("cuda"), lines.append)
+    resident = memory.place_pipeline(pipe, pipe.components["transformer"], torch.device("cuda"), lines.append)
     assert pipe.placed == "model_offload" and resident == 650 * 4  # the denoiser alone is there while it runs
     assert "take turns on the GPU" in lines[0]
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (30_00 * 4, 32_00 * 4))
-    assert place_pipeline(pipe, pipe.components["transformer"], torch.device("cuda"), lines.append) == 1617 * 4
+    assert memory.place_pipeline(pipe, pipe.components["transformer"], torch.device("cuda"), lines.append) == 1617 * 4
     assert pipe.placed == "device"
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5_00 * 4, 16_00 * 4))
-    place_pipeline(pipe, pipe.components["transformer"], torch.device("cuda"), lines.append)
+    memory.place_pipeline(pipe, pipe.components["transformer"], torch.device("cuda"), lines.append)
     assert pipe.placed == "sequential_offload" and "text_encoder_2 alone does not fit" in lines[-1]
 
 

@@ -21,7 +21,7 @@ import dreambooth_lib.models as M
 import dreambooth_lib.train as T
 from dreambooth_lib import data, families
 from dreambooth_lib.config import TrainConfig
-from dreambooth_lib.sample import load_pipeline, set_lora_scales
+from dreambooth_lib.sample import load_pipeline, read_run, set_lora_scales
 from dreambooth_lib.tiny import save_tiny_flux_pipeline
 
 from conftest import fixed_batch_losses
@@ -124,6 +124,18 @@ def test_qlora_resumes_exactly_and_its_lora_loads_into_the_unquantized_model(wid
     assert np.array_equal(image(pipe), base)
     set_lora_scales(pipe, denoiser=1.0, text_encoder=0.0)
     assert np.abs(image(pipe) - base).max() > 1e-4
+
+    # quantize="nf4" (on CUDA "auto" for this run): the LoRA on the 4-bit base it was trained on, as a 16 GB GPU
+    # samples it; scale 0 is that base exactly.
+    assert read_run(tmp_path / "whole").quantize_base == "nf4"  # what "auto" reads
+    nf4_base = image(load_pipeline(wide_flux_dir, device="cpu", quantize="nf4"))
+    assert np.abs(nf4_base - base).max() > 1e-4  # 4-bit weights: another model than the bf16 one
+    pipe = load_pipeline(tmp_path / "whole", device="cpu", quantize="nf4")
+    assert isinstance(pipe.transformer.transformer_blocks[0].attn.to_q.base_layer, Linear4bit)
+    set_lora_scales(pipe, denoiser=0.0, text_encoder=0.0)
+    assert np.array_equal(image(pipe), nf4_base)
+    set_lora_scales(pipe, denoiser=1.0, text_encoder=0.0)
+    assert np.abs(image(pipe) - nf4_base).max() > 1e-4
 
 
 def test_class_images_of_a_qlora_run_come_from_its_quantized_base(wide_flux_dir, instance_dir, tmp_path, cpu_quantizer,
