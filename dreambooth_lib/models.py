@@ -5,6 +5,7 @@ that resolves "auto" gradient checkpointing / optimizer for the device."""
 from __future__ import annotations
 
 import itertools
+import re
 
 import torch
 from diffusers import AutoencoderKL
@@ -83,10 +84,13 @@ def add_lora(denoiser: torch.nn.Module, text_encoder, cfg: TrainConfig, family=N
     family = family or families.of(cfg)
     cfg = resolve_auto(cfg)[0]  # lora_rank "auto"
 
-    def lora_config(targets):
+    def lora_config(targets, exclude=None):
         return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=cfg.lora_dropout,
-                          init_lora_weights="gaussian", target_modules=targets)
-    denoiser.add_adapter(lora_config(families.lora_targets(family, cfg.lora_modules)))
+                          init_lora_weights="gaussian", target_modules=targets, exclude_modules=exclude)
+    targets = families.lora_targets(family, cfg.lora_modules)
+    # The family's excluded layers, when a target would also name them (peft warns of an exclusion that excludes nothing)
+    excluded = family.LORA_EXCLUDED if any(re.fullmatch(family.LORA_EXCLUDED or "(?!)", t) for t in targets) else None
+    denoiser.add_adapter(lora_config(targets, excluded))
     if cfg.train_text_encoder:
         for encoder in as_tuple(text_encoder)[:len(family.TRAINED_TEXT_ENCODERS)]:
             encoder.add_adapter(lora_config(family.TEXT_LORA_TARGETS))

@@ -25,8 +25,14 @@ def lora_layers(model: torch.nn.Module, key_format: str = "diffusers") -> dict[s
 
 
 def adapter_metadata(module) -> dict:
-    """The module's LoraConfig as saved beside its LoRA weights: sets as sorted lists, dropout 0 (see save_weights)."""
+    """The module's LoraConfig as saved beside its LoRA weights: sets as sorted lists, dropout 0 (see save_weights).
+    With excluded layers (families' LORA_EXCLUDED), the targets are written as the adapted layers' whole names and
+    the exclusion left out: a loader that takes its targets from the file's keys (diffusers) excludes nothing, and
+    peft would warn so."""
     config = module.peft_config["default"].to_dict()
+    if config.get("exclude_modules"):
+        config["target_modules"] = {name for name, m in module.named_modules() if "default" in getattr(m, "lora_A", {})}
+        config["exclude_modules"] = None
     return {**{k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}, "lora_dropout": 0.0}
 
 

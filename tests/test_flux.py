@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -220,6 +222,33 @@ def test_lora_loads_in_the_stock_pipeline_scale_zero_is_the_base(flux_dir, schne
     with pytest.raises(data.InputError, match=r"has weights for \['transformer'\], which sd models lack"):
         check_lora_fits(tmp_path / "run" / "pytorch_lora_weights.safetensors", str(tiny_model_dir), families.sd)
     check_lora_fits(tmp_path / "run" / "pytorch_lora_weights.safetensors", str(schnell_dir), flux)
+
+
+def test_the_wide_preset_is_every_linear_layer_of_the_blocks_and_stock_diffusers_loads_it(flux_dir, instance_dir,
+                                                                                           tmp_path):
+    # ai-toolkit's FLUX LoRA: the blocks' Linear layers, modulations included; not the embedders nor the output
+    # projection after the blocks, whose name ("proj_out") the single blocks' own shares (LORA_EXCLUDED).
+    cfg = make_cfg(flux_dir, instance_dir, tmp_path / "run", use_lora=True, lora_rank=4, lora_modules=["wide"],
+                   learning_rate=5e-2)
+    T.train(cfg, progress=False, log=lambda *_: None)
+    trained = {k[len("transformer."):-len(".lora_A.weight")]
+               for k in load_file(tmp_path / "run" / "pytorch_lora_weights.safetensors") if k.endswith(".lora_A.weight")}
+    base = FluxPipeline.from_pretrained(flux_dir)
+    blocks = {n for n, m in base.transformer.named_modules()
+              if isinstance(m, torch.nn.Linear) and n.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    assert trained == blocks and {"single_transformer_blocks.0.proj_out", "transformer_blocks.0.norm1.linear"} <= trained
+    stock = FluxPipeline.from_pretrained(flux_dir)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*exclude_modules")  # the file's config names the layers themselves
+        stock.load_lora_weights(tmp_path / "run", adapter_name="subject")
+    assert {n.removesuffix(".lora_A") for n, m in stock.transformer.named_modules() if n.endswith(".lora_A")} == blocks
+    kw = dict(num_inference_steps=2, max_sequence_length=T5_TOKENS, height=32, width=32, output_type="np")
+    def image(pipe):
+        return pipe("a photo of sks dog", generator=torch.Generator().manual_seed(0), **kw).images
+    stock.set_adapters("subject", adapter_weights=0.0)
+    assert np.array_equal(image(stock), image(base))
+    stock.set_adapters("subject", adapter_weights=1.0)
+    assert np.abs(image(stock) - image(base)).max() > 1e-4
 
 
 @pytest.mark.parametrize("variant", ["dev-clip-trained", "schnell-text-cached"])

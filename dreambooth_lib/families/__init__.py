@@ -10,7 +10,8 @@ resolved once per run (`of(cfg)`) and travels with the components (`Models.famil
     LORA_LOADER, LORA_KEY_FORMAT        the loader mixin that saves / loads pytorch_lora_weights.safetensors,
                                         and its keys' format ("diffusers": lora.down / up; "peft": lora_A / B)
     LORA_OWN_LAYERS                     patterns of transformer layer names only its LoRA files have (lora_family)
-    LORA_PRESETS                        {"default": [...], "attention": [...]}: TrainConfig.lora_modules presets
+    LORA_PRESETS                        {"default": [...], "attention": [...]} (FLUX.1 also "wide"): lora_modules presets
+    LORA_EXCLUDED                       a regex of layers never given adapters (peft's exclude_modules), or None
     DENOISER, DENOISER_CLASS            the denoiser's component name ("unet", "transformer") and class
     TEXT_ENCODERS, TOKENIZERS           component names of the text encoders and their tokenizers, in order
     TRAINED_TEXT_ENCODERS               the encoders train_text_encoder trains (FLUX: CLIP, never T5)

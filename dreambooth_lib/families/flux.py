@@ -50,9 +50,15 @@ CLASS_SAMPLERS = ("model",)  # its own flow-matching Euler sampler, with the siz
 _ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",  # image stream (and single blocks' q/k/v)
               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]  # text stream
 # "default": train_dreambooth_lora_flux.py's targets (both streams' attention and feed-forwards);
-# "attention": the joint attention projections only (fewer parameters, the QLoRA recipe's kind).
-LORA_PRESETS = {"default": _ATTENTION + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
-                "attention": _ATTENTION}
+# "attention": the joint attention projections only (fewer parameters, the QLoRA recipe's kind);
+# "wide": every Linear layer of the double and single blocks, the modulation layers included, as ai-toolkit's
+# FLUX LoRA (its network wraps the Linear layers of FluxTransformerBlock and FluxSingleTransformerBlock).
+_DEFAULT = _ATTENTION + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+LORA_PRESETS = {"default": _DEFAULT, "attention": _ATTENTION,
+                "wide": _DEFAULT + ["norm1.linear", "norm1_context.linear", "norm.linear", "proj_mlp", "proj_out"]}
+# Never given adapters (a regular expression on the whole module name, peft's exclude_modules): the output
+# projection after the blocks, which the single blocks' "proj_out" would otherwise also name.
+LORA_EXCLUDED = "proj_out"
 
 
 def transformer_config(model: str, revision: str | None = None) -> dict:

@@ -57,6 +57,7 @@ _ATTENTION = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 LORA_PRESETS = {"default": _ATTENTION + ["ff.linear_in", "ff.linear_out", "ff_context.linear_in",
                                          "ff_context.linear_out", "attn.to_qkv_mlp_proj"],
                 "attention": _ATTENTION}
+LORA_EXCLUDED = None  # the presets name only layers inside the blocks
 
 
 def transformer_config(model: str, revision: str | None = None) -> dict:

@@ -11,9 +11,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from .base import CLIP_ATTENTION, Models, dtype_kw, input_device, vae_scale_factor
 from .unet import (CLASS_SAMPLERS, DEFAULT_GUIDANCE, DENOISER, DENOISER_CLASS, GUIDANCE_KNOB, HALF_DTYPE,  # noqa: F401  (the UNet families' answers)
-                   LORA_KEY_FORMAT, LORA_OWN_LAYERS, LORA_PRESETS, activation_bytes, check_objective, class_sampler_config,
-                   draw_timesteps, encode_latents, load_denoiser_parts, lora_fit_problem, loss_weighting,
-                   native_resolution, noisy_and_target, predict, sampling_kwargs, validation_scheduler)
+                   LORA_EXCLUDED, LORA_KEY_FORMAT, LORA_OWN_LAYERS, LORA_PRESETS, activation_bytes, check_objective,
+                   class_sampler_config, draw_timesteps, encode_latents, load_denoiser_parts, lora_fit_problem,
+                   loss_weighting, native_resolution, noisy_and_target, predict, sampling_kwargs, validation_scheduler)
 
 NAME = "sd"
 LABEL = "SD"  # how messages name it

@@ -22,6 +22,7 @@ CLASS_SAMPLERS = ("dpmsolver++", "model")  # DPM-Solver++ on the model's schedul
 LORA_PRESETS = {"default": ["to_q", "to_k", "to_v", "to_out.0"], "attention": ["to_q", "to_k", "to_v", "to_out.0"]}
 LORA_KEY_FORMAT = "diffusers"  # LoRA file keys as diffusers' SD scripts write them (lora.down / lora.up)
 LORA_OWN_LAYERS = ()  # their files' unet.* keys already name the family
+LORA_EXCLUDED = None  # no layer a preset names by mistake
 
 
 def check_objective(cfg, warn) -> None:
