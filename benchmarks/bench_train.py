@@ -74,14 +74,13 @@ PRECISIONS = {"full": ("fp16", "bf16")}  # the rest: fp16 only
 SDXL = "sdxl-"
 SDXL_CONFIGS = [f"{SDXL}{m}-{p}-cached" for m in ("lora4", "full") for p in ("fp16", "bf16")]
 # Flow-matching transformers (issue 18): FLUX.1 [dev] ("flux-") and FLUX.2 [klein] 4B ("klein4b-") at 512 and
-# 1024 px, LoRA r16 on the family's default targets over the bf16 base, and for FLUX.1 QLoRA: the same LoRA over
-# an NF4 base (quantize_base; FLUX.2 [klein]'s QLoRA is not wired in the library yet: its check_config refuses it).
+# 1024 px, LoRA r16 on the family's default targets over the bf16 base, and QLoRA: the same LoRA over an NF4 base
+# (quantize_base).
 # 8-bit AdamW, gradient checkpointing, cached latents and text conditioning, prior preservation, T5 / Qwen3 at
 # 512 tokens (max_sequence_length's default).
 FLOW = {"flux-": "flux", "klein4b-": "flux2"}
 FLOW_METHODS = {"lora16-bf16": dict(), "qlora16-nf4": dict(quantize_base="nf4")}
-FLOW_CONFIGS = [f"{prefix}{method}-cached-{side}" for prefix in FLOW for method in FLOW_METHODS for side in (512, 1024)
-                if not (prefix == "klein4b-" and method.startswith("qlora"))]
+FLOW_CONFIGS = [f"{prefix}{method}-cached-{side}" for prefix in FLOW for method in FLOW_METHODS for side in (512, 1024)]
 RECORDED_FAILURE = 3  # exit code of a child that wrote its failure into the results
 
 

@@ -194,7 +194,7 @@ def build_components(smoke: bool, workdir: str | Path, device, seed: int = 0, fa
     """Pipeline components (denoiser, vae, text_encoder(s), tokenizer(s), scheduler) created directly on `device`:
     random init on the GPU takes milliseconds where SD1.5 on the CPU takes many seconds.
     family: "sd" (SD1.5), "sdxl" (SDXL base 1.0), "flux" (FLUX.1 [dev]) or "flux2" (FLUX.2 [klein] 4B).
-    flux_width: the tiny FLUX.1's width (64: with 16 latent channels, what bitsandbytes' CPU 4-bit kernels take)."""
+    flux_width: the tiny FLUX models' width (64: with 16 latent channels, what bitsandbytes' CPU 4-bit kernels take)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}: one of {FAMILIES}")
     workdir = Path(workdir)
@@ -216,7 +216,8 @@ def build_components(smoke: bool, workdir: str | Path, device, seed: int = 0, fa
             return build_tiny_flux_components(seed, tok_dir, workdir / "tokenizer_2", width=flux_width,
                                               latent_channels=16 if flux_width == 64 else 4)
         if smoke:
-            return build_tiny_flux2_components(seed, tok_dir)
+            return build_tiny_flux2_components(seed, tok_dir, latent_channels=16 if flux_width == 64 else 4,
+                                               width=flux_width)
         if family == "flux":
             return flux_components(tokenizer, t5_tokenizer)
         if family == "flux2":

@@ -320,22 +320,27 @@ def write_qwen_tokenizer(words: list[str], folder: str | Path, model_max_length:
     return Qwen2Tokenizer.from_pretrained(folder)
 
 
-def build_tiny_flux2_components(seed: int = 0, tokenizer_dir: str | Path | None = None, latent_channels: int = 4) -> dict:
+def build_tiny_flux2_components(seed: int = 0, tokenizer_dir: str | Path | None = None, latent_channels: int = 4,
+                                width: int = 32) -> dict:
     """Random tiny FLUX.2 [klein]: a Flux2Transformer2DModel (one double- and one single-stream block, 32 wide,
     no guidance embedding as [klein]), a 28-layer Qwen3 (16 wide: the pipeline reads hidden states 9, 18 and
     27, so its text is 3 x 16 = 48 wide), an 8x AutoencoderKLFlux2 whose latent batch-norm statistics are set
-    (random, not the identity, so tests see the normalisation), FLUX.2's flow-matching scheduler."""
+    (random, not the identity, so tests see the normalisation), FLUX.2's flow-matching scheduler.
+    width=64, latent_channels=16: every transformer Linear input a multiple of 64 (Qwen3 64 wide, text 192,
+    time embedding 64), what bitsandbytes' 4-bit CPU kernels take (QLoRA tests)."""
     if tokenizer_dir is None:
         raise ValueError("build_tiny_flux2_components needs tokenizer_dir (write_qwen_tokenizer writes one)")
     torch.manual_seed(seed)
     tokenizer = Qwen2Tokenizer.from_pretrained(tokenizer_dir)
+    text_width = 16 if width == 32 else width
     text_encoder = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=28, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
+        vocab_size=len(tokenizer), hidden_size=text_width, intermediate_size=2 * text_width, num_hidden_layers=28,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
     transformer = Flux2Transformer2DModel(patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1,
-                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
-                                          timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+                                          attention_head_dim=16, num_attention_heads=width // 16,
+                                          joint_attention_dim=3 * text_width, timestep_guidance_channels=text_width,
+                                          axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
     vae = AutoencoderKLFlux2(block_out_channels=(8, 8, 16, 16), latent_channels=latent_channels, norm_num_groups=4,
                              sample_size=32)
     vae.bn.running_mean.copy_(0.3 * torch.randn(4 * latent_channels))  # the 2x2-patchified latents' statistics
@@ -345,13 +350,14 @@ def build_tiny_flux2_components(seed: int = 0, tokenizer_dir: str | Path | None 
     return dict(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
-def save_tiny_flux2_pipeline(folder: str | Path, seed: int = 0, is_distilled: bool = False) -> Path:
+def save_tiny_flux2_pipeline(folder: str | Path, seed: int = 0, is_distilled: bool = False, width: int = 32,
+                             latent_channels: int = 4) -> Path:
     """Build a tiny random FLUX.2 [klein] pipeline (is_distilled: the step-distilled [klein], which ignores
     guidance; False: [klein] base, classifier-free guidance) and save it as a diffusers folder
     (Flux2KleinPipeline.from_pretrained loads it); sides are multiples of 16 (8x VAE, 2x2 patches)."""
     folder = Path(folder)
     write_qwen_tokenizer(TINY_WORDS, folder / "tokenizer")
-    parts = build_tiny_flux2_components(seed, folder / "tokenizer")
+    parts = build_tiny_flux2_components(seed, folder / "tokenizer", latent_channels, width)
     Flux2KleinPipeline(**parts, is_distilled=is_distilled).save_pretrained(folder, safe_serialization=True)
     return folder
 

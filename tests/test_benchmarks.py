@@ -147,7 +147,7 @@ def test_markdown_table(bench):
 def test_config_matrix_and_names(bench):
     _, bench_train = bench
     names = bench_train.config_names()
-    assert len(names) == len(set(names)) == (6 + 1) * 2 * 2 + 6 + 2 + 4 + 6  # methods (+ bf16 full) x cache x compile + modes + optimizers + SDXL + FLUX
+    assert len(names) == len(set(names)) == (6 + 1) * 2 * 2 + 6 + 2 + 4 + 8  # methods (+ bf16 full) x cache x compile + modes + optimizers + SDXL + FLUX
     base, *_ = bench_train.parse_name("full-fp16-cached", smoke=False)  # the H200 table's baseline, levers off
     assert (base.optimizer, base.gradient_checkpointing, base.channels_last, base.compile) == ("adamw8bit", True, False, "off")
     fast, _, compiled, _, note = bench_train.parse_name("lora4-fp16-cached-fast", smoke=False)
@@ -179,7 +179,7 @@ def test_config_matrix_and_names(bench):
     assert (k.model_family, k.resolution, k.quantize_base, k.max_sequence_length) == ("flux2", 512, "no", 512)
     assert bench_train.parse_name("klein4b-lora16-bf16-cached-512", smoke=True)[0].resolution == 32
     for bad in ("full-fp8-cached", "lora8-fp16-cached", "full-fp16", "full-fp16-cached-turbo", "sdxl-lora16-fp16-cached",
-                "klein4b-qlora16-nf4-cached-1024", "flux-lora16-bf16-cached-768"):
+                "klein4b-qlora16-nf4-cached-768", "flux-lora16-bf16-cached-768"):
         with pytest.raises(SystemExit, match="unknown config"):
             bench_train.parse_name(bad, smoke=False)
 
@@ -309,7 +309,8 @@ def test_flux_bench_configs_train_the_tiny_flux_models_through_the_library(bench
     from dreambooth_lib import train
     _, bench_train = bench
     for name, family, quantized in (("flux-qlora16-nf4-cached-1024", "flux", True),
-                                    ("klein4b-lora16-bf16-cached-1024", "flux2", False)):
+                                    ("klein4b-lora16-bf16-cached-1024", "flux2", False),
+                                    ("klein4b-qlora16-nf4-cached-1024", "flux2", True)):
         cfg, *_ = bench_train.parse_name(name, smoke=True)
         state = bench_train.build_state(cfg, True, tmp_path / name)
         denoiser = state.models.denoiser

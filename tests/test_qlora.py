@@ -138,6 +138,39 @@ def test_qlora_resumes_exactly_and_its_lora_loads_into_the_unquantized_model(wid
     assert np.abs(image(pipe) - nf4_base).max() > 1e-4
 
 
+def test_klein_qlora_lowers_the_loss_and_its_lora_loads_on_the_plain_and_the_4bit_base(instance_dir, tmp_path,
+                                                                                       cpu_quantizer):
+    """FLUX.2 [klein] (4 B: ~8 GB in bf16, ~2.3 GB in NF4): the same QLoRA path, on a tiny klein 64 wide."""
+    from diffusers import Flux2KleinPipeline
+
+    from dreambooth_lib.tiny import save_tiny_flux2_pipeline
+
+    model = save_tiny_flux2_pipeline(tmp_path / "klein", width=64, latent_channels=16)
+    cfg = make_cfg(model, instance_dir, tmp_path / "run", train_batch_size=4, max_train_steps=4)
+    models = M.load_models(cfg, device="cpu")
+    assert isinstance(models.denoiser.transformer_blocks[0].attn.to_q, Linear4bit) and M.is_quantized(models.denoiser)
+    pixels = data.pixel_values([im.image for im in data.load_instance_images(instance_dir, 32)], cfg, None)
+    state = T.prepare_training(cfg, models, T.make_accelerator(cfg), pixels, ["a photo of sks dog"] * 4,
+                               log=lambda _: None)
+    losses = fixed_batch_losses(state)
+    assert losses == sorted(losses, reverse=True) and losses[-1] < 0.95 * losses[0], losses
+
+    T.train(cfg, progress=False, log=lambda *_: None)
+    kw = dict(num_inference_steps=2, max_sequence_length=T5_TOKENS, height=32, width=32, output_type="np")
+
+    def image(pipe):
+        return pipe(prompt="a photo of sks dog", generator=torch.Generator().manual_seed(0), **kw).images
+
+    for quantize, base in (("no", image(Flux2KleinPipeline.from_pretrained(model))),
+                           ("nf4", image(load_pipeline(model, device="cpu", quantize="nf4")))):
+        pipe = load_pipeline(tmp_path / "run", device="cpu", quantize=quantize)
+        assert M.is_quantized(pipe.transformer) == (quantize == "nf4")
+        set_lora_scales(pipe, denoiser=0.0, text_encoder=0.0)
+        assert np.array_equal(image(pipe), base), quantize
+        set_lora_scales(pipe, denoiser=1.0, text_encoder=0.0)
+        assert np.abs(image(pipe) - base).max() > 1e-4, quantize
+
+
 def test_class_images_of_a_qlora_run_come_from_its_quantized_base(wide_flux_dir, instance_dir, tmp_path, cpu_quantizer,
                                                                   monkeypatch):
     """The prior of the frozen base a QLoRA run trains on (and the one a 16 GB GPU holds with T5): the class-image

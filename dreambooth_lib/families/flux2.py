@@ -65,16 +65,13 @@ def transformer_config(model: str, revision: str | None = None) -> dict:
 
 
 def check_config(cfg, vae_config: dict, warn) -> None:
-    """No fp16, no DDPM-only setting, no text-encoder LoRA (a full fine-tune may train Qwen3), no QLoRA (not
-    wired for FLUX.2 yet); the Qwen3 length within the pipeline's."""
+    """No fp16, no DDPM-only setting, no text-encoder LoRA (a full fine-tune may train Qwen3); the Qwen3 length
+    within the pipeline's."""
     refuse_ddpm_settings_and_fp16(cfg, "FLUX.2", "FLUX.2 [klein] is released and trained in bf16; fp16 is not supported here")
     if cfg.train_text_encoder and cfg.use_lora:
         raise InputError("train_text_encoder = True with use_lora: Flux2KleinPipeline.load_lora_weights loads transformer "
                          "LoRA only, so a Qwen3 LoRA could not be loaded. Set train_text_encoder False (diffusers' klein "
                          "script keeps Qwen3 frozen), or train it in a full fine-tune (use_lora False)")
-    if cfg.quantize_base != "no":
-        raise InputError(f"quantize_base = {cfg.quantize_base!r}: QLoRA is wired for FLUX.1 only so far; set "
-                         "quantize_base = 'no' (LoRA on the bf16 base)")
     if cfg.max_sequence_length > 512:
         raise InputError(f"max_sequence_length = {cfg.max_sequence_length}: Flux2KleinPipeline encodes at most 512 tokens")
     if cfg.training_guidance is not None:
@@ -92,7 +89,9 @@ def native_resolution(model: str, revision: str | None = None) -> int:
     return 128 * vae_scale_factor(config)
 
 
-def load_models(model: str, revision: str | None = None, vae_model: str | None = None, dtypes: dict | None = None) -> Models:
+def load_models(model: str, revision: str | None = None, vae_model: str | None = None, dtypes: dict | None = None,
+                quantization: dict | None = None) -> Models:
+    """quantization: from_pretrained arguments that quantize the transformer while it loads (QLoRA)."""
     if vae_model:
         raise InputError(f"vae_model = {vae_model!r}: FLUX.2 [klein] uses its own AutoencoderKLFlux2; leave vae_model unset")
     kw = dict(revision=revision)
@@ -101,7 +100,8 @@ def load_models(model: str, revision: str | None = None, vae_model: str | None =
                                                     **(dtype_kw(dtypes, "text_encoders") or dtype_kw(dtypes, "denoiser")))
     tokenizer = Qwen2Tokenizer.from_pretrained(model, subfolder="tokenizer", **kw)
     vae = AutoencoderKLFlux2.from_pretrained(model, subfolder="vae", **kw)
-    transformer = Flux2Transformer2DModel.from_pretrained(model, subfolder="transformer", **kw, **dtype_kw(dtypes, "denoiser"))
+    transformer = Flux2Transformer2DModel.from_pretrained(model, subfolder="transformer", **kw,
+                                                          **(quantization or dtype_kw(dtypes, "denoiser")))
     noise_scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(model, subfolder="scheduler", **kw)
     return Models(sys.modules[__name__], transformer, vae, noise_scheduler, (text_encoder,), (tokenizer,))
 
