@@ -174,8 +174,7 @@ def quantized_transformer(transformer, cfg: TrainConfig, workdir: Path, device):
         quantizer.validate_environment = lambda self, *args, **kwargs: None
     try:
         return families.FAMILIES[cfg.model_family].DENOISER_CLASS.from_pretrained(
-            folder, quantization_config=families.base_quantization(cfg), device_map={"": torch.device(device)},
-            dtype=models.torch_dtype(cfg.mixed_precision))
+            folder, **families.quantized_load(cfg, torch.device(device), models.torch_dtype(cfg.mixed_precision)))
     finally:
         quantizer.validate_environment = check  # the library's own runs still get diffusers' refusal
 

@@ -27,7 +27,7 @@ from . import distributed, families, memory
 from .config import TrainConfig
 from .data import IMAGE_EXTENSIONS
 from .errors import InputError
-from .memory import module_bytes, torch_dtype, use_channels_last
+from .memory import torch_dtype, use_channels_last
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
@@ -215,7 +215,7 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
     pipe.vae.enable_slicing()  # decode one image at a time: VAE memory does not grow with the batch
     pipe.set_progress_bar_config(disable=True)
     if batch_size == "auto":
-        batch_size = auto_class_batch_size(pipe, denoiser, family, device, manifest, dtype, len(indices), log, resident)
+        batch_size = auto_class_batch_size(pipe, denoiser, family, device, manifest, dtype, len(indices), resident, log)
     calls, steps = -(-len(indices) // batch_size), manifest.num_inference_steps
     rate = "{l_bar}{bar}| {n_fmt}/{total_fmt} sampler steps [{elapsed}<{remaining}]"
     with tqdm(total=calls * steps, desc=f"class images ({len(indices)}, {batch_size} per call)", disable=not show,
@@ -245,20 +245,16 @@ def _generate(indices, paths, manifest, make_pipeline, batch_size, device, dtype
 
 
 def auto_class_batch_size(pipe, denoiser, family, device: torch.device, manifest: ClassImageManifest, dtype: torch.dtype,
-                          count: int, log: Callable[[str], None] = print, resident_bytes: int | None = None) -> int:
+                          count: int, resident_bytes: int, log: Callable[[str], None] = print) -> int:
     """class_batch_size "auto": what memory.class_batch_size fits in free CUDA memory (at most 32), or on a CPU
     in the available RAM (at most the `count` images to make: one call for all when they fit).
-    resident_bytes: the weights on the GPU while the denoiser runs (place_pipeline's; None = all of them)."""
+    resident_bytes: the weights on the GPU while the denoiser runs (memory.place_pipeline's answer)."""
     import psutil  # an accelerate dependency
 
     kw = dict(guidance=manifest.guidance_scale > 1, vae_factor=pipe.vae_scale_factor, activation_bytes=family.activation_bytes)
     if device.type == "cuda":
-        weights = resident_bytes if resident_bytes is not None else sum(
-            module_bytes(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
-        on_device = sum(module_bytes(m) for m in pipe.components.values()
-                        if isinstance(m, torch.nn.Module) and any(p.is_cuda for p in m.parameters()))
-        free = torch.cuda.mem_get_info(device)[0] + on_device
-        size = memory.class_batch_size(free, denoiser.config, manifest.resolution, dtype.itemsize, weights, **kw)
+        free = torch.cuda.mem_get_info(device)[0] + memory.bytes_on_gpu(pipe)
+        size = memory.class_batch_size(free, denoiser.config, manifest.resolution, dtype.itemsize, resident_bytes, **kw)
     else:
         free = psutil.virtual_memory().available
         size = memory.class_batch_size(free, denoiser.config, manifest.resolution, dtype.itemsize, 0, most=count, **kw)
@@ -308,8 +304,8 @@ def class_image_paths(cfg: TrainConfig, class_prompt: str, log=print, family=Non
         parts = dict(vae=families.load_vae(cfg.vae_model).to(dtype=dtype)) if cfg.vae_model else {}
         if cfg.quantize_base != "no":  # QLoRA: the prior of the frozen base the run trains, and one a 16 GB GPU holds
             parts[family.DENOISER] = family.DENOISER_CLASS.from_pretrained(
-                cfg.pretrained_model, subfolder=family.DENOISER, revision=cfg.revision, dtype=dtype,
-                quantization_config=families.base_quantization(cfg), device_map={"": device})
+                cfg.pretrained_model, subfolder=family.DENOISER, revision=cfg.revision,
+                **families.quantized_load(cfg, device, dtype))
         pipe = family.PIPELINE.from_pretrained(cfg.pretrained_model, revision=cfg.revision, dtype=dtype,
                                                **family.PIPELINE_EXTRAS, **parts)
         if cfg.class_sampler == "dpmsolver++":

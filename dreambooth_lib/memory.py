@@ -195,6 +195,12 @@ def pipeline_placement(part_bytes: dict[str, float], free_bytes: float) -> str:
     return "model_offload" if max(part_bytes.values()) <= budget else "sequential_offload"
 
 
+def bytes_on_gpu(pipe) -> int:
+    """What a pipeline's components already hold on a GPU (a quantized denoiser loads straight onto it)."""
+    return sum(module_bytes(m) for m in pipe.components.values()
+               if isinstance(m, torch.nn.Module) and any(p.is_cuda for p in m.parameters()))
+
+
 def place_pipeline(pipe, denoiser, device, log=print, what: str = "sampling") -> int:
     """Put a sampling pipeline on `device` as pipeline_placement says for its free memory (class images,
     sample.load_pipeline); returns the bytes of weights that sit there while the denoiser runs (all of them,
@@ -204,9 +210,7 @@ def place_pipeline(pipe, denoiser, device, log=print, what: str = "sampling") ->
     if device.type != "cuda":
         pipe.to(device)
         return sum(parts.values())
-    on_device = sum(module_bytes(m) for m in pipe.components.values()  # a quantized denoiser loads onto the GPU
-                    if isinstance(m, torch.nn.Module) and any(p.is_cuda for p in m.parameters()))
-    placement = pipeline_placement(parts, torch.cuda.mem_get_info(device)[0] + on_device)
+    placement = pipeline_placement(parts, torch.cuda.mem_get_info(device)[0] + bytes_on_gpu(pipe))
     if placement == "device":
         pipe.to(device)
         return sum(parts.values())

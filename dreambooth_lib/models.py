@@ -33,8 +33,7 @@ def load_models(cfg: TrainConfig, family=None, device=None) -> Models:
     kw = {}
     if cfg.quantize_base != "no":  # only families with a quantization argument accept it (families.check)
         device = device if device is not None else (torch.cuda.current_device() if torch.cuda.is_available() else "cpu")
-        kw["quantization"] = dict(quantization_config=families.base_quantization(cfg), device_map={"": device},
-                                  dtype=torch_dtype(cfg.mixed_precision))  # the dtype of its unquantized layers
+        kw["quantization"] = families.quantized_load(cfg, device, torch_dtype(cfg.mixed_precision))
     models = family.load_models(cfg.pretrained_model, cfg.revision, cfg.vae_model, dtypes=frozen_load_dtypes(cfg, family),
                                 **kw)
     set_trainable(models, cfg)
@@ -88,8 +87,9 @@ def add_lora(denoiser: torch.nn.Module, text_encoder, cfg: TrainConfig, family=N
         return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=cfg.lora_dropout,
                           init_lora_weights="gaussian", target_modules=targets, exclude_modules=exclude)
     targets = families.lora_targets(family, cfg.lora_modules)
-    # The family's excluded layers, when a target would also name them (peft warns of an exclusion that excludes nothing)
-    excluded = family.LORA_EXCLUDED if any(re.fullmatch(family.LORA_EXCLUDED or "(?!)", t) for t in targets) else None
+    excluded = family.LORA_EXCLUDED
+    if excluded and not any(re.fullmatch(excluded, t) for t in targets):
+        excluded = None  # no target would name them (peft warns of an exclusion that excludes nothing)
     denoiser.add_adapter(lora_config(targets, excluded))
     if cfg.train_text_encoder:
         for encoder in as_tuple(text_encoder)[:len(family.TRAINED_TEXT_ENCODERS)]:

@@ -189,8 +189,7 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
         except InputError as err:
             raise InputError(f"{err}. To sample: load_pipeline(..., quantize='no'), the unquantized base") from err
         parts[family.DENOISER] = family.DENOISER_CLASS.from_pretrained(
-            model, subfolder=family.DENOISER, revision=revision, dtype=dtype,
-            quantization_config=families.base_quantization(settings), device_map={"": device})
+            model, subfolder=family.DENOISER, revision=revision, **families.quantized_load(settings, device, dtype))
     pipe = family.PIPELINE.from_pretrained(model, revision=revision, dtype=dtype, **family.PIPELINE_EXTRAS, **parts)
     if lora_dir is not None:
         # diffusers warns that a UNet-only LoRA has no text-encoder keys ("safe to ignore"): known here, not shown.

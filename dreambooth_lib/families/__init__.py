@@ -57,7 +57,7 @@ import torch
 
 from . import flux, flux2, sd, sdxl
 from .base import (CLIP_ATTENTION, Models, as_tuple, base_quantization, check_quantization, dtype_kw,  # noqa: F401  (the seam's API)
-                   encode_latents, load_vae, model_index, vae_config, vae_scale_factor)
+                   encode_latents, load_vae, model_index, quantized_load, vae_config, vae_scale_factor)
 from ..errors import InputError
 
 FAMILIES = {sd.NAME: sd, sdxl.NAME: sdxl, flux.NAME: flux, flux2.NAME: flux2}

@@ -116,6 +116,12 @@ def base_quantization(cfg) -> BitsAndBytesConfig | None:
     return None
 
 
+def quantized_load(cfg, device, dtype: torch.dtype) -> dict:
+    """from_pretrained arguments that quantize a denoiser while it loads onto `device` (cfg.quantize_base,
+    computing in cfg.mixed_precision), its unquantized layers in dtype: training's, class images', sampling's."""
+    return dict(quantization_config=base_quantization(cfg), device_map={"": device}, dtype=dtype)
+
+
 def check_quantization(cfg) -> None:
     """Before any weights load: diffusers' own check that its bitsandbytes quantizer can run here (a GPU, a
     bitsandbytes and accelerate recent enough), its refusal turned into what to do."""
