@@ -161,6 +161,7 @@ def load_pipeline(model: str | Path, lora_dir: str | Path | None = None, device=
         model, revision = config["pretrained_model"], config.get("revision")
         model_family = config.get("model_family", model_family)
         vae_model = vae_model or config.get("vae_model")
+        run_quantization = config.get("quantize_base", "no")
     family = families.resolve(model_family, str(model), revision)
     dtype = dtype or (torch_dtype(family.HALF_DTYPE) if device.type == "cuda" else torch.float32)
     if dtype == torch.bfloat16 and (warning := bf16_hardware_warning(device)):

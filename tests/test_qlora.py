@@ -127,7 +127,9 @@ def test_qlora_resumes_exactly_and_its_lora_loads_into_the_unquantized_model(wid
 
     # quantize="nf4" (on CUDA "auto" for this run): the LoRA on the 4-bit base it was trained on, as a 16 GB GPU
     # samples it; scale 0 is that base exactly.
-    assert read_run(tmp_path / "whole").quantize_base == "nf4"  # what "auto" reads
+    assert read_run(tmp_path / "whole").quantize_base == "nf4"  # what "auto" reads (of a checkpoint too, below)
+    checkpoint = load_pipeline(tmp_path / "whole" / "checkpoint-2", device="cpu", quantize="nf4")
+    assert isinstance(checkpoint.transformer.transformer_blocks[0].attn.to_q.base_layer, Linear4bit)
     nf4_base = image(load_pipeline(wide_flux_dir, device="cpu", quantize="nf4"))
     assert np.abs(nf4_base - base).max() > 1e-4  # 4-bit weights: another model than the bf16 one
     pipe = load_pipeline(tmp_path / "whole", device="cpu", quantize="nf4")
