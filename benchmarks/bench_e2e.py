@@ -38,7 +38,7 @@ from dreambooth_lib.tiny import save_tiny_pipeline
 
 DEFAULT_MODEL_DIRS = {"sd": Path(tempfile.gettempdir()) / "dreambooth_bench_sd15",
                       "sdxl": Path(tempfile.gettempdir()) / "dreambooth_bench_sdxl",
-                     "flux": Path(tempfile.gettempdir()) / "dreambooth_bench_flux"}
+                      "flux": Path(tempfile.gettempdir()) / "dreambooth_bench_flux"}
 
 
 def ensure_model(folder: Path, smoke: bool, family: str = "sd") -> float:

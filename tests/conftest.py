@@ -108,3 +108,10 @@ def cached_and_uncached_conditioning(cfg, instance_dir) -> tuple:
     z, cached = S.latents_and_conditioning(batch, models, cache, True, torch.Generator(), "cpu", cfg)
     _, uncached = S.latents_and_conditioning(batch, models, None, True, torch.Generator(), "cpu", cfg)
     return batch, latents, cache, z, cached, uncached
+
+
+def flow_image(pipe, text_tokens: int):
+    """A flow-matching pipeline's picture of "a photo of sks dog" as an array: seed 0, 2 steps, 32 px, the text
+    at text_tokens (T5 / Qwen3 length): what the LoRA-scale tests compare, scale 0 against the base."""
+    return pipe(prompt="a photo of sks dog", generator=torch.Generator().manual_seed(0), num_inference_steps=2,
+                max_sequence_length=text_tokens, height=32, width=32, output_type="np").images

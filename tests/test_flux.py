@@ -23,7 +23,7 @@ from dreambooth_lib.families import flux
 from dreambooth_lib.sample import check_lora_fits, load_pipeline, scale_guidance_grid, set_lora_scales
 from dreambooth_lib.tiny import save_tiny_flux_pipeline
 
-from conftest import CAPTIONS, cached_and_uncached_conditioning, fixed_batch_losses
+from conftest import CAPTIONS, cached_and_uncached_conditioning, fixed_batch_losses, flow_image
 
 PROMPTS = ["a photo of sks dog", "a dog in the snow", "sks dog"]
 T5_TOKENS = 16  # max_sequence_length of the tiny runs
@@ -201,17 +201,14 @@ def test_lora_loads_in_the_stock_pipeline_scale_zero_is_the_base(flux_dir, schne
     stock.load_lora_weights(tmp_path / "run", adapter_name="subject")
     assert {m.scaling["subject"] for m in stock.transformer.modules() if hasattr(m, "scaling")} == {2.0}
 
-    kw = dict(num_inference_steps=2, max_sequence_length=T5_TOKENS, height=32, width=32, output_type="np")
-    def image(pipe):
-        return pipe("a photo of sks dog", generator=torch.Generator().manual_seed(0), **kw).images
-    base = image(FluxPipeline.from_pretrained(flux_dir))
+    base = flow_image(FluxPipeline.from_pretrained(flux_dir), T5_TOKENS)
     pipe = load_pipeline(flux_dir, lora_dir=tmp_path / "run", device="cpu")
     set_lora_scales(pipe, denoiser=0.0, text_encoder=0.0)
-    assert np.array_equal(image(pipe), base)
+    assert np.array_equal(flow_image(pipe, T5_TOKENS), base)
     set_lora_scales(pipe, denoiser=1.0, text_encoder=0.0)
-    only_transformer = image(pipe)
+    only_transformer = flow_image(pipe, T5_TOKENS)
     set_lora_scales(pipe, denoiser=1.0, text_encoder=1.0)
-    both = image(pipe)
+    both = flow_image(pipe, T5_TOKENS)
     assert np.abs(only_transformer - base).max() > 1e-4 and np.abs(both - only_transformer).max() > 1e-5
     # The guidance x scale grid says its knob is [dev]'s distilled guidance input, and it moves the picture.
     grid, params = scale_guidance_grid(pipe, "sks dog", [1.0], [1.0, 3.5], seed=0, num_inference_steps=2)
@@ -242,13 +239,10 @@ def test_the_wide_preset_is_every_linear_layer_of_the_blocks_and_stock_diffusers
         warnings.filterwarnings("error", message=".*exclude_modules")  # the file's config names the layers themselves
         stock.load_lora_weights(tmp_path / "run", adapter_name="subject")
     assert {n.removesuffix(".lora_A") for n, m in stock.transformer.named_modules() if n.endswith(".lora_A")} == blocks
-    kw = dict(num_inference_steps=2, max_sequence_length=T5_TOKENS, height=32, width=32, output_type="np")
-    def image(pipe):
-        return pipe("a photo of sks dog", generator=torch.Generator().manual_seed(0), **kw).images
     stock.set_adapters("subject", adapter_weights=0.0)
-    assert np.array_equal(image(stock), image(base))
+    assert np.array_equal(flow_image(stock, T5_TOKENS), flow_image(base, T5_TOKENS))
     stock.set_adapters("subject", adapter_weights=1.0)
-    assert np.abs(image(stock) - image(base)).max() > 1e-4
+    assert np.abs(flow_image(stock, T5_TOKENS) - flow_image(base, T5_TOKENS)).max() > 1e-4
 
 
 @pytest.mark.parametrize("variant", ["dev-clip-trained", "schnell-text-cached"])

@@ -24,7 +24,7 @@ from dreambooth_lib.config import TrainConfig
 from dreambooth_lib.sample import load_pipeline, read_run, set_lora_scales
 from dreambooth_lib.tiny import save_tiny_flux_pipeline
 
-from conftest import fixed_batch_losses
+from conftest import fixed_batch_losses, flow_image
 
 T5_TOKENS = 8
 
@@ -111,33 +111,28 @@ def test_qlora_resumes_exactly_and_its_lora_loads_into_the_unquantized_model(wid
     assert all(v.dtype == torch.float32 for v in a.values())  # plain LoRA tensors: nothing quantized is saved
 
     # The stock, unquantized FluxPipeline reads it (alpha 16 / rank 8 kept: scale 2); scale 0 is the base exactly.
-    kw = dict(num_inference_steps=2, max_sequence_length=T5_TOKENS, height=32, width=32, output_type="np")
-
-    def image(pipe):
-        return pipe("a photo of sks dog", generator=torch.Generator().manual_seed(0), **kw).images
-
-    base = image(FluxPipeline.from_pretrained(wide_flux_dir))
+    base = flow_image(FluxPipeline.from_pretrained(wide_flux_dir), T5_TOKENS)
     pipe = load_pipeline(tmp_path / "whole", device="cpu")  # the run folder: base model + its LoRA
     assert not M.is_quantized(pipe.transformer)
     assert {m.scaling["subject"] for m in pipe.transformer.modules() if hasattr(m, "scaling")} == {2.0}
     set_lora_scales(pipe, denoiser=0.0, text_encoder=0.0)
-    assert np.array_equal(image(pipe), base)
+    assert np.array_equal(flow_image(pipe, T5_TOKENS), base)
     set_lora_scales(pipe, denoiser=1.0, text_encoder=0.0)
-    assert np.abs(image(pipe) - base).max() > 1e-4
+    assert np.abs(flow_image(pipe, T5_TOKENS) - base).max() > 1e-4
 
     # quantize="nf4" (on CUDA "auto" for this run): the LoRA on the 4-bit base it was trained on, as a 16 GB GPU
     # samples it; scale 0 is that base exactly.
     assert read_run(tmp_path / "whole").quantize_base == "nf4"  # what "auto" reads (of a checkpoint too, below)
     checkpoint = load_pipeline(tmp_path / "whole" / "checkpoint-2", device="cpu", quantize="nf4")
     assert isinstance(checkpoint.transformer.transformer_blocks[0].attn.to_q.base_layer, Linear4bit)
-    nf4_base = image(load_pipeline(wide_flux_dir, device="cpu", quantize="nf4"))
+    nf4_base = flow_image(load_pipeline(wide_flux_dir, device="cpu", quantize="nf4"), T5_TOKENS)
     assert np.abs(nf4_base - base).max() > 1e-4  # 4-bit weights: another model than the bf16 one
     pipe = load_pipeline(tmp_path / "whole", device="cpu", quantize="nf4")
     assert isinstance(pipe.transformer.transformer_blocks[0].attn.to_q.base_layer, Linear4bit)
     set_lora_scales(pipe, denoiser=0.0, text_encoder=0.0)
-    assert np.array_equal(image(pipe), nf4_base)
+    assert np.array_equal(flow_image(pipe, T5_TOKENS), nf4_base)
     set_lora_scales(pipe, denoiser=1.0, text_encoder=0.0)
-    assert np.abs(image(pipe) - nf4_base).max() > 1e-4
+    assert np.abs(flow_image(pipe, T5_TOKENS) - nf4_base).max() > 1e-4
 
 
 def test_klein_qlora_lowers_the_loss_and_its_lora_loads_on_the_plain_and_the_4bit_base(instance_dir, tmp_path,
@@ -158,19 +153,14 @@ def test_klein_qlora_lowers_the_loss_and_its_lora_loads_on_the_plain_and_the_4bi
     assert losses == sorted(losses, reverse=True) and losses[-1] < 0.95 * losses[0], losses
 
     T.train(cfg, progress=False, log=lambda *_: None)
-    kw = dict(num_inference_steps=2, max_sequence_length=T5_TOKENS, height=32, width=32, output_type="np")
-
-    def image(pipe):
-        return pipe(prompt="a photo of sks dog", generator=torch.Generator().manual_seed(0), **kw).images
-
-    for quantize, base in (("no", image(Flux2KleinPipeline.from_pretrained(model))),
-                           ("nf4", image(load_pipeline(model, device="cpu", quantize="nf4")))):
+    for quantize, base in (("no", flow_image(Flux2KleinPipeline.from_pretrained(model), T5_TOKENS)),
+                           ("nf4", flow_image(load_pipeline(model, device="cpu", quantize="nf4"), T5_TOKENS))):
         pipe = load_pipeline(tmp_path / "run", device="cpu", quantize=quantize)
         assert M.is_quantized(pipe.transformer) == (quantize == "nf4")
         set_lora_scales(pipe, denoiser=0.0, text_encoder=0.0)
-        assert np.array_equal(image(pipe), base), quantize
+        assert np.array_equal(flow_image(pipe, T5_TOKENS), base), quantize
         set_lora_scales(pipe, denoiser=1.0, text_encoder=0.0)
-        assert np.abs(image(pipe) - base).max() > 1e-4, quantize
+        assert np.abs(flow_image(pipe, T5_TOKENS) - base).max() > 1e-4, quantize
 
 
 def test_class_images_of_a_qlora_run_come_from_its_quantized_base(wide_flux_dir, instance_dir, tmp_path, cpu_quantizer,

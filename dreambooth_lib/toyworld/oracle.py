@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
+from dreambooth_lib.config import REPO
 from dreambooth_lib.toyworld import render
 
-ORACLE_DIR = str(Path(__file__).resolve().parents[2] / "data" / "oracle")
+ORACLE_DIR = str(REPO / "data" / "oracle")
 LABELS = {
     "class": render.CLASSES,
     "colour": tuple(render.COLOURS),
